@@ -1,0 +1,225 @@
+//! Reads duplex's YAML configuration into a validated, immutable form.
+//!
+//! The serde types live in `raw` and never leave this crate. [`Config::parse`] reads the
+//! text, checks everything that can be checked without touching the network, and returns
+//! a [`Config`] that the rest of duplex can trust: every route names an existing
+//! upstream, every name is unique, every duration and address is parsed.
+
+#![forbid(unsafe_code)]
+
+mod locate;
+mod raw;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The largest backend weight accepted; keeps the round-robin schedule small.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// Defaults for every optional key, documented in docs/configuration.md.
+pub mod defaults {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::time::Duration;
+
+    pub const ADMIN_BIND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9090);
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+    pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const RETRIES: u32 = 2;
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listeners: Vec<Listener>,
+    pub admin: Admin,
+    /// In file order: the first route that matches wins.
+    pub routes: Vec<Route>,
+    pub upstreams: Vec<Upstream>,
+    /// How long SIGTERM waits for open requests and tunnels before closing them.
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub name: String,
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub name: String,
+    pub host: Option<HostMatch>,
+    pub path: Option<PathMatch>,
+    /// Header names in lower case, each with the exact value it must have.
+    pub headers: Vec<(String, String)>,
+    pub upstream: String,
+}
+
+/// How a route matches the request's host, compared without the port and case-insensitively.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// `chat.example.com`, stored in lower case.
+    Exact(String),
+    /// `*.example.com`, stored as `.example.com`: any host ending so, with at least one
+    /// more label in front.
+    Suffix(String),
+}
+
+impl HostMatch {
+    /// Whether `host` (lower case, port removed) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(h) => h == host,
+            HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    /// Segment-aware: `/ws` matches `/ws` and `/ws/x`, not `/wsx`. Stored without a
+    /// trailing slash, except for `/` itself.
+    Prefix(String),
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Exact(p) => p == path,
+            PathMatch::Prefix(p) => {
+                p == "/"
+                    || (path.starts_with(p.as_str())
+                        && matches!(path.as_bytes().get(p.len()), None | Some(b'/')))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub name: String,
+    pub balancer: BalancerKind,
+    /// Set only for `consistent_hash`; `ip` when that balancer is chosen without a key.
+    pub hash_key: Option<HashKey>,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub response_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub drain_timeout: Duration,
+    pub retries: u32,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    RoundRobin,
+    #[default]
+    LeastConn,
+    P2c,
+    Random,
+    ConsistentHash,
+}
+
+impl BalancerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BalancerKind::RoundRobin => "round_robin",
+            BalancerKind::LeastConn => "least_conn",
+            BalancerKind::P2c => "p2c",
+            BalancerKind::Random => "random",
+            BalancerKind::ConsistentHash => "consistent_hash",
+        }
+    }
+}
+
+/// Where `consistent_hash` takes its key from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HashKey {
+    Ip,
+    /// Lower-case header name.
+    Header(String),
+    Cookie(String),
+    Query(String),
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file's content is wrong; `Display` gives `FILE:LINE:COL: message`.
+    #[error("{file}:{line}:{col}: {message}")]
+    Invalid {
+        file: String,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&src, &path.display().to_string())
+    }
+
+    /// Parses and validates `src`; `file` names it in errors.
+    pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig = serde_yaml::from_str(src).map_err(|e| {
+            let (line, col) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+            let text = e.to_string();
+            // serde_yaml appends the position we already report in front.
+            let message = match text.rsplit_once(" at line ") {
+                Some((head, _)) => head.to_owned(),
+                None => text,
+            };
+            ConfigError::Invalid {
+                file: file.to_owned(),
+                line,
+                col,
+                message,
+            }
+        })?;
+        validate::validate(raw).map_err(|v| {
+            let (line, col) = locate::locate(src, &v.path);
+            ConfigError::Invalid {
+                file: file.to_owned(),
+                line,
+                col,
+                message: v.message,
+            }
+        })
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+}

@@ -1,0 +1,123 @@
+//! The YAML file exactly as serde reads it; nothing outside this crate sees these types.
+//!
+//! Values that need parsing beyond YAML's own types (durations, addresses, hash keys) stay
+//! strings here and are parsed in `validate`, which knows their path and so their position.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::{BalancerKind, HashKey};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub listeners: Vec<RawListener>,
+    pub admin: Option<RawAdmin>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub upstreams: Vec<RawUpstream>,
+    pub shutdown_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListener {
+    pub name: String,
+    pub bind: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    pub bind: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    pub name: String,
+    #[serde(rename = "match", default)]
+    pub matcher: RawMatch,
+    pub upstream: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMatch {
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    pub path: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstream {
+    pub name: String,
+    #[serde(default)]
+    pub balancer: BalancerKind,
+    pub hash_key: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub handshake_timeout: Option<String>,
+    pub response_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub drain_timeout: Option<String>,
+    pub retries: Option<u32>,
+    pub backends: Vec<RawBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBackend {
+    pub addr: String,
+    pub weight: Option<u32>,
+}
+
+impl std::str::FromStr for HashKey {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("invalid hash_key {s:?}: expected ip, header:NAME, cookie:NAME or query:NAME")
+        };
+        if s == "ip" {
+            return Ok(HashKey::Ip);
+        }
+        let (kind, name) = s.split_once(':').ok_or_else(bad)?;
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(bad());
+        }
+        match kind {
+            "header" => {
+                if !name.bytes().all(is_token_byte) {
+                    return Err(format!("invalid header name {name:?} in hash_key"));
+                }
+                Ok(HashKey::Header(name.to_ascii_lowercase()))
+            }
+            "cookie" => Ok(HashKey::Cookie(name.to_owned())),
+            "query" => Ok(HashKey::Query(name.to_owned())),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for HashKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HashKey::Ip => f.write_str("ip"),
+            HashKey::Header(n) => write!(f, "header:{n}"),
+            HashKey::Cookie(n) => write!(f, "cookie:{n}"),
+            HashKey::Query(n) => write!(f, "query:{n}"),
+        }
+    }
+}
+
+/// RFC 9110 token characters, the ones allowed in a header name.
+pub(crate) fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}

@@ -1,0 +1,335 @@
+//! Checks that span several values, and the build of the internal form from the raw one.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::locate::Seg::{self, Index, Key};
+use crate::raw::{is_token_byte, RawConfig, RawMatch, RawUpstream};
+use crate::{
+    defaults, Admin, Backend, BalancerKind, Config, HashKey, HostMatch, Listener, PathMatch, Route,
+    Upstream, MAX_WEIGHT,
+};
+
+/// A rule the file breaks, and where.
+pub(crate) struct Violation {
+    pub path: Vec<Seg<'static>>,
+    pub message: String,
+}
+
+fn fail<T>(path: Vec<Seg<'static>>, message: String) -> Result<T, Violation> {
+    Err(Violation { path, message })
+}
+
+/// Checks a name: non-empty, and only characters safe in a metric label and a log line.
+fn check_name(path: Vec<Seg<'static>>, what: &str, name: &str) -> Result<(), Violation> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        fail(
+            path,
+            format!("invalid {what} name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.'"),
+        )
+    }
+}
+
+fn parse_addr(path: Vec<Seg<'static>>, s: &str) -> Result<SocketAddr, Violation> {
+    match s.trim().parse() {
+        Ok(a) => Ok(a),
+        Err(_) => fail(
+            path,
+            format!("invalid address {s:?}: expected IP:PORT such as 127.0.0.1:9001 or [::1]:9001"),
+        ),
+    }
+}
+
+fn parse_duration(path: Vec<Seg<'static>>, s: &str) -> Result<Duration, Violation> {
+    match humantime::parse_duration(s.trim()) {
+        Ok(d) if d.is_zero() => fail(path, format!("duration {s:?} must be greater than zero")),
+        Ok(d) => Ok(d),
+        Err(e) => fail(
+            path,
+            format!("invalid duration {s:?} ({e}); write e.g. 2s, 500ms, 1h"),
+        ),
+    }
+}
+
+fn check_unique<'a>(
+    seen: &mut HashSet<&'a str>,
+    path: Vec<Seg<'static>>,
+    what: &str,
+    name: &'a str,
+) -> Result<(), Violation> {
+    if seen.insert(name) {
+        Ok(())
+    } else {
+        fail(path, format!("duplicate {what} name {name:?}"))
+    }
+}
+
+pub(crate) fn validate(raw: RawConfig) -> Result<Config, Violation> {
+    if raw.listeners.is_empty() {
+        return fail(
+            vec![Key("listeners")],
+            "at least one listener is needed".into(),
+        );
+    }
+    let mut listeners = Vec::new();
+    let mut names = HashSet::new();
+    let mut binds = HashSet::new();
+    for (i, l) in raw.listeners.iter().enumerate() {
+        let at = |k| vec![Key("listeners"), Index(i), Key(k)];
+        check_name(at("name"), "listener", &l.name)?;
+        check_unique(&mut names, at("name"), "listener", &l.name)?;
+        let bind = parse_addr(at("bind"), &l.bind)?;
+        if !binds.insert(bind) {
+            return fail(at("bind"), format!("two listeners bind {bind}"));
+        }
+        listeners.push(Listener {
+            name: l.name.clone(),
+            bind,
+        });
+    }
+    let admin = Admin {
+        bind: match &raw.admin {
+            Some(a) => parse_addr(vec![Key("admin"), Key("bind")], &a.bind)?,
+            None => defaults::ADMIN_BIND,
+        },
+    };
+    if binds.contains(&admin.bind) {
+        return fail(
+            vec![Key("admin"), Key("bind")],
+            format!(
+                "the admin listener and a proxy listener both bind {}",
+                admin.bind
+            ),
+        );
+    }
+
+    let mut upstreams = Vec::new();
+    let mut names = HashSet::new();
+    for (i, u) in raw.upstreams.iter().enumerate() {
+        let up = upstream(i, u)?;
+        check_unique(
+            &mut names,
+            vec![Key("upstreams"), Index(i), Key("name")],
+            "upstream",
+            &u.name,
+        )?;
+        upstreams.push(up);
+    }
+
+    let mut routes = Vec::new();
+    let mut names = HashSet::new();
+    for (i, r) in raw.routes.iter().enumerate() {
+        let at = |k| vec![Key("routes"), Index(i), Key(k)];
+        check_name(at("name"), "route", &r.name)?;
+        check_unique(&mut names, at("name"), "route", &r.name)?;
+        if !upstreams.iter().any(|u: &Upstream| u.name == r.upstream) {
+            let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+            return fail(
+                at("upstream"),
+                format!(
+                    "route {:?} names unknown upstream {:?} (known: {})",
+                    r.name,
+                    r.upstream,
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+        }
+        let (host, path, headers) = matcher(i, &r.matcher)?;
+        routes.push(Route {
+            name: r.name.clone(),
+            host,
+            path,
+            headers,
+            upstream: r.upstream.clone(),
+        });
+    }
+
+    Ok(Config {
+        listeners,
+        admin,
+        routes,
+        upstreams,
+        shutdown_timeout: match &raw.shutdown_timeout {
+            Some(d) => parse_duration(vec![Key("shutdown_timeout")], d)?,
+            None => defaults::SHUTDOWN_TIMEOUT,
+        },
+    })
+}
+
+type Matcher = (Option<HostMatch>, Option<PathMatch>, Vec<(String, String)>);
+
+fn matcher(i: usize, m: &RawMatch) -> Result<Matcher, Violation> {
+    let at = |k| vec![Key("routes"), Index(i), Key("match"), Key(k)];
+    let host = match m.host.as_deref().map(str::trim) {
+        None => None,
+        Some(h) => {
+            let h = h.to_ascii_lowercase();
+            let (wild, rest) = match h.strip_prefix("*.") {
+                Some(rest) => (true, rest),
+                None => (false, h.as_str()),
+            };
+            let ok = !rest.is_empty()
+                && rest
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !ok {
+                return fail(
+                    at("host"),
+                    format!(
+                        "invalid host {h:?}: use a name like chat.example.com or *.example.com"
+                    ),
+                );
+            }
+            Some(if wild {
+                HostMatch::Suffix(format!(".{rest}"))
+            } else {
+                HostMatch::Exact(rest.to_owned())
+            })
+        }
+    };
+    let path = match (&m.path, &m.path_prefix) {
+        (Some(_), Some(_)) => {
+            return fail(
+                at("path"),
+                "set either path or path_prefix, not both".into(),
+            );
+        }
+        (Some(p), None) => Some(PathMatch::Exact(check_path(at("path"), p)?.to_owned())),
+        (None, Some(p)) => {
+            let p = check_path(at("path_prefix"), p)?;
+            let trimmed = p.trim_end_matches('/');
+            Some(PathMatch::Prefix(if trimmed.is_empty() {
+                "/".into()
+            } else {
+                trimmed.into()
+            }))
+        }
+        (None, None) => None,
+    };
+    let mut headers = Vec::new();
+    for (name, value) in &m.headers {
+        if name.is_empty() || !name.bytes().all(is_token_byte) {
+            return fail(at("headers"), format!("invalid header name {name:?}"));
+        }
+        headers.push((name.to_ascii_lowercase(), value.clone()));
+    }
+    Ok((host, path, headers))
+}
+
+fn check_path<'a>(path: Vec<Seg<'static>>, p: &'a str) -> Result<&'a str, Violation> {
+    if p.starts_with('/') && !p.bytes().any(|b| b.is_ascii_whitespace() || b == b'?') {
+        Ok(p)
+    } else {
+        fail(
+            path,
+            format!("invalid path {p:?}: must start with '/' and hold no query"),
+        )
+    }
+}
+
+fn upstream(i: usize, u: &RawUpstream) -> Result<Upstream, Violation> {
+    let at = |k| vec![Key("upstreams"), Index(i), Key(k)];
+    check_name(at("name"), "upstream", &u.name)?;
+    if u.backends.is_empty() {
+        return fail(
+            at("backends"),
+            format!("upstream {:?} has no backends", u.name),
+        );
+    }
+    let mut seen = HashSet::new();
+    let mut backends = Vec::new();
+    for (j, b) in u.backends.iter().enumerate() {
+        let at = |k| {
+            vec![
+                Key("upstreams"),
+                Index(i),
+                Key("backends"),
+                Index(j),
+                Key(k),
+            ]
+        };
+        let addr = parse_addr(at("addr"), &b.addr)?;
+        if !seen.insert(addr) {
+            return fail(
+                at("addr"),
+                format!("backend {addr} is listed twice in upstream {:?}", u.name),
+            );
+        }
+        let weight = b.weight.unwrap_or(1);
+        if weight == 0 || weight > MAX_WEIGHT {
+            return fail(
+                at("weight"),
+                format!("weight must be between 1 and {MAX_WEIGHT}, got {weight}"),
+            );
+        }
+        backends.push(Backend { addr, weight });
+    }
+    let hash_key = match (u.balancer, &u.hash_key) {
+        (BalancerKind::ConsistentHash, None) => Some(HashKey::Ip),
+        (BalancerKind::ConsistentHash, Some(k)) => match k.parse() {
+            Ok(k) => Some(k),
+            Err(e) => return fail(at("hash_key"), e),
+        },
+        (other, Some(_)) => {
+            return fail(
+                at("hash_key"),
+                format!(
+                    "hash_key is only used by balancer: consistent_hash, and upstream {:?} uses {}",
+                    u.name,
+                    other.as_str()
+                ),
+            );
+        }
+        (_, None) => None,
+    };
+    let duration = |k: &'static str, d: &Option<String>, default| match d {
+        Some(d) => parse_duration(at(k), d),
+        None => Ok(default),
+    };
+    let retries = u.retries.unwrap_or(defaults::RETRIES);
+    if retries > 100 {
+        return fail(
+            at("retries"),
+            format!("retries must be at most 100, got {retries}"),
+        );
+    }
+    Ok(Upstream {
+        name: u.name.clone(),
+        balancer: u.balancer,
+        hash_key,
+        connect_timeout: duration(
+            "connect_timeout",
+            &u.connect_timeout,
+            defaults::CONNECT_TIMEOUT,
+        )?,
+        handshake_timeout: duration(
+            "handshake_timeout",
+            &u.handshake_timeout,
+            defaults::HANDSHAKE_TIMEOUT,
+        )?,
+        response_timeout: duration(
+            "response_timeout",
+            &u.response_timeout,
+            defaults::RESPONSE_TIMEOUT,
+        )?,
+        idle_timeout: match &u.idle_timeout {
+            Some(d) => Some(parse_duration(at("idle_timeout"), d)?),
+            None => None,
+        },
+        drain_timeout: duration("drain_timeout", &u.drain_timeout, defaults::DRAIN_TIMEOUT)?,
+        retries,
+        backends,
+    })
+}

@@ -1,0 +1,152 @@
+//! Table tests of what the config accepts, what it refuses, and where it points.
+
+use duplex_config::{BalancerKind, Config, HashKey, HostMatch, PathMatch};
+
+const FULL: &str = "\
+listeners:
+  - name: public
+    bind: 127.0.0.1:8080
+admin:
+  bind: 127.0.0.1:9090
+routes:
+  - name: chat
+    match:
+      host: chat.example.com
+      path_prefix: /ws/
+      headers: { X-Tenant: acme }
+    upstream: chat
+  - name: rest
+    upstream: chat
+upstreams:
+  - name: chat
+    balancer: consistent_hash
+    hash_key: header:X-User-Id
+    connect_timeout: 2s
+    handshake_timeout: 10s
+    idle_timeout: 1h
+    retries: 2
+    backends:
+      - addr: 127.0.0.1:9001
+        weight: 1
+      - addr: 127.0.0.1:9002
+";
+
+#[test]
+fn reads_the_documented_contract() {
+    let c = Config::parse(FULL, "full.yaml").expect("valid");
+    assert_eq!(c.listeners[0].bind.port(), 8080);
+    let r = &c.routes[0];
+    assert_eq!(r.host, Some(HostMatch::Exact("chat.example.com".into())));
+    assert_eq!(r.path, Some(PathMatch::Prefix("/ws".into())));
+    assert_eq!(r.headers, vec![("x-tenant".into(), "acme".into())]);
+    let u = &c.upstreams[0];
+    assert_eq!(u.balancer, BalancerKind::ConsistentHash);
+    assert_eq!(u.hash_key, Some(HashKey::Header("x-user-id".into())));
+    assert_eq!(u.idle_timeout, Some(std::time::Duration::from_secs(3600)));
+    assert_eq!(u.backends[1].weight, 1);
+}
+
+#[test]
+fn defaults_apply() {
+    let src = "listeners: [{name: a, bind: '127.0.0.1:1'}]\nupstreams: [{name: u, backends: [{addr: '127.0.0.1:2'}]}]\n";
+    let c = Config::parse(src, "x").unwrap();
+    let u = &c.upstreams[0];
+    assert_eq!(u.balancer, BalancerKind::LeastConn);
+    assert_eq!(u.retries, 2);
+    assert_eq!(u.idle_timeout, None);
+    assert_eq!(c.admin.bind, duplex_config::defaults::ADMIN_BIND);
+}
+
+/// Each case: a replacement applied to FULL, and the `LINE:COL: text` the error must start with.
+#[test]
+fn refuses_bad_files_and_points_at_the_value() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "upstream: chat\n  - name: rest",
+            "upstream: nope\n  - name: rest",
+            "f:12:15: route \"chat\" names unknown upstream \"nope\"",
+        ),
+        (
+            "- name: rest",
+            "- name: chat",
+            "f:13:11: duplicate route name \"chat\"",
+        ),
+        (
+            "addr: 127.0.0.1:9002",
+            "addr: localhost",
+            "f:26:15: invalid address \"localhost\"",
+        ),
+        (
+            "weight: 1",
+            "weight: 0",
+            "f:25:17: weight must be between 1 and 1000, got 0",
+        ),
+        (
+            "connect_timeout: 2s",
+            "connect_timeout: soon",
+            "f:19:22: invalid duration \"soon\"",
+        ),
+        (
+            "balancer: consistent_hash",
+            "balancer: round_robin",
+            "f:18:15: hash_key is only used by balancer: consistent_hash",
+        ),
+        (
+            "balancer: consistent_hash",
+            "balancer: fastest",
+            "f:17:15: upstreams[0].balancer: unknown variant `fastest`",
+        ),
+        (
+            "    retries: 2",
+            "    retries: 2\n    colour: red",
+            "f:23:5: upstreams[0]: unknown field `colour`",
+        ),
+        (
+            "hash_key: header:X-User-Id",
+            "hash_key: body",
+            "f:18:15: invalid hash_key \"body\"",
+        ),
+        (
+            "path_prefix: /ws/",
+            "path_prefix: ws",
+            "f:10:20: invalid path \"ws\"",
+        ),
+        (
+            "host: chat.example.com",
+            "host: 'a b'",
+            "f:9:13: invalid host",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (from, to, want) in cases {
+        assert!(FULL.contains(from), "case source {from:?}");
+        let src = FULL.replacen(from, to, 1);
+        let err = Config::parse(&src, "f").expect_err(to).to_string();
+        if !err.starts_with(want) {
+            wrong.push(format!("{to:?}: got {err:?}, want {want:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn refuses_an_empty_backend_list_and_no_listeners() {
+    let src = "listeners: []\n";
+    assert!(Config::parse(src, "f")
+        .unwrap_err()
+        .to_string()
+        .contains("at least one listener"));
+    let src = "listeners:\n  - name: a\n    bind: 127.0.0.1:1\nupstreams:\n  - name: u\n    backends: []\n";
+    let err = Config::parse(src, "f").unwrap_err().to_string();
+    assert_eq!(err, "f:6:15: upstream \"u\" has no backends");
+}
+
+#[test]
+fn segment_aware_prefix_and_wildcard_hosts() {
+    let p = PathMatch::Prefix("/ws".into());
+    assert!(p.matches("/ws") && p.matches("/ws/x") && !p.matches("/wsx") && !p.matches("/"));
+    assert!(PathMatch::Prefix("/".into()).matches("/anything"));
+    let h = HostMatch::Suffix(".example.com".into());
+    assert!(h.matches("a.example.com") && h.matches("a.b.example.com"));
+    assert!(!h.matches("example.com") && !h.matches("aexample.com"));
+}
