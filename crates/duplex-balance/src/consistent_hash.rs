@@ -1,0 +1,204 @@
+//! Consistent hashing on a ring of virtual nodes placed by backend address.
+//!
+//! Points depend only on each backend's address, so every duplex replica with the same
+//! backends builds the same ring and sends a key to the same backend, and removing one of
+//! N backends moves only the keys that were on it (about 1/N). Weights do not move points.
+//! A connection without a key falls back to least_conn.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use duplex_config::HashKey;
+
+use crate::hash::stable_hash;
+use crate::least_conn::order_by_load;
+use crate::{Backend, Balancer, Context};
+
+/// Points per backend: enough that each backend's share of the ring is within a few percent.
+const VNODES: usize = 160;
+
+pub struct ConsistentHash {
+    key: HashKey,
+    /// Sorted by hash: (point, backend index).
+    ring: Vec<(u64, u32)>,
+    /// Rotation for the least_conn fallback.
+    offset: AtomicUsize,
+}
+
+impl ConsistentHash {
+    pub fn new(key: HashKey, backends: &[Backend]) -> ConsistentHash {
+        let mut ring = Vec::with_capacity(backends.len() * VNODES);
+        for (i, b) in backends.iter().enumerate() {
+            for v in 0..VNODES {
+                ring.push((
+                    stable_hash(format!("{}#{v}", b.state.addr).as_bytes()),
+                    i as u32,
+                ));
+            }
+        }
+        ring.sort_unstable();
+        ConsistentHash {
+            key,
+            ring,
+            offset: AtomicUsize::new(0),
+        }
+    }
+
+    /// The bytes this connection is placed by, if it carries them.
+    fn key_bytes<'a>(&self, ctx: &Context<'a>) -> Option<KeyBytes<'a>> {
+        match &self.key {
+            HashKey::Ip => Some(KeyBytes::Ip(ctx.client_ip)),
+            HashKey::Header(name) => ctx
+                .headers
+                .get(name.as_str())
+                .map(|v| KeyBytes::Slice(v.as_bytes())),
+            HashKey::Cookie(name) => ctx
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|pair| {
+                    let (k, v) = pair.trim().split_once('=')?;
+                    (k == name).then_some(KeyBytes::Slice(v.as_bytes()))
+                }),
+            HashKey::Query(name) => ctx.query?.split('&').find_map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (k == name).then_some(KeyBytes::Slice(v.as_bytes()))
+            }),
+        }
+    }
+}
+
+enum KeyBytes<'a> {
+    Ip(IpAddr),
+    Slice(&'a [u8]),
+}
+
+impl Balancer for ConsistentHash {
+    fn pick(&self, backends: &[Backend], ctx: &Context<'_>, max: usize, out: &mut Vec<usize>) {
+        let Some(key) = self.key_bytes(ctx) else {
+            order_by_load(
+                backends,
+                self.offset.fetch_add(1, Ordering::Relaxed),
+                max,
+                out,
+            );
+            return;
+        };
+        let h = match key {
+            KeyBytes::Ip(IpAddr::V4(ip)) => stable_hash(&ip.octets()),
+            KeyBytes::Ip(IpAddr::V6(ip)) => stable_hash(&ip.octets()),
+            KeyBytes::Slice(s) => stable_hash(s),
+        };
+        let n = self.ring.len();
+        let start = self.ring.partition_point(|&(p, _)| p < h);
+        // Clockwise from the key; retries take the next distinct backends on the ring.
+        let start_len = out.len();
+        for k in 0..n {
+            if out.len() - start_len >= max.min(backends.len()) {
+                break;
+            }
+            let i = self.ring[(start + k) % n].1 as usize;
+            if !out[start_len..].contains(&i) {
+                out.push(i);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::backends;
+    use http::{HeaderMap, HeaderValue};
+
+    fn place(ch: &ConsistentHash, b: &[Backend], user: &str) -> std::net::SocketAddr {
+        let mut h = HeaderMap::new();
+        h.insert("x-user-id", HeaderValue::from_str(user).unwrap());
+        let ctx = Context {
+            client_ip: IpAddr::from([10, 0, 0, 1]),
+            headers: &h,
+            query: None,
+        };
+        let mut out = Vec::new();
+        ch.pick(b, &ctx, 1, &mut out);
+        b[out[0]].state.addr
+    }
+
+    #[test]
+    fn removing_one_of_n_moves_about_one_nth() {
+        let all = backends(&[1; 5]);
+        let key = HashKey::Header("x-user-id".into());
+        let before = ConsistentHash::new(key.clone(), &all);
+        let fewer: Vec<Backend> = all
+            .iter()
+            .filter(|b| b.state.addr.port() != 9002)
+            .cloned()
+            .collect();
+        let after = ConsistentHash::new(key, &fewer);
+        let (mut moved, mut on_removed, total) = (0, 0, 10_000);
+        let mut per_backend = std::collections::HashMap::new();
+        for u in 0..total {
+            let user = format!("user-{u}");
+            let a = place(&before, &all, &user);
+            *per_backend.entry(a).or_insert(0) += 1;
+            let b = place(&after, &fewer, &user);
+            if a.port() == 9002 {
+                on_removed += 1;
+            } else if a != b {
+                moved += 1;
+            }
+        }
+        assert_eq!(moved, 0, "keys on surviving backends must stay put");
+        assert!(
+            (1500..2500).contains(&on_removed),
+            "removed backend held {on_removed}"
+        );
+        for (addr, n) in per_backend {
+            assert!((1500..2500).contains(&n), "{addr} got {n} of {total}");
+        }
+    }
+
+    #[test]
+    fn replicas_agree_whatever_the_backend_order() {
+        let a = backends(&[1; 4]);
+        let mut b = a.clone();
+        b.reverse();
+        let key = HashKey::Header("x-user-id".into());
+        let (ra, rb) = (
+            ConsistentHash::new(key.clone(), &a),
+            ConsistentHash::new(key, &b),
+        );
+        for u in 0..500 {
+            let user = format!("u{u}");
+            assert_eq!(place(&ra, &a, &user), place(&rb, &b, &user));
+        }
+    }
+
+    #[test]
+    fn reads_cookies_and_query_and_falls_back_without_a_key() {
+        let b = backends(&[1; 3]);
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::COOKIE,
+            HeaderValue::from_static("a=1; sid=abc"),
+        );
+        let ctx = Context {
+            client_ip: IpAddr::from([10, 0, 0, 1]),
+            headers: &h,
+            query: Some("x=1&room=42"),
+        };
+        let by_cookie = ConsistentHash::new(HashKey::Cookie("sid".into()), &b);
+        let by_query = ConsistentHash::new(HashKey::Query("room".into()), &b);
+        let by_header = ConsistentHash::new(HashKey::Header("x-user-id".into()), &b);
+        assert!(by_cookie.key_bytes(&ctx).is_some());
+        assert!(by_query.key_bytes(&ctx).is_some());
+        assert!(by_header.key_bytes(&ctx).is_none());
+        // Without the key: least loaded first.
+        let _held = (b[0].state.guard(), b[1].state.guard());
+        let mut out = Vec::new();
+        by_header.pick(&b, &ctx, 1, &mut out);
+        assert_eq!(out, vec![2]);
+    }
+}

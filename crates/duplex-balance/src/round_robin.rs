@@ -1,0 +1,110 @@
+//! Smooth weighted round robin (nginx's algorithm), precomputed into a schedule.
+//!
+//! nginx runs the algorithm under a lock on every pick. Its output is periodic, with a
+//! period of the sum of the weights, so we compute one period when the pool is built and
+//! pick with a single atomic counter: the same sequence, no lock.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::{Backend, Balancer, Context};
+
+/// Bounds the work and memory of building a schedule: weights are scaled down past this.
+const MAX_SCHEDULE_WORK: u64 = 4_000_000;
+
+pub struct RoundRobin {
+    /// One period of the smooth weighted sequence, as backend indexes.
+    schedule: Vec<u32>,
+    next: AtomicUsize,
+}
+
+impl RoundRobin {
+    pub fn new(backends: &[Backend]) -> RoundRobin {
+        let mut weights: Vec<u64> = backends.iter().map(|b| u64::from(b.weight)).collect();
+        let g = weights.iter().copied().fold(0, gcd);
+        if g > 1 {
+            weights.iter_mut().for_each(|w| *w /= g);
+        }
+        while weights.iter().sum::<u64>() * weights.len() as u64 > MAX_SCHEDULE_WORK {
+            weights.iter_mut().for_each(|w| *w = (*w / 2).max(1));
+        }
+        let total: i64 = weights.iter().sum::<u64>() as i64;
+        let mut current = vec![0i64; weights.len()];
+        let mut schedule = Vec::with_capacity(total as usize);
+        for _ in 0..total {
+            let mut best = 0;
+            for (i, w) in weights.iter().enumerate() {
+                current[i] += *w as i64;
+                if current[i] > current[best] {
+                    best = i;
+                }
+            }
+            current[best] -= total;
+            schedule.push(best as u32);
+        }
+        RoundRobin {
+            schedule,
+            next: AtomicUsize::new(0),
+        }
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+impl Balancer for RoundRobin {
+    fn pick(&self, backends: &[Backend], _: &Context<'_>, max: usize, out: &mut Vec<usize>) {
+        let len = self.schedule.len();
+        if len == 0 {
+            return;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % len;
+        // Retries continue along the schedule, skipping backends already offered.
+        for k in 0..len {
+            if out.len() >= max.min(backends.len()) {
+                break;
+            }
+            let i = self.schedule[(start + k) % len] as usize;
+            if !out.contains(&i) {
+                out.push(i);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{backends, ctx, tally};
+
+    #[test]
+    fn follows_nginx_smooth_sequence() {
+        // nginx documents {a:5, b:1, c:1} as a a b a c a a.
+        let b = backends(&[5, 1, 1]);
+        let rr = RoundRobin::new(&b);
+        assert_eq!(rr.schedule, vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn distributes_by_weight_and_offers_every_backend_for_retries() {
+        let b = backends(&[3, 2, 1]);
+        let rr = RoundRobin::new(&b);
+        assert_eq!(tally(&rr, &b, 600), vec![300, 200, 100]);
+        let h = http::HeaderMap::new();
+        let mut out = Vec::new();
+        rr.pick(&b, &ctx(&h), 3, &mut out);
+        out.sort();
+        assert_eq!(out, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn huge_weights_stay_bounded() {
+        let weights: Vec<u32> = (0..500).map(|i| 1000 - i).collect();
+        let rr = RoundRobin::new(&backends(&weights));
+        assert!(rr.schedule.len() as u64 * 500 <= MAX_SCHEDULE_WORK);
+    }
+}
