@@ -1,1 +1,25 @@
-//! placeholder
+//! The duplex proxy: listeners, routing, WebSocket tunnels and HTTP forwarding.
+//!
+//! How a connection flows: `server` accepts it, `conn` serves HTTP/1.1 on it and tells
+//! WebSocket upgrades (`upgrade`) from plain requests (`http_proxy`); both find their route
+//! in `router` against the current `state::Table` and pick a backend through
+//! `duplex_balance`. An upgraded connection becomes a `tunnel`.
+
+#![forbid(unsafe_code)]
+
+mod admin;
+mod conn;
+pub mod error;
+mod handshake;
+mod headers;
+mod http_proxy;
+mod responses;
+mod router;
+mod server;
+mod state;
+mod tunnel;
+mod upgrade;
+
+pub use duplex_metrics::Metrics;
+pub use error::ProxyError;
+pub use server::Proxy;

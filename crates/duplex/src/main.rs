@@ -1,1 +1,182 @@
-fn main() {}
+//! The `duplex` command: run the proxy, check a config, or start the demo.
+
+#![deny(unsafe_code)]
+
+mod demo;
+mod os;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use duplex_config::Config;
+use duplex_proxy::Proxy;
+
+#[derive(Parser)]
+#[command(
+    name = "duplex",
+    version,
+    about = "A reverse proxy and load balancer for WebSocket traffic"
+)]
+struct Cli {
+    /// Log format on stderr; the level comes from RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy in the foreground.
+    Run {
+        /// The YAML configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print a summary.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Start the proxy with three built-in demo backends; no files needed.
+    Demo {
+        /// The port the demo proxy listens on (127.0.0.1).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// The port of the demo's admin endpoint (metrics).
+        #[arg(long, default_value_t = 9090)]
+        admin_port: u16,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config } => match Config::load(&config) {
+            Ok(c) => serve(c, None),
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Demo { port, admin_port } => demo::run(port, admin_port),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(c) => {
+            let backends: usize = c.upstreams.iter().map(|u| u.backends.len()).sum();
+            println!(
+                "{}: ok: {} listeners, {} routes, {} upstreams, {} backends",
+                path.display(),
+                c.listeners.len(),
+                c.routes.len(),
+                c.upstreams.len(),
+                backends
+            );
+            for l in &c.listeners {
+                println!("  listener {} on {}", l.name, l.bind);
+            }
+            for r in &c.routes {
+                println!("  route {} -> upstream {}", r.name, r.upstream);
+            }
+            for u in &c.upstreams {
+                let addrs: Vec<String> = u
+                    .backends
+                    .iter()
+                    .map(|b| format!("{} (weight {})", b.addr, b.weight))
+                    .collect();
+                println!(
+                    "  upstream {} ({}): {}",
+                    u.name,
+                    u.balancer.as_str(),
+                    addrs.join(", ")
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the proxy until SIGTERM or SIGINT, then drains within `shutdown_timeout`.
+/// `banner` runs inside the runtime once the proxy is up (the demo starts its backends there).
+pub(crate) fn serve(config: Config, banner: Option<Box<dyn FnOnce(&Proxy) + Send>>) -> ExitCode {
+    match os::raise_nofile_limit() {
+        Ok((soft, hard)) => tracing::info!(soft, hard, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("duplex: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let grace = config.shutdown_timeout;
+        let proxy = match Proxy::start(config, Arc::new(metrics_registry())).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("duplex: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Some(banner) = banner {
+            banner(&proxy);
+        }
+        wait_for_stop_signal().await;
+        proxy.shutdown(grace).await;
+        tracing::info!("bye");
+        ExitCode::SUCCESS
+    })
+}
+
+fn metrics_registry() -> duplex_proxy::Metrics {
+    duplex_proxy::Metrics::new()
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,119 @@
+//! One accepted client connection: what every request on it knows, and how it is served.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use duplex_metrics::Gauge;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::headers::{has_token, request_host};
+use crate::responses::{self, Body};
+use crate::state::Shared;
+use crate::{http_proxy, router, upgrade};
+
+/// A client slow to send its request headers is cut off after this long (slowloris).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Facts about a client connection, shared by its requests and by a tunnel made from it.
+pub struct ConnInfo {
+    pub listener: Arc<str>,
+    pub peer: SocketAddr,
+    /// Whether the client reached us over TLS, for `X-Forwarded-Proto`.
+    pub https: bool,
+    /// Counts the connection in `duplex_connections_active` until the last holder drops:
+    /// the HTTP connection, or the WebSocket tunnel it became.
+    active: ActiveGuard,
+}
+
+struct ActiveGuard(Gauge);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Serves HTTP/1.1 on an accepted connection until it closes, is upgraded, or shutdown.
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: Arc<str>, shared: Arc<Shared>) {
+    let _ = tcp.set_nodelay(true);
+    let gauge = shared
+        .metrics
+        .connections_active
+        .with_label_values(&[&listener]);
+    gauge.inc();
+    let info = Arc::new(ConnInfo {
+        listener,
+        peer,
+        https: false,
+        active: ActiveGuard(gauge),
+    });
+    let svc_shared = Arc::clone(&shared);
+    let svc = service_fn(move |req| {
+        let info = Arc::clone(&info);
+        let shared = Arc::clone(&svc_shared);
+        async move { Ok::<_, Infallible>(handle(req, info, shared).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(tcp), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        res = conn.as_mut() => res,
+        _ = shared.stopping.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                res = conn.as_mut() => res,
+                _ = shared.closing.cancelled() => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = res {
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}
+
+/// Routes one request: a WebSocket upgrade or plain HTTP.
+async fn handle(
+    req: Request<Incoming>,
+    info: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+) -> Response<Body> {
+    if is_websocket_upgrade(&req) {
+        return upgrade::upgrade(req, info, &shared).await;
+    }
+    let table = shared.table.load();
+    let host = request_host(req.headers(), req.uri());
+    let Some(route) = router::find(
+        table.routes(),
+        host.as_deref(),
+        req.uri().path(),
+        req.headers(),
+    ) else {
+        shared
+            .metrics
+            .http_requests
+            .with_label_values(&["", "", "4xx"])
+            .inc();
+        return responses::no_route();
+    };
+    let Some(up) = table.upstreams.get(&route.upstream) else {
+        return responses::bad_gateway(&route.name);
+    };
+    http_proxy::forward(req, &info, route, up, &shared).await
+}
+
+/// An upgrade to WebSocket per RFC 6455: `Connection` lists `upgrade` and `Upgrade` lists
+/// `websocket`. Method and version are checked later, to answer 400 rather than proxy.
+pub fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
+    has_token(req.headers(), http::header::CONNECTION, "upgrade")
+        && has_token(req.headers(), http::header::UPGRADE, "websocket")
+}

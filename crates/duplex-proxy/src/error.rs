@@ -1,0 +1,56 @@
+//! The proxy's errors, each saying which side failed: the client, a backend, or duplex itself.
+
+use std::io;
+use std::net::SocketAddr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// duplex could not bind a listening socket.
+    #[error("listener {listener:?}: cannot bind {addr}: {source}")]
+    Bind {
+        listener: String,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    /// A backend refused or did not answer the connection.
+    #[error("backend {addr}: connect failed: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    /// A backend broke the HTTP exchange.
+    #[error("backend {addr}: {source}")]
+    Backend {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    /// A backend answered 101 without a valid WebSocket handshake.
+    #[error("backend {addr}: invalid 101 response: {what}")]
+    BadUpgrade {
+        addr: SocketAddr,
+        what: &'static str,
+    },
+    /// The client's side of a tunnel or upgrade failed.
+    #[error("client: {0}")]
+    Client(#[source] hyper::Error),
+}
+
+/// The `kind` label of `duplex_backend_connect_errors_total`, from the first I/O error in
+/// `err`'s source chain: `refused`, `timeout` or `other`.
+pub fn connect_kind(err: &(dyn std::error::Error + 'static)) -> &'static str {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return match io.kind() {
+                io::ErrorKind::TimedOut => "timeout",
+                io::ErrorKind::ConnectionRefused => "refused",
+                _ => "other",
+            };
+        }
+        cur = e.source();
+    }
+    "other"
+}

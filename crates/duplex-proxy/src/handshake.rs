@@ -1,0 +1,140 @@
+//! The WebSocket handshake on both sides: checking the client's request, building the
+//! backend's, and checking the backend's 101.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::Empty;
+use sha1::{Digest, Sha1};
+
+use crate::headers::{add_forwarded, has_token, strip_hop_by_hop};
+use crate::responses::{self, Body};
+
+const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// The `Sec-WebSocket-Accept` value that answers `key`.
+pub fn accept_for(key: &[u8]) -> String {
+    let mut h = Sha1::new();
+    h.update(key);
+    h.update(GUID);
+    B64.encode(h.finalize())
+}
+
+/// Checks the client's upgrade request; on failure, the response to send instead.
+pub fn check_client<B>(req: &Request<B>) -> Result<HeaderValue, Response<Body>> {
+    if req.method() != Method::GET {
+        return Err(responses::bad_handshake("the method must be GET"));
+    }
+    if req.version() != Version::HTTP_11 {
+        return Err(responses::bad_handshake("the version must be HTTP/1.1"));
+    }
+    let h = req.headers();
+    if h.get_all("sec-websocket-version").iter().count() != 1
+        || h.get("sec-websocket-version").map(|v| v.as_bytes()) != Some(b"13")
+    {
+        return Err(responses::upgrade_required());
+    }
+    let mut keys = h.get_all("sec-websocket-key").iter();
+    let (Some(key), None) = (keys.next(), keys.next()) else {
+        return Err(responses::bad_handshake(
+            "exactly one Sec-WebSocket-Key is required",
+        ));
+    };
+    match B64.decode(key.as_bytes()) {
+        Ok(raw) if raw.len() == 16 => Ok(key.clone()),
+        _ => Err(responses::bad_handshake(
+            "Sec-WebSocket-Key must be the base64 of 16 bytes",
+        )),
+    }
+}
+
+/// The upgrade request to send to a backend: path and query unchanged, hop-by-hop headers
+/// replaced by the two the upgrade needs, X-Forwarded-* added, Host kept.
+pub fn backend_request(
+    client: &Request<hyper::body::Incoming>,
+    peer: std::net::IpAddr,
+    https: bool,
+) -> Request<Empty<Bytes>> {
+    let mut headers = client.headers().clone();
+    strip_hop_by_hop(&mut headers);
+    add_forwarded(&mut headers, peer, https);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    let mut req = Request::new(Empty::new());
+    *req.uri_mut() = client.uri().path_and_query().map_or_else(
+        || "/".parse().expect("static"),
+        |p| {
+            p.as_str()
+                .parse()
+                .unwrap_or_else(|_| "/".parse().expect("static"))
+        },
+    );
+    *req.headers_mut() = headers;
+    req
+}
+
+/// Checks a backend's 101: it must upgrade to websocket with the right accept value.
+pub fn check_backend_101(headers: &HeaderMap, key: &HeaderValue) -> Result<(), &'static str> {
+    if !has_token(headers, header::UPGRADE, "websocket") {
+        return Err("no Upgrade: websocket");
+    }
+    match headers.get("sec-websocket-accept") {
+        Some(v) if v.as_bytes() == accept_for(key.as_bytes()).as_bytes() => Ok(()),
+        Some(_) => Err("wrong Sec-WebSocket-Accept"),
+        None => Err("no Sec-WebSocket-Accept"),
+    }
+}
+
+/// The 101 to send the client: the backend's headers (accept, subprotocol, extensions,
+/// cookies) without hop-by-hop ones, plus the two the upgrade needs.
+pub fn client_101(backend: &HeaderMap) -> Response<Body> {
+    let mut headers = backend.clone();
+    strip_hop_by_hop(&mut headers);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    let mut r = responses::text(StatusCode::SWITCHING_PROTOCOLS, String::new());
+    *r.headers_mut() = headers;
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_matches_rfc_6455_example() {
+        assert_eq!(
+            accept_for(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    fn req(version: &str, key: &str) -> Request<()> {
+        let mut r = Request::new(());
+        r.headers_mut().insert(
+            "sec-websocket-version",
+            HeaderValue::from_str(version).unwrap(),
+        );
+        r.headers_mut()
+            .insert("sec-websocket-key", HeaderValue::from_str(key).unwrap());
+        *r.version_mut() = Version::HTTP_11;
+        r
+    }
+
+    #[test]
+    fn refuses_bad_keys_and_versions() {
+        assert!(check_client(&req("13", "dGhlIHNhbXBsZSBub25jZQ==")).is_ok());
+        assert_eq!(
+            check_client(&req("8", "dGhlIHNhbXBsZSBub25jZQ=="))
+                .unwrap_err()
+                .status(),
+            426
+        );
+        assert_eq!(
+            check_client(&req("13", "c2hvcnQ=")).unwrap_err().status(),
+            400
+        );
+        assert_eq!(check_client(&req("13", "!!!")).unwrap_err().status(), 400);
+    }
+}

@@ -1,0 +1,140 @@
+//! Header rewriting at the proxy boundary: hop-by-hop removal and X-Forwarded-*.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one hop only (RFC 9110 section 7.6.1), never forwarded.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Whether a comma-separated header holds `token`, compared case-insensitively.
+pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers, including any that `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto` and `-Host`.
+pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool) {
+    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+    let prior: Vec<&str> = headers
+        .get_all(&XFF)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let xff = if prior.is_empty() {
+        client.to_string()
+    } else {
+        format!("{}, {client}", prior.join(", "))
+    };
+    if let Ok(v) = HeaderValue::try_from(xff) {
+        headers.insert(XFF, v);
+    }
+    headers.insert(
+        XFP,
+        HeaderValue::from_static(if https { "https" } else { "http" }),
+    );
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert(XFH, host);
+    }
+}
+
+/// The request's host in lower case without its port, from `Host` or the URI.
+pub fn request_host(headers: &HeaderMap, uri: &http::Uri) -> Option<String> {
+    let raw = match headers.get(header::HOST).and_then(|v| v.to_str().ok()) {
+        Some(h) => h,
+        None => uri.host()?,
+    };
+    let host = if raw.starts_with('[') {
+        // An IPv6 literal: keep the brackets, drop a port after them.
+        raw.split_inclusive(']').next().unwrap_or(raw)
+    } else {
+        raw.split(':').next().unwrap_or(raw)
+    };
+    Some(host.trim_end_matches('.').to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_listed_and_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret, Upgrade"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn appends_forwarded_for() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
+        h.insert(header::HOST, HeaderValue::from_static("chat.example.com"));
+        add_forwarded(&mut h, IpAddr::from([3, 3, 3, 3]), false);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "chat.example.com");
+    }
+
+    #[test]
+    fn host_without_port() {
+        let uri = http::Uri::from_static("/");
+        let mut h = HeaderMap::new();
+        for (raw, want) in [
+            ("Chat.Example.com:8080", "chat.example.com"),
+            ("[::1]:80", "[::1]"),
+            ("a.b.", "a.b"),
+        ] {
+            h.insert(header::HOST, HeaderValue::from_static(raw));
+            assert_eq!(request_host(&h, &uri).as_deref(), Some(want));
+        }
+        assert!(has_token(
+            &{
+                let mut h = HeaderMap::new();
+                h.insert(
+                    header::CONNECTION,
+                    HeaderValue::from_static("keep-alive, UPGRADE"),
+                );
+                h
+            },
+            header::CONNECTION,
+            "upgrade"
+        ));
+    }
+}

@@ -1,0 +1,191 @@
+//! Forwards plain HTTP requests over pooled keep-alive connections, bodies streamed both ways.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use duplex_balance::LoadGuard;
+use duplex_config::Route;
+use http::{Request, Response, Uri, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::conn::ConnInfo;
+use crate::headers::{add_forwarded, strip_hop_by_hop};
+use crate::responses::{self, Body};
+use crate::state::{Shared, UpstreamRt};
+
+/// A request body that can be handed to another backend as long as nobody has read it.
+///
+/// The pooled client drops the request when a connect fails. The body itself waits in a
+/// shared slot until the client first polls it, which happens only once a connection is
+/// up; if the slot is still full after a failure, nothing was sent and a retry may take it.
+pub struct ReclaimBody {
+    slot: Arc<Mutex<Option<Incoming>>>,
+    body: Option<Incoming>,
+    /// Read from the original body before it went into the slot.
+    end: bool,
+    hint: SizeHint,
+}
+
+impl HttpBody for ReclaimBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if this.body.is_none() {
+            this.body = this.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+        match this.body.as_mut() {
+            Some(b) => Pin::new(b).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().map_or(self.end, |b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| self.hint.clone(), |b| b.size_hint())
+    }
+}
+
+/// A response body that holds the backend's load count until the body is done.
+struct Guarded {
+    inner: Incoming,
+    _load: LoadGuard,
+}
+
+impl HttpBody for Guarded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Relays a backend's response: hop-by-hop headers removed, load held until the body ends.
+pub fn relay(resp: Response<Incoming>, load: LoadGuard) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(
+        parts,
+        Guarded {
+            inner: body,
+            _load: load,
+        }
+        .boxed(),
+    )
+}
+
+fn class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Proxies one plain HTTP request to the route's upstream, trying further backends on
+/// connect failure while the request is still unsent.
+pub async fn forward(
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    route: &Route,
+    up: &UpstreamRt,
+    shared: &Shared,
+) -> Response<Body> {
+    let start = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    add_forwarded(&mut parts.headers, conn.peer.ip(), conn.https);
+    let (end, hint) = (body.is_end_stream(), body.size_hint());
+    let slot = Arc::new(Mutex::new(Some(body)));
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let ctx = duplex_balance::Context {
+        client_ip: conn.peer.ip(),
+        headers: &parts.headers,
+        query: parts.uri.query(),
+    };
+    let m = &shared.metrics;
+    let mut resp = None;
+    for backend in up.pool.candidates(&ctx, up.cfg.retries as usize + 1) {
+        let addr = backend.state.addr;
+        let load = backend.state.guard();
+        let Ok(uri) = Uri::try_from(format!("http://{addr}{path}")) else {
+            break;
+        };
+        let mut out = Request::new(ReclaimBody {
+            slot: Arc::clone(&slot),
+            body: None,
+            end,
+            hint: hint.clone(),
+        });
+        *out.method_mut() = parts.method.clone();
+        *out.uri_mut() = uri;
+        *out.version_mut() = Version::HTTP_11;
+        *out.headers_mut() = parts.headers.clone();
+        match tokio::time::timeout(up.cfg.response_timeout, up.client.request(out)).await {
+            Ok(Ok(r)) => {
+                resp = Some(relay(r, load));
+                break;
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                let kind = crate::error::connect_kind(&e);
+                m.backend_connect_errors
+                    .with_label_values(&[&up.cfg.name, &addr.to_string(), kind])
+                    .inc();
+                tracing::warn!(route = %route.name, backend = %addr, error = %e, "connect to backend failed");
+                let unsent = slot.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+                if !unsent {
+                    break;
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(route = %route.name, backend = %addr, error = ?e, "backend request failed");
+                break;
+            }
+            Err(_) => {
+                tracing::warn!(route = %route.name, backend = %addr, "backend response timed out");
+                resp = Some(responses::gateway_timeout(&route.name));
+                break;
+            }
+        }
+    }
+    let resp = resp.unwrap_or_else(|| responses::bad_gateway(&route.name));
+    m.http_requests
+        .with_label_values(&[&route.name, &up.cfg.name, class(resp.status())])
+        .inc();
+    m.http_request_duration
+        .with_label_values(&[&route.name])
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}

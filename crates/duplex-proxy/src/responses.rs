@@ -1,0 +1,60 @@
+//! The responses duplex writes itself: errors in short plain text that name no internal address.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+
+/// The body type of every response the proxy returns.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+pub fn text(status: StatusCode, msg: String) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(msg))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+pub fn no_route() -> Response<Body> {
+    text(
+        StatusCode::NOT_FOUND,
+        "duplex: no route matches this request\n".into(),
+    )
+}
+
+pub fn bad_gateway(route: &str) -> Response<Body> {
+    text(
+        StatusCode::BAD_GATEWAY,
+        format!("duplex: no backend of route {route:?} could be reached\n"),
+    )
+}
+
+pub fn gateway_timeout(route: &str) -> Response<Body> {
+    text(
+        StatusCode::GATEWAY_TIMEOUT,
+        format!("duplex: the backend of route {route:?} did not answer in time\n"),
+    )
+}
+
+pub fn bad_handshake(why: &str) -> Response<Body> {
+    text(
+        StatusCode::BAD_REQUEST,
+        format!("duplex: bad WebSocket handshake: {why}\n"),
+    )
+}
+
+pub fn upgrade_required() -> Response<Body> {
+    let mut r = text(
+        StatusCode::UPGRADE_REQUIRED,
+        "duplex: only WebSocket version 13 is supported\n".into(),
+    );
+    r.headers_mut()
+        .insert("sec-websocket-version", HeaderValue::from_static("13"));
+    r
+}

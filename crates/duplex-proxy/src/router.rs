@@ -1,0 +1,58 @@
+//! Matches a request to the first route, in file order, whose host, path and headers fit.
+
+use duplex_config::Route;
+use http::HeaderMap;
+
+/// The first route that matches, if any.
+pub fn find<'a>(
+    routes: &'a [Route],
+    host: Option<&str>,
+    path: &str,
+    headers: &HeaderMap,
+) -> Option<&'a Route> {
+    routes.iter().find(|r| {
+        r.host
+            .as_ref()
+            .is_none_or(|m| host.is_some_and(|h| m.matches(h)))
+            && r.path.as_ref().is_none_or(|m| m.matches(path))
+            && r.headers.iter().all(|(name, value)| {
+                headers
+                    .get_all(name.as_str())
+                    .iter()
+                    .any(|v| v.as_bytes() == value.as_bytes())
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use duplex_config::Config;
+
+    #[test]
+    fn first_match_wins_in_file_order() {
+        let src = "\
+listeners: [{name: l, bind: '127.0.0.1:1'}]
+routes:
+  - {name: tenant, match: {path_prefix: /ws, headers: {X-Tenant: acme}}, upstream: u}
+  - {name: chat, match: {host: '*.example.com', path_prefix: /ws}, upstream: u}
+  - {name: exact, match: {path: /health}, upstream: u}
+  - {name: all, upstream: u}
+upstreams: [{name: u, backends: [{addr: '127.0.0.1:2'}]}]
+";
+        let c = Config::parse(src, "t").unwrap();
+        let mut acme = HeaderMap::new();
+        acme.insert("x-tenant", "acme".parse().unwrap());
+        let none = HeaderMap::new();
+        let name = |host, path, h| find(&c.routes, host, path, h).map(|r| r.name.as_str());
+        assert_eq!(name(Some("a.example.com"), "/ws/x", &acme), Some("tenant"));
+        assert_eq!(name(Some("a.example.com"), "/ws/x", &none), Some("chat"));
+        assert_eq!(name(Some("example.com"), "/ws", &none), Some("all"));
+        assert_eq!(name(None, "/wsx", &none), Some("all"));
+        assert_eq!(name(None, "/health", &none), Some("exact"));
+        assert_eq!(
+            find(&c.routes[..2], None, "/other", &none).map(|r| &r.name),
+            None
+        );
+    }
+}

@@ -1,0 +1,112 @@
+//! The routing table of one configuration generation, and the state shared by every task.
+//!
+//! A reload builds a complete new [`Table`] and stores it with one `ArcSwap::store`; a
+//! request `load()`s the table once and keeps what it needs for its whole life, so
+//! requests and tunnels never lock and never see a half-applied config.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use duplex_balance::{Backend, BackendState, Pool};
+use duplex_config::{Config, Route, Upstream};
+use duplex_metrics::Metrics;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::http_proxy::ReclaimBody;
+
+/// How long an idle pooled connection to a backend is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle pooled connections kept per backend.
+const POOL_MAX_IDLE_PER_BACKEND: usize = 128;
+
+pub type HttpClient = Client<HttpConnector, ReclaimBody>;
+
+/// An upstream as one generation runs it.
+pub struct UpstreamRt {
+    pub cfg: Upstream,
+    pub pool: Pool,
+    /// Keep-alive pools for plain HTTP, one per backend address inside the client.
+    pub client: HttpClient,
+}
+
+/// One configuration generation, immutable once built.
+pub struct Table {
+    pub generation: u64,
+    pub config: Arc<Config>,
+    pub upstreams: HashMap<String, Arc<UpstreamRt>>,
+}
+
+impl Table {
+    /// Builds the table for `config`, carrying over backend load counters and HTTP pools
+    /// from `previous` for the backends and upstreams that stay.
+    pub fn build(config: Arc<Config>, previous: Option<&Table>, generation: u64) -> Table {
+        let mut upstreams = HashMap::new();
+        for u in &config.upstreams {
+            let old = previous.and_then(|t| t.upstreams.get(&u.name));
+            let state_of = |addr: SocketAddr| {
+                old.and_then(|o| o.pool.backends().iter().find(|b| b.state.addr == addr))
+                    .map(|b| Arc::clone(&b.state))
+                    .unwrap_or_else(|| BackendState::new(addr))
+            };
+            let backends = u
+                .backends
+                .iter()
+                .map(|b| Backend {
+                    state: state_of(b.addr),
+                    weight: b.weight,
+                })
+                .collect();
+            let client = match old {
+                Some(o) if o.cfg.connect_timeout == u.connect_timeout => o.client.clone(),
+                _ => http_client(u.connect_timeout),
+            };
+            let rt = UpstreamRt {
+                pool: Pool::new(u.balancer, u.hash_key.as_ref(), backends),
+                cfg: u.clone(),
+                client,
+            };
+            upstreams.insert(u.name.clone(), Arc::new(rt));
+        }
+        Table {
+            generation,
+            config,
+            upstreams,
+        }
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.config.routes
+    }
+}
+
+fn http_client(connect_timeout: Duration) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    connector.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_BACKEND)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// What every listener, request and tunnel shares.
+pub struct Shared {
+    pub table: ArcSwap<Table>,
+    pub metrics: Arc<Metrics>,
+    /// Every connection and tunnel task, so that shutdown can wait for all of them.
+    pub tracker: TaskTracker,
+    /// Cancelled at shutdown: stop accepting, finish in-flight HTTP gracefully.
+    pub stopping: CancellationToken,
+    /// Cancelled when the shutdown grace period ends: close whatever is still open.
+    pub closing: CancellationToken,
+}

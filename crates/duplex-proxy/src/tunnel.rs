@@ -1,0 +1,244 @@
+//! Splices a WebSocket tunnel: client and backend bytes both ways, in one task.
+//!
+//! An idle tunnel owns no buffer. The task waits on socket readiness; when a socket is
+//! readable, bytes are read into a per-thread scratch buffer and written straight to the
+//! other socket. Only what the other socket cannot take right away is copied into a
+//! per-direction buffer, freed as soon as it drains. A FIN one way is passed on as a write
+//! shutdown while the other way keeps flowing; an error on either side ends both.
+//!
+//! Every way a tunnel ends goes through [`run`]'s closing match, which is where a future
+//! graceful close (a WebSocket Close frame between frames) belongs.
+
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use duplex_metrics::{Counter, TunnelSeries};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+/// Scratch buffer per worker thread; large enough to move 16 KiB messages in one read.
+const SCRATCH_SIZE: usize = 64 * 1024;
+/// Reads one direction may do in a row before yielding to other tasks.
+const READS_PER_POLL: usize = 16;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
+}
+
+/// Per-tunnel settings from the upstream.
+pub struct Settings {
+    pub idle_timeout: Option<Duration>,
+    /// Cancelled when the tunnel must close now (end of the shutdown grace period).
+    pub close: CancellationToken,
+}
+
+/// How a tunnel ended.
+#[derive(Debug)]
+enum End {
+    /// Both sides finished sending.
+    Done,
+    Error(io::Error),
+    Idle,
+    Closed,
+}
+
+/// Runs a tunnel to its end. `_hold` is whatever must live as long as the tunnel: the
+/// backend's load guard and the client connection's bookkeeping.
+pub async fn run<H>(
+    client: Upgraded,
+    backend: Upgraded,
+    settings: Settings,
+    series: TunnelSeries,
+    _hold: H,
+) {
+    let started = Instant::now();
+    series.active.inc();
+    let end = match (
+        client.downcast::<TokioIo<TcpStream>>(),
+        backend.downcast::<TokioIo<TcpStream>>(),
+    ) {
+        (Ok(c), Ok(b)) => {
+            let mut t = Splice {
+                client: c.io.into_inner(),
+                backend: b.io.into_inner(),
+                c2b: Direction::new(c.read_buf, series.client_to_backend.clone()),
+                b2c: Direction::new(b.read_buf, series.backend_to_client.clone()),
+                active: false,
+            };
+            drive(&mut t, &settings).await
+        }
+        // Both sides are plain TCP today; TLS streams will get a buffered path here.
+        _ => End::Error(io::Error::other("upgraded connection is not a TCP stream")),
+    };
+    // The one place a tunnel's end is decided; sockets close as they drop here.
+    match &end {
+        End::Done => tracing::debug!("tunnel closed by both sides"),
+        End::Error(e) => tracing::debug!(error = %e, "tunnel ended by an error"),
+        End::Idle => tracing::debug!("tunnel closed after idle_timeout"),
+        End::Closed => tracing::debug!("tunnel closed by duplex"),
+    }
+    series.active.dec();
+    series.duration.observe(started.elapsed().as_secs_f64());
+}
+
+async fn drive(t: &mut Splice, settings: &Settings) -> End {
+    let idle = settings.idle_timeout;
+    let sleep = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86_400)));
+    tokio::pin!(sleep);
+    let close = settings.close.cancelled();
+    tokio::pin!(close);
+    poll_fn(|cx| {
+        match t.poll(cx) {
+            Poll::Ready(Ok(())) => return Poll::Ready(End::Done),
+            Poll::Ready(Err(e)) => return Poll::Ready(End::Error(e)),
+            Poll::Pending => {}
+        }
+        if close.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(End::Closed);
+        }
+        if let Some(idle) = idle {
+            // Reset lazily: a read only sets a flag; the timer checks it when it fires.
+            while sleep.as_mut().poll(cx).is_ready() {
+                if !std::mem::take(&mut t.active) {
+                    return Poll::Ready(End::Idle);
+                }
+                sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Both sockets of a plain-TCP tunnel and the state of each direction.
+struct Splice {
+    client: TcpStream,
+    backend: TcpStream,
+    c2b: Direction,
+    b2c: Direction,
+    /// Set by any byte moved; cleared by the idle timer.
+    active: bool,
+}
+
+/// One direction of the tunnel.
+struct Direction {
+    /// Bytes read but not yet written; empty (no allocation) while the tunnel keeps up.
+    pending: Bytes,
+    read_done: bool,
+    shut_down: bool,
+    bytes: Counter,
+}
+
+impl Direction {
+    fn new(early: Bytes, bytes: Counter) -> Direction {
+        // Bytes that arrived with the handshake go first.
+        bytes.inc_by(early.len() as u64);
+        Direction {
+            pending: early,
+            read_done: false,
+            shut_down: false,
+            bytes,
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.shut_down
+    }
+}
+
+impl Splice {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let a = pump(
+            cx,
+            &self.client,
+            &mut self.backend,
+            &mut self.c2b,
+            &mut self.active,
+        )?;
+        let b = pump(
+            cx,
+            &self.backend,
+            &mut self.client,
+            &mut self.b2c,
+            &mut self.active,
+        )?;
+        if a.is_ready() && b.is_ready() && self.c2b.finished() && self.b2c.finished() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// Moves bytes `from` → `to` until `from` would block; ready once EOF has been passed on.
+fn pump(
+    cx: &mut Context<'_>,
+    from: &TcpStream,
+    to: &mut TcpStream,
+    d: &mut Direction,
+    active: &mut bool,
+) -> Poll<io::Result<()>> {
+    for _ in 0..READS_PER_POLL {
+        // Drain what the other side could not take yet.
+        while !d.pending.is_empty() {
+            ready!(to.poll_write_ready(cx))?;
+            match to.try_write(&d.pending) {
+                Ok(n) => {
+                    let _ = d.pending.split_to(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        // `split_to` keeps the allocation alive; once drained, let it go.
+        d.pending = Bytes::new();
+        if d.read_done {
+            if !d.shut_down {
+                ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+                d.shut_down = true;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        ready!(from.poll_read_ready(cx))?;
+        let moved = SCRATCH.with(|s| -> io::Result<Option<usize>> {
+            let mut s = s.borrow_mut();
+            let n = match from.try_read(&mut s[..]) {
+                Ok(0) => return Ok(None),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
+                Err(e) => return Err(e),
+            };
+            let mut off = 0;
+            while off < n {
+                match to.try_write(&s[off..n]) {
+                    Ok(m) => off += m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            if off < n {
+                d.pending = Bytes::copy_from_slice(&s[off..n]);
+            }
+            Ok(Some(n))
+        });
+        match moved? {
+            None => d.read_done = true,
+            Some(0) => {}
+            Some(n) => {
+                d.bytes.inc_by(n as u64);
+                *active = true;
+            }
+        }
+    }
+    // Budget spent with data still flowing: let other tasks run, then come back.
+    cx.waker().wake_by_ref();
+    Poll::Pending
+}

@@ -1,0 +1,187 @@
+//! The WebSocket upgrade path, in one function: detect, pick, forward the handshake, check
+//! the 101, spawn the tunnel and register it with the task tracker.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use duplex_balance::{Backend, LoadGuard};
+use duplex_metrics::UpgradeResult;
+use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::conn::ConnInfo;
+use crate::error::{connect_kind, ProxyError};
+use crate::handshake::{backend_request, check_backend_101, check_client, client_101};
+use crate::headers::request_host;
+use crate::http_proxy::relay;
+use crate::responses::{self, Body};
+use crate::state::{Shared, UpstreamRt};
+use crate::{router, tunnel};
+
+pub async fn upgrade(
+    mut req: Request<Incoming>,
+    conn: Arc<ConnInfo>,
+    shared: &Arc<Shared>,
+) -> Response<Body> {
+    let start = Instant::now();
+    let m = &shared.metrics;
+    let table = shared.table.load_full();
+    let host = request_host(req.headers(), req.uri());
+    let route = router::find(
+        table.routes(),
+        host.as_deref(),
+        req.uri().path(),
+        req.headers(),
+    );
+    let (route_name, up_name) = route.map_or(("", ""), |r| (r.name.as_str(), r.upstream.as_str()));
+    let count = |result: UpgradeResult| {
+        m.upgrades
+            .with_label_values(&[route_name, up_name, result.as_str()])
+            .inc();
+    };
+
+    // Refuse a broken handshake before touching a backend.
+    let key = match check_client(&req) {
+        Ok(key) => key,
+        Err(resp) => {
+            count(UpgradeResult::BadHandshake);
+            return resp;
+        }
+    };
+    let (Some(route), Some(up)) = (route, route.and_then(|r| table.upstreams.get(&r.upstream)))
+    else {
+        count(UpgradeResult::NoRoute);
+        return responses::no_route();
+    };
+
+    // Pick and connect, taking the next candidate on connect failure.
+    let ctx = duplex_balance::Context {
+        client_ip: conn.peer.ip(),
+        headers: req.headers(),
+        query: req.uri().query(),
+    };
+    let candidates = up.pool.candidates(&ctx, up.cfg.retries as usize + 1);
+    let Some((tcp, backend, load)) = connect_first(&candidates, up, shared).await else {
+        count(if candidates.is_empty() {
+            UpgradeResult::NoBackend
+        } else {
+            UpgradeResult::ConnectError
+        });
+        return responses::bad_gateway(&route.name);
+    };
+    let addr = backend.state.addr;
+
+    // Forward the handshake and wait for the answer, bounded by handshake_timeout.
+    let breq = backend_request(&req, conn.peer.ip(), conn.https);
+    let mut resp = match tokio::time::timeout(
+        up.cfg.handshake_timeout,
+        send_handshake(tcp, breq, shared),
+    )
+    .await
+    {
+        Err(_) => {
+            tracing::warn!(route = %route.name, backend = %addr, "backend did not answer the upgrade in time");
+            count(UpgradeResult::Timeout);
+            return responses::gateway_timeout(&route.name);
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(route = %route.name, backend = %addr, error = %ProxyError::Backend { addr, source: e }, "upgrade failed");
+            count(UpgradeResult::ConnectError);
+            return responses::bad_gateway(&route.name);
+        }
+        Ok(Ok(resp)) => resp,
+    };
+
+    // Check the 101; any other answer goes to the client as a normal response.
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        count(UpgradeResult::RejectedByBackend);
+        return relay(resp, load);
+    }
+    if let Err(what) = check_backend_101(resp.headers(), &key) {
+        tracing::warn!(route = %route.name, error = %ProxyError::BadUpgrade { addr, what }, "refusing backend's 101");
+        count(UpgradeResult::RejectedByBackend);
+        return responses::bad_gateway(&route.name);
+    }
+
+    // Spawn the tunnel; it starts once hyper has written our 101 to the client.
+    let client_side = hyper::upgrade::on(&mut req);
+    let backend_side = hyper::upgrade::on(&mut resp);
+    let series = m.tunnel_series(&route.name, &up.cfg.name, &addr.to_string());
+    let settings = tunnel::Settings {
+        idle_timeout: up.cfg.idle_timeout,
+        close: shared.closing.clone(),
+    };
+    let route_name: Arc<str> = route.name.as_str().into();
+    shared.tracker.spawn(async move {
+        let (client, backend) = match tokio::try_join!(client_side, backend_side) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(route = %route_name, error = %ProxyError::Client(e), "upgrade did not complete");
+                return;
+            }
+        };
+        tunnel::run(client, backend, settings, series, (load, conn)).await;
+    });
+    count(UpgradeResult::Ok);
+    m.handshake_duration
+        .with_label_values(&[&route.name])
+        .observe(start.elapsed().as_secs_f64());
+    client_101(resp.headers())
+}
+
+/// Connects to the first candidate that answers within `connect_timeout`; counts the load
+/// on a backend from the moment it is chosen, so concurrent handshakes spread out.
+async fn connect_first<'a>(
+    candidates: &[&'a Backend],
+    up: &UpstreamRt,
+    shared: &Shared,
+) -> Option<(TcpStream, &'a Backend, LoadGuard)> {
+    for &b in candidates {
+        let load = b.state.guard();
+        let addr = b.state.addr;
+        let res = match tokio::time::timeout(up.cfg.connect_timeout, TcpStream::connect(addr)).await
+        {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            )),
+        };
+        match res {
+            Ok(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                return Some((tcp, b, load));
+            }
+            Err(source) => {
+                let kind = connect_kind(&source);
+                let err = ProxyError::Connect { addr, source };
+                shared
+                    .metrics
+                    .backend_connect_errors
+                    .with_label_values(&[&up.cfg.name, &addr.to_string(), kind])
+                    .inc();
+                tracing::warn!(upstream = %up.cfg.name, error = %err, "trying the next backend");
+            }
+        }
+    }
+    None
+}
+
+/// Sends the upgrade request over `tcp` and returns the backend's response head.
+async fn send_handshake(
+    tcp: TcpStream,
+    req: Request<Empty<Bytes>>,
+    shared: &Shared,
+) -> Result<Response<Incoming>, hyper::Error> {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    // The connection task ends once the 101 hands the socket over, or once a non-101
+    // response body is read and `sender` is gone.
+    shared.tracker.spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    sender.send_request(req).await
+}
