@@ -43,6 +43,8 @@ pub struct BackendState {
     /// Open WebSocket tunnels plus in-flight HTTP requests (and handshakes under way), kept
     /// by [`LoadGuard`]s.
     load: AtomicUsize,
+    /// The part of `load` that is open tunnels, for status pages; kept by [`TunnelMark`]s.
+    tunnels: AtomicUsize,
 }
 
 impl BackendState {
@@ -50,11 +52,16 @@ impl BackendState {
         Arc::new(BackendState {
             addr,
             load: AtomicUsize::new(0),
+            tunnels: AtomicUsize::new(0),
         })
     }
 
     pub fn load(&self) -> usize {
         self.load.load(Ordering::Relaxed)
+    }
+
+    pub fn tunnels(&self) -> usize {
+        self.tunnels.load(Ordering::Relaxed)
     }
 
     /// Counts one more connection on this backend until the guard drops.
@@ -71,6 +78,22 @@ pub struct LoadGuard(Arc<BackendState>);
 impl LoadGuard {
     pub fn backend(&self) -> &Arc<BackendState> {
         &self.0
+    }
+
+    /// Marks this unit of load as an open tunnel (rather than a request) until dropped.
+    pub fn into_tunnel(self) -> TunnelMark {
+        self.0.tunnels.fetch_add(1, Ordering::Relaxed);
+        TunnelMark(self)
+    }
+}
+
+/// A [`LoadGuard`] that is an open tunnel.
+#[derive(Debug)]
+pub struct TunnelMark(LoadGuard);
+
+impl Drop for TunnelMark {
+    fn drop(&mut self) {
+        self.0 .0.tunnels.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

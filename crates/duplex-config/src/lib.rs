@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod diff;
 mod locate;
 mod raw;
 mod validate;
@@ -16,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+pub use diff::{Changes, Diff};
 
 /// The largest backend weight accepted; keeps the round-robin schedule small.
 pub const MAX_WEIGHT: u32 = 1000;

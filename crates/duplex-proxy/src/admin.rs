@@ -1,64 +1,146 @@
-//! The admin endpoint: metrics, liveness and readiness, on its own listener.
+//! The admin endpoint on its own listener: metrics, liveness, readiness, status, reload.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
-use http::{Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::responses::{text, Body};
-use crate::state::Shared;
+use crate::server::Proxy;
 
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+/// Admin clients get this long to send their request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept on the admin listener.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+pub(crate) async fn serve(listener: TcpListener, proxy: Proxy) {
+    let closing = proxy.inner.shared.closing.clone();
     loop {
         let (tcp, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(pair) => pair,
                 Err(e) => {
                     tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
                     continue;
                 }
             },
-            _ = shared.closing.cancelled() => return,
+            _ = closing.cancelled() => return,
         };
-        let shared = Arc::clone(&shared);
+        let proxy = proxy.clone();
         tokio::spawn(async move {
             let svc = service_fn(|req| {
-                let shared = Arc::clone(&shared);
-                async move { Ok::<_, Infallible>(handle(req, &shared)) }
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(handle(req, &proxy).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });
     }
 }
 
-fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
+async fn handle(req: Request<Incoming>, proxy: &Proxy) -> Response<Body> {
+    let shared = &proxy.inner.shared;
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             let mut r = text(StatusCode::OK, shared.metrics.render());
             r.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             r
         }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
         (&Method::GET, "/readyz") => {
-            if shared.stopping.is_cancelled() {
+            if proxy.is_stopping() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into())
             } else {
                 text(StatusCode::OK, "ready\n".into())
             }
         }
+        (&Method::GET, "/status") => json_response(StatusCode::OK, status(proxy)),
+        (&Method::POST, "/reload") => match proxy.reload_from_file().await {
+            Ok(generation) => json_response(StatusCode::OK, json!({ "generation": generation })),
+            Err(e) => json_response(StatusCode::BAD_REQUEST, json!({ "error": e.to_string() })),
+        },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /metrics, /healthz, /readyz\n".into(),
+            "not found: try GET /metrics, /healthz, /readyz, /status or POST /reload\n".into(),
         ),
     }
+}
+
+fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    let mut r = text(status, format!("{v:#}\n"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// The running state: config generation, last reload, listeners, routes, upstreams, and
+/// per backend its address, weight, open tunnels and in-flight requests.
+fn status(proxy: &Proxy) -> serde_json::Value {
+    let table = proxy.inner.shared.table.load();
+    let reload = proxy.last_reload();
+    let listeners: Vec<_> = {
+        let handles = proxy
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        handles.iter().map(|h| json!({ "name": h.name, "bind": h.bind.to_string(), "addr": h.addr.to_string() })).collect()
+    };
+    let routes: Vec<_> = table
+        .routes()
+        .iter()
+        .map(|r| json!({ "name": r.name, "upstream": r.upstream }))
+        .collect();
+    let mut upstreams: Vec<_> = table
+        .config
+        .upstreams
+        .iter()
+        .filter_map(|u| table.upstreams.get(&u.name))
+        .map(|up| {
+            let backends: Vec<_> = up
+                .pool
+                .backends()
+                .iter()
+                .map(|b| {
+                    let tunnels = b.state.tunnels();
+                    json!({
+                        "addr": b.state.addr.to_string(),
+                        "weight": b.weight,
+                        "healthy": true,
+                        "tunnels": tunnels,
+                        "in_flight": b.state.load().saturating_sub(tunnels),
+                    })
+                })
+                .collect();
+            json!({ "name": up.cfg.name, "balancer": up.cfg.balancer.as_str(), "backends": backends })
+        })
+        .collect();
+    upstreams.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "generation": table.generation,
+        "last_reload": {
+            "ok": reload.error.is_none(),
+            "error": reload.error,
+            "at_unix": reload.at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        },
+        "stopping": proxy.is_stopping(),
+        "listeners": listeners,
+        "routes": routes,
+        "upstreams": upstreams,
+    })
 }

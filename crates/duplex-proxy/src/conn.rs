@@ -22,13 +22,12 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Facts about a client connection, shared by its requests and by a tunnel made from it.
 pub struct ConnInfo {
-    pub listener: Arc<str>,
     pub peer: SocketAddr,
     /// Whether the client reached us over TLS, for `X-Forwarded-Proto`.
     pub https: bool,
     /// Counts the connection in `duplex_connections_active` until the last holder drops:
     /// the HTTP connection, or the WebSocket tunnel it became.
-    active: ActiveGuard,
+    _active: ActiveGuard,
 }
 
 struct ActiveGuard(Gauge);
@@ -48,10 +47,9 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: Arc<str>, shared:
         .with_label_values(&[&listener]);
     gauge.inc();
     let info = Arc::new(ConnInfo {
-        listener,
         peer,
         https: false,
-        active: ActiveGuard(gauge),
+        _active: ActiveGuard(gauge),
     });
     let svc_shared = Arc::clone(&shared);
     let svc = service_fn(move |req| {

@@ -33,6 +33,12 @@ pub enum ProxyError {
         addr: SocketAddr,
         what: &'static str,
     },
+    /// A reload was asked for, but the proxy was started from no file.
+    #[error("no configuration file to reload from")]
+    NoConfigFile,
+    /// The new configuration was refused.
+    #[error(transparent)]
+    Config(#[from] duplex_config::ConfigError),
     /// The client's side of a tunnel or upgrade failed.
     #[error("client: {0}")]
     Client(#[source] hyper::Error),
@@ -53,4 +59,19 @@ pub fn connect_kind(err: &(dyn std::error::Error + 'static)) -> &'static str {
         cur = e.source();
     }
     "other"
+}
+
+/// Displays an error with its sources: `outer: inner: root`.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
 }

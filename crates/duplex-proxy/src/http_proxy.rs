@@ -163,14 +163,14 @@ pub async fn forward(
                 m.backend_connect_errors
                     .with_label_values(&[&up.cfg.name, &addr.to_string(), kind])
                     .inc();
-                tracing::warn!(route = %route.name, backend = %addr, error = %e, "connect to backend failed");
+                tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "connect to backend failed");
                 let unsent = slot.lock().unwrap_or_else(|p| p.into_inner()).is_some();
                 if !unsent {
                     break;
                 }
             }
             Ok(Err(e)) => {
-                tracing::warn!(route = %route.name, backend = %addr, error = ?e, "backend request failed");
+                tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "backend request failed");
                 break;
             }
             Err(_) => {

@@ -13,6 +13,7 @@ pub mod error;
 mod handshake;
 mod headers;
 mod http_proxy;
+mod reload;
 mod responses;
 mod router;
 mod server;
@@ -22,4 +23,5 @@ mod upgrade;
 
 pub use duplex_metrics::Metrics;
 pub use error::ProxyError;
+pub use reload::ReloadStatus;
 pub use server::Proxy;

@@ -1,17 +1,19 @@
 //! Starts and stops the proxy: binds listeners, runs accept loops, drains at shutdown.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use duplex_config::Config;
+use duplex_config::{Config, Listener};
 use duplex_metrics::Metrics;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::ProxyError;
+use crate::reload::ReloadStatus;
 use crate::state::{Shared, Table};
 use crate::{admin, conn};
 
@@ -23,11 +25,34 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// After the grace period, how long to wait for closed tasks to wind down.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
-/// A running proxy.
+/// A running proxy; cheap to clone, every clone controls the same proxy.
+#[derive(Clone)]
 pub struct Proxy {
-    shared: Arc<Shared>,
-    listeners: Vec<(String, SocketAddr)>,
-    admin: SocketAddr,
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub shared: Arc<Shared>,
+    pub admin: SocketAddr,
+    /// The file the config came from, read again by reloads; `None` for a built config.
+    pub source: Option<PathBuf>,
+    /// Listeners accepting now. Only start, reload and status touch it.
+    pub listeners: Mutex<Vec<ListenerHandle>>,
+    /// Held while a reload runs, so reloads from the file watch, SIGHUP and the admin
+    /// endpoint apply one at a time.
+    pub reload: tokio::sync::Mutex<()>,
+    /// The last reload's outcome, for the admin status.
+    pub status: Mutex<ReloadStatus>,
+}
+
+/// One bound, accepting listener.
+pub(crate) struct ListenerHandle {
+    pub name: String,
+    /// As configured (may have port 0): a reload compares this, not the bound address.
+    pub bind: SocketAddr,
+    pub addr: SocketAddr,
+    /// Stops this listener's accept loop (a child of `Shared::stopping`).
+    pub stop: CancellationToken,
 }
 
 /// Binds a listening socket with address reuse and a deep backlog.
@@ -48,16 +73,39 @@ pub(crate) fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, ProxyErr
     sock.listen(LISTEN_BACKLOG).map_err(err)
 }
 
+/// A listener bound but not yet accepting.
+pub(crate) struct Bound {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub listener: TcpListener,
+}
+
+pub(crate) fn bind_all<'a>(
+    listeners: impl IntoIterator<Item = &'a Listener>,
+) -> Result<Vec<Bound>, ProxyError> {
+    listeners
+        .into_iter()
+        .map(|l| {
+            Ok(Bound {
+                name: l.name.clone(),
+                bind: l.bind,
+                listener: bind(&l.name, l.bind)?,
+            })
+        })
+        .collect()
+}
+
 impl Proxy {
     /// Binds every listener and the admin endpoint, then starts serving. Nothing is
-    /// served unless everything binds.
-    pub async fn start(config: Config, metrics: Arc<Metrics>) -> Result<Proxy, ProxyError> {
-        let mut bound = Vec::new();
-        for l in &config.listeners {
-            bound.push((l.name.clone(), bind(&l.name, l.bind)?));
-        }
+    /// served unless everything binds. `source` is the file reloads read again.
+    pub async fn start(
+        config: Config,
+        source: Option<PathBuf>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Proxy, ProxyError> {
+        let bound = bind_all(&config.listeners)?;
         let admin_listener = bind("admin", config.admin.bind)?;
-        let admin_addr = admin_listener
+        let admin = admin_listener
             .local_addr()
             .map_err(|source| ProxyError::Bind {
                 listener: "admin".into(),
@@ -66,54 +114,85 @@ impl Proxy {
             })?;
         metrics.config_generation.set(1);
         metrics.config_last_reload_success.set(unix_now());
-        let table = Table::build(Arc::new(config), None, 1);
+        let closing = CancellationToken::new();
+        let table = Table::build(Arc::new(config), None, 1, &closing);
         let shared = Arc::new(Shared {
             table: ArcSwap::from_pointee(table),
             metrics,
             tracker: TaskTracker::new(),
             stopping: CancellationToken::new(),
-            closing: CancellationToken::new(),
+            closing,
         });
-        let mut listeners = Vec::new();
-        for (name, l) in bound {
-            let addr = l.local_addr().map_err(|source| ProxyError::Bind {
-                listener: name.clone(),
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        let proxy = Proxy {
+            inner: Arc::new(Inner {
+                shared,
+                admin,
                 source,
-            })?;
-            tracing::info!(listener = %name, %addr, "listening");
-            listeners.push((name.clone(), addr));
-            tokio::spawn(accept_loop(l, name.into(), Arc::clone(&shared)));
+                listeners: Mutex::new(Vec::new()),
+                reload: tokio::sync::Mutex::new(()),
+                status: Mutex::new(ReloadStatus::started()),
+            }),
+        };
+        proxy.start_accepting(bound);
+        tracing::info!(addr = %admin, "admin listening");
+        tokio::spawn(admin::serve(admin_listener, proxy.clone()));
+        Ok(proxy)
+    }
+
+    /// Starts an accept loop for each bound listener and records it.
+    pub(crate) fn start_accepting(&self, bound: Vec<Bound>) {
+        let shared = &self.inner.shared;
+        let mut handles = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for b in bound {
+            let addr = b.listener.local_addr().unwrap_or(b.bind);
+            let stop = shared.stopping.child_token();
+            tracing::info!(listener = %b.name, %addr, "listening");
+            tokio::spawn(accept_loop(
+                b.listener,
+                b.name.as_str().into(),
+                Arc::clone(shared),
+                stop.clone(),
+            ));
+            handles.push(ListenerHandle {
+                name: b.name,
+                bind: b.bind,
+                addr,
+                stop,
+            });
         }
-        tracing::info!(addr = %admin_addr, "admin listening");
-        tokio::spawn(admin::serve(admin_listener, Arc::clone(&shared)));
-        Ok(Proxy {
-            shared,
-            listeners,
-            admin: admin_addr,
-        })
     }
 
     /// The address a listener is bound to (useful with port 0).
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, a)| *a)
+        let handles = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        handles.iter().find(|h| h.name == name).map(|h| h.addr)
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin
+        self.inner.admin
     }
 
     pub fn metrics(&self) -> &Metrics {
-        &self.shared.metrics
+        &self.inner.shared.metrics
+    }
+
+    /// The generation of the config in force: 1 at start, one more per applied reload.
+    pub fn generation(&self) -> u64 {
+        self.inner.shared.table.load().generation
     }
 
     /// Stops accepting, lets requests and tunnels finish for up to `grace`, closes the
     /// rest, and returns once every tracked task has ended (or a short bound has passed).
     pub async fn shutdown(&self, grace: Duration) {
-        let s = &self.shared;
+        let s = &self.inner.shared;
         s.stopping.cancel();
         s.tracker.close();
         tracing::info!(open = s.tracker.len(), grace = ?grace, "shutting down: waiting for open connections");
@@ -130,7 +209,7 @@ impl Proxy {
 
     /// Whether shutdown has begun.
     pub fn is_stopping(&self) -> bool {
-        self.shared.stopping.is_cancelled()
+        self.inner.shared.stopping.is_cancelled()
     }
 }
 
@@ -140,9 +219,14 @@ pub(crate) fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Accepts until shutdown. Errors (EMFILE, ENFILE, ECONNABORTED...) are logged, counted
+/// Accepts until stopped. Errors (EMFILE, ENFILE, ECONNABORTED...) are logged, counted
 /// and backed off, never fatal and never a busy loop.
-async fn accept_loop(listener: TcpListener, name: Arc<str>, shared: Arc<Shared>) {
+async fn accept_loop(
+    listener: TcpListener,
+    name: Arc<str>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
     let accepted = shared
         .metrics
         .connections_accepted
@@ -152,7 +236,7 @@ async fn accept_loop(listener: TcpListener, name: Arc<str>, shared: Arc<Shared>)
     loop {
         let res = tokio::select! {
             r = listener.accept() => r,
-            _ = shared.stopping.cancelled() => break,
+            _ = stop.cancelled() => break,
         };
         match res {
             Ok((tcp, peer)) => {
@@ -170,7 +254,7 @@ async fn accept_loop(listener: TcpListener, name: Arc<str>, shared: Arc<Shared>)
                 tracing::warn!(listener = %name, error = %e, pause = ?backoff, "accept failed; pausing");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = shared.stopping.cancelled() => break,
+                    _ = stop.cancelled() => break,
                 }
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }

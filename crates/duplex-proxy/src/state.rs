@@ -34,6 +34,16 @@ pub struct UpstreamRt {
     pub pool: Pool,
     /// Keep-alive pools for plain HTTP, one per backend address inside the client.
     pub client: HttpClient,
+    /// Per backend, cancelled to close its tunnels: when a reload's drain of a removed
+    /// backend ends, or at the end of shutdown (each is a child of `Shared::closing`).
+    pub closers: HashMap<SocketAddr, CancellationToken>,
+}
+
+impl UpstreamRt {
+    /// The token a new tunnel to `addr` watches.
+    pub fn closer(&self, addr: SocketAddr) -> CancellationToken {
+        self.closers.get(&addr).cloned().unwrap_or_default()
+    }
 }
 
 /// One configuration generation, immutable once built.
@@ -44,9 +54,14 @@ pub struct Table {
 }
 
 impl Table {
-    /// Builds the table for `config`, carrying over backend load counters and HTTP pools
-    /// from `previous` for the backends and upstreams that stay.
-    pub fn build(config: Arc<Config>, previous: Option<&Table>, generation: u64) -> Table {
+    /// Builds the table for `config`, carrying over backend load counters, close tokens and
+    /// HTTP pools from `previous` for the backends and upstreams that stay.
+    pub fn build(
+        config: Arc<Config>,
+        previous: Option<&Table>,
+        generation: u64,
+        closing: &CancellationToken,
+    ) -> Table {
         let mut upstreams = HashMap::new();
         for u in &config.upstreams {
             let old = previous.and_then(|t| t.upstreams.get(&u.name));
@@ -63,6 +78,14 @@ impl Table {
                     weight: b.weight,
                 })
                 .collect();
+            let closers = u
+                .backends
+                .iter()
+                .map(|b| {
+                    let kept = old.and_then(|o| o.closers.get(&b.addr)).cloned();
+                    (b.addr, kept.unwrap_or_else(|| closing.child_token()))
+                })
+                .collect();
             let client = match old {
                 Some(o) if o.cfg.connect_timeout == u.connect_timeout => o.client.clone(),
                 _ => http_client(u.connect_timeout),
@@ -71,6 +94,7 @@ impl Table {
                 pool: Pool::new(u.balancer, u.hash_key.as_ref(), backends),
                 cfg: u.clone(),
                 client,
+                closers,
             };
             upstreams.insert(u.name.clone(), Arc::new(rt));
         }

@@ -113,7 +113,7 @@ pub async fn upgrade(
     let series = m.tunnel_series(&route.name, &up.cfg.name, &addr.to_string());
     let settings = tunnel::Settings {
         idle_timeout: up.cfg.idle_timeout,
-        close: shared.closing.clone(),
+        close: up.closer(addr),
     };
     let route_name: Arc<str> = route.name.as_str().into();
     shared.tracker.spawn(async move {
@@ -124,7 +124,7 @@ pub async fn upgrade(
                 return;
             }
         };
-        tunnel::run(client, backend, settings, series, (load, conn)).await;
+        tunnel::run(client, backend, settings, series, (load.into_tunnel(), conn)).await;
     });
     count(UpgradeResult::Ok);
     m.handshake_duration

@@ -71,7 +71,7 @@ pub fn run(port: u16, admin_port: u16) -> ExitCode {
             proxy.admin_addr()
         );
     });
-    crate::serve(config, Some(banner))
+    crate::serve(config, None, Some(banner))
 }
 
 fn demo_config(port: u16, admin_port: u16, backends: &[SocketAddr]) -> String {

@@ -4,6 +4,7 @@
 
 mod demo;
 mod os;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +41,9 @@ enum Command {
         /// The YAML configuration file.
         #[arg(short, long)]
         config: PathBuf,
+        /// Do not reload when the file changes (SIGHUP and POST /reload still do).
+        #[arg(long)]
+        no_watch: bool,
     },
     /// Validate a configuration file and print a summary.
     Check {
@@ -62,8 +66,8 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config } => match Config::load(&config) {
-            Ok(c) => serve(c, None),
+        Command::Run { config, no_watch } => match Config::load(&config) {
+            Ok(c) => serve(c, Some((config, !no_watch)), None),
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::FAILURE
@@ -126,8 +130,13 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 /// Runs the proxy until SIGTERM or SIGINT, then drains within `shutdown_timeout`.
+/// `source` is the config file and whether to watch it; SIGHUP reloads it.
 /// `banner` runs inside the runtime once the proxy is up (the demo starts its backends there).
-pub(crate) fn serve(config: Config, banner: Option<Box<dyn FnOnce(&Proxy) + Send>>) -> ExitCode {
+pub(crate) fn serve(
+    config: Config,
+    source: Option<(PathBuf, bool)>,
+    banner: Option<Box<dyn FnOnce(&Proxy) + Send>>,
+) -> ExitCode {
     match os::raise_nofile_limit() {
         Ok((soft, hard)) => tracing::info!(soft, hard, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
@@ -144,7 +153,8 @@ pub(crate) fn serve(config: Config, banner: Option<Box<dyn FnOnce(&Proxy) + Send
     };
     rt.block_on(async move {
         let grace = config.shutdown_timeout;
-        let proxy = match Proxy::start(config, Arc::new(metrics_registry())).await {
+        let path = source.as_ref().map(|(p, _)| p.clone());
+        let proxy = match Proxy::start(config, path.clone(), Arc::new(metrics_registry())).await {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("duplex: {e}");
@@ -153,6 +163,12 @@ pub(crate) fn serve(config: Config, banner: Option<Box<dyn FnOnce(&Proxy) + Send
         };
         if let Some(banner) = banner {
             banner(&proxy);
+        }
+        if let Some((path, watch)) = source {
+            tokio::spawn(reload_on_sighup(proxy.clone()));
+            if watch {
+                watch::spawn(path, proxy.clone());
+            }
         }
         wait_for_stop_signal().await;
         proxy.shutdown(grace).await;
@@ -163,6 +179,20 @@ pub(crate) fn serve(config: Config, banner: Option<Box<dyn FnOnce(&Proxy) + Send
 
 fn metrics_registry() -> duplex_proxy::Metrics {
     duplex_proxy::Metrics::new()
+}
+
+/// Reloads the config file on every SIGHUP.
+async fn reload_on_sighup(proxy: Proxy) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install the SIGHUP handler: reload with POST /reload instead");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reloading");
+        // Errors are logged, counted and shown in /status by the reload itself.
+        let _ = proxy.reload_from_file().await;
+    }
 }
 
 async fn wait_for_stop_signal() {

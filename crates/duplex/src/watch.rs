@@ -1,0 +1,66 @@
+//! Reloads the config when its file changes on disk.
+//!
+//! The parent directory is watched, not the file: editors replace a file by writing a new
+//! one and renaming it over the old, and Kubernetes ConfigMap volumes swap a `..data`
+//! symlink; a watch on the old inode would miss both. Any event in the directory starts a
+//! short quiet period (debounce); then the file is read, and only a changed content reloads.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use duplex_proxy::Proxy;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+/// Quiet time after the last event before the file is read.
+const DEBOUNCE: Duration = Duration::from_millis(300);
+
+fn content_hash(path: &PathBuf) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(h.finish())
+}
+
+pub fn spawn(path: PathBuf, proxy: Proxy) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    // One pending wake-up is enough: a burst of events needs one reload.
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            let _ = tx.try_send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /reload");
+            return;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config directory; reload with SIGHUP or POST /reload");
+        return;
+    }
+    tracing::info!(file = %path.display(), "watching the config file for changes");
+    tokio::spawn(async move {
+        // The watcher stops when dropped: keep it for as long as this task runs.
+        let _watcher = watcher;
+        let mut last = content_hash(&path);
+        while rx.recv().await.is_some() {
+            // Wait for the burst to end.
+            while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+            let now = content_hash(&path);
+            if now.is_none() || now == last {
+                continue;
+            }
+            last = now;
+            tracing::info!(file = %path.display(), "config file changed: reloading");
+            let _ = proxy.reload_from_file().await;
+        }
+    });
+}
