@@ -18,6 +18,7 @@ mod responses;
 mod router;
 mod server;
 mod state;
+pub mod triggers;
 mod tunnel;
 mod upgrade;
 

@@ -4,7 +4,6 @@
 
 mod demo;
 mod os;
-mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -165,9 +164,9 @@ pub(crate) fn serve(
             banner(&proxy);
         }
         if let Some((path, watch)) = source {
-            tokio::spawn(reload_on_sighup(proxy.clone()));
+            duplex_proxy::triggers::reload_on_sighup(proxy.clone());
             if watch {
-                watch::spawn(path, proxy.clone());
+                duplex_proxy::triggers::watch_file(path, proxy.clone());
             }
         }
         wait_for_stop_signal().await;
@@ -179,20 +178,6 @@ pub(crate) fn serve(
 
 fn metrics_registry() -> duplex_proxy::Metrics {
     duplex_proxy::Metrics::new()
-}
-
-/// Reloads the config file on every SIGHUP.
-async fn reload_on_sighup(proxy: Proxy) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot install the SIGHUP handler: reload with POST /reload instead");
-        return;
-    };
-    while hup.recv().await.is_some() {
-        tracing::info!("SIGHUP received: reloading");
-        // Errors are logged, counted and shown in /status by the reload itself.
-        let _ = proxy.reload_from_file().await;
-    }
 }
 
 async fn wait_for_stop_signal() {

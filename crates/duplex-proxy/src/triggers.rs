@@ -1,6 +1,6 @@
-//! Reloads the config when its file changes on disk.
+//! What makes the proxy reload besides `POST /reload`: a change of the file, and SIGHUP.
 //!
-//! The parent directory is watched, not the file: editors replace a file by writing a new
+//! For the file, the parent directory is watched, not the file: editors replace a file by writing a new
 //! one and renaming it over the old, and Kubernetes ConfigMap volumes swap a `..data`
 //! symlink; a watch on the old inode would miss both. Any event in the directory starts a
 //! short quiet period (debounce); then the file is read, and only a changed content reloads.
@@ -9,9 +9,10 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use duplex_proxy::Proxy;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
+
+use crate::Proxy;
 
 /// Quiet time after the last event before the file is read.
 const DEBOUNCE: Duration = Duration::from_millis(300);
@@ -23,7 +24,8 @@ fn content_hash(path: &PathBuf) -> Option<u64> {
     Some(h.finish())
 }
 
-pub fn spawn(path: PathBuf, proxy: Proxy) {
+/// Watches `path` and reloads `proxy` from it when its content changes.
+pub fn watch_file(path: PathBuf, proxy: Proxy) {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -60,6 +62,22 @@ pub fn spawn(path: PathBuf, proxy: Proxy) {
             }
             last = now;
             tracing::info!(file = %path.display(), "config file changed: reloading");
+            let _ = proxy.reload_from_file().await;
+        }
+    });
+}
+
+/// Reloads the config file on every SIGHUP, for as long as the proxy runs.
+pub fn reload_on_sighup(proxy: Proxy) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install the SIGHUP handler: reload with POST /reload instead");
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading");
+            // Errors are logged, counted and shown in /status by the reload itself.
             let _ = proxy.reload_from_file().await;
         }
     });
