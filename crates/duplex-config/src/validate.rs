@@ -87,7 +87,8 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, Violation> {
         check_name(at("name"), "listener", &l.name)?;
         check_unique(&mut names, at("name"), "listener", &l.name)?;
         let bind = parse_addr(at("bind"), &l.bind)?;
-        if !binds.insert(bind) {
+        // Port 0 asks the OS for a free port: never a clash.
+        if bind.port() != 0 && !binds.insert(bind) {
             return fail(at("bind"), format!("two listeners bind {bind}"));
         }
         listeners.push(Listener {
@@ -101,7 +102,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, Violation> {
             None => defaults::ADMIN_BIND,
         },
     };
-    if binds.contains(&admin.bind) {
+    if admin.bind.port() != 0 && binds.contains(&admin.bind) {
         return fail(
             vec![Key("admin"), Key("bind")],
             format!(

@@ -21,31 +21,50 @@ pub fn accept_for(key: &[u8]) -> String {
     B64.encode(h.finalize())
 }
 
-/// Checks the client's upgrade request; on failure, the response to send instead.
-pub fn check_client<B>(req: &Request<B>) -> Result<HeaderValue, Response<Body>> {
+/// What is wrong with a client's upgrade request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadHandshake {
+    Method,
+    HttpVersion,
+    /// Not `Sec-WebSocket-Version: 13`: answered 426 so the client can retry with 13.
+    WebSocketVersion,
+    Key,
+}
+
+impl BadHandshake {
+    /// The response the client gets instead of an upgrade.
+    pub fn response(self) -> Response<Body> {
+        match self {
+            BadHandshake::Method => responses::bad_handshake("the method must be GET"),
+            BadHandshake::HttpVersion => responses::bad_handshake("the version must be HTTP/1.1"),
+            BadHandshake::WebSocketVersion => responses::upgrade_required(),
+            BadHandshake::Key => responses::bad_handshake(
+                "exactly one Sec-WebSocket-Key, the base64 of 16 bytes, is required",
+            ),
+        }
+    }
+}
+
+/// Checks the client's upgrade request; returns its key.
+pub fn check_client<B>(req: &Request<B>) -> Result<HeaderValue, BadHandshake> {
     if req.method() != Method::GET {
-        return Err(responses::bad_handshake("the method must be GET"));
+        return Err(BadHandshake::Method);
     }
     if req.version() != Version::HTTP_11 {
-        return Err(responses::bad_handshake("the version must be HTTP/1.1"));
+        return Err(BadHandshake::HttpVersion);
     }
     let h = req.headers();
-    if h.get_all("sec-websocket-version").iter().count() != 1
-        || h.get("sec-websocket-version").map(|v| v.as_bytes()) != Some(b"13")
-    {
-        return Err(responses::upgrade_required());
+    let mut versions = h.get_all("sec-websocket-version").iter();
+    if !matches!((versions.next(), versions.next()), (Some(v), None) if v.as_bytes() == b"13") {
+        return Err(BadHandshake::WebSocketVersion);
     }
     let mut keys = h.get_all("sec-websocket-key").iter();
     let (Some(key), None) = (keys.next(), keys.next()) else {
-        return Err(responses::bad_handshake(
-            "exactly one Sec-WebSocket-Key is required",
-        ));
+        return Err(BadHandshake::Key);
     };
     match B64.decode(key.as_bytes()) {
         Ok(raw) if raw.len() == 16 => Ok(key.clone()),
-        _ => Err(responses::bad_handshake(
-            "Sec-WebSocket-Key must be the base64 of 16 bytes",
-        )),
+        _ => Err(BadHandshake::Key),
     }
 }
 
@@ -125,16 +144,12 @@ mod tests {
     #[test]
     fn refuses_bad_keys_and_versions() {
         assert!(check_client(&req("13", "dGhlIHNhbXBsZSBub25jZQ==")).is_ok());
+        let bad = |v, k| check_client(&req(v, k)).unwrap_err();
         assert_eq!(
-            check_client(&req("8", "dGhlIHNhbXBsZSBub25jZQ=="))
-                .unwrap_err()
-                .status(),
+            bad("8", "dGhlIHNhbXBsZSBub25jZQ==").response().status(),
             426
         );
-        assert_eq!(
-            check_client(&req("13", "c2hvcnQ=")).unwrap_err().status(),
-            400
-        );
-        assert_eq!(check_client(&req("13", "!!!")).unwrap_err().status(), 400);
+        assert_eq!(bad("13", "c2hvcnQ=").response().status(), 400);
+        assert_eq!(bad("13", "!!!"), BadHandshake::Key);
     }
 }

@@ -56,7 +56,7 @@ impl HttpBody for ReclaimBody {
     fn size_hint(&self) -> SizeHint {
         self.body
             .as_ref()
-            .map_or_else(|| self.hint.clone(), |b| b.size_hint())
+            .map_or_else(|| self.hint, |b| b.size_hint())
     }
 }
 
@@ -147,7 +147,7 @@ pub async fn forward(
             slot: Arc::clone(&slot),
             body: None,
             end,
-            hint: hint.clone(),
+            hint,
         });
         *out.method_mut() = parts.method.clone();
         *out.uri_mut() = uri;

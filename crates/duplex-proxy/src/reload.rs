@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use duplex_balance::BackendState;
-use duplex_config::{Config, Diff};
+use duplex_config::{Config, ConfigError, Diff};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ProxyError;
-use crate::server::{bind_all, unix_now, Proxy};
+use crate::server::{bind_all, lock, unix_now, Proxy};
 use crate::state::{Shared, Table};
 
 /// How often a draining backend is checked for its last tunnel.
@@ -37,24 +37,66 @@ impl ReloadStatus {
 }
 
 impl Proxy {
-    /// Reads the config file again and applies it; returns the new generation.
+    /// Reads the config file again and applies it, changed or not (SIGHUP, `POST /reload`);
+    /// returns the new generation.
     pub async fn reload_from_file(&self) -> Result<u64, ProxyError> {
-        let Some(path) = self.inner.source.clone() else {
+        let _one_at_a_time = self.inner.reload.lock().await;
+        let (src, hash) = self.read_source().await?;
+        self.apply_source(&src, hash)
+    }
+
+    /// Applies the config file if its content differs from the last one applied (the file
+    /// watch: an event alone proves nothing, and SIGHUP may have applied it already).
+    pub(crate) async fn reload_if_changed(&self) -> Result<Option<u64>, ProxyError> {
+        let _one_at_a_time = self.inner.reload.lock().await;
+        let (src, hash) = self.read_source().await?;
+        if Some(hash) == *lock(&self.inner.applied) {
+            return Ok(None);
+        }
+        self.apply_source(&src, hash).map(Some)
+    }
+
+    async fn read_source(&self) -> Result<(String, u64), ProxyError> {
+        let Some(path) = &self.inner.source else {
             return Err(ProxyError::NoConfigFile);
         };
-        let parsed = tokio::task::spawn_blocking(move || Config::load(&path))
+        let p = path.clone();
+        let read = tokio::task::spawn_blocking(move || std::fs::read_to_string(p))
             .await
-            .map_err(|_| ProxyError::NoConfigFile)?;
-        match parsed {
-            Ok(config) => self.reload(config).await,
-            Err(e) => Err(self.refused(ProxyError::Config(e))),
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match read {
+            Ok(src) => {
+                let hash = source_hash(&src);
+                Ok((src, hash))
+            }
+            Err(source) => Err(self.refused(ProxyError::Config(ConfigError::Read {
+                path: path.clone(),
+                source,
+            }))),
         }
+    }
+
+    fn apply_source(&self, src: &str, hash: u64) -> Result<u64, ProxyError> {
+        let file = self
+            .inner
+            .source
+            .as_ref()
+            .map_or_else(String::new, |p| p.display().to_string());
+        let config = Config::parse(src, &file).map_err(|e| self.refused(ProxyError::Config(e)))?;
+        let generation = self.apply(config)?;
+        *lock(&self.inner.applied) = Some(hash);
+        Ok(generation)
     }
 
     /// Applies `config`; on error nothing changes and the error is counted and kept for
     /// the admin status.
     pub async fn reload(&self, config: Config) -> Result<u64, ProxyError> {
         let _one_at_a_time = self.inner.reload.lock().await;
+        self.apply(config)
+    }
+
+    /// The reload itself; the caller holds the reload lock.
+    fn apply(&self, config: Config) -> Result<u64, ProxyError> {
         let shared = &self.inner.shared;
         let old = shared.table.load_full();
         if config.admin != old.config.admin {
@@ -63,11 +105,7 @@ impl Proxy {
 
         // Listeners are known by their configured address: unchanged ones are never rebound.
         let (to_add, to_stop) = {
-            let handles = self
-                .inner
-                .listeners
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let handles = lock(&self.inner.listeners);
             let add: Vec<_> = config
                 .listeners
                 .iter()
@@ -93,28 +131,21 @@ impl Proxy {
         shared.table.store(Arc::clone(&table));
 
         self.start_accepting(bound);
-        {
-            let mut handles = self
-                .inner
-                .listeners
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            handles.retain(|h| {
-                let keep = !to_stop.contains(&h.bind);
-                if !keep {
-                    tracing::info!(listener = %h.name, addr = %h.addr, "listener removed: stops accepting; its open connections stay");
-                    h.stop.cancel();
-                }
-                keep
-            });
-        }
+        lock(&self.inner.listeners).retain(|h| {
+            let keep = !to_stop.contains(&h.bind);
+            if !keep {
+                tracing::info!(listener = %h.name, addr = %h.addr, "listener removed: stops accepting; its open connections stay");
+                h.stop.cancel();
+            }
+            keep
+        });
         drain_removed(shared, &old, &table);
 
         let m = &shared.metrics;
         m.config_reloads.with_label_values(&["ok"]).inc();
         m.config_generation.set(generation as i64);
         m.config_last_reload_success.set(unix_now());
-        *self.inner.status.lock().unwrap_or_else(|p| p.into_inner()) = ReloadStatus::started();
+        *lock(&self.inner.status) = ReloadStatus::started();
         tracing::info!(generation, changes = %diff, "configuration reloaded");
         Ok(generation)
     }
@@ -128,7 +159,7 @@ impl Proxy {
             .with_label_values(&["error"])
             .inc();
         tracing::error!(error = %e, "reload refused; the running configuration stays");
-        *self.inner.status.lock().unwrap_or_else(|p| p.into_inner()) = ReloadStatus {
+        *lock(&self.inner.status) = ReloadStatus {
             at: SystemTime::now(),
             error: Some(e.to_string()),
         };
@@ -143,6 +174,14 @@ impl Proxy {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+}
+
+/// Identifies a config file's content, to tell a real change from a touch.
+pub(crate) fn source_hash(src: &str) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    src.hash(&mut h);
+    h.finish()
 }
 
 /// For every backend in `old` but not in `new`: no new connections (the new table lacks

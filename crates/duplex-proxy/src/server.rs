@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::ProxyError;
-use crate::reload::ReloadStatus;
+use crate::reload::{source_hash, ReloadStatus};
 use crate::state::{Shared, Table};
 use crate::{admin, conn};
 
@@ -43,6 +43,8 @@ pub(crate) struct Inner {
     pub reload: tokio::sync::Mutex<()>,
     /// The last reload's outcome, for the admin status.
     pub status: Mutex<ReloadStatus>,
+    /// Hash of the config file content in force, so the file watch skips what is applied.
+    pub applied: Mutex<Option<u64>>,
 }
 
 /// One bound, accepting listener.
@@ -103,6 +105,10 @@ impl Proxy {
         source: Option<PathBuf>,
         metrics: Arc<Metrics>,
     ) -> Result<Proxy, ProxyError> {
+        let applied = source
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|s| source_hash(&s));
         let bound = bind_all(&config.listeners)?;
         let admin_listener = bind("admin", config.admin.bind)?;
         let admin = admin_listener
@@ -131,6 +137,7 @@ impl Proxy {
                 listeners: Mutex::new(Vec::new()),
                 reload: tokio::sync::Mutex::new(()),
                 status: Mutex::new(ReloadStatus::started()),
+                applied: Mutex::new(applied),
             }),
         };
         proxy.start_accepting(bound);
@@ -211,6 +218,11 @@ impl Proxy {
     pub fn is_stopping(&self) -> bool {
         self.inner.shared.stopping.is_cancelled()
     }
+}
+
+/// Locks a mutex that guards plain data: a panic elsewhere cannot leave it inconsistent.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub(crate) fn unix_now() -> i64 {

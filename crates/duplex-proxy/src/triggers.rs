@@ -3,9 +3,9 @@
 //! For the file, the parent directory is watched, not the file: editors replace a file by writing a new
 //! one and renaming it over the old, and Kubernetes ConfigMap volumes swap a `..data`
 //! symlink; a watch on the old inode would miss both. Any event in the directory starts a
-//! short quiet period (debounce); then the file is read, and only a changed content reloads.
+//! short quiet period (debounce); then the file is read, and only a content that differs
+//! from the one in force reloads.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,13 +16,6 @@ use crate::Proxy;
 
 /// Quiet time after the last event before the file is read.
 const DEBOUNCE: Duration = Duration::from_millis(300);
-
-fn content_hash(path: &PathBuf) -> Option<u64> {
-    let bytes = std::fs::read(path).ok()?;
-    let mut h = DefaultHasher::new();
-    bytes.hash(&mut h);
-    Some(h.finish())
-}
 
 /// Watches `path` and reloads `proxy` from it when its content changes.
 pub fn watch_file(path: PathBuf, proxy: Proxy) {
@@ -52,17 +45,13 @@ pub fn watch_file(path: PathBuf, proxy: Proxy) {
     tokio::spawn(async move {
         // The watcher stops when dropped: keep it for as long as this task runs.
         let _watcher = watcher;
-        let mut last = content_hash(&path);
         while rx.recv().await.is_some() {
             // Wait for the burst to end.
             while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
-            let now = content_hash(&path);
-            if now.is_none() || now == last {
-                continue;
+            // Errors are logged, counted and shown in /status by the reload itself.
+            if let Ok(Some(generation)) = proxy.reload_if_changed().await {
+                tracing::info!(file = %path.display(), generation, "config file changed: reloaded");
             }
-            last = now;
-            tracing::info!(file = %path.display(), "config file changed: reloading");
-            let _ = proxy.reload_from_file().await;
         }
     });
 }

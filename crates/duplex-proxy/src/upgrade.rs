@@ -47,9 +47,9 @@ pub async fn upgrade(
     // Refuse a broken handshake before touching a backend.
     let key = match check_client(&req) {
         Ok(key) => key,
-        Err(resp) => {
+        Err(bad) => {
             count(UpgradeResult::BadHandshake);
-            return resp;
+            return bad.response();
         }
     };
     let (Some(route), Some(up)) = (route, route.and_then(|r| table.upstreams.get(&r.upstream)))

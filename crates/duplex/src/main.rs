@@ -128,13 +128,16 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// Runs once the proxy is up, inside the runtime.
+pub(crate) type Banner = Box<dyn FnOnce(&Proxy) + Send>;
+
 /// Runs the proxy until SIGTERM or SIGINT, then drains within `shutdown_timeout`.
 /// `source` is the config file and whether to watch it; SIGHUP reloads it.
 /// `banner` runs inside the runtime once the proxy is up (the demo starts its backends there).
 pub(crate) fn serve(
     config: Config,
     source: Option<(PathBuf, bool)>,
-    banner: Option<Box<dyn FnOnce(&Proxy) + Send>>,
+    banner: Option<Banner>,
 ) -> ExitCode {
     match os::raise_nofile_limit() {
         Ok((soft, hard)) => tracing::info!(soft, hard, "open file limit"),

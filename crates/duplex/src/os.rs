@@ -27,5 +27,5 @@ pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
         }
         lim = want;
     }
-    Ok((lim.rlim_cur as u64, lim.rlim_max as u64))
+    Ok((lim.rlim_cur, lim.rlim_max))
 }

@@ -1,0 +1,286 @@
+//! A real HTTP/1.1 + WebSocket backend (hyper and tungstenite) that names itself and records
+//! what it saw.
+//!
+//! Plain HTTP: `POST /count` streams the body and answers `bytes=N sum=S`; `/forbidden`
+//! answers 403; any other path answers 200 with the backend's name as body. Every response
+//! carries `x-backend: NAME`.
+//!
+//! WebSocket (any path but `/forbidden`): the 101 carries `x-backend: NAME` and picks the
+//! subprotocol `chat` when offered. Then, by path: `/close` closes at once with 4002
+//! "server bye"; `/stream?n=N` sends `s0..s{N-1}` while reading `c0..c{N-1}`, then sends
+//! `received N in order: BOOL`; anything else echoes text and binary messages. Close frames
+//! received from clients are recorded.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// A request as the backend received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: String,
+    pub headers: HeaderMap,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+#[derive(Default)]
+struct Record {
+    connections: AtomicUsize,
+    requests: Mutex<Vec<Seen>>,
+    closes: Mutex<Vec<(u16, String)>>,
+}
+
+/// A running backend; it serves until the test's runtime ends.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    record: Arc<Record>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a backend on 127.0.0.1:0");
+        let addr = listener.local_addr().expect("backend address");
+        let record = Arc::new(Record::default());
+        let (rec, me) = (Arc::clone(&record), name.to_owned());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                rec.connections.fetch_add(1, Ordering::SeqCst);
+                let (rec, me) = (Arc::clone(&rec), me.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let (rec, me) = (Arc::clone(&rec), me.clone());
+                        async move { Ok::<_, Infallible>(answer(req, &me, rec).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Backend {
+            name: name.to_owned(),
+            addr,
+            record,
+        }
+    }
+
+    /// Starts one backend per name.
+    pub async fn start_all(names: &[&str]) -> Vec<Backend> {
+        let mut all = Vec::new();
+        for n in names {
+            all.push(Backend::start(n).await);
+        }
+        all
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.record.connections.load(Ordering::SeqCst)
+    }
+
+    /// Every request head received so far, in order.
+    pub fn requests(&self) -> Vec<Seen> {
+        self.record.requests.lock().expect("request log").clone()
+    }
+
+    /// Close frames received from clients: (code, reason).
+    pub fn closes(&self) -> Vec<(u16, String)> {
+        self.record.closes.lock().expect("close log").clone()
+    }
+}
+
+fn reply(status: StatusCode, name: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "x-backend",
+        name.parse().expect("backend names are header-safe"),
+    );
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, "text/plain".parse().expect("static"));
+    r
+}
+
+async fn answer(mut req: Request<Incoming>, name: &str, rec: Arc<Record>) -> Response<Full<Bytes>> {
+    rec.requests.lock().expect("request log").push(Seen {
+        method: req.method().clone(),
+        uri: req.uri().to_string(),
+        headers: req.headers().clone(),
+    });
+    let path = req.uri().path().to_owned();
+    if path == "/forbidden" {
+        return reply(StatusCode::FORBIDDEN, name, "backend says no");
+    }
+    let key = req.headers().get("sec-websocket-key").cloned();
+    if let Some(key) = key.filter(|_| req.headers().contains_key(header::UPGRADE)) {
+        return upgrade(&mut req, key.as_bytes(), name, rec);
+    }
+    if path == "/count" {
+        let (mut bytes, mut sum) = (0u64, 0u64);
+        let mut body = req.into_body();
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return reply(StatusCode::BAD_REQUEST, name, "body broke off");
+            };
+            if let Some(data) = frame.data_ref() {
+                bytes += data.len() as u64;
+                sum = data.iter().fold(sum, |s, &b| s.wrapping_add(u64::from(b)));
+            }
+        }
+        return reply(StatusCode::OK, name, format!("bytes={bytes} sum={sum}"));
+    }
+    reply(StatusCode::OK, name, name.to_owned())
+}
+
+fn upgrade(
+    req: &mut Request<Incoming>,
+    key: &[u8],
+    name: &str,
+    rec: Arc<Record>,
+) -> Response<Full<Bytes>> {
+    let offers_chat = req
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "chat");
+    let mode = Mode::of(req.uri());
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        if let Ok(io) = on_upgrade.await {
+            let ws = WebSocketStream::from_raw_socket(TokioIo::new(io), Role::Server, None).await;
+            session(ws, mode, &rec.closes).await;
+        }
+    });
+    let mut r = reply(StatusCode::SWITCHING_PROTOCOLS, name, Bytes::new());
+    let h = r.headers_mut();
+    h.remove(header::CONTENT_TYPE);
+    h.insert(header::CONNECTION, "Upgrade".parse().expect("static"));
+    h.insert(header::UPGRADE, "websocket".parse().expect("static"));
+    h.insert(
+        "sec-websocket-accept",
+        derive_accept_key(key)
+            .parse()
+            .expect("base64 is header-safe"),
+    );
+    if offers_chat {
+        h.insert("sec-websocket-protocol", "chat".parse().expect("static"));
+    }
+    r
+}
+
+enum Mode {
+    Echo,
+    Close,
+    Stream(usize),
+}
+
+impl Mode {
+    fn of(uri: &http::Uri) -> Mode {
+        match uri.path() {
+            "/close" => Mode::Close,
+            "/stream" => Mode::Stream(
+                uri.query()
+                    .and_then(|q| q.strip_prefix("n="))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(100),
+            ),
+            _ => Mode::Echo,
+        }
+    }
+}
+
+type Ws = WebSocketStream<TokioIo<Upgraded>>;
+
+async fn session(mut ws: Ws, mode: Mode, closes: &Mutex<Vec<(u16, String)>>) {
+    match mode {
+        Mode::Echo => {}
+        Mode::Close => {
+            let frame = CloseFrame {
+                code: CloseCode::from(4002),
+                reason: "server bye".into(),
+            };
+            let _ = ws.close(Some(frame)).await;
+        }
+        Mode::Stream(n) => {
+            stream(ws, n).await;
+            return;
+        }
+    }
+    while let Some(Ok(msg)) = ws.next().await {
+        let reply = match msg {
+            Message::Text(_) | Message::Binary(_) => msg,
+            Message::Close(Some(f)) => {
+                closes
+                    .lock()
+                    .expect("close log")
+                    .push((u16::from(f.code), f.reason.to_string()));
+                continue;
+            }
+            _ => continue,
+        };
+        if ws.send(reply).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Sends `n` messages while reading `n`, then reports what it read.
+async fn stream(ws: Ws, n: usize) {
+    let (mut tx, mut rx) = ws.split();
+    let send = async {
+        for i in 0..n {
+            if tx.send(Message::text(format!("s{i}"))).await.is_err() {
+                break;
+            }
+        }
+    };
+    let recv = async {
+        let (mut got, mut in_order) = (0, true);
+        while got < n {
+            match rx.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    in_order &= t.as_str() == format!("c{got}");
+                    got += 1;
+                }
+                Some(Ok(_)) => {}
+                _ => break,
+            }
+        }
+        (got, in_order)
+    };
+    let ((), (got, in_order)) = tokio::join!(send, recv);
+    let _ = tx
+        .send(Message::text(format!(
+            "received {got} in order: {in_order}"
+        )))
+        .await;
+    while let Some(Ok(_)) = rx.next().await {}
+}

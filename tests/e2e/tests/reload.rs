@@ -1,0 +1,264 @@
+//! Reload semantics one at a time: least_conn load carried over, removed backends drained,
+//! listeners added and removed, and a bad file refused with the running config kept.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use duplex_config::Config;
+use duplex_e2e::backend::Backend;
+use duplex_e2e::client::{self, backend_of, recv, Ws};
+use duplex_e2e::{eventually, within};
+use duplex_proxy::{Metrics, Proxy};
+use futures_util::{SinkExt, StreamExt};
+use http::Method;
+use tokio_tungstenite::tungstenite::handshake::client::Response;
+use tokio_tungstenite::tungstenite::Message;
+
+fn yaml(
+    listeners: &[(&str, &str)],
+    balancer: &str,
+    extra: &str,
+    backends: &[SocketAddr],
+) -> String {
+    let mut y = String::from("listeners:\n");
+    for (name, bind) in listeners {
+        y.push_str(&format!("  - name: {name}\n    bind: {bind}\n"));
+    }
+    y.push_str(&format!(
+        "admin:\n  bind: 127.0.0.1:0\nroutes:\n  - name: all\n    upstream: pool\nupstreams:\n  - name: pool\n    balancer: {balancer}\n{extra}    backends:\n"
+    ));
+    for b in backends {
+        y.push_str(&format!("      - addr: {b}\n"));
+    }
+    y
+}
+
+fn config(text: &str) -> Config {
+    Config::parse(text, "test.yaml").unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+async fn start(text: &str, source: Option<PathBuf>) -> Proxy {
+    within(
+        "start",
+        Proxy::start(config(text), source, Arc::new(Metrics::new())),
+    )
+    .await
+    .expect("the proxy starts")
+}
+
+async fn echo_ok(ws: &mut Ws, text: &str) {
+    within("send", ws.send(Message::text(text)))
+        .await
+        .expect("send");
+    assert_eq!(recv(ws).await, Message::text(text));
+}
+
+#[tokio::test]
+async fn least_conn_load_survives_a_reload_and_new_backends_fill_first() {
+    let b = Backend::start_all(&["a", "b", "c"]).await;
+    let public = [("public", "127.0.0.1:0")];
+    let proxy = start(
+        &yaml(&public, "round_robin", "", &[b[0].addr, b[1].addr]),
+        None,
+    )
+    .await;
+    let addr = proxy.listener_addr("public").expect("bound");
+    // Six tunnels, three on each of a and b.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(client::ws(addr, "/").await);
+    }
+    let on = |name: &str, held: &[(Ws, Response)]| {
+        held.iter().filter(|(_, r)| backend_of(r) == name).count()
+    };
+    assert_eq!((on("a", &held), on("b", &held)), (3, 3));
+
+    // The balancer changes and c joins: c has no load, so the next three all go there.
+    let applied = proxy
+        .reload(config(&yaml(
+            &public,
+            "least_conn",
+            "",
+            &[b[0].addr, b[1].addr, b[2].addr],
+        )))
+        .await;
+    assert_eq!(applied.expect("reload"), 2);
+    for _ in 0..3 {
+        held.push(client::ws(addr, "/").await);
+    }
+    assert_eq!((on("a", &held), on("b", &held), on("c", &held)), (3, 3, 3));
+    // Every tunnel opened before the reload still echoes.
+    for (i, (ws, _)) in held.iter_mut().enumerate() {
+        echo_ok(ws, &format!("m{i}")).await;
+    }
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+#[tokio::test]
+async fn a_removed_backend_drains_then_its_tunnels_close() {
+    let b = Backend::start_all(&["keep", "gone"]).await;
+    let public = [("public", "127.0.0.1:0")];
+    let drain = "    drain_timeout: 700ms\n";
+    let proxy = start(
+        &yaml(&public, "round_robin", drain, &[b[0].addr, b[1].addr]),
+        None,
+    )
+    .await;
+    let addr = proxy.listener_addr("public").expect("bound");
+    let (mut first, r1) = client::ws(addr, "/").await;
+    let (mut second, r2) = client::ws(addr, "/").await;
+    let (mut kept, mut gone) = if backend_of(&r1) == "keep" {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    assert_ne!(backend_of(&r1), backend_of(&r2));
+
+    proxy
+        .reload(config(&yaml(&public, "round_robin", drain, &[b[0].addr])))
+        .await
+        .expect("reload");
+    // Right after the reload the removed backend's tunnel still works...
+    echo_ok(&mut gone, "still here").await;
+    // ...new connections avoid it...
+    for _ in 0..4 {
+        let (ws, r) = client::ws(addr, "/").await;
+        assert_eq!(backend_of(&r), "keep");
+        client::close(ws).await;
+    }
+    // ...and once drain_timeout passes, it is closed, while the kept backend's tunnel lives.
+    let end = within("the drained tunnel to close", async {
+        loop {
+            match gone.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    });
+    end.await;
+    echo_ok(&mut kept, "kept").await;
+    first = kept;
+    client::close(first).await;
+    second = gone;
+    drop(second);
+    let series = format!("backend=\"{}\"", b[1].addr);
+    eventually(
+        Duration::from_secs(5),
+        "the drained backend's series to go",
+        || {
+            let gone = !proxy.metrics().render().contains(&series);
+            async move { gone }
+        },
+    )
+    .await;
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+#[tokio::test]
+async fn listeners_come_and_go_without_touching_live_tunnels() {
+    let b = Backend::start("solo").await;
+    let one = [("public", "127.0.0.1:0")];
+    let proxy = start(&yaml(&one, "least_conn", "", &[b.addr]), None).await;
+    let first = proxy.listener_addr("public").expect("bound");
+    let (mut on_first, _) = client::ws(first, "/").await;
+
+    // Add a listener: it accepts; the first is not rebound.
+    let two = [("public", "127.0.0.1:0"), ("extra", "127.0.0.2:0")];
+    proxy
+        .reload(config(&yaml(&two, "least_conn", "", &[b.addr])))
+        .await
+        .expect("reload");
+    assert_eq!(
+        proxy.listener_addr("public"),
+        Some(first),
+        "an unchanged listener keeps its socket"
+    );
+    let extra = proxy
+        .listener_addr("extra")
+        .expect("the added listener is bound");
+    let (mut on_extra, _) = client::ws(extra, "/").await;
+
+    // Remove it again: it stops accepting, its tunnel keeps running.
+    proxy
+        .reload(config(&yaml(&one, "least_conn", "", &[b.addr])))
+        .await
+        .expect("reload");
+    assert_eq!(proxy.listener_addr("extra"), None);
+    eventually(
+        Duration::from_secs(5),
+        "the removed listener to refuse connections",
+        || async move { tokio::net::TcpStream::connect(extra).await.is_err() },
+    )
+    .await;
+    echo_ok(&mut on_extra, "via the removed listener").await;
+    echo_ok(&mut on_first, "via the first listener").await;
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+#[tokio::test]
+async fn a_bad_file_changes_nothing_and_shows_in_status() {
+    let b = Backend::start_all(&["a", "b"]).await;
+    let dir = std::env::temp_dir().join(format!("duplex-e2e-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("duplex.yaml");
+    let good = yaml(&[("public", "127.0.0.1:0")], "least_conn", "", &[b[0].addr]);
+    std::fs::write(&path, &good).expect("write");
+    let proxy = start(&good, Some(path.clone())).await;
+    let addr = proxy.listener_addr("public").expect("bound");
+    let admin = proxy.admin_addr();
+    let post = || async move {
+        client::HttpConn::open(admin)
+            .await
+            .send(client::request(
+                Method::POST,
+                admin,
+                "/reload",
+                &[],
+                client::empty(),
+            ))
+            .await
+    };
+
+    // An unknown upstream: 400 with FILE:LINE:COL, generation unchanged, traffic unchanged.
+    std::fs::write(&path, good.replace("upstream: pool", "upstream: nowhere")).expect("write");
+    let r = post().await;
+    assert_eq!(r.status, 400);
+    let want = format!(
+        "{}:8:15: route \\\"all\\\" names unknown upstream \\\"nowhere\\\"",
+        path.display()
+    );
+    assert!(r.text().contains(&want), "{} lacks {want}", r.text());
+    assert_eq!(proxy.generation(), 1);
+    assert_eq!(client::get(addr, "/", &[]).await.backend(), "a");
+    let status = client::get(admin, "/status", &[]).await.text();
+    assert!(
+        status.contains("\"ok\": false") && status.contains("unknown upstream"),
+        "{status}"
+    );
+
+    // A good file clears it and applies.
+    std::fs::write(
+        &path,
+        yaml(&[("public", "127.0.0.1:0")], "least_conn", "", &[b[1].addr]),
+    )
+    .expect("write");
+    let r = post().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(proxy.generation(), 2);
+    assert_eq!(client::get(addr, "/", &[]).await.backend(), "b");
+    let status = client::get(admin, "/status", &[]).await.text();
+    assert!(
+        status.contains("\"ok\": true") && status.contains("\"generation\": 2"),
+        "{status}"
+    );
+    let metrics = client::get(admin, "/metrics", &[]).await.text();
+    assert!(
+        metrics.contains("duplex_config_reloads_total{result=\"error\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("duplex_config_generation 2"), "{metrics}");
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
