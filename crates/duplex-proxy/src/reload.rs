@@ -140,6 +140,7 @@ impl Proxy {
             keep
         });
         drain_removed(shared, &old, &table);
+        table.export_backends(&shared.metrics);
 
         let m = &shared.metrics;
         m.config_reloads.with_label_values(&["ok"]).inc();
@@ -242,8 +243,11 @@ async fn drain(
             .tunnels_active
             .remove_label_values(&[r, &upstream, &backend]);
     }
-    let _ = shared
-        .metrics
-        .backend_up
-        .remove_label_values(&[&upstream, &backend]);
+    let m = &shared.metrics;
+    let _ = m.backend_up.remove_label_values(&[&upstream, &backend]);
+    for kind in ["refused", "timeout", "other"] {
+        let _ = m
+            .backend_connect_errors
+            .remove_label_values(&[&upstream, &backend, kind]);
+    }
 }

@@ -122,6 +122,7 @@ impl Proxy {
         metrics.config_last_reload_success.set(unix_now());
         let closing = CancellationToken::new();
         let table = Table::build(Arc::new(config), None, 1, &closing);
+        table.export_backends(&metrics);
         let shared = Arc::new(Shared {
             table: ArcSwap::from_pointee(table),
             metrics,

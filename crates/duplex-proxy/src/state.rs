@@ -108,6 +108,19 @@ impl Table {
     pub fn routes(&self) -> &[Route] {
         &self.config.routes
     }
+
+    /// Sets `duplex_backend_up` for every backend of this table. Until health checks
+    /// exist, a configured backend is up.
+    pub fn export_backends(&self, metrics: &Metrics) {
+        for (name, up) in &self.upstreams {
+            for b in up.pool.backends() {
+                metrics
+                    .backend_up
+                    .with_label_values(&[name, &b.state.addr.to_string()])
+                    .set(1);
+            }
+        }
+    }
 }
 
 fn http_client(connect_timeout: Duration) -> HttpClient {

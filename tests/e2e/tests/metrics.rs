@@ -1,0 +1,308 @@
+//! Metrics and the admin endpoint: known traffic in, exact values out of `/metrics` (read by
+//! a real Prometheus text parser), `/status` and `/readyz`.
+
+use std::time::Duration;
+
+use duplex_e2e::backend::Backend;
+use duplex_e2e::client::{self, recv, HttpConn};
+use duplex_e2e::proxy::TestProxy;
+use duplex_e2e::raw::dead_addr;
+use duplex_e2e::{eventually, within};
+use futures_util::SinkExt;
+use http::Method;
+use prometheus_parse::{Sample, Scrape, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+const TUNNELS: usize = 3;
+const MESSAGES: usize = 5;
+const PAYLOAD: usize = 100;
+
+async fn scrape(p: &TestProxy) -> Scrape {
+    let text = p.metrics().await;
+    Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("valid Prometheus text")
+}
+
+/// The value of the one sample of `name` whose labels include all `labels`.
+fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let found: Vec<&Sample> = s
+        .samples
+        .iter()
+        .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .collect();
+    assert_eq!(found.len(), 1, "{name}{labels:?}: {} samples", found.len());
+    match &found[0].value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+        Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+        Value::Summary(_) => panic!("{name} is a summary"),
+    }
+}
+
+fn absent(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> bool {
+    !s.samples
+        .iter()
+        .any(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_traffic_reads_back_exactly() {
+    let b = Backend::start("b1").await;
+    let dead = dead_addr();
+    let p = TestProxy::start(&format!(
+        "routes:
+  - {{name: down, match: {{path_prefix: /down}}, upstream: down}}
+  - {{name: chat, upstream: chat}}
+upstreams:
+  - {{name: chat, backends: [{{addr: \"{}\"}}]}}
+  - {{name: down, retries: 0, backends: [{{addr: \"{dead}\"}}]}}
+",
+        b.addr
+    ))
+    .await;
+
+    // Tunnels that each move MESSAGES messages of PAYLOAD bytes both ways, and stay open.
+    let mut open = Vec::new();
+    for _ in 0..TUNNELS {
+        let (mut ws, _) = client::ws(p.addr, "/ws/room").await;
+        for i in 0..MESSAGES {
+            let text = format!("{i:0>width$}", width = PAYLOAD);
+            within("send", ws.send(Message::text(text.clone())))
+                .await
+                .expect("send");
+            assert_eq!(recv(&mut ws).await, Message::text(text));
+        }
+        open.push(ws);
+    }
+    // A handshake the backend refuses, one that is broken, and one to a dead backend.
+    assert!(client::try_ws(p.addr, "/forbidden", &[], &[])
+        .await
+        .is_err());
+    let bad = client::raw_exchange(
+        p.addr,
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
+    assert_eq!(bad.head.status(), 426);
+    assert!(client::try_ws(p.addr, "/down", &[], &[]).await.is_err());
+    // Plain HTTP: four answered 2xx.
+    let mut http = HttpConn::open(p.addr).await;
+    for _ in 0..4 {
+        assert_eq!(
+            http.send(client::request(
+                Method::GET,
+                p.addr,
+                "/page",
+                &[],
+                client::empty()
+            ))
+            .await
+            .status,
+            200
+        );
+    }
+
+    let s = scrape(&p).await;
+    let up = |r: &str| {
+        value(
+            &s,
+            "duplex_websocket_upgrades_total",
+            &[("route", "chat"), ("upstream", "chat"), ("result", r)],
+        )
+    };
+    assert_eq!(up("ok"), TUNNELS as f64);
+    assert_eq!(up("rejected_by_backend"), 1.0);
+    assert_eq!(up("bad_handshake"), 1.0);
+    assert_eq!(
+        value(
+            &s,
+            "duplex_websocket_upgrades_total",
+            &[("route", "down"), ("result", "connect_error")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &s,
+            "duplex_backend_connect_errors_total",
+            &[("upstream", "down"), ("kind", "refused")]
+        ),
+        1.0
+    );
+    // Bytes are counted while the tunnels live: client frames carry a 4-byte mask.
+    let bytes = |d: &str| {
+        value(
+            &s,
+            "duplex_tunnel_bytes_total",
+            &[("route", "chat"), ("direction", d)],
+        )
+    };
+    assert_eq!(
+        bytes("client_to_backend"),
+        (TUNNELS * MESSAGES * (2 + 4 + PAYLOAD)) as f64
+    );
+    assert_eq!(
+        bytes("backend_to_client"),
+        (TUNNELS * MESSAGES * (2 + PAYLOAD)) as f64
+    );
+    let backend = b.addr.to_string();
+    let active = [
+        ("route", "chat"),
+        ("upstream", "chat"),
+        ("backend", backend.as_str()),
+    ];
+    assert_eq!(
+        value(&s, "duplex_websocket_tunnels_active", &active),
+        TUNNELS as f64
+    );
+    assert_eq!(
+        value(
+            &s,
+            "duplex_websocket_handshake_duration_seconds_count",
+            &[("route", "chat")]
+        ),
+        TUNNELS as f64
+    );
+    // Open now: the tunnels and the keep-alive HTTP connection.
+    assert_eq!(
+        value(&s, "duplex_connections_active", &[("listener", "public")]),
+        (TUNNELS + 1) as f64
+    );
+    assert!(
+        value(
+            &s,
+            "duplex_connections_accepted_total",
+            &[("listener", "public")]
+        ) >= (TUNNELS + 4) as f64
+    );
+    assert_eq!(
+        value(
+            &s,
+            "duplex_http_requests_total",
+            &[("route", "chat"), ("upstream", "chat"), ("code", "2xx")]
+        ),
+        4.0
+    );
+    assert_eq!(
+        value(
+            &s,
+            "duplex_http_request_duration_seconds_count",
+            &[("route", "chat")]
+        ),
+        4.0
+    );
+    assert_eq!(
+        value(
+            &s,
+            "duplex_backend_up",
+            &[("upstream", "chat"), ("backend", backend.as_str())]
+        ),
+        1.0
+    );
+    assert_eq!(value(&s, "duplex_config_generation", &[]), 1.0);
+    assert!(value(&s, "process_resident_memory_bytes", &[]) > 0.0);
+    assert!(value(&s, "process_open_fds", &[]) > 0.0);
+
+    // /status agrees.
+    let status: serde_json::Value =
+        serde_json::from_str(&client::get(p.admin, "/status", &[]).await.text()).expect("JSON");
+    let chat = status["upstreams"]
+        .as_array()
+        .expect("upstreams")
+        .iter()
+        .find(|u| u["name"] == "chat")
+        .expect("chat");
+    assert_eq!(chat["backends"][0]["tunnels"], TUNNELS);
+    assert_eq!(status["generation"], 1);
+
+    // Closing the tunnels: the gauge falls to zero, lifetimes are observed.
+    for ws in open {
+        client::close(ws).await;
+    }
+    eventually(
+        Duration::from_secs(5),
+        "tunnels to be counted closed",
+        || {
+            let p = &p;
+            let active = &active;
+            async move { value(&scrape(p).await, "duplex_websocket_tunnels_active", active) == 0.0 }
+        },
+    )
+    .await;
+    let s = scrape(&p).await;
+    assert_eq!(
+        value(
+            &s,
+            "duplex_websocket_tunnel_duration_seconds_count",
+            &[("route", "chat")]
+        ),
+        TUNNELS as f64
+    );
+
+    // A reload that removes the dead upstream: generation 2, its series go once drained.
+    let reload = format!(
+        "listeners:\n  - name: public\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: \"127.0.0.2:0\"\n\
+         routes:\n  - name: chat\n    upstream: chat\nupstreams:\n  - name: chat\n    backends: [{{addr: \"{}\"}}]\n",
+        b.addr
+    );
+    let config = duplex_config::Config::parse(&reload, "reload.yaml").expect("valid");
+    assert_eq!(p.proxy.reload(config).await.expect("reload"), 2);
+    let s = scrape(&p).await;
+    assert_eq!(value(&s, "duplex_config_generation", &[]), 2.0);
+    assert_eq!(
+        value(&s, "duplex_config_reloads_total", &[("result", "ok")]),
+        1.0
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the removed backend's series to go",
+        || {
+            let p = &p;
+            let dead = dead.to_string();
+            async move {
+                let s = scrape(p).await;
+                absent(&s, "duplex_backend_up", &[("backend", dead.as_str())])
+                    && absent(
+                        &s,
+                        "duplex_backend_connect_errors_total",
+                        &[("backend", dead.as_str())],
+                    )
+            }
+        },
+    )
+    .await;
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn readyz_turns_503_when_shutdown_begins() {
+    let b = Backend::start("b1").await;
+    let p = TestProxy::start(&format!(
+        "routes:\n  - name: all\n    upstream: u\nupstreams:\n  - name: u\n    backends: [{{addr: \"{}\"}}]\n",
+        b.addr
+    ))
+    .await;
+    assert_eq!(client::get(p.admin, "/readyz", &[]).await.status, 200);
+    assert_eq!(client::get(p.admin, "/healthz", &[]).await.status, 200);
+    // An open tunnel holds the shutdown in its grace period.
+    let (mut ws, _) = client::ws(p.addr, "/").await;
+    let proxy = p.proxy.clone();
+    let stopping = tokio::spawn(async move { proxy.shutdown(Duration::from_secs(3)).await });
+    eventually(Duration::from_secs(5), "/readyz to answer 503", || async {
+        client::get(p.admin, "/readyz", &[]).await.status == 503
+    })
+    .await;
+    // The tunnel still works during the grace period; new connections are refused.
+    within("send", ws.send(Message::text("still")))
+        .await
+        .expect("send");
+    assert_eq!(recv(&mut ws).await, Message::text("still"));
+    eventually(
+        Duration::from_secs(5),
+        "the listener to stop accepting",
+        || async { tokio::net::TcpStream::connect(p.addr).await.is_err() },
+    )
+    .await;
+    client::close(ws).await;
+    within("shutdown to finish once the tunnel closed", stopping)
+        .await
+        .expect("shutdown task");
+}
