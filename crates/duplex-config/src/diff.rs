@@ -12,6 +12,8 @@ pub struct Diff {
     pub routes: Changes,
     pub upstreams: Changes,
     pub backends: Changes,
+    /// Top-level settings that changed: `admin`, `shutdown_timeout`.
+    pub settings: Vec<String>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -86,6 +88,17 @@ impl Diff {
             routes: Changes::of(&routes(old), &routes(new)),
             upstreams: Changes::of(&upstreams(old), &upstreams(new)),
             backends: Changes::of(&backends(old), &backends(new)),
+            settings: [
+                ("admin", old.admin != new.admin),
+                (
+                    "shutdown_timeout",
+                    old.shutdown_timeout != new.shutdown_timeout,
+                ),
+            ]
+            .iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(name, _)| (*name).to_owned())
+            .collect(),
         }
     }
 
@@ -94,6 +107,7 @@ impl Diff {
             && self.routes.is_empty()
             && self.upstreams.is_empty()
             && self.backends.is_empty()
+            && self.settings.is_empty()
     }
 }
 
@@ -124,6 +138,15 @@ impl fmt::Display for Diff {
                 }
             }
         }
+        if !self.settings.is_empty() {
+            if !first {
+                f.write_str("; ")?;
+            }
+            f.write_str("settings")?;
+            for n in &self.settings {
+                write!(f, " ~{n}")?;
+            }
+        }
         Ok(())
     }
 }
@@ -149,6 +172,7 @@ upstreams:
     fn summarises_each_kind_of_change() {
         let cases: &[(&str, &str, &str)] = &[
             ("", "", "no changes"),
+            ("routes:", "shutdown_timeout: 5s\nroutes:", "settings ~shutdown_timeout"),
             ("- {addr: '127.0.0.1:9002'}", "- {addr: '127.0.0.1:9002'}\n      - {addr: '127.0.0.1:9003'}", "backends +chat/127.0.0.1:9003"),
             ("      - {addr: '127.0.0.1:9002'}\n", "", "backends -chat/127.0.0.1:9002"),
             ("- {addr: '127.0.0.1:9002'}", "- {addr: '127.0.0.1:9002', weight: 5}", "backends ~chat/127.0.0.1:9002"),

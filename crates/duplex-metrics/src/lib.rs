@@ -98,21 +98,21 @@ impl Metrics {
         ))
         .expect("process collector");
         let latency = exponential_buckets(0.0005, 2.0, 16).expect("buckets");
-        // From one second to about four days.
+        // From one second to about three days (4^9 s).
         let lifetime = exponential_buckets(1.0, 4.0, 10).expect("buckets");
         Metrics {
             connections_accepted: counter(&r, "duplex_connections_accepted_total", "Client connections accepted, by listener.", &["listener"]),
             connections_active: gauge(&r, "duplex_connections_active", "Client connections open now, by listener (WebSocket tunnels included).", &["listener"]),
             accept_errors: counter(&r, "duplex_accept_errors_total", "Errors from accept(), by listener; each one backs the accept loop off.", &["listener"]),
-            http_requests: counter(&r, "duplex_http_requests_total", "Plain HTTP requests answered, by route, upstream and status class (2xx..5xx).", &["route", "upstream", "code"]),
+            http_requests: counter(&r, "duplex_http_requests_total", "Plain HTTP requests answered, by route, upstream and status class (1xx..5xx); no route: empty route and upstream.", &["route", "upstream", "code"]),
             http_request_duration: histogram(&r, "duplex_http_request_duration_seconds", "Time from a plain HTTP request's arrival to its response headers, by route.", &["route"], latency.clone()),
             upgrades: counter(&r, "duplex_websocket_upgrades_total", "WebSocket upgrade requests, by route, upstream and result.", &["route", "upstream", "result"]),
-            handshake_duration: histogram(&r, "duplex_websocket_handshake_duration_seconds", "Time from an upgrade request's arrival to the 101 sent to the client, by route.", &["route"], latency),
+            handshake_duration: histogram(&r, "duplex_websocket_handshake_duration_seconds", "Time from an upgrade request's arrival to the backend's 101 checked and handed to the client, by route (successful upgrades only).", &["route"], latency),
             tunnels_active: gauge(&r, "duplex_websocket_tunnels_active", "WebSocket tunnels open now, by route, upstream and backend.", &["route", "upstream", "backend"]),
             tunnel_duration: histogram(&r, "duplex_websocket_tunnel_duration_seconds", "Lifetime of closed WebSocket tunnels, by route.", &["route"], lifetime),
             tunnel_bytes: counter(&r, "duplex_tunnel_bytes_total", "Bytes relayed through WebSocket tunnels, by route and direction, counted as they pass.", &["route", "direction"]),
             backend_connect_errors: counter(&r, "duplex_backend_connect_errors_total", "Failed connections to backends, by upstream, backend and kind (refused, timeout, other).", &["upstream", "backend", "kind"]),
-            backend_up: gauge(&r, "duplex_backend_up", "1 when a backend takes new connections, 0 when it does not.", &["upstream", "backend"]),
+            backend_up: gauge(&r, "duplex_backend_up", "1 when a backend takes new connections, 0 when it does not (removed and draining).", &["upstream", "backend"]),
             config_reloads: counter(&r, "duplex_config_reloads_total", "Configuration reloads, by result (ok, error).", &["result"]),
             config_generation: {
                 let g = IntGauge::new("duplex_config_generation", "Generation of the configuration in force; 1 at start, one more per applied reload.").expect("valid metric");

@@ -130,6 +130,18 @@ fn status(proxy: &Proxy) -> serde_json::Value {
         })
         .collect();
     upstreams.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    let mut draining: Vec<_> = crate::server::lock(&proxy.inner.shared.draining)
+        .iter()
+        .map(|((upstream, addr), d)| {
+            json!({
+                "upstream": upstream,
+                "addr": addr.to_string(),
+                "tunnels": d.state.tunnels(),
+                "draining_seconds": d.since.elapsed().as_secs(),
+            })
+        })
+        .collect();
+    draining.sort_by(|a, b| a["addr"].as_str().cmp(&b["addr"].as_str()));
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "generation": table.generation,
@@ -142,5 +154,6 @@ fn status(proxy: &Proxy) -> serde_json::Value {
         "listeners": listeners,
         "routes": routes,
         "upstreams": upstreams,
+        "draining": draining,
     })
 }

@@ -6,15 +6,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use duplex_balance::BackendState;
-use duplex_config::{Config, ConfigError, Diff};
+use duplex_config::{Config, ConfigError, Diff, Listener};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ProxyError;
-use crate::server::{bind_all, lock, unix_now, Proxy};
-use crate::state::{Shared, Table};
+use crate::server::{bind_all, lock, unix_now, Bound, ListenerHandle, Proxy};
+use crate::state::{Draining, Shared, Table};
 
 /// How often a draining backend is checked for its last tunnel.
 const DRAIN_POLL: Duration = Duration::from_secs(1);
@@ -47,13 +47,26 @@ impl Proxy {
 
     /// Applies the config file if its content differs from the last one applied (the file
     /// watch: an event alone proves nothing, and SIGHUP may have applied it already).
+    /// A file that is missing for a moment (an editor saving) is not an error here, and a
+    /// content already refused is not refused (and counted) again.
     pub(crate) async fn reload_if_changed(&self) -> Result<Option<u64>, ProxyError> {
         let _one_at_a_time = self.inner.reload.lock().await;
-        let (src, hash) = self.read_source().await?;
-        if Some(hash) == *lock(&self.inner.applied) {
+        let Some(path) = &self.inner.source else {
+            return Err(ProxyError::NoConfigFile);
+        };
+        if !path.exists() {
+            tracing::debug!(file = %path.display(), "config file missing for now; waiting for it");
             return Ok(None);
         }
-        self.apply_source(&src, hash).map(Some)
+        let (src, hash) = self.read_source().await?;
+        if Some(hash) == *lock(&self.inner.applied) || Some(hash) == *lock(&self.inner.refused) {
+            return Ok(None);
+        }
+        let result = self.apply_source(&src, hash).map(Some);
+        if result.is_err() {
+            *lock(&self.inner.refused) = Some(hash);
+        }
+        result
     }
 
     async fn read_source(&self) -> Result<(String, u64), ProxyError> {
@@ -103,22 +116,39 @@ impl Proxy {
             tracing::warn!("admin.bind changed: the admin listener moves only on restart");
         }
 
-        // Listeners are known by their configured address: unchanged ones are never rebound.
-        let (to_add, to_stop) = {
+        // A listener is known by name and configured address: an unchanged one is never
+        // rebound; a renamed one keeps its socket; only new addresses are bound, and a bind
+        // failure refuses the reload before anything changed.
+        let (bound, to_stop) = {
             let handles = lock(&self.inner.listeners);
-            let add: Vec<_> = config
-                .listeners
+            let same = |h: &ListenerHandle, l: &Listener| h.name == l.name && h.bind == l.bind;
+            let kept = |h: &ListenerHandle| config.listeners.iter().any(|l| same(h, l));
+            let mut reuse = Vec::new();
+            let mut fresh = Vec::new();
+            for l in &config.listeners {
+                if handles.iter().any(|h| same(h, l)) {
+                    continue;
+                }
+                let renamed = handles
+                    .iter()
+                    .find(|h| l.bind.port() != 0 && h.bind == l.bind && !kept(h));
+                match renamed {
+                    Some(h) => reuse.push(Bound {
+                        name: l.name.clone(),
+                        bind: l.bind,
+                        listener: Arc::clone(&h.listener),
+                    }),
+                    None => fresh.push(l),
+                }
+            }
+            let stop: Vec<CancellationToken> = handles
                 .iter()
-                .filter(|l| !handles.iter().any(|h| h.bind == l.bind))
+                .filter(|h| !kept(h))
+                .map(|h| h.stop.clone())
                 .collect();
-            let stop: Vec<SocketAddr> = handles
-                .iter()
-                .filter(|h| !config.listeners.iter().any(|l| l.bind == h.bind))
-                .map(|h| h.bind)
-                .collect();
-            (add, stop)
+            (bind_all(fresh).map(|b| (reuse, b)), stop)
         };
-        let bound = bind_all(to_add).map_err(|e| self.refused(e))?;
+        let (reuse, fresh) = bound.map_err(|e| self.refused(e))?;
 
         let diff = Diff::between(&old.config, &config);
         let generation = old.generation + 1;
@@ -127,18 +157,20 @@ impl Proxy {
             Some(&old),
             generation,
             &shared.closing,
+            &shared.draining,
         ));
         shared.table.store(Arc::clone(&table));
 
-        self.start_accepting(bound);
+        for t in &to_stop {
+            t.cancel();
+        }
         lock(&self.inner.listeners).retain(|h| {
-            let keep = !to_stop.contains(&h.bind);
-            if !keep {
+            if h.stop.is_cancelled() {
                 tracing::info!(listener = %h.name, addr = %h.addr, "listener removed: stops accepting; its open connections stay");
-                h.stop.cancel();
             }
-            keep
+            !h.stop.is_cancelled()
         });
+        self.start_accepting(reuse.into_iter().chain(fresh).collect());
         drain_removed(shared, &old, &table);
         table.export_backends(&shared.metrics);
 
@@ -169,11 +201,7 @@ impl Proxy {
 
     /// How the last reload went.
     pub fn last_reload(&self) -> ReloadStatus {
-        self.inner
-            .status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.inner.status).clone()
     }
 }
 
@@ -187,7 +215,7 @@ pub(crate) fn source_hash(src: &str) -> u64 {
 
 /// For every backend in `old` but not in `new`: no new connections (the new table lacks
 /// it); its tunnels stay until they end or its upstream's `drain_timeout` passes, then are
-/// closed, and its metric series go.
+/// closed, and its metric series go. A reload that brings it back ends the drain.
 fn drain_removed(shared: &Arc<Shared>, old: &Table, new: &Table) {
     for (name, up) in &old.upstreams {
         let kept = new.upstreams.get(name);
@@ -196,17 +224,26 @@ fn drain_removed(shared: &Arc<Shared>, old: &Table, new: &Table) {
             if kept.is_some_and(|k| k.closers.contains_key(&addr)) {
                 continue;
             }
-            let closer = up.closer(addr);
             let routes: Vec<String> = old
                 .routes()
                 .iter()
                 .filter(|r| &r.upstream == name)
                 .map(|r| r.name.clone())
                 .collect();
+            shared
+                .metrics
+                .backend_up
+                .with_label_values(&[name, &addr.to_string()])
+                .set(0);
+            let entry = Draining {
+                state: Arc::clone(&b.state),
+                closer: up.closer(addr),
+                since: Instant::now(),
+            };
+            lock(&shared.draining).insert((name.clone(), addr), entry);
             tokio::spawn(drain(
                 Arc::clone(shared),
                 Arc::clone(&b.state),
-                closer,
                 up.cfg.drain_timeout,
                 name.clone(),
                 routes,
@@ -215,15 +252,22 @@ fn drain_removed(shared: &Arc<Shared>, old: &Table, new: &Table) {
     }
 }
 
+/// Whether `state` is still the draining entry for its key (a reload may have taken it back).
+fn still_draining(shared: &Shared, key: &(String, SocketAddr), state: &Arc<BackendState>) -> bool {
+    lock(&shared.draining)
+        .get(key)
+        .is_some_and(|d| Arc::ptr_eq(&d.state, state))
+}
+
 async fn drain(
     shared: Arc<Shared>,
     state: Arc<BackendState>,
-    closer: CancellationToken,
     timeout: Duration,
     upstream: String,
     routes: Vec<String>,
 ) {
     let addr = state.addr;
+    let key = (upstream.clone(), addr);
     tracing::info!(%upstream, backend = %addr, tunnels = state.tunnels(), ?timeout, "backend removed: draining");
     let deadline = tokio::time::Instant::now() + timeout;
     while state.load() > 0 && tokio::time::Instant::now() < deadline {
@@ -231,19 +275,33 @@ async fn drain(
             _ = tokio::time::sleep(DRAIN_POLL.min(deadline - tokio::time::Instant::now())) => {}
             _ = shared.closing.cancelled() => break,
         }
+        if !still_draining(&shared, &key, &state) {
+            tracing::info!(%upstream, backend = %addr, "backend added back: drain ended");
+            return;
+        }
     }
+    let Some(entry) = ({
+        let mut map = lock(&shared.draining);
+        match map.get(&key) {
+            Some(d) if Arc::ptr_eq(&d.state, &state) => map.remove(&key),
+            _ => None,
+        }
+    }) else {
+        return;
+    };
     if state.load() > 0 {
         tracing::info!(%upstream, backend = %addr, open = state.load(), "drain timeout: closing the backend's tunnels");
+    } else {
+        tracing::info!(%upstream, backend = %addr, "backend drained");
     }
-    closer.cancel();
+    entry.closer.cancel();
     let backend = addr.to_string();
+    let m = &shared.metrics;
     for r in &routes {
-        let _ = shared
-            .metrics
+        let _ = m
             .tunnels_active
             .remove_label_values(&[r, &upstream, &backend]);
     }
-    let m = &shared.metrics;
     let _ = m.backend_up.remove_label_values(&[&upstream, &backend]);
     for kind in ["refused", "timeout", "other"] {
         let _ = m

@@ -1,5 +1,6 @@
 //! Starts and stops the proxy: binds listeners, runs accept loops, drains at shutdown.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -45,6 +46,8 @@ pub(crate) struct Inner {
     pub status: Mutex<ReloadStatus>,
     /// Hash of the config file content in force, so the file watch skips what is applied.
     pub applied: Mutex<Option<u64>>,
+    /// Hash of the last content the file watch saw refused, so it is not refused again.
+    pub refused: Mutex<Option<u64>>,
 }
 
 /// One bound, accepting listener.
@@ -53,6 +56,8 @@ pub(crate) struct ListenerHandle {
     /// As configured (may have port 0): a reload compares this, not the bound address.
     pub bind: SocketAddr,
     pub addr: SocketAddr,
+    /// Shared with the accept loop, so that a renamed listener keeps its socket.
+    pub listener: Arc<TcpListener>,
     /// Stops this listener's accept loop (a child of `Shared::stopping`).
     pub stop: CancellationToken,
 }
@@ -79,7 +84,7 @@ pub(crate) fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, ProxyErr
 pub(crate) struct Bound {
     pub name: String,
     pub bind: SocketAddr,
-    pub listener: TcpListener,
+    pub listener: Arc<TcpListener>,
 }
 
 pub(crate) fn bind_all<'a>(
@@ -91,7 +96,7 @@ pub(crate) fn bind_all<'a>(
             Ok(Bound {
                 name: l.name.clone(),
                 bind: l.bind,
-                listener: bind(&l.name, l.bind)?,
+                listener: Arc::new(bind(&l.name, l.bind)?),
             })
         })
         .collect()
@@ -121,7 +126,8 @@ impl Proxy {
         metrics.config_generation.set(1);
         metrics.config_last_reload_success.set(unix_now());
         let closing = CancellationToken::new();
-        let table = Table::build(Arc::new(config), None, 1, &closing);
+        let draining = Mutex::new(HashMap::new());
+        let table = Table::build(Arc::new(config), None, 1, &closing, &draining);
         table.export_backends(&metrics);
         let shared = Arc::new(Shared {
             table: ArcSwap::from_pointee(table),
@@ -129,6 +135,7 @@ impl Proxy {
             tracker: TaskTracker::new(),
             stopping: CancellationToken::new(),
             closing,
+            draining,
         });
         let proxy = Proxy {
             inner: Arc::new(Inner {
@@ -139,6 +146,7 @@ impl Proxy {
                 reload: tokio::sync::Mutex::new(()),
                 status: Mutex::new(ReloadStatus::started()),
                 applied: Mutex::new(applied),
+                refused: Mutex::new(None),
             }),
         };
         proxy.start_accepting(bound);
@@ -150,18 +158,15 @@ impl Proxy {
     /// Starts an accept loop for each bound listener and records it.
     pub(crate) fn start_accepting(&self, bound: Vec<Bound>) {
         let shared = &self.inner.shared;
-        let mut handles = self
-            .inner
-            .listeners
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut handles = lock(&self.inner.listeners);
         for b in bound {
             let addr = b.listener.local_addr().unwrap_or(b.bind);
             let stop = shared.stopping.child_token();
             tracing::info!(listener = %b.name, %addr, "listening");
+            let name: Arc<str> = b.name.as_str().into();
             tokio::spawn(accept_loop(
-                b.listener,
-                b.name.as_str().into(),
+                Arc::clone(&b.listener),
+                name,
                 Arc::clone(shared),
                 stop.clone(),
             ));
@@ -169,6 +174,7 @@ impl Proxy {
                 name: b.name,
                 bind: b.bind,
                 addr,
+                listener: b.listener,
                 stop,
             });
         }
@@ -202,6 +208,8 @@ impl Proxy {
     pub async fn shutdown(&self, grace: Duration) {
         let s = &self.inner.shared;
         s.stopping.cancel();
+        // Close the listening sockets (the accept loops hold the other references).
+        lock(&self.inner.listeners).clear();
         s.tracker.close();
         tracing::info!(open = s.tracker.len(), grace = ?grace, "shutting down: waiting for open connections");
         if tokio::time::timeout(grace, s.tracker.wait()).await.is_err() {
@@ -213,6 +221,21 @@ impl Proxy {
             let _ = tokio::time::timeout(CLOSE_WAIT, s.tracker.wait()).await;
         }
         s.closing.cancel();
+    }
+
+    /// The `shutdown_timeout` of the config in force.
+    pub fn shutdown_timeout(&self) -> Duration {
+        self.inner.shared.table.load().config.shutdown_timeout
+    }
+
+    /// Closes every connection and tunnel now, without waiting for the grace period.
+    pub async fn close_now(&self) {
+        let s = &self.inner.shared;
+        s.stopping.cancel();
+        lock(&self.inner.listeners).clear();
+        s.tracker.close();
+        s.closing.cancel();
+        let _ = tokio::time::timeout(CLOSE_WAIT, s.tracker.wait()).await;
     }
 
     /// Whether shutdown has begun.
@@ -235,7 +258,7 @@ pub(crate) fn unix_now() -> i64 {
 /// Accepts until stopped. Errors (EMFILE, ENFILE, ECONNABORTED...) are logged, counted
 /// and backed off, never fatal and never a busy loop.
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     name: Arc<str>,
     shared: Arc<Shared>,
     stop: CancellationToken,

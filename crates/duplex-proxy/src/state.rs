@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -54,38 +54,41 @@ pub struct Table {
 }
 
 impl Table {
-    /// Builds the table for `config`, carrying over backend load counters, close tokens and
-    /// HTTP pools from `previous` for the backends and upstreams that stay.
+    /// Builds the table for `config`. Backends that stay keep their load counter and close
+    /// token (from `previous`, or from `draining` when a reload brings a removed backend
+    /// back, which ends its drain); upstreams keep their HTTP pools.
     pub fn build(
         config: Arc<Config>,
         previous: Option<&Table>,
         generation: u64,
         closing: &CancellationToken,
+        draining: &Mutex<HashMap<(String, SocketAddr), Draining>>,
     ) -> Table {
         let mut upstreams = HashMap::new();
+        let mut draining = crate::server::lock(draining);
         for u in &config.upstreams {
             let old = previous.and_then(|t| t.upstreams.get(&u.name));
-            let state_of = |addr: SocketAddr| {
-                old.and_then(|o| o.pool.backends().iter().find(|b| b.state.addr == addr))
-                    .map(|b| Arc::clone(&b.state))
-                    .unwrap_or_else(|| BackendState::new(addr))
-            };
-            let backends = u
-                .backends
-                .iter()
-                .map(|b| Backend {
-                    state: state_of(b.addr),
+            let mut backends = Vec::new();
+            let mut closers = HashMap::new();
+            for b in &u.backends {
+                let kept = old.and_then(|o| {
+                    let state = o.pool.backends().iter().find(|x| x.state.addr == b.addr)?;
+                    Some((Arc::clone(&state.state), o.closer(b.addr)))
+                });
+                let back = || {
+                    draining
+                        .remove(&(u.name.clone(), b.addr))
+                        .map(|d| (d.state, d.closer))
+                };
+                let (state, closer) = kept
+                    .or_else(back)
+                    .unwrap_or_else(|| (BackendState::new(b.addr), closing.child_token()));
+                backends.push(Backend {
+                    state,
                     weight: b.weight,
-                })
-                .collect();
-            let closers = u
-                .backends
-                .iter()
-                .map(|b| {
-                    let kept = old.and_then(|o| o.closers.get(&b.addr)).cloned();
-                    (b.addr, kept.unwrap_or_else(|| closing.child_token()))
-                })
-                .collect();
+                });
+                closers.insert(b.addr, closer);
+            }
             let client = match old {
                 Some(o) if o.cfg.connect_timeout == u.connect_timeout => o.client.clone(),
                 _ => http_client(u.connect_timeout),
@@ -146,4 +149,13 @@ pub struct Shared {
     pub stopping: CancellationToken,
     /// Cancelled when the shutdown grace period ends: close whatever is still open.
     pub closing: CancellationToken,
+    /// Backends a reload removed whose tunnels may still be open, by (upstream, address).
+    pub draining: Mutex<HashMap<(String, SocketAddr), Draining>>,
+}
+
+/// A removed backend waiting for its last tunnel or its drain timeout.
+pub struct Draining {
+    pub state: Arc<BackendState>,
+    pub closer: CancellationToken,
+    pub since: std::time::Instant,
 }

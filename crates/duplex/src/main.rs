@@ -154,7 +154,6 @@ pub(crate) fn serve(
         }
     };
     rt.block_on(async move {
-        let grace = config.shutdown_timeout;
         let path = source.as_ref().map(|(p, _)| p.clone());
         let proxy = match Proxy::start(config, path.clone(), Arc::new(metrics_registry())).await {
             Ok(p) => p,
@@ -173,7 +172,14 @@ pub(crate) fn serve(
             }
         }
         wait_for_stop_signal().await;
-        proxy.shutdown(grace).await;
+        // A second signal during the grace period closes everything at once.
+        tokio::select! {
+            _ = proxy.shutdown(proxy.shutdown_timeout()) => {}
+            _ = wait_for_stop_signal() => {
+                tracing::warn!("second stop signal: closing every connection now");
+                proxy.close_now().await;
+            }
+        }
         tracing::info!("bye");
         ExitCode::SUCCESS
     })

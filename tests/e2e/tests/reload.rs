@@ -262,3 +262,34 @@ async fn a_bad_file_changes_nothing_and_shows_in_status() {
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_backend_added_back_while_draining_keeps_its_tunnels() {
+    let b = Backend::start_all(&["stay", "flip"]).await;
+    let public = [("public", "127.0.0.1:0")];
+    let drain = "    drain_timeout: 400ms\n";
+    let both = yaml(&public, "least_conn", drain, &[b[0].addr, b[1].addr]);
+    let proxy = start(&both, None).await;
+    let addr = proxy.listener_addr("public").expect("bound");
+    let mut on_flip = None;
+    for _ in 0..2 {
+        let (ws, r) = client::ws(addr, "/").await;
+        if backend_of(&r) == "flip" {
+            on_flip = Some(ws);
+        }
+    }
+    let mut on_flip = on_flip.expect("least_conn put one tunnel on each backend");
+
+    proxy.reload(config(&yaml(&public, "least_conn", drain, &[b[0].addr]))).await.expect("remove");
+    let status = client::get(proxy.admin_addr(), "/status", &[]).await.text();
+    assert!(status.contains(&format!("\"addr\": \"{}\"", b[1].addr)) && status.contains("\"draining_seconds\""), "{status}");
+    proxy.reload(config(&both)).await.expect("add back");
+    // Well past the drain timeout, the tunnel is alive and its load still counts.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    echo_ok(&mut on_flip, "still here").await;
+    let status = client::get(proxy.admin_addr(), "/status", &[]).await.text();
+    assert!(status.contains("\"draining\": []"), "{status}");
+    let (_, r) = client::ws(addr, "/").await;
+    assert_eq!(backend_of(&r), "stay", "flip still carries its tunnel's load");
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
