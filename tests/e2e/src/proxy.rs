@@ -75,11 +75,9 @@ impl TestProxy {
     /// Starts a proxy whose config is `routes_and_upstreams` under a `public` listener and an
     /// admin endpoint, both on loopback port 0.
     pub async fn start(routes_and_upstreams: &str) -> TestProxy {
-        // The config refuses two binds of the same address, port 0 included, so the admin
-        // endpoint takes another loopback address.
         let yaml = format!(
             "listeners:\n  - name: {LISTENER}\n    bind: \"127.0.0.1:0\"\n\
-             admin:\n  bind: \"127.0.0.2:0\"\n{routes_and_upstreams}"
+             admin:\n  bind: \"127.0.0.1:0\"\n{routes_and_upstreams}"
         );
         let config = Config::parse(&yaml, "e2e.yaml")
             .unwrap_or_else(|e| panic!("test config refused: {e}\n{yaml}"));

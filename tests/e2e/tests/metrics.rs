@@ -239,7 +239,7 @@ upstreams:
 
     // A reload that removes the dead upstream: generation 2, its series go once drained.
     let reload = format!(
-        "listeners:\n  - name: public\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: \"127.0.0.2:0\"\n\
+        "listeners:\n  - name: public\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: \"127.0.0.1:0\"\n\
          routes:\n  - name: chat\n    upstream: chat\nupstreams:\n  - name: chat\n    backends: [{{addr: \"{}\"}}]\n",
         b.addr
     );

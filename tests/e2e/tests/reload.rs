@@ -280,9 +280,16 @@ async fn a_backend_added_back_while_draining_keeps_its_tunnels() {
     }
     let mut on_flip = on_flip.expect("least_conn put one tunnel on each backend");
 
-    proxy.reload(config(&yaml(&public, "least_conn", drain, &[b[0].addr]))).await.expect("remove");
+    proxy
+        .reload(config(&yaml(&public, "least_conn", drain, &[b[0].addr])))
+        .await
+        .expect("remove");
     let status = client::get(proxy.admin_addr(), "/status", &[]).await.text();
-    assert!(status.contains(&format!("\"addr\": \"{}\"", b[1].addr)) && status.contains("\"draining_seconds\""), "{status}");
+    assert!(
+        status.contains(&format!("\"addr\": \"{}\"", b[1].addr))
+            && status.contains("\"draining_seconds\""),
+        "{status}"
+    );
     proxy.reload(config(&both)).await.expect("add back");
     // Well past the drain timeout, the tunnel is alive and its load still counts.
     tokio::time::sleep(Duration::from_millis(900)).await;
@@ -290,6 +297,10 @@ async fn a_backend_added_back_while_draining_keeps_its_tunnels() {
     let status = client::get(proxy.admin_addr(), "/status", &[]).await.text();
     assert!(status.contains("\"draining\": []"), "{status}");
     let (_, r) = client::ws(addr, "/").await;
-    assert_eq!(backend_of(&r), "stay", "flip still carries its tunnel's load");
+    assert_eq!(
+        backend_of(&r),
+        "stay",
+        "flip still carries its tunnel's load"
+    );
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }

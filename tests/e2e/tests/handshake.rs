@@ -1,0 +1,340 @@
+//! The WebSocket upgrade through the proxy: what the handshake carries each way, frames that
+//! share a TCP write with it, refusals before any backend is touched, and how backend
+//! refusals, dead backends and silent backends are answered.
+
+use std::time::{Duration, Instant};
+
+use http::Method;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use duplex_e2e::backend::Backend;
+use duplex_e2e::client::{
+    backend_of, close, empty, raw_exchange, raw_ws, request, tcp, try_ws, ws, HttpConn,
+};
+use duplex_e2e::proxy::{TestProxy, Upstream};
+use duplex_e2e::raw::{dead_addr, RawBackend};
+use duplex_e2e::wire::{
+    client_text, read_frame, read_head, server_text, switching_protocols, upgrade_request, Head,
+    KEY, OP_TEXT,
+};
+use duplex_e2e::within;
+
+/// A raw backend that answers every upgrade with a 101 carrying `extra`, reports the request
+/// head it got, then echoes one text frame.
+async fn recording_backend(
+    extra: &'static [(&'static str, &'static str)],
+) -> (RawBackend, mpsc::UnboundedReceiver<Head>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let b = RawBackend::start(move |mut tcp| {
+        let tx = tx.clone();
+        async move {
+            let (head, mut buf) = read_head(&mut tcp).await?;
+            tcp.write_all(switching_protocols(&head, extra).as_bytes())
+                .await?;
+            let _ = tx.send(head);
+            let f = read_frame(&mut tcp, &mut buf).await?;
+            tcp.write_all(&server_text(&f.text())).await
+        }
+    })
+    .await;
+    (b, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_the_subprotocol_choice() {
+    let b = Backend::start("chat-backend").await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let (ws, resp) = try_ws(p.addr, "/echo", &[], &["chat", "superchat"])
+        .await
+        .expect("the handshake with subprotocols succeeds");
+    assert_eq!(
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.as_bytes()),
+        Some(&b"chat"[..]),
+        "the backend's pick reaches the client"
+    );
+    let seen = b.requests();
+    assert_eq!(
+        seen[0].header("sec-websocket-protocol"),
+        Some("chat, superchat"),
+        "the client's offer reaches the backend"
+    );
+    close(ws).await;
+}
+
+/// Extension negotiation is relayed verbatim both ways (raw bytes: a client library would
+/// refuse an extension it cannot run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_extension_headers() {
+    const OFFER: &str = "permessage-deflate; client_max_window_bits";
+    const ANSWER: &str = "permessage-deflate; server_no_context_takeover";
+    let (b, mut heads) = recording_backend(&[
+        ("Sec-WebSocket-Extensions", ANSWER),
+        ("X-Backend-Note", "kept"),
+    ])
+    .await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let (_s, head, _) = raw_ws(p.addr, "/", &[("Sec-WebSocket-Extensions", OFFER)]).await;
+    assert_eq!(
+        head.get("sec-websocket-extensions"),
+        Some(ANSWER),
+        "{head:?}"
+    );
+    assert_eq!(head.get("x-backend-note"), Some("kept"), "{head:?}");
+    let seen = within("the backend's request", heads.recv())
+        .await
+        .expect("the backend got a request");
+    assert_eq!(
+        seen.all("sec-websocket-extensions"),
+        vec![OFFER],
+        "{seen:?}"
+    );
+}
+
+/// (a) The client writes its upgrade request and a masked frame in one write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_in_the_upgrade_requests_write_reaches_the_backend() {
+    let (frames, mut got) = mpsc::unbounded_channel();
+    let b = RawBackend::start(move |mut tcp| {
+        let frames = frames.clone();
+        async move {
+            let (head, mut buf) = read_head(&mut tcp).await?;
+            tcp.write_all(switching_protocols(&head, &[]).as_bytes())
+                .await?;
+            let f = read_frame(&mut tcp, &mut buf).await?;
+            tcp.write_all(&server_text(&f.text())).await?;
+            let _ = frames.send(f);
+            Ok(())
+        }
+    })
+    .await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+
+    let mut s = tcp(p.addr).await;
+    let mut bytes = upgrade_request("/", &p.addr.to_string(), &[]).into_bytes();
+    bytes.extend_from_slice(&client_text("early bird"));
+    within("one write", s.write_all(&bytes))
+        .await
+        .expect("write request and frame");
+    let (head, mut rest) = within("the 101", read_head(&mut s)).await.expect("the 101");
+    assert_eq!(head.status(), 101);
+    let f = within("the frame at the backend", got.recv())
+        .await
+        .expect("the backend read a frame");
+    assert_eq!(
+        (f.fin, f.opcode, f.masked, f.text().as_str()),
+        (true, OP_TEXT, true, "early bird")
+    );
+    let echo = within("the echo", read_frame(&mut s, &mut rest))
+        .await
+        .expect("the echo");
+    assert_eq!(echo.text(), "early bird");
+}
+
+/// (b) The backend writes its 101 and an unmasked frame in one write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_in_the_101s_write_reaches_the_client() {
+    let b = RawBackend::start(|mut tcp| async move {
+        let (head, _) = read_head(&mut tcp).await?;
+        let mut bytes = switching_protocols(&head, &[]).into_bytes();
+        bytes.extend_from_slice(&server_text("right after the 101"));
+        tcp.write_all(&bytes).await?;
+        // Hold the connection until the client goes.
+        let mut sink = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut sink).await?;
+        Ok(())
+    })
+    .await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let (mut s, _, mut rest) = raw_ws(p.addr, "/", &[]).await;
+    let f = within("the frame after the 101", read_frame(&mut s, &mut rest))
+        .await
+        .expect("the frame after the 101");
+    assert_eq!(
+        (f.fin, f.opcode, f.masked, f.text().as_str()),
+        (true, OP_TEXT, false, "right after the 101")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_malformed_key_gets_400_without_touching_a_backend() {
+    let b = RawBackend::silent().await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let base = "GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                Sec-WebSocket-Version: 13\r\n";
+    let cases = [
+        ("no key", String::new()),
+        (
+            "key not base64",
+            "Sec-WebSocket-Key: !!!not-base64!!!\r\n".to_owned(),
+        ),
+        (
+            "key of 5 bytes",
+            "Sec-WebSocket-Key: c2hvcnQ=\r\n".to_owned(),
+        ),
+        (
+            "two keys",
+            format!("Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Key: {KEY}\r\n"),
+        ),
+    ];
+    for (what, key) in cases {
+        let r = raw_exchange(p.addr, format!("{base}{key}\r\n").as_bytes()).await;
+        assert_eq!(r.head.status(), 400, "{what}: {r:?}");
+        assert!(r.body.contains("Sec-WebSocket-Key"), "{what}: {}", r.body);
+    }
+    assert_eq!(
+        b.accepted(),
+        0,
+        "a refused handshake must not reach a backend"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_8_gets_426_naming_version_13() {
+    let b = RawBackend::silent().await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let req = format!(
+        "GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: {KEY}\r\n\r\n"
+    );
+    let r = raw_exchange(p.addr, req.as_bytes()).await;
+    assert_eq!(r.head.status(), 426, "{r:?}");
+    assert_eq!(r.head.get("sec-websocket-version"), Some("13"), "{r:?}");
+    assert_eq!(
+        b.accepted(),
+        0,
+        "a refused handshake must not reach a backend"
+    );
+}
+
+/// A backend that answers 403 instead of 101: the client gets the 403 and its body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_refusal_reaches_the_client() {
+    let b = Backend::start("strict").await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let mut c = HttpConn::open(p.addr).await;
+    let headers = [
+        ("connection", "Upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", KEY),
+    ];
+    let r = c
+        .send(request(
+            Method::GET,
+            p.addr,
+            "/forbidden",
+            &headers,
+            empty(),
+        ))
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.text(), "backend says no");
+    assert_eq!(r.backend(), "strict");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_backend_is_skipped() {
+    let dead = dead_addr();
+    let live = Backend::start("live").await;
+    let p = TestProxy::single(
+        &Upstream::new("round_robin")
+            .backend(dead)
+            .backend(live.addr),
+    )
+    .await;
+    for i in 0..4 {
+        let (ws, resp) = ws(p.addr, "/echo").await;
+        assert_eq!(backend_of(&resp), "live", "connection {i}");
+        close(ws).await;
+    }
+    let errors = p
+        .metric(
+            "duplex_backend_connect_errors_total",
+            &[("backend", &dead.to_string())],
+        )
+        .await;
+    assert!(errors >= 1.0, "the dead backend was never tried ({errors})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_backends_dead_gives_502_naming_the_route_not_the_address() {
+    let (d1, d2) = (dead_addr(), dead_addr());
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(d1).backend(d2)).await;
+    let r = raw_exchange(p.addr, upgrade_request("/", "x", &[]).as_bytes()).await;
+    assert_eq!(r.head.status(), 502, "{r:?}");
+    assert!(r.body.contains("\"main\""), "names the route: {}", r.body);
+    for secret in ["127.0.0.1", &d1.port().to_string(), &d2.port().to_string()] {
+        assert!(!r.body.contains(secret), "leaks {secret}: {}", r.body);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_backend_gives_504_after_handshake_timeout() {
+    let b = RawBackend::silent().await;
+    let up = Upstream::new("round_robin")
+        .option("handshake_timeout", "300ms")
+        .backend(b.addr);
+    let p = TestProxy::single(&up).await;
+    let started = Instant::now();
+    let r = raw_exchange(p.addr, upgrade_request("/", "x", &[]).as_bytes()).await;
+    let took = started.elapsed();
+    assert_eq!(r.head.status(), 504, "{r:?}");
+    assert!(r.body.contains("\"main\""), "names the route: {}", r.body);
+    assert!(
+        took >= Duration::from_millis(280) && took < Duration::from_secs(3),
+        "answered after {took:?}, expected about 300 ms"
+    );
+    assert_eq!(b.accepted(), 1, "the silent backend was connected to once");
+}
+
+/// The backend sees X-Forwarded-For/Proto/Host added, Host and path kept, and hop-by-hop
+/// headers (those listed in Connection included) removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_x_forwarded_and_drops_hop_by_hop_headers() {
+    let (b, mut heads) = recording_backend(&[]).await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let req = format!(
+        "GET /chat?room=1 HTTP/1.1\r\nHost: chat.example.test:8443\r\n\
+         Connection: Upgrade, X-Drop\r\nUpgrade: websocket\r\nX-Drop: 1\r\n\
+         Keep-Alive: timeout=5\r\nX-Kept: yes\r\nX-Forwarded-For: 203.0.113.7\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\r\n"
+    );
+    let mut s = tcp(p.addr).await;
+    within("write the upgrade", s.write_all(req.as_bytes()))
+        .await
+        .expect("write the upgrade");
+    let (head, _) = within("the 101", read_head(&mut s)).await.expect("the 101");
+    assert_eq!(head.status(), 101, "{head:?}");
+
+    let seen = within("the backend's request", heads.recv())
+        .await
+        .expect("the backend got a request");
+    assert_eq!(seen.first_line, "GET /chat?room=1 HTTP/1.1");
+    let one = |name: &str| seen.all(name);
+    assert_eq!(one("host"), vec!["chat.example.test:8443"], "{seen:?}");
+    assert_eq!(one("x-forwarded-for"), vec!["203.0.113.7, 127.0.0.1"]);
+    assert_eq!(one("x-forwarded-proto"), vec!["http"]);
+    assert_eq!(one("x-forwarded-host"), vec!["chat.example.test:8443"]);
+    assert_eq!(one("x-kept"), vec!["yes"]);
+    assert_eq!(one("sec-websocket-key"), vec![KEY]);
+    assert_eq!(one("sec-websocket-version"), vec!["13"]);
+    assert!(
+        one("connection")
+            .iter()
+            .all(|v| v.eq_ignore_ascii_case("upgrade"))
+            && !one("connection").is_empty(),
+        "Connection names only the upgrade: {seen:?}"
+    );
+    assert_eq!(one("upgrade"), vec!["websocket"]);
+    assert!(
+        one("x-drop").is_empty(),
+        "X-Drop was named in Connection: {seen:?}"
+    );
+    assert!(
+        one("keep-alive").is_empty(),
+        "Keep-Alive is hop-by-hop: {seen:?}"
+    );
+}
