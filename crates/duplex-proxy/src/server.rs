@@ -124,6 +124,10 @@ impl Proxy {
                 source,
             })?;
         metrics.config_generation.set(1);
+        // Both results exist from the start, so that rate() and increase() see the first one.
+        for result in ["ok", "error"] {
+            metrics.config_reloads.with_label_values(&[result]);
+        }
         metrics.config_last_reload_success.set(unix_now());
         let closing = CancellationToken::new();
         let draining = Mutex::new(HashMap::new());
