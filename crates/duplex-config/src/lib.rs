@@ -10,6 +10,7 @@
 mod diff;
 mod locate;
 mod raw;
+mod tls;
 mod validate;
 
 use std::net::SocketAddr;
@@ -35,6 +36,8 @@ pub mod defaults {
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
     pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
     pub const RETRIES: u32 = 2;
+    pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const HTTPS_PORT: u16 = 443;
 }
 
 /// A validated configuration.
@@ -53,6 +56,60 @@ pub struct Config {
 pub struct Listener {
     pub name: String,
     pub bind: SocketAddr,
+    /// Terminate TLS (https:// and wss://) on this listener.
+    pub tls: Option<ListenerTls>,
+    /// Answer plain HTTP requests with a redirect to https on this port (WebSocket
+    /// upgrades get 426 instead, never a redirect).
+    pub redirect_https: Option<u16>,
+}
+
+/// TLS termination on a listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    /// Chosen by SNI; the first is the default for clients that send no SNI or an
+    /// unknown name.
+    pub certificates: Vec<CertificateFiles>,
+    pub min_version: TlsVersion,
+    pub alpn: Vec<String>,
+    pub client_auth: Option<ClientAuth>,
+    /// How long a client may take to complete the TLS handshake.
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    /// PEM, the full chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+/// Client certificates (mTLS) on a listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    /// PEM bundle of the CAs that sign client certificates.
+    pub ca: PathBuf,
+    /// Refuse clients without a certificate; otherwise only verify those that send one.
+    pub required: bool,
+}
+
+/// TLS toward an upstream's backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// SNI and the name the certificate must carry; the backend's IP when absent.
+    pub server_name: Option<String>,
+    /// PEM bundle to trust; the system's roots when absent.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key for mTLS to backends.
+    pub client_cert: Option<CertificateFiles>,
+    /// Skip certificate verification (testing only).
+    pub insecure_skip_verify: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +180,7 @@ pub struct Upstream {
     pub idle_timeout: Option<Duration>,
     pub drain_timeout: Duration,
     pub retries: u32,
+    pub tls: Option<UpstreamTls>,
     pub backends: Vec<Backend>,
 }
 
@@ -211,7 +269,8 @@ impl Config {
                 message,
             }
         })?;
-        validate::validate(raw).map_err(|v| {
+        let base = Path::new(file).parent().unwrap_or(Path::new("."));
+        validate::validate(raw, base).map_err(|v| {
             let (line, col) = locate::locate(src, &v.path);
             ConfigError::Invalid {
                 file: file.to_owned(),
@@ -224,5 +283,24 @@ impl Config {
 
     pub fn upstream(&self, name: &str) -> Option<&Upstream> {
         self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// Every certificate, key and CA file the config names, so that a change to any of
+    /// them can reload it.
+    pub fn tls_files(&self) -> Vec<&Path> {
+        let mut out = Vec::new();
+        for t in self.listeners.iter().filter_map(|l| l.tls.as_ref()) {
+            for c in &t.certificates {
+                out.extend([c.cert.as_path(), c.key.as_path()]);
+            }
+            out.extend(t.client_auth.as_ref().map(|a| a.ca.as_path()));
+        }
+        for t in self.upstreams.iter().filter_map(|u| u.tls.as_ref()) {
+            out.extend(t.ca.as_deref());
+            if let Some(c) = &t.client_cert {
+                out.extend([c.cert.as_path(), c.key.as_path()]);
+            }
+        }
+        out
     }
 }

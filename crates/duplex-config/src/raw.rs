@@ -27,6 +27,43 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawListener {
     pub name: String,
     pub bind: String,
+    pub tls: Option<RawListenerTls>,
+    pub redirect_https: Option<bool>,
+    pub https_port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListenerTls {
+    pub certificates: Vec<RawCertificate>,
+    pub min_version: Option<String>,
+    pub alpn: Option<Vec<String>>,
+    pub client_auth: Option<RawClientAuth>,
+    pub handshake_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCertificate {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawClientAuth {
+    pub ca: String,
+    pub required: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstreamTls {
+    pub server_name: Option<String>,
+    pub ca: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+    pub insecure_skip_verify: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,6 +104,7 @@ pub(crate) struct RawUpstream {
     pub idle_timeout: Option<String>,
     pub drain_timeout: Option<String>,
     pub retries: Option<u32>,
+    pub tls: Option<RawUpstreamTls>,
     pub backends: Vec<RawBackend>,
 }
 

@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use crate::locate::Seg::{self, Index, Key};
@@ -17,7 +18,7 @@ pub(crate) struct Violation {
     pub message: String,
 }
 
-fn fail<T>(path: Vec<Seg<'static>>, message: String) -> Result<T, Violation> {
+pub(crate) fn fail<T>(path: Vec<Seg<'static>>, message: String) -> Result<T, Violation> {
     Err(Violation { path, message })
 }
 
@@ -48,7 +49,7 @@ fn parse_addr(path: Vec<Seg<'static>>, s: &str) -> Result<SocketAddr, Violation>
     }
 }
 
-fn parse_duration(path: Vec<Seg<'static>>, s: &str) -> Result<Duration, Violation> {
+pub(crate) fn parse_duration(path: Vec<Seg<'static>>, s: &str) -> Result<Duration, Violation> {
     match humantime::parse_duration(s.trim()) {
         Ok(d) if d.is_zero() => fail(path, format!("duration {s:?} must be greater than zero")),
         Ok(d) => Ok(d),
@@ -72,7 +73,7 @@ fn check_unique<'a>(
     }
 }
 
-pub(crate) fn validate(raw: RawConfig) -> Result<Config, Violation> {
+pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation> {
     if raw.listeners.is_empty() {
         return fail(
             vec![Key("listeners")],
@@ -91,9 +92,32 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, Violation> {
         if bind.port() != 0 && !binds.insert(bind) {
             return fail(at("bind"), format!("two listeners bind {bind}"));
         }
+        let tls = l
+            .tls
+            .as_ref()
+            .map(|t| crate::tls::listener(i, t, base))
+            .transpose()?;
+        let redirect_https = match (l.redirect_https, l.https_port) {
+            (Some(true), port) if tls.is_none() => Some(port.unwrap_or(defaults::HTTPS_PORT)),
+            (Some(true), _) => {
+                return fail(
+                    at("redirect_https"),
+                    "redirect_https is for plain-HTTP listeners, and this one has tls".into(),
+                );
+            }
+            (_, Some(_)) => {
+                return fail(
+                    at("https_port"),
+                    "https_port goes with redirect_https: true".into(),
+                )
+            }
+            _ => None,
+        };
         listeners.push(Listener {
             name: l.name.clone(),
             bind,
+            tls,
+            redirect_https,
         });
     }
     let admin = Admin {
@@ -115,7 +139,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, Violation> {
     let mut upstreams = Vec::new();
     let mut names = HashSet::new();
     for (i, u) in raw.upstreams.iter().enumerate() {
-        let up = upstream(i, u)?;
+        let up = upstream(i, u, base)?;
         check_unique(
             &mut names,
             vec![Key("upstreams"), Index(i), Key("name")],
@@ -240,7 +264,7 @@ fn check_path<'a>(path: Vec<Seg<'static>>, p: &'a str) -> Result<&'a str, Violat
     }
 }
 
-fn upstream(i: usize, u: &RawUpstream) -> Result<Upstream, Violation> {
+fn upstream(i: usize, u: &RawUpstream, base: &Path) -> Result<Upstream, Violation> {
     let at = |k| vec![Key("upstreams"), Index(i), Key(k)];
     check_name(at("name"), "upstream", &u.name)?;
     if u.backends.is_empty() {
@@ -331,6 +355,11 @@ fn upstream(i: usize, u: &RawUpstream) -> Result<Upstream, Violation> {
         },
         drain_timeout: duration("drain_timeout", &u.drain_timeout, defaults::DRAIN_TIMEOUT)?,
         retries,
+        tls: u
+            .tls
+            .as_ref()
+            .map(|t| crate::tls::upstream(i, t, base))
+            .transpose()?,
         backends,
     })
 }

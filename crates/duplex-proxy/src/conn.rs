@@ -6,15 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use duplex_metrics::Gauge;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 
 use crate::headers::{has_token, request_host};
 use crate::responses::{self, Body};
 use crate::state::Shared;
+use crate::tls::MaybeTls;
 use crate::{http_proxy, router, upgrade};
 
 /// A client slow to send its request headers is cut off after this long (slowloris).
@@ -25,6 +27,8 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Whether the client reached us over TLS, for `X-Forwarded-Proto`.
     pub https: bool,
+    /// Plain HTTP gets a redirect to https on this port.
+    pub redirect_https: Option<u16>,
     /// Counts the connection in `duplex_connections_active` until the last holder drops:
     /// the HTTP connection, or the WebSocket tunnel it became.
     _active: ActiveGuard,
@@ -46,10 +50,43 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: Arc<str>, shared:
         .connections_active
         .with_label_values(&[&listener]);
     gauge.inc();
+    let active = ActiveGuard(gauge);
+    // The listener's settings as of now: a reload changes them for later connections.
+    let Some(settings) = shared.table.load().listeners.get(&*listener).cloned() else {
+        return;
+    };
+    let stream = match &settings.tls {
+        None => MaybeTls::Plain(tcp),
+        Some(tls) => {
+            let accept = TlsAcceptor::from(Arc::clone(&tls.config)).accept(tcp);
+            match tokio::time::timeout(tls.handshake_timeout, accept).await {
+                Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
+                Ok(Err(e)) => {
+                    shared
+                        .metrics
+                        .tls_handshake_errors
+                        .with_label_values(&[&listener, "failed"])
+                        .inc();
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    shared
+                        .metrics
+                        .tls_handshake_errors
+                        .with_label_values(&[&listener, "timeout"])
+                        .inc();
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+    };
     let info = Arc::new(ConnInfo {
         peer,
-        https: false,
-        _active: ActiveGuard(gauge),
+        https: settings.tls.is_some(),
+        redirect_https: settings.redirect_https,
+        _active: active,
     });
     let svc_shared = Arc::clone(&shared);
     let svc = service_fn(move |req| {
@@ -61,7 +98,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: Arc<str>, shared:
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true)
-        .serve_connection(TokioIo::new(tcp), svc)
+        .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     tokio::pin!(conn);
     let res = tokio::select! {
@@ -85,6 +122,9 @@ async fn handle(
     info: Arc<ConnInfo>,
     shared: Arc<Shared>,
 ) -> Response<Body> {
+    if let Some(port) = info.redirect_https {
+        return to_https(&req, port);
+    }
     if is_websocket_upgrade(&req) {
         return upgrade::upgrade(req, info, &shared).await;
     }
@@ -107,6 +147,37 @@ async fn handle(
         return responses::bad_gateway(&route.name);
     };
     http_proxy::forward(req, &info, route, up, &shared).await
+}
+
+/// The answer of a `redirect_https` listener: 308 to the same host and path over https.
+/// A WebSocket upgrade gets 426 instead: clients do not follow redirects on upgrades.
+fn to_https(req: &Request<Incoming>, port: u16) -> Response<Body> {
+    if is_websocket_upgrade(req) {
+        return responses::text(
+            StatusCode::UPGRADE_REQUIRED,
+            "duplex: use wss:// on this host\n".into(),
+        );
+    }
+    let Some(host) = request_host(req.headers(), req.uri()) else {
+        return responses::text(
+            StatusCode::BAD_REQUEST,
+            "duplex: a Host header is required\n".into(),
+        );
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    };
+    let mut r = responses::text(
+        StatusCode::PERMANENT_REDIRECT,
+        format!("duplex: moved to {location}\n"),
+    );
+    if let Ok(v) = http::HeaderValue::try_from(location) {
+        r.headers_mut().insert(http::header::LOCATION, v);
+    }
+    r
 }
 
 /// An upgrade to WebSocket per RFC 6455: `Connection` lists `upgrade` and `Upgrade` lists

@@ -39,6 +39,9 @@ pub enum ProxyError {
     /// The new configuration was refused.
     #[error(transparent)]
     Config(#[from] duplex_config::ConfigError),
+    /// A certificate, key or CA file could not be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The client's side of a tunnel or upgrade failed.
     #[error("client: {0}")]
     Client(#[source] hyper::Error),

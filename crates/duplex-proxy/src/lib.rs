@@ -9,6 +9,7 @@
 
 mod admin;
 mod conn;
+mod connector;
 pub mod error;
 mod handshake;
 mod headers;
@@ -18,9 +19,11 @@ mod responses;
 mod router;
 mod server;
 mod state;
+pub mod tls;
 pub mod triggers;
 mod tunnel;
 mod upgrade;
+mod x509;
 
 pub use duplex_metrics::Metrics;
 pub use error::ProxyError;

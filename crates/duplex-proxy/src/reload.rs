@@ -152,13 +152,15 @@ impl Proxy {
 
         let diff = Diff::between(&old.config, &config);
         let generation = old.generation + 1;
-        let table = Arc::new(Table::build(
+        let table = Table::build(
             Arc::new(config),
             Some(&old),
             generation,
             &shared.closing,
             &shared.draining,
-        ));
+        )
+        .map_err(|e| self.refused(ProxyError::Tls(e)))?;
+        let table = Arc::new(table);
         shared.table.store(Arc::clone(&table));
 
         for t in &to_stop {

@@ -131,7 +131,7 @@ impl Proxy {
         metrics.config_last_reload_success.set(unix_now());
         let closing = CancellationToken::new();
         let draining = Mutex::new(HashMap::new());
-        let table = Table::build(Arc::new(config), None, 1, &closing, &draining);
+        let table = Table::build(Arc::new(config), None, 1, &closing, &draining)?;
         table.export_backends(&metrics);
         let shared = Arc::new(Shared {
             table: ArcSwap::from_pointee(table),

@@ -13,20 +13,21 @@ use arc_swap::ArcSwap;
 use duplex_balance::{Backend, BackendState, Pool};
 use duplex_config::{Config, Route, Upstream};
 use duplex_metrics::Metrics;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::connector::BackendConnector;
 use crate::http_proxy::ReclaimBody;
+use crate::tls::{self, Acceptor, Connector, TlsError};
 
 /// How long an idle pooled connection to a backend is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle pooled connections kept per backend.
 const POOL_MAX_IDLE_PER_BACKEND: usize = 128;
 
-pub type HttpClient = Client<HttpConnector, ReclaimBody>;
+pub type HttpClient = Client<BackendConnector, ReclaimBody>;
 
 /// An upstream as one generation runs it.
 pub struct UpstreamRt {
@@ -34,6 +35,8 @@ pub struct UpstreamRt {
     pub pool: Pool,
     /// Keep-alive pools for plain HTTP, one per backend address inside the client.
     pub client: HttpClient,
+    /// TLS toward the backends, when the upstream has `tls`.
+    pub tls: Option<Arc<Connector>>,
     /// Per backend, cancelled to close its tunnels: when a reload's drain of a removed
     /// backend ends, or at the end of shutdown (each is a child of `Shared::closing`).
     pub closers: HashMap<SocketAddr, CancellationToken>,
@@ -51,6 +54,16 @@ pub struct Table {
     pub generation: u64,
     pub config: Arc<Config>,
     pub upstreams: HashMap<String, Arc<UpstreamRt>>,
+    /// Per listener name: what a new connection on it needs.
+    pub listeners: HashMap<String, Arc<ListenerRt>>,
+}
+
+/// A listener's settings for new connections; swapped by a reload without rebinding.
+pub struct ListenerRt {
+    /// TLS termination, with the certificates read at load.
+    pub tls: Option<Acceptor>,
+    /// Redirect plain HTTP to https on this port.
+    pub redirect_https: Option<u16>,
 }
 
 impl Table {
@@ -63,7 +76,27 @@ impl Table {
         generation: u64,
         closing: &CancellationToken,
         draining: &Mutex<HashMap<(String, SocketAddr), Draining>>,
-    ) -> Table {
+    ) -> Result<Table, TlsError> {
+        let mut listeners = HashMap::new();
+        for l in &config.listeners {
+            let rt = ListenerRt {
+                tls: l.tls.as_ref().map(tls::acceptor).transpose()?,
+                redirect_https: l.redirect_https,
+            };
+            listeners.insert(l.name.clone(), Arc::new(rt));
+        }
+        // Everything that can fail comes first, before a drain is taken back below.
+        let mut connectors = HashMap::new();
+        for u in &config.upstreams {
+            connectors.insert(
+                u.name.clone(),
+                u.tls
+                    .as_ref()
+                    .map(tls::connector)
+                    .transpose()?
+                    .map(Arc::new),
+            );
+        }
         let mut upstreams = HashMap::new();
         let mut draining = crate::server::lock(draining);
         for u in &config.upstreams {
@@ -89,23 +122,36 @@ impl Table {
                 });
                 closers.insert(b.addr, closer);
             }
+            let tls = connectors.remove(&u.name).flatten();
             let client = match old {
-                Some(o) if o.cfg.connect_timeout == u.connect_timeout => o.client.clone(),
-                _ => http_client(u.connect_timeout),
+                // TLS settings may read changed files: only plain upstreams keep their pools.
+                Some(o)
+                    if o.cfg.connect_timeout == u.connect_timeout
+                        && o.tls.is_none()
+                        && tls.is_none() =>
+                {
+                    o.client.clone()
+                }
+                _ => http_client(BackendConnector {
+                    timeout: u.connect_timeout,
+                    tls: tls.clone(),
+                }),
             };
             let rt = UpstreamRt {
                 pool: Pool::new(u.balancer, u.hash_key.as_ref(), backends),
                 cfg: u.clone(),
                 client,
+                tls,
                 closers,
             };
             upstreams.insert(u.name.clone(), Arc::new(rt));
         }
-        Table {
+        Ok(Table {
             generation,
             config,
             upstreams,
-        }
+            listeners,
+        })
     }
 
     pub fn routes(&self) -> &[Route] {
@@ -126,11 +172,7 @@ impl Table {
     }
 }
 
-fn http_client(connect_timeout: Duration) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    connector.enforce_http(true);
+fn http_client(connector: BackendConnector) -> HttpClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_max_idle_per_host(POOL_MAX_IDLE_PER_BACKEND)

@@ -21,9 +21,14 @@ use bytes::Bytes;
 use duplex_metrics::{Counter, TunnelSeries};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWrite;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+
+use crate::tls::{BackendStream, ClientStream, MaybeTls};
 
 /// Scratch buffer per worker thread; large enough to move 16 KiB messages in one read.
 const SCRATCH_SIZE: usize = 64 * 1024;
@@ -62,22 +67,37 @@ pub async fn run<H>(
 ) {
     let started = Instant::now();
     series.active.inc();
-    let end = match (
-        client.downcast::<TokioIo<TcpStream>>(),
-        backend.downcast::<TokioIo<TcpStream>>(),
+    let (c, b) = match (
+        client.downcast::<TokioIo<ClientStream>>(),
+        backend.downcast::<TokioIo<BackendStream>>(),
     ) {
-        (Ok(c), Ok(b)) => {
+        (Ok(c), Ok(b)) => (c, b),
+        // Only the proxy's own stream types are ever upgraded.
+        _ => {
+            tracing::error!("upgraded connection of an unexpected type; closing");
+            series.active.dec();
+            return;
+        }
+    };
+    let (c2b, b2c) = (
+        series.client_to_backend.clone(),
+        series.backend_to_client.clone(),
+    );
+    let end = match (c.io.into_inner(), b.io.into_inner()) {
+        (MaybeTls::Plain(client), MaybeTls::Plain(backend)) => {
             let mut t = Splice {
-                client: c.io.into_inner(),
-                backend: b.io.into_inner(),
-                c2b: Direction::new(c.read_buf, series.client_to_backend.clone()),
-                b2c: Direction::new(b.read_buf, series.backend_to_client.clone()),
+                client,
+                backend,
+                c2b: Direction::new(c.read_buf, c2b),
+                b2c: Direction::new(b.read_buf, b2c),
                 active: false,
             };
             drive(&mut t, &settings).await
         }
-        // Both sides are plain TCP today; TLS streams will get a buffered path here.
-        _ => End::Error(io::Error::other("upgraded connection is not a TCP stream")),
+        (client, backend) => {
+            let mut t = Buffered::new(client, c.read_buf, c2b, backend, b.read_buf, b2c);
+            drive(&mut t, &settings).await
+        }
     };
     // The sockets have closed (dropped with the splice); account for the end.
     match &end {
@@ -95,7 +115,15 @@ pub async fn run<H>(
 /// read costs only a flag write, never a timer reset.
 const IDLE_TICKS: u32 = 8;
 
-async fn drive(t: &mut Splice, settings: &Settings) -> End {
+/// What `drive` runs: both directions of a tunnel, and whether bytes moved lately.
+trait Pump {
+    /// Ready once both directions are done.
+    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Whether any byte moved since the last call.
+    fn take_active(&mut self) -> bool;
+}
+
+async fn drive(t: &mut impl Pump, settings: &Settings) -> End {
     let tick = settings.idle_timeout.map(|d| d / IDLE_TICKS);
     let mut quiet_ticks = 0;
     let sleep = tokio::time::sleep(tick.unwrap_or(Duration::from_secs(86_400)));
@@ -103,7 +131,7 @@ async fn drive(t: &mut Splice, settings: &Settings) -> End {
     let close = settings.close.cancelled();
     tokio::pin!(close);
     poll_fn(|cx| {
-        match t.poll(cx) {
+        match t.poll_pump(cx) {
             Poll::Ready(Ok(())) => return Poll::Ready(End::Done),
             Poll::Ready(Err(e)) => return Poll::Ready(End::Error(e)),
             Poll::Pending => {}
@@ -113,11 +141,7 @@ async fn drive(t: &mut Splice, settings: &Settings) -> End {
         }
         if let Some(tick) = tick {
             while sleep.as_mut().poll(cx).is_ready() {
-                quiet_ticks = if std::mem::take(&mut t.active) {
-                    0
-                } else {
-                    quiet_ticks + 1
-                };
+                quiet_ticks = if t.take_active() { 0 } else { quiet_ticks + 1 };
                 if quiet_ticks >= IDLE_TICKS {
                     return Poll::Ready(End::Idle);
                 }
@@ -165,8 +189,12 @@ impl Direction {
     }
 }
 
-impl Splice {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+impl Pump for Splice {
+    fn take_active(&mut self) -> bool {
+        std::mem::take(&mut self.active)
+    }
+
+    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let a = pump(
             cx,
             &self.client,
@@ -252,4 +280,109 @@ fn pump(
     // Budget spent with data still flowing: let other tasks run, then come back.
     cx.waker().wake_by_ref();
     Poll::Pending
+}
+
+/// Buffer per direction of a TLS tunnel, where bytes pass through rustls anyway.
+const TLS_BUFFER: usize = 16 * 1024;
+
+/// A tunnel with TLS on either side: tokio's bidirectional copy through buffers, each side
+/// wrapped to count bytes as they are read.
+struct Buffered {
+    copy: Pin<Box<dyn Future<Output = io::Result<()>> + Send>>,
+    active: Arc<AtomicBool>,
+}
+
+impl Buffered {
+    fn new(
+        client: ClientStream,
+        client_early: Bytes,
+        c2b: Counter,
+        backend: BackendStream,
+        backend_early: Bytes,
+        b2c: Counter,
+    ) -> Buffered {
+        let active = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&active);
+        let copy = async move {
+            let mut client = Counting {
+                io: client,
+                bytes: c2b,
+                active: Arc::clone(&flag),
+            };
+            let mut backend = Counting {
+                io: backend,
+                bytes: b2c,
+                active: flag,
+            };
+            // Bytes that arrived with the handshakes go first.
+            client.bytes.inc_by(client_early.len() as u64);
+            backend.io.write_all(&client_early).await?;
+            backend.bytes.inc_by(backend_early.len() as u64);
+            client.io.write_all(&backend_early).await?;
+            tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut backend,
+                TLS_BUFFER,
+                TLS_BUFFER,
+            )
+            .await?;
+            Ok(())
+        };
+        Buffered {
+            copy: Box::pin(copy),
+            active,
+        }
+    }
+}
+
+impl Pump for Buffered {
+    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.copy.as_mut().poll(cx)
+    }
+
+    fn take_active(&mut self) -> bool {
+        self.active.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// A stream whose reads are counted: what is read from one side is what goes to the other.
+struct Counting<S> {
+    io: S,
+    bytes: Counter,
+    active: Arc<AtomicBool>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.bytes.inc_by(n as u64);
+            self.active.store(true, Ordering::Relaxed);
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }

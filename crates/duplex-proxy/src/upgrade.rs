@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::connector::connect;
+use crate::tls::BackendStream;
 use bytes::Bytes;
 use duplex_balance::{Backend, LoadGuard};
 use duplex_metrics::UpgradeResult;
@@ -11,7 +13,6 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use crate::conn::ConnInfo;
 use crate::error::{connect_kind, ProxyError};
@@ -65,7 +66,7 @@ pub async fn upgrade(
         query: req.uri().query(),
     };
     let candidates = up.pool.candidates(&ctx, up.cfg.retries as usize + 1);
-    let Some((tcp, backend, load)) = connect_first(&candidates, up, shared).await else {
+    let Some((stream, backend, load)) = connect_first(&candidates, up, shared).await else {
         count(if candidates.is_empty() {
             UpgradeResult::NoBackend
         } else {
@@ -79,7 +80,7 @@ pub async fn upgrade(
     let breq = backend_request(&req, conn.peer.ip(), conn.https);
     let mut resp = match tokio::time::timeout(
         up.cfg.handshake_timeout,
-        send_handshake(tcp, breq, shared),
+        send_handshake(stream, breq, shared),
     )
     .await
     {
@@ -133,29 +134,19 @@ pub async fn upgrade(
     client_101(resp.headers())
 }
 
-/// Connects to the first candidate that answers within `connect_timeout`; counts the load
+/// Connects (TCP, then TLS if the upstream has it) to the first candidate that answers
+/// within `connect_timeout`; counts the load
 /// on a backend from the moment it is chosen, so concurrent handshakes spread out.
 async fn connect_first<'a>(
     candidates: &[&'a Backend],
     up: &UpstreamRt,
     shared: &Shared,
-) -> Option<(TcpStream, &'a Backend, LoadGuard)> {
+) -> Option<(BackendStream, &'a Backend, LoadGuard)> {
     for &b in candidates {
         let load = b.state.guard();
         let addr = b.state.addr;
-        let res = match tokio::time::timeout(up.cfg.connect_timeout, TcpStream::connect(addr)).await
-        {
-            Ok(r) => r,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            )),
-        };
-        match res {
-            Ok(tcp) => {
-                let _ = tcp.set_nodelay(true);
-                return Some((tcp, b, load));
-            }
+        match connect(addr, up.cfg.connect_timeout, up.tls.as_deref()).await {
+            Ok(stream) => return Some((stream, b, load)),
             Err(source) => {
                 let kind = connect_kind(&source);
                 let err = ProxyError::Connect { addr, source };
@@ -171,13 +162,13 @@ async fn connect_first<'a>(
     None
 }
 
-/// Sends the upgrade request over `tcp` and returns the backend's response head.
+/// Sends the upgrade request over `stream` and returns the backend's response head.
 async fn send_handshake(
-    tcp: TcpStream,
+    stream: BackendStream,
     req: Request<Empty<Bytes>>,
     shared: &Shared,
 ) -> Result<Response<Incoming>, hyper::Error> {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     // The connection task ends once the 101 hands the socket over, or once a non-101
     // response body is read and `sender` is gone.
     shared.tracker.spawn(async move {

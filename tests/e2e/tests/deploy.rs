@@ -53,6 +53,7 @@ fn exported() -> BTreeMap<String, Family> {
         connections_accepted,
         connections_active,
         accept_errors,
+        tls_handshake_errors,
         http_requests,
         http_request_duration,
         upgrades,
@@ -69,6 +70,9 @@ fn exported() -> BTreeMap<String, Family> {
     connections_accepted.with_label_values(&["l"]).inc();
     connections_active.with_label_values(&["l"]).inc();
     accept_errors.with_label_values(&["l"]).inc();
+    tls_handshake_errors
+        .with_label_values(&["l", "failed"])
+        .inc();
     http_requests.with_label_values(&["r", "u", "2xx"]).inc();
     http_request_duration.with_label_values(&["r"]).observe(0.1);
     upgrades.with_label_values(&["r", "u", "ok"]).inc();

@@ -1,0 +1,394 @@
+//! TLS with rustls: certificates read and checked at config load, SNI selection on the
+//! front, and client settings toward TLS backends.
+//!
+//! The crypto provider is ring, chosen once here and passed to every builder, so no
+//! process-wide default has to be installed and nothing else can change it.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use duplex_config::{CertificateFiles, ListenerTls, TlsVersion, UpstreamTls};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// A TLS setting that cannot be used, naming the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{}: no PEM certificate in the file", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{}: no usable PEM private key in the file ({why})", path.display())]
+    NoKey { path: PathBuf, why: String },
+    #[error("{}: the certificate expired {ago} ago", path.display())]
+    Expired {
+        path: PathBuf,
+        ago: humantime::FormattedDuration,
+    },
+    #[error("{}: the certificate does not match the key {}", cert.display(), key.display())]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("{}: {source}", path.display())]
+    Rustls {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("no system root certificates could be loaded; set tls.ca on the upstream")]
+    NoSystemRoots,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .filter_map(Result::ok)
+        .collect();
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read(path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::NoKey {
+        path: path.to_owned(),
+        why: e.to_string(),
+    })
+}
+
+fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut store = RootCertStore::empty();
+    for c in certs(path)? {
+        store.add(c).map_err(|source| TlsError::Rustls {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    Ok(store)
+}
+
+/// Reads a certificate chain and its key, refusing an expired leaf or a key that does not
+/// belong to it.
+fn certified_key(
+    files: &CertificateFiles,
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = certs(&files.cert)?;
+    if let Some(not_after) = crate::x509::not_after(&chain[0]) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if not_after < now {
+            let ago = humantime::format_duration(Duration::from_secs(now - not_after));
+            return Err(TlsError::Expired {
+                path: files.cert.clone(),
+                ago,
+            });
+        }
+    }
+    let key = key(&files.key)?;
+    let ck = CertifiedKey::from_der(chain, key, provider).map_err(|source| match source {
+        rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+        },
+        source => TlsError::Rustls {
+            path: files.key.clone(),
+            source,
+        },
+    })?;
+    Ok(Arc::new(ck))
+}
+
+/// Picks a certificate by SNI: the first whose names cover the requested host, else the
+/// first certificate.
+#[derive(Debug)]
+struct BySni {
+    certs: Vec<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for BySni {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let first = self.certs.first().cloned();
+        let Some(sni) = hello.server_name() else {
+            return first;
+        };
+        let Ok(name) = ServerName::try_from(sni) else {
+            return first;
+        };
+        self.certs
+            .iter()
+            .find(|ck| {
+                ck.end_entity_cert()
+                    .ok()
+                    .and_then(|der| webpki::EndEntityCert::try_from(der).ok())
+                    .is_some_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok())
+            })
+            .cloned()
+            .or(first)
+    }
+}
+
+/// The TLS settings of a listener, built from its files.
+pub struct Acceptor {
+    pub config: Arc<ServerConfig>,
+    pub handshake_timeout: Duration,
+}
+
+pub fn acceptor(t: &ListenerTls) -> Result<Acceptor, TlsError> {
+    let provider = provider();
+    let certs = t
+        .certificates
+        .iter()
+        .map(|c| certified_key(c, &provider))
+        .collect::<Result<Vec<_>, _>>()?;
+    let versions: &[&rustls::SupportedProtocolVersion] = match t.min_version {
+        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(versions)
+        .map_err(|source| TlsError::Rustls {
+            path: t.certificates[0].cert.clone(),
+            source,
+        })?;
+    let builder = match &t.client_auth {
+        None => builder.with_no_client_auth(),
+        Some(auth) => {
+            let v =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&auth.ca)?), provider);
+            let v = if auth.required {
+                v
+            } else {
+                v.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(v.build()?)
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(BySni { certs }));
+    config.alpn_protocols = t.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Ok(Acceptor {
+        config: Arc::new(config),
+        handshake_timeout: t.handshake_timeout,
+    })
+}
+
+/// The TLS settings toward an upstream's backends.
+pub struct Connector {
+    pub config: Arc<ClientConfig>,
+    /// SNI and verified name; `None` means the backend's IP address.
+    pub server_name: Option<ServerName<'static>>,
+}
+
+impl Connector {
+    /// The name to present to and verify for the backend at `addr`.
+    pub fn name_for(&self, addr: std::net::SocketAddr) -> ServerName<'static> {
+        self.server_name
+            .clone()
+            .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
+    }
+
+    /// Runs the TLS handshake over `tcp`.
+    pub async fn connect(
+        &self,
+        addr: std::net::SocketAddr,
+        tcp: TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        tokio_rustls::TlsConnector::from(Arc::clone(&self.config))
+            .connect(self.name_for(addr), tcp)
+            .await
+    }
+}
+
+pub fn connector(t: &UpstreamTls) -> Result<Connector, TlsError> {
+    let provider = provider();
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Rustls {
+            path: PathBuf::new(),
+            source,
+        })?;
+    let builder = if t.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+    } else {
+        let store = match &t.ca {
+            Some(ca) => roots(ca)?,
+            None => {
+                let mut store = RootCertStore::empty();
+                for c in rustls_native_certs::load_native_certs().certs {
+                    let _ = store.add(c);
+                }
+                if store.is_empty() {
+                    return Err(TlsError::NoSystemRoots);
+                }
+                store
+            }
+        };
+        builder.with_root_certificates(store)
+    };
+    let mut config = match &t.client_cert {
+        Some(files) => builder
+            .with_client_auth_cert(certs(&files.cert)?, key(&files.key)?)
+            .map_err(|source| TlsError::Rustls {
+                path: files.key.clone(),
+                source,
+            })?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let server_name = match &t.server_name {
+        Some(n) => Some(
+            ServerName::try_from(n.clone()).map_err(|_| TlsError::Rustls {
+                path: PathBuf::new(),
+                source: rustls::Error::General(format!("invalid server_name {n:?}")),
+            })?,
+        ),
+        None => None,
+    };
+    Ok(Connector {
+        config: Arc::new(config),
+        server_name,
+    })
+}
+
+/// Accepts any backend certificate (`insecure_skip_verify`), still checking signatures.
+#[derive(Debug)]
+struct NoVerify(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TCP stream, or TLS over one. Plain streams are spliced by readiness in the tunnel;
+/// TLS ones are copied through buffers.
+pub enum MaybeTls<T> {
+    Plain(TcpStream),
+    Tls(Box<T>),
+}
+
+/// What a client connection is.
+pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
+/// What a backend connection is.
+pub type BackendStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            MaybeTls::Plain(s) => s.is_write_vectored(),
+            MaybeTls::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for BackendStream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
