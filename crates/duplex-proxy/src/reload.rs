@@ -74,14 +74,15 @@ impl Proxy {
             return Err(ProxyError::NoConfigFile);
         };
         let p = path.clone();
-        let read = tokio::task::spawn_blocking(move || std::fs::read_to_string(p))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let read = tokio::task::spawn_blocking(move || {
+            let src = std::fs::read_to_string(&p)?;
+            let hash = source_hash(&src, &p.display().to_string());
+            Ok::<_, std::io::Error>((src, hash))
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match read {
-            Ok(src) => {
-                let hash = source_hash(&src);
-                Ok((src, hash))
-            }
+            Ok(pair) => Ok(pair),
             Err(source) => Err(self.refused(ProxyError::Config(ConfigError::Read {
                 path: path.clone(),
                 source,
@@ -201,6 +202,21 @@ impl Proxy {
         e
     }
 
+    /// The directories whose changes may change the config: the config file's, and those
+    /// of every certificate, key and CA file it names.
+    pub fn watched_dirs(&self) -> Vec<std::path::PathBuf> {
+        let parent = |p: &std::path::Path| match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let mut dirs: Vec<_> = self.inner.source.iter().map(|p| parent(p)).collect();
+        let table = self.inner.shared.table.load();
+        dirs.extend(table.config.tls_files().into_iter().map(parent));
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+
     /// How the last reload went.
     pub fn last_reload(&self) -> ReloadStatus {
         lock(&self.inner.status).clone()
@@ -208,10 +224,17 @@ impl Proxy {
 }
 
 /// Identifies a config file's content, to tell a real change from a touch.
-pub(crate) fn source_hash(src: &str) -> u64 {
+/// The content of the certificate and key files the config names counts too, so that a
+/// renewed certificate reloads like an edited config.
+pub(crate) fn source_hash(src: &str, file: &str) -> u64 {
     use std::hash::{DefaultHasher, Hash, Hasher};
     let mut h = DefaultHasher::new();
     src.hash(&mut h);
+    if let Ok(config) = Config::parse(src, file) {
+        for path in config.tls_files() {
+            std::fs::read(path).ok().hash(&mut h);
+        }
+    }
     h.finish()
 }
 

@@ -110,10 +110,10 @@ impl Proxy {
         source: Option<PathBuf>,
         metrics: Arc<Metrics>,
     ) -> Result<Proxy, ProxyError> {
-        let applied = source
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .map(|s| source_hash(&s));
+        let applied = source.as_ref().and_then(|p| {
+            let src = std::fs::read_to_string(p).ok()?;
+            Some(source_hash(&src, &p.display().to_string()))
+        });
         let bound = bind_all(&config.listeners)?;
         let admin_listener = bind("admin", config.admin.bind)?;
         let admin = admin_listener

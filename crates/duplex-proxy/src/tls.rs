@@ -392,3 +392,18 @@ impl hyper_util::client::legacy::connect::Connection for BackendStream {
         hyper_util::client::legacy::connect::Connected::new()
     }
 }
+
+/// Reads and checks every TLS file `config` names, as a start or reload would.
+pub fn check(config: &duplex_config::Config) -> Result<(), TlsError> {
+    for l in &config.listeners {
+        if let Some(t) = &l.tls {
+            acceptor(t)?;
+        }
+    }
+    for u in &config.upstreams {
+        if let Some(t) = &u.tls {
+            connector(t)?;
+        }
+    }
+    Ok(())
+}

@@ -1,4 +1,5 @@
-//! What makes the proxy reload besides `POST /reload`: a change of the file, and SIGHUP.
+//! What makes the proxy reload besides `POST /reload`: a change of the config file or of a
+//! certificate file it names, and SIGHUP.
 //!
 //! For the file, the parent directory is watched, not the file: editors replace a file by writing a new
 //! one and renaming it over the old, and Kubernetes ConfigMap volumes swap a `..data`
@@ -6,6 +7,7 @@
 //! short quiet period (debounce); then the file is read, and only a content that differs
 //! from the one in force reloads.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,12 +19,9 @@ use crate::Proxy;
 /// Quiet time after the last event before the file is read.
 const DEBOUNCE: Duration = Duration::from_millis(300);
 
-/// Watches `path` and reloads `proxy` from it when its content changes.
+/// Watches `path`, and the certificate files its config names, and reloads `proxy` when
+/// their content changes.
 pub fn watch_file(path: PathBuf, proxy: Proxy) {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
     // One pending wake-up is enough: a burst of events needs one reload.
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -37,23 +36,37 @@ pub fn watch_file(path: PathBuf, proxy: Proxy) {
             return;
         }
     };
-    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config directory; reload with SIGHUP or POST /reload");
-        return;
-    }
+    let mut watched = HashSet::new();
+    watch_new_dirs(&mut watcher, &mut watched, &proxy);
     tracing::info!(file = %path.display(), "watching the config file for changes");
     tokio::spawn(async move {
-        // The watcher stops when dropped: keep it for as long as this task runs.
-        let _watcher = watcher;
         while rx.recv().await.is_some() {
             // Wait for the burst to end.
             while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
             // Errors are logged, counted and shown in /status by the reload itself.
             if let Ok(Some(generation)) = proxy.reload_if_changed().await {
                 tracing::info!(file = %path.display(), generation, "config file changed: reloaded");
+                // A reload may name certificates in directories not watched yet.
+                watch_new_dirs(&mut watcher, &mut watched, &proxy);
             }
         }
     });
+}
+
+fn watch_new_dirs(watcher: &mut impl Watcher, watched: &mut HashSet<PathBuf>, proxy: &Proxy) {
+    for dir in proxy.watched_dirs() {
+        if watched.contains(&dir) {
+            continue;
+        }
+        match watcher.watch(&dir, RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                watched.insert(dir);
+            }
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a directory; reload with SIGHUP or POST /reload")
+            }
+        }
+    }
 }
 
 /// Reloads the config file on every SIGHUP, for as long as the proxy runs.

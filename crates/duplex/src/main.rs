@@ -89,7 +89,13 @@ fn init_logging(format: LogFormat) {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
+    let loaded = Config::load(path).map_err(|e| e.to_string()).and_then(|c| {
+        // Certificates and keys are read and checked as a start would.
+        duplex_proxy::tls::check(&c)
+            .map(|()| c)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    });
+    match loaded {
         Ok(c) => {
             let backends: usize = c.upstreams.iter().map(|u| u.backends.len()).sum();
             println!(

@@ -48,6 +48,7 @@ impl Seen {
 #[derive(Default)]
 struct Record {
     connections: AtomicUsize,
+    tls: Mutex<Vec<(Option<String>, bool)>>,
     requests: Mutex<Vec<Seen>>,
     closes: Mutex<Vec<(u16, String)>>,
 }
@@ -61,6 +62,16 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
+        Backend::start_with(name, None).await
+    }
+
+    /// A backend that speaks TLS with `config`; it records each client's SNI and whether
+    /// the client presented a certificate.
+    pub async fn start_tls(name: &str, config: Arc<rustls::ServerConfig>) -> Backend {
+        Backend::start_with(name, Some(tokio_rustls::TlsAcceptor::from(config))).await
+    }
+
+    async fn start_with(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a backend on 127.0.0.1:0");
@@ -70,16 +81,39 @@ impl Backend {
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 rec.connections.fetch_add(1, Ordering::SeqCst);
-                let (rec, me) = (Arc::clone(&rec), me.clone());
+                let (rec, me, tls) = (Arc::clone(&rec), me.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let (rec, me) = (Arc::clone(&rec), me.clone());
-                        async move { Ok::<_, Infallible>(answer(req, &me, rec).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .with_upgrades()
-                        .await;
+                    let svc = {
+                        let rec = Arc::clone(&rec);
+                        service_fn(move |req| {
+                            let (rec, me) = (Arc::clone(&rec), me.clone());
+                            async move { Ok::<_, Infallible>(answer(req, &me, rec).await) }
+                        })
+                    };
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http
+                                .serve_connection(TokioIo::new(tcp), svc)
+                                .with_upgrades()
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(tcp).await else {
+                                return;
+                            };
+                            let (_, session) = stream.get_ref();
+                            let seen = (
+                                session.server_name().map(str::to_owned),
+                                session.peer_certificates().is_some_and(|c| !c.is_empty()),
+                            );
+                            rec.tls.lock().expect("tls log").push(seen);
+                            let _ = http
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .with_upgrades()
+                                .await;
+                        }
+                    }
                 });
             }
         });
@@ -88,6 +122,11 @@ impl Backend {
             addr,
             record,
         }
+    }
+
+    /// Per TLS connection: the SNI the client sent, and whether it showed a certificate.
+    pub fn tls_clients(&self) -> Vec<(Option<String>, bool)> {
+        self.record.tls.lock().expect("tls log").clone()
     }
 
     /// Starts one backend per name.

@@ -1,0 +1,541 @@
+//! TLS: wss:// and https:// terminated by duplex, SNI, certificate rotation and refusal,
+//! client mTLS, TLS to backends, old protocol versions, and clients none of us wrote.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use duplex_config::Config;
+use duplex_e2e::backend::Backend;
+use duplex_e2e::client::{self, HttpConn};
+use duplex_e2e::pki::{client_config, server_config, temp_dir, write, Ca, Leaf};
+use duplex_e2e::{eventually, within};
+use duplex_proxy::{Metrics, Proxy};
+use futures_util::{SinkExt, StreamExt};
+use http::Method;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+type Wss = WebSocketStream<TlsStream<TcpStream>>;
+
+/// A config with one TLS listener (`extra` goes under `tls:`) and one upstream.
+fn tls_yaml(
+    certs: &[(&Path, &Path)],
+    extra: &str,
+    backend: SocketAddr,
+    upstream_extra: &str,
+) -> String {
+    let mut y = String::from(
+        "listeners:\n  - name: public\n    bind: 127.0.0.1:0\n    tls:\n      certificates:\n",
+    );
+    for (c, k) in certs {
+        y.push_str(&format!(
+            "        - cert: {}\n          key: {}\n",
+            c.display(),
+            k.display()
+        ));
+    }
+    y.push_str(extra);
+    y.push_str(&format!(
+        "admin:\n  bind: 127.0.0.1:0\nroutes:\n  - name: all\n    upstream: app\nupstreams:\n  - name: app\n{upstream_extra}    backends:\n      - addr: {backend}\n"
+    ));
+    y
+}
+
+async fn start(yaml: &str, source: Option<PathBuf>) -> (Proxy, SocketAddr) {
+    let config = Config::parse(yaml, "tls.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let proxy = within(
+        "start",
+        Proxy::start(config, source, Arc::new(Metrics::new())),
+    )
+    .await
+    .expect("the proxy starts");
+    let addr = proxy.listener_addr("public").expect("bound");
+    (proxy, addr)
+}
+
+async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = client::tcp(addr).await;
+    let name = ServerName::try_from(sni.to_owned()).expect("a server name");
+    within(
+        "TLS handshake",
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+}
+
+fn der(pem: &str) -> CertificateDer<'static> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).expect("a PEM certificate")
+}
+
+/// The leaf certificate the server presented.
+fn presented(s: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    s.get_ref()
+        .1
+        .peer_certificates()
+        .expect("a server certificate")[0]
+        .clone()
+        .into_owned()
+}
+
+async fn wss(addr: SocketAddr, sni: &str, config: Arc<rustls::ClientConfig>) -> Wss {
+    let tls = tls_connect(addr, sni, config).await.expect("TLS handshake");
+    let (ws, _) = within(
+        "wss handshake",
+        tokio_tungstenite::client_async(format!("wss://{sni}/ws"), tls),
+    )
+    .await
+    .expect("WebSocket over TLS");
+    ws
+}
+
+async fn echo(ws: &mut Wss, text: &str) {
+    within("send", ws.send(Message::text(text)))
+        .await
+        .expect("send");
+    let got = within("echo", ws.next())
+        .await
+        .expect("a message")
+        .expect("no error");
+    assert_eq!(got, Message::text(text));
+}
+
+async fn post_reload(admin: SocketAddr) -> client::Reply {
+    HttpConn::open(admin)
+        .await
+        .send(client::request(
+            Method::POST,
+            admin,
+            "/reload",
+            &[],
+            client::empty(),
+        ))
+        .await
+}
+
+#[tokio::test]
+async fn wss_and_https_through_a_verified_chain() {
+    let ca = Ca::new("front CA");
+    let leaf = ca.leaf(&["chat.test"]);
+    let dir = temp_dir("tls-basic");
+    let (c, k) = (
+        write(&dir, "c.pem", &leaf.cert),
+        write(&dir, "k.pem", &leaf.key),
+    );
+    let b = Backend::start("plain").await;
+    let (proxy, addr) = start(&tls_yaml(&[(&c, &k)], "", b.addr, ""), None).await;
+    let trust = client_config(&ca.pem, None);
+
+    let mut ws = wss(addr, "chat.test", Arc::clone(&trust)).await;
+    echo(&mut ws, "over tls").await;
+    let upgrade = b
+        .requests()
+        .into_iter()
+        .last()
+        .expect("the backend saw the upgrade");
+    assert_eq!(upgrade.header("x-forwarded-proto"), Some("https"));
+
+    // curl, a client none of us wrote, verifying the chain.
+    let ca_file = write(&dir, "ca.pem", &ca.pem);
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&ca_file)
+        .args(["--resolve", &format!("chat.test:{}:127.0.0.1", addr.port())])
+        .arg(format!("https://chat.test:{}/hello", addr.port()))
+        .output();
+    let out = within("curl", out).await.expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "plain");
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+#[tokio::test]
+async fn sni_picks_the_certificate_and_the_first_is_the_default() {
+    let ca = Ca::new("front CA");
+    let (a, bee) = (ca.leaf(&["a.test"]), ca.leaf(&["b.test", "*.b.test"]));
+    let dir = temp_dir("tls-sni");
+    let files = [
+        (write(&dir, "a.pem", &a.cert), write(&dir, "a.key", &a.key)),
+        (
+            write(&dir, "b.pem", &bee.cert),
+            write(&dir, "b.key", &bee.key),
+        ),
+    ];
+    let pairs: Vec<(&Path, &Path)> = files
+        .iter()
+        .map(|(c, k)| (c.as_path(), k.as_path()))
+        .collect();
+    let backend = Backend::start("plain").await;
+    let (proxy, addr) = start(&tls_yaml(&pairs, "", backend.addr, ""), None).await;
+    let trust = client_config(&ca.pem, None);
+    for (sni, want) in [("a.test", &a), ("b.test", &bee), ("x.b.test", &bee)] {
+        let s = tls_connect(addr, sni, Arc::clone(&trust))
+            .await
+            .expect("handshake");
+        assert_eq!(presented(&s), der(&want.cert), "SNI {sni}");
+    }
+    // An unknown name gets the first certificate, which the client then refuses.
+    let mut lax = (*client_config(&ca.pem, None)).clone();
+    lax.enable_sni = false;
+    let s = tls_connect(addr, "a.test", Arc::new(lax))
+        .await
+        .expect("no SNI: the default certificate");
+    assert_eq!(presented(&s), der(&a.cert));
+    assert!(tls_connect(addr, "other.test", trust).await.is_err());
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+#[tokio::test]
+async fn a_certificate_changed_on_disk_serves_the_next_handshake() {
+    let ca = Ca::new("front CA");
+    let (old, new) = (ca.leaf(&["chat.test"]), ca.leaf(&["chat.test"]));
+    let dir = temp_dir("tls-rotate");
+    let (c, k) = (
+        write(&dir, "c.pem", &old.cert),
+        write(&dir, "k.pem", &old.key),
+    );
+    let b = Backend::start("plain").await;
+    let yaml = tls_yaml(&[(&c, &k)], "", b.addr, "");
+    let config_file = write(&dir, "duplex.yaml", &yaml);
+    let (proxy, addr) = start(&yaml, Some(config_file.clone())).await;
+    duplex_proxy::triggers::watch_file(config_file, proxy.clone());
+    let trust = client_config(&ca.pem, None);
+    let mut before = wss(addr, "chat.test", Arc::clone(&trust)).await;
+    echo(&mut before, "first").await;
+
+    // As certbot does: the key, then the certificate.
+    write(&dir, "k.pem", &new.key);
+    write(&dir, "c.pem", &new.cert);
+    eventually(
+        Duration::from_secs(10),
+        "the new certificate to be served",
+        || {
+            let trust = Arc::clone(&trust);
+            let want = der(&new.cert);
+            async move {
+                tls_connect(addr, "chat.test", trust)
+                    .await
+                    .is_ok_and(|s| presented(&s) == want)
+            }
+        },
+    )
+    .await;
+    echo(&mut before, "the tunnel opened before the swap still works").await;
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+#[tokio::test]
+async fn a_bad_certificate_at_reload_is_refused_and_the_old_one_stays() {
+    let ca = Ca::new("front CA");
+    let good = ca.leaf(&["chat.test"]);
+    let dir = temp_dir("tls-refuse");
+    let (c, k) = (
+        write(&dir, "c.pem", &good.cert),
+        write(&dir, "k.pem", &good.key),
+    );
+    let b = Backend::start("plain").await;
+    let yaml = tls_yaml(&[(&c, &k)], "", b.addr, "");
+    let config_file = write(&dir, "duplex.yaml", &yaml);
+    let (proxy, addr) = start(&yaml, Some(config_file)).await;
+    let trust = client_config(&ca.pem, None);
+
+    let expired = ca.expired_leaf(&["chat.test"]);
+    let other_key = ca.leaf(&["chat.test"]).key;
+    let cases: [(&Leaf, &str, &str); 3] = [
+        (&expired, &expired.key, "expired"),
+        (&good, &other_key, "does not match the key"),
+        (
+            &Leaf {
+                cert: "not a certificate".into(),
+                key: good.key.clone(),
+            },
+            &good.key,
+            "no PEM certificate",
+        ),
+    ];
+    for (leaf, key, why) in cases {
+        write(&dir, "c.pem", &leaf.cert);
+        write(&dir, "k.pem", key);
+        let r = post_reload(proxy.admin_addr()).await;
+        assert_eq!(r.status, 400, "{why}: {}", r.text());
+        assert!(
+            r.text().contains(why) && r.text().contains("c.pem"),
+            "{why}: {}",
+            r.text()
+        );
+        let s = tls_connect(addr, "chat.test", Arc::clone(&trust))
+            .await
+            .expect("the old certificate");
+        assert_eq!(presented(&s), der(&good.cert), "{why}");
+    }
+    assert_eq!(proxy.generation(), 1);
+    // `duplex check` reads the same files the same way.
+    let config = Config::parse(&yaml, "tls.yaml").expect("valid YAML");
+    let err = duplex_proxy::tls::check(&config)
+        .expect_err("the files on disk are bad")
+        .to_string();
+    assert!(err.contains("c.pem"), "{err}");
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+#[tokio::test]
+async fn client_certificates_required_and_refused() {
+    let (front, clients) = (Ca::new("front CA"), Ca::new("client CA"));
+    let leaf = front.leaf(&["chat.test"]);
+    let dir = temp_dir("tls-mtls");
+    let (c, k) = (
+        write(&dir, "c.pem", &leaf.cert),
+        write(&dir, "k.pem", &leaf.key),
+    );
+    let client_ca = write(&dir, "clients.pem", &clients.pem);
+    let b = Backend::start("plain").await;
+    let extra = format!(
+        "      client_auth:\n        ca: {}\n        required: true\n",
+        client_ca.display()
+    );
+    let (proxy, addr) = start(&tls_yaml(&[(&c, &k)], &extra, b.addr, ""), None).await;
+
+    let me = clients.leaf(&["alice"]);
+    let mut ws = wss(addr, "chat.test", client_config(&front.pem, Some(&me))).await;
+    echo(&mut ws, "with a client certificate").await;
+
+    // Without one: refused (TLS 1.3 reports it on the first read).
+    let refused = async {
+        let mut s = tls_connect(addr, "chat.test", client_config(&front.pem, None)).await?;
+        let mut buf = [0u8; 1];
+        s.read(&mut buf).await.and_then(|n| {
+            if n == 0 {
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            } else {
+                Ok(())
+            }
+        })
+    };
+    assert!(within("a client without a certificate", refused)
+        .await
+        .is_err());
+    // Signed by another CA: refused too.
+    let stranger = front.leaf(&["mallory"]);
+    let other = async {
+        let mut s = tls_connect(
+            addr,
+            "chat.test",
+            client_config(&front.pem, Some(&stranger)),
+        )
+        .await?;
+        let mut buf = [0u8; 1];
+        s.read(&mut buf).await.map(|_| ())
+    };
+    assert!(within("a client with a foreign certificate", other)
+        .await
+        .is_err());
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+#[tokio::test]
+async fn tls_to_a_backend_with_its_own_ca_sni_and_mtls() {
+    let (backend_ca, duplex_ca) = (Ca::new("backend CA"), Ca::new("duplex client CA"));
+    let backend_leaf = backend_ca.leaf(&["backend.internal"]);
+    let b = Backend::start_tls("secure", server_config(&backend_leaf, Some(&duplex_ca.pem))).await;
+    let dir = temp_dir("tls-upstream");
+    let me = duplex_ca.leaf(&["duplex"]);
+    let (ca_file, cc, ck) = (
+        write(&dir, "bca.pem", &backend_ca.pem),
+        write(&dir, "dc.pem", &me.cert),
+        write(&dir, "dk.pem", &me.key),
+    );
+    let yaml = format!(
+        "listeners:\n  - name: public\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\n\
+         routes:\n  - name: all\n    upstream: app\nupstreams:\n  - name: app\n    tls:\n      server_name: backend.internal\n      ca: {}\n      client_cert: {}\n      client_key: {}\n    backends:\n      - addr: {}\n",
+        ca_file.display(),
+        cc.display(),
+        ck.display(),
+        b.addr
+    );
+    let (proxy, addr) = start(&yaml, None).await;
+    let (mut ws, _) = client::ws(addr, "/ws").await;
+    within("send", ws.send(Message::text("to a TLS backend")))
+        .await
+        .expect("send");
+    assert_eq!(
+        client::recv(&mut ws).await,
+        Message::text("to a TLS backend")
+    );
+    let r = client::get(addr, "/page", &[]).await;
+    assert_eq!((r.status.as_u16(), r.text()), (200, "secure".to_owned()));
+    let seen = b.tls_clients();
+    assert!(seen.len() >= 2, "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|(sni, cert)| sni.as_deref() == Some("backend.internal") && *cert),
+        "{seen:?}"
+    );
+
+    // A backend whose certificate the CA did not sign is refused: 502.
+    let rogue = Backend::start_tls(
+        "rogue",
+        server_config(&Ca::new("rogue").leaf(&["backend.internal"]), None),
+    )
+    .await;
+    let yaml = yaml.replace(&b.addr.to_string(), &rogue.addr.to_string());
+    proxy
+        .reload(Config::parse(&yaml, "tls.yaml").expect("valid"))
+        .await
+        .expect("reload");
+    assert_eq!(client::get(addr, "/page", &[]).await.status, 502);
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+#[tokio::test]
+async fn old_protocol_versions_are_refused_as_openssl_sees_it() {
+    let ca = Ca::new("front CA");
+    let leaf = ca.leaf(&["chat.test"]);
+    let dir = temp_dir("tls-versions");
+    let (c, k) = (
+        write(&dir, "c.pem", &leaf.cert),
+        write(&dir, "k.pem", &leaf.key),
+    );
+    let b = Backend::start("plain").await;
+    let (proxy, addr) = start(&tls_yaml(&[(&c, &k)], "", b.addr, ""), None).await;
+    let s_client = |version: &'static str| {
+        let target = addr.to_string();
+        async move {
+            let out = tokio::process::Command::new("openssl")
+                .args([
+                    "s_client",
+                    "-connect",
+                    &target,
+                    "-servername",
+                    "chat.test",
+                    version,
+                    "-cipher",
+                    "DEFAULT@SECLEVEL=0",
+                ])
+                .stdin(std::process::Stdio::null())
+                .output();
+            within("openssl s_client", out).await.expect("run openssl")
+        }
+    };
+    let ok = s_client("-tls1_2").await;
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains("Protocol  : TLSv1.2") || ok.status.success(),
+        "TLS 1.2 must work"
+    );
+    let old = s_client("-tls1_1").await;
+    assert!(
+        !old.status.success(),
+        "TLS 1.1 must be refused: {}",
+        String::from_utf8_lossy(&old.stdout)
+    );
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+#[tokio::test]
+async fn a_silent_tls_client_is_cut_off_after_the_handshake_timeout() {
+    let ca = Ca::new("front CA");
+    let leaf = ca.leaf(&["chat.test"]);
+    let dir = temp_dir("tls-slow");
+    let (c, k) = (
+        write(&dir, "c.pem", &leaf.cert),
+        write(&dir, "k.pem", &leaf.key),
+    );
+    let b = Backend::start("plain").await;
+    let (proxy, addr) = start(
+        &tls_yaml(&[(&c, &k)], "      handshake_timeout: 300ms\n", b.addr, ""),
+        None,
+    )
+    .await;
+    let mut tcp = client::tcp(addr).await;
+    let mut buf = [0u8; 16];
+    let n = within("the proxy to close a silent client", tcp.read(&mut buf)).await;
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let m = proxy
+        .metrics()
+        .tls_handshake_errors
+        .with_label_values(&["public", "timeout"])
+        .get();
+    assert_eq!(m, 1);
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+#[tokio::test]
+async fn plain_http_redirects_to_https_but_upgrades_do_not() {
+    let b = Backend::start("plain").await;
+    let yaml = format!(
+        "listeners:\n  - name: public\n    bind: 127.0.0.1:0\n    redirect_https: true\n    https_port: 8443\nadmin:\n  bind: 127.0.0.1:0\n\
+         routes:\n  - name: all\n    upstream: app\nupstreams:\n  - name: app\n    backends:\n      - addr: {}\n",
+        b.addr
+    );
+    let (proxy, addr) = start(&yaml, None).await;
+    let mut req = client::request(Method::GET, addr, "/room?id=7", &[], client::empty());
+    req.headers_mut().insert(
+        http::header::HOST,
+        http::HeaderValue::from_static("chat.test"),
+    );
+    let r = HttpConn::open(addr).await.send(req).await;
+    assert_eq!(r.status, 308);
+    assert_eq!(
+        r.header("location"),
+        Some("https://chat.test:8443/room?id=7")
+    );
+    let raw = client::raw_exchange(
+        addr,
+        b"GET /ws HTTP/1.1\r\nHost: chat.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw.head.status(), 426);
+    assert_eq!(b.connections(), 0);
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+#[tokio::test]
+async fn python_websockets_over_wss_verifies_the_chain() {
+    let ca = Ca::new("front CA");
+    let leaf = ca.leaf(&["chat.test", "127.0.0.1"]);
+    let dir = temp_dir("tls-python");
+    let (c, k) = (
+        write(&dir, "c.pem", &leaf.cert),
+        write(&dir, "k.pem", &leaf.key),
+    );
+    let ca_file = write(&dir, "ca.pem", &ca.pem);
+    let b = Backend::start("plain").await;
+    let (proxy, addr) = start(&tls_yaml(&[(&c, &k)], "", b.addr, ""), None).await;
+    let script = format!(
+        "import ssl, sys\n\
+         try:\n    from websockets.sync.client import connect\n\
+         except ImportError:\n    sys.exit('python websockets is missing: run pip install websockets')\n\
+         ctx = ssl.create_default_context(cafile=r'{}')\n\
+         with connect('wss://127.0.0.1:{}/ws', ssl=ctx, server_hostname='chat.test', open_timeout=5) as ws:\n    ws.send('from python')\n    print(ws.recv(timeout=5))\n",
+        ca_file.display(),
+        addr.port()
+    );
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", &script])
+        .output();
+    let out = within_secs(20, out).await.expect("run python3");
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "from python");
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+async fn within_secs<F: std::future::Future>(secs: u64, f: F) -> F::Output {
+    duplex_e2e::within_for(Duration::from_secs(secs), "an external client", f).await
+}
