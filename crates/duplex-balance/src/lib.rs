@@ -15,10 +15,11 @@ mod random;
 mod round_robin;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
-use duplex_config::{BalancerKind, HashKey};
+use duplex_config::{BalancerKind, HashKey, PanicMode, PassiveHealth};
 use http::HeaderMap;
 
 pub use consistent_hash::ConsistentHash;
@@ -45,6 +46,19 @@ pub struct BackendState {
     load: AtomicUsize,
     /// The part of `load` that is open tunnels, for status pages; kept by [`TunnelMark`]s.
     tunnels: AtomicUsize,
+    /// Health as active checks see it; true until a check says otherwise.
+    healthy: AtomicBool,
+    /// Passive health: consecutive failures, ejections in a row, and the end of the
+    /// current ejection in milliseconds on [`clock_ms`].
+    fails: AtomicU32,
+    ejections: AtomicU32,
+    ejected_until_ms: AtomicU64,
+}
+
+/// Milliseconds since the first call: a monotonic clock that fits an atomic.
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 impl BackendState {
@@ -53,7 +67,58 @@ impl BackendState {
             addr,
             load: AtomicUsize::new(0),
             tunnels: AtomicUsize::new(0),
+            healthy: AtomicBool::new(true),
+            fails: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
         })
+    }
+
+    /// Whether new connections may go here: healthy and not ejected.
+    pub fn is_available(&self) -> bool {
+        self.is_healthy() && !self.is_ejected()
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        clock_ms() < self.ejected_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Sets the active-check verdict; returns whether it changed.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::Relaxed) != healthy
+    }
+
+    /// A connection to this backend worked: the failure count starts over, and so does the
+    /// growth of ejections.
+    pub fn record_success(&self) {
+        if self.fails.swap(0, Ordering::Relaxed) != 0 || !self.is_ejected() {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A connect failed or a handshake timed out. After `max_fails` in a row the backend is
+    /// ejected for `fail_timeout`, doubled for each ejection in a row up to the maximum;
+    /// returns the ejection's length when this failure caused one.
+    pub fn record_failure(&self, p: &PassiveHealth) -> Option<Duration> {
+        if p.max_fails == 0 {
+            return None;
+        }
+        if self.fails.fetch_add(1, Ordering::Relaxed) + 1 < p.max_fails {
+            return None;
+        }
+        self.fails.store(0, Ordering::Relaxed);
+        let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let length = p
+            .fail_timeout
+            .saturating_mul(1 << n)
+            .min(p.max_fail_timeout);
+        self.ejected_until_ms
+            .store(clock_ms() + length.as_millis() as u64, Ordering::Relaxed);
+        Some(length)
     }
 
     pub fn load(&self) -> usize {
@@ -121,10 +186,16 @@ pub trait Balancer: Send + Sync {
 pub struct Pool {
     backends: Vec<Backend>,
     balancer: Box<dyn Balancer>,
+    panic_mode: PanicMode,
 }
 
 impl Pool {
-    pub fn new(kind: BalancerKind, hash_key: Option<&HashKey>, backends: Vec<Backend>) -> Pool {
+    pub fn new(
+        kind: BalancerKind,
+        hash_key: Option<&HashKey>,
+        panic_mode: PanicMode,
+        backends: Vec<Backend>,
+    ) -> Pool {
         let balancer: Box<dyn Balancer> = match kind {
             BalancerKind::RoundRobin => Box::new(RoundRobin::new(&backends)),
             BalancerKind::LeastConn => Box::new(LeastConn::default()),
@@ -135,17 +206,36 @@ impl Pool {
                 &backends,
             )),
         };
-        Pool { backends, balancer }
+        Pool {
+            backends,
+            balancer,
+            panic_mode,
+        }
     }
 
     pub fn backends(&self) -> &[Backend] {
         &self.backends
     }
 
-    /// Up to `max` distinct backends for one connection, best first.
+    /// Up to `max` distinct available backends for one connection, best first. When none
+    /// is available, `panic_mode` decides: all of them (open) or none (closed).
     pub fn candidates(&self, ctx: &Context<'_>, max: usize) -> Vec<&Backend> {
         let mut idx = Vec::with_capacity(max.min(self.backends.len()));
         self.balancer.pick(&self.backends, ctx, max, &mut idx);
+        let available = |i: &usize| self.backends[*i].state.is_available();
+        if !idx.iter().all(available) {
+            // Rare: ask for every backend in order and skip those out of service, so that
+            // each algorithm's order (ring, schedule, load) still holds among the rest.
+            idx.clear();
+            self.balancer
+                .pick(&self.backends, ctx, self.backends.len(), &mut idx);
+            let all = idx.clone();
+            idx.retain(available);
+            if idx.is_empty() && self.panic_mode == PanicMode::Open {
+                idx = all;
+            }
+            idx.truncate(max);
+        }
         idx.into_iter().map(|i| &self.backends[i]).collect()
     }
 }
@@ -180,6 +270,72 @@ pub(crate) fn weighted_draw(backends: &[Backend], exclude: &[usize]) -> Option<u
         r -= w;
     }
     None
+}
+
+#[cfg(test)]
+mod health_tests {
+    use super::*;
+    use crate::test_util::{backends, ctx};
+
+    fn pool(panic_mode: PanicMode) -> Pool {
+        Pool::new(
+            BalancerKind::RoundRobin,
+            None,
+            panic_mode,
+            backends(&[1, 1, 1]),
+        )
+    }
+
+    #[test]
+    fn skips_unavailable_backends_and_panics_open_or_closed() {
+        let h = HeaderMap::new();
+        for mode in [PanicMode::Open, PanicMode::Closed] {
+            let p = pool(mode);
+            p.backends()[1].state.set_healthy(false);
+            for _ in 0..6 {
+                let c = p.candidates(&ctx(&h), 3);
+                assert_eq!(c.len(), 2);
+                assert!(c.iter().all(|b| b.state.addr.port() != 9001));
+            }
+            p.backends()[0].state.set_healthy(false);
+            p.backends()[2].state.set_healthy(false);
+            let n = p.candidates(&ctx(&h), 3).len();
+            assert_eq!(n, if mode == PanicMode::Open { 3 } else { 0 }, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn ejection_needs_max_fails_in_a_row_and_grows() {
+        let b = BackendState::new(SocketAddr::from(([127, 0, 0, 1], 1)));
+        let p = PassiveHealth {
+            max_fails: 3,
+            fail_timeout: Duration::from_secs(10),
+            max_fail_timeout: Duration::from_secs(25),
+        };
+        assert_eq!(b.record_failure(&p), None);
+        assert_eq!(b.record_failure(&p), None);
+        b.record_success();
+        assert_eq!(
+            b.record_failure(&p),
+            None,
+            "a success starts the count over"
+        );
+        assert_eq!(b.record_failure(&p), None);
+        assert_eq!(b.record_failure(&p), Some(Duration::from_secs(10)));
+        assert!(b.is_ejected() && !b.is_available());
+        for want in [20, 25] {
+            for _ in 0..2 {
+                b.record_failure(&p);
+            }
+            assert_eq!(
+                b.record_failure(&p),
+                Some(Duration::from_secs(want)),
+                "doubles up to the bound"
+            );
+        }
+        let off = PassiveHealth { max_fails: 0, ..p };
+        assert_eq!(BackendState::new(b.addr).record_failure(&off), None);
+    }
 }
 
 #[cfg(test)]

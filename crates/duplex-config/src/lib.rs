@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod diff;
+mod health;
 mod locate;
 mod raw;
 mod tls;
@@ -38,6 +39,15 @@ pub mod defaults {
     pub const RETRIES: u32 = 2;
     pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const HTTPS_PORT: u16 = 443;
+    pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+    pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const HEALTHY_THRESHOLD: u32 = 2;
+    pub const UNHEALTHY_THRESHOLD: u32 = 3;
+    pub const MAX_FAILS: u32 = 3;
+    pub const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Repeated ejections double the fail timeout up to this.
+    pub const MAX_FAIL_TIMEOUT: Duration = Duration::from_secs(300);
+    pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 }
 
 /// A validated configuration.
@@ -181,7 +191,73 @@ pub struct Upstream {
     pub drain_timeout: Duration,
     pub retries: u32,
     pub tls: Option<UpstreamTls>,
+    /// Active checks; none unless configured.
+    pub health_check: Option<HealthCheck>,
+    /// Passive ejection after consecutive connect failures or handshake timeouts.
+    pub passive: PassiveHealth,
+    /// Close open tunnels when a check takes their backend out.
+    pub close_tunnels_on_unhealthy: bool,
+    /// What to do when no backend is healthy.
+    pub panic_mode: PanicMode,
+    /// Backends with a fixed address.
     pub backends: Vec<Backend>,
+    /// Backends named by a DNS name, re-resolved periodically.
+    pub discovered: Vec<DnsBackend>,
+}
+
+/// An active health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    /// For `http` and `websocket`.
+    pub path: String,
+    /// For `http`.
+    pub expect_status: u16,
+    pub host: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive passes to come back.
+    pub healthy_threshold: u32,
+    /// Consecutive failures to be taken out.
+    pub unhealthy_threshold: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthKind {
+    Tcp,
+    Http,
+    Websocket,
+}
+
+/// Passive ejection, as nginx's max_fails/fail_timeout and Envoy's outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassiveHealth {
+    /// Consecutive failures that eject a backend; 0 turns ejection off.
+    pub max_fails: u32,
+    /// The first ejection's length; each ejection in a row doubles it.
+    pub fail_timeout: Duration,
+    /// The longest an ejection can grow to.
+    pub max_fail_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PanicMode {
+    /// Use every backend, healthy or not.
+    #[default]
+    Open,
+    /// Answer 503.
+    Closed,
+}
+
+/// A backend given by DNS name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsBackend {
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+    pub interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::{BalancerKind, HashKey};
+use crate::{BalancerKind, HashKey, HealthKind, PanicMode};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,6 +105,12 @@ pub(crate) struct RawUpstream {
     pub drain_timeout: Option<String>,
     pub retries: Option<u32>,
     pub tls: Option<RawUpstreamTls>,
+    pub health_check: Option<RawHealthCheck>,
+    pub max_fails: Option<u32>,
+    pub fail_timeout: Option<String>,
+    pub close_tunnels_on_unhealthy: Option<bool>,
+    #[serde(default)]
+    pub panic_mode: PanicMode,
     pub backends: Vec<RawBackend>,
 }
 
@@ -113,6 +119,21 @@ pub(crate) struct RawUpstream {
 pub(crate) struct RawBackend {
     pub addr: String,
     pub weight: Option<u32>,
+    pub resolve: Option<String>,
+    pub resolve_interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealthCheck {
+    pub kind: HealthKind,
+    pub path: Option<String>,
+    pub expect_status: Option<u16>,
+    pub host: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub healthy_threshold: Option<u32>,
+    pub unhealthy_threshold: Option<u32>,
 }
 
 impl std::str::FromStr for HashKey {

@@ -275,6 +275,7 @@ fn upstream(i: usize, u: &RawUpstream, base: &Path) -> Result<Upstream, Violatio
     }
     let mut seen = HashSet::new();
     let mut backends = Vec::new();
+    let mut discovered = Vec::new();
     for (j, b) in u.backends.iter().enumerate() {
         let at = |k| {
             vec![
@@ -285,18 +286,28 @@ fn upstream(i: usize, u: &RawUpstream, base: &Path) -> Result<Upstream, Violatio
                 Key(k),
             ]
         };
-        let addr = parse_addr(at("addr"), &b.addr)?;
-        if !seen.insert(addr) {
-            return fail(
-                at("addr"),
-                format!("backend {addr} is listed twice in upstream {:?}", u.name),
-            );
-        }
         let weight = b.weight.unwrap_or(1);
         if weight == 0 || weight > MAX_WEIGHT {
             return fail(
                 at("weight"),
                 format!("weight must be between 1 and {MAX_WEIGHT}, got {weight}"),
+            );
+        }
+        if b.resolve.is_some() {
+            discovered.push(crate::health::dns_backend(i, j, b, weight)?);
+            continue;
+        }
+        if b.resolve_interval.is_some() {
+            return fail(
+                at("resolve_interval"),
+                "resolve_interval goes with resolve: dns".into(),
+            );
+        }
+        let addr = parse_addr(at("addr"), &b.addr)?;
+        if !seen.insert(addr) {
+            return fail(
+                at("addr"),
+                format!("backend {addr} is listed twice in upstream {:?}", u.name),
             );
         }
         backends.push(Backend { addr, weight });
@@ -360,6 +371,15 @@ fn upstream(i: usize, u: &RawUpstream, base: &Path) -> Result<Upstream, Violatio
             .as_ref()
             .map(|t| crate::tls::upstream(i, t, base))
             .transpose()?,
+        health_check: u
+            .health_check
+            .as_ref()
+            .map(|h| crate::health::check(i, h))
+            .transpose()?,
+        passive: crate::health::passive(i, u)?,
+        close_tunnels_on_unhealthy: u.close_tunnels_on_unhealthy.unwrap_or(false),
+        panic_mode: u.panic_mode,
         backends,
+        discovered,
     })
 }

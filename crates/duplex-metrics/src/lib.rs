@@ -58,6 +58,9 @@ pub struct Metrics {
     pub tunnel_bytes: IntCounterVec,
     pub backend_connect_errors: IntCounterVec,
     pub backend_up: IntGaugeVec,
+    pub backend_health_checks: IntCounterVec,
+    pub backend_ejections: IntCounterVec,
+    pub dns_resolutions: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
     pub config_last_reload_success: IntGauge,
@@ -115,6 +118,9 @@ impl Metrics {
             tunnel_bytes: counter(&r, "duplex_tunnel_bytes_total", "Bytes relayed through WebSocket tunnels, by route and direction, counted as they pass.", &["route", "direction"]),
             backend_connect_errors: counter(&r, "duplex_backend_connect_errors_total", "Failed connections to backends, by upstream, backend and kind (refused, timeout, other).", &["upstream", "backend", "kind"]),
             backend_up: gauge(&r, "duplex_backend_up", "1 when a backend takes new connections, 0 when it does not (removed and draining).", &["upstream", "backend"]),
+            backend_health_checks: counter(&r, "duplex_backend_health_checks_total", "Active health checks, by upstream, backend and result (ok, fail).", &["upstream", "backend", "result"]),
+            backend_ejections: counter(&r, "duplex_backend_ejections_total", "Passive ejections after max_fails connect failures or handshake timeouts in a row, by upstream and backend.", &["upstream", "backend"]),
+            dns_resolutions: counter(&r, "duplex_dns_resolutions_total", "DNS resolutions of backends with resolve: dns, by upstream and result (ok, error); an error keeps the last addresses.", &["upstream", "result"]),
             config_reloads: counter(&r, "duplex_config_reloads_total", "Configuration reloads, by result (ok, error).", &["result"]),
             config_generation: {
                 let g = IntGauge::new("duplex_config_generation", "Generation of the configuration in force; 1 at start, one more per applied reload.").expect("valid metric");

@@ -51,6 +51,8 @@ async fn handle(req: Request<Incoming>, proxy: &Proxy) -> Response<Body> {
     let shared = &proxy.inner.shared;
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
+            // Ejections end with time, not with an event: read backend state as of now.
+            shared.table.load().export_backends(&shared.metrics);
             let mut r = text(StatusCode::OK, shared.metrics.render());
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -120,7 +122,9 @@ fn status(proxy: &Proxy) -> serde_json::Value {
                     json!({
                         "addr": b.state.addr.to_string(),
                         "weight": b.weight,
-                        "healthy": true,
+                        "healthy": b.state.is_healthy(),
+                        "ejected": b.state.is_ejected(),
+                        "available": b.state.is_available(),
                         "tunnels": tunnels,
                         "in_flight": b.state.load().saturating_sub(tunnels),
                     })

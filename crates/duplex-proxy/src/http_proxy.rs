@@ -137,7 +137,12 @@ pub async fn forward(
     };
     let m = &shared.metrics;
     let mut resp = None;
-    for backend in up.pool.candidates(&ctx, up.cfg.retries as usize + 1) {
+    let candidates = up.pool.candidates(&ctx, up.cfg.retries as usize + 1);
+    if candidates.is_empty() {
+        // Every backend is out of service and panic_mode is closed.
+        resp = Some(responses::no_healthy_backend(&route.name));
+    }
+    for backend in candidates {
         let addr = backend.state.addr;
         let load = backend.state.guard();
         let Ok(uri) = Uri::try_from(format!("http://{addr}{path}")) else {
@@ -155,10 +160,12 @@ pub async fn forward(
         *out.headers_mut() = parts.headers.clone();
         match tokio::time::timeout(up.cfg.response_timeout, up.client.request(out)).await {
             Ok(Ok(r)) => {
+                backend.state.record_success();
                 resp = Some(relay(r, load));
                 break;
             }
             Ok(Err(e)) if e.is_connect() => {
+                crate::health::passive_failure(shared, up, &backend.state);
                 let kind = crate::error::connect_kind(&e);
                 m.backend_connect_errors
                     .with_label_values(&[&up.cfg.name, &addr.to_string(), kind])

@@ -10,9 +10,11 @@
 mod admin;
 mod conn;
 mod connector;
+pub mod discovery;
 pub mod error;
 mod handshake;
 mod headers;
+mod health;
 mod http_proxy;
 mod reload;
 mod responses;

@@ -153,16 +153,10 @@ impl Proxy {
 
         let diff = Diff::between(&old.config, &config);
         let generation = old.generation + 1;
-        let table = Table::build(
-            Arc::new(config),
-            Some(&old),
-            generation,
-            &shared.closing,
-            &shared.draining,
-        )
-        .map_err(|e| self.refused(ProxyError::Tls(e)))?;
+        let table = Table::build(Arc::new(config), generation, &shared.carry(Some(&old)))
+            .map_err(|e| self.refused(ProxyError::Tls(e)))?;
         let table = Arc::new(table);
-        shared.table.store(Arc::clone(&table));
+        self.install(&old, Arc::clone(&table));
 
         for t in &to_stop {
             t.cancel();
@@ -174,8 +168,6 @@ impl Proxy {
             !h.stop.is_cancelled()
         });
         self.start_accepting(reuse.into_iter().chain(fresh).collect());
-        drain_removed(shared, &old, &table);
-        table.export_backends(&shared.metrics);
 
         let m = &shared.metrics;
         m.config_reloads.with_label_values(&["ok"]).inc();
@@ -184,6 +176,36 @@ impl Proxy {
         *lock(&self.inner.status) = ReloadStatus::started();
         tracing::info!(generation, changes = %diff, "configuration reloaded");
         Ok(generation)
+    }
+
+    /// Puts `table` in force after `old`: one store, then drains for the backends it lost,
+    /// and the health checks and DNS watches of the new generation.
+    fn install(&self, old: &Table, table: Arc<Table>) {
+        let shared = &self.inner.shared;
+        shared.table.store(Arc::clone(&table));
+        drain_removed(shared, old, &table);
+        table.export_backends(&shared.metrics);
+        let checks = crate::health::spawn_checks(shared, &table);
+        std::mem::replace(&mut *lock(&self.inner.health), checks).cancel();
+        if table.config.upstreams != old.config.upstreams {
+            let dns = crate::discovery::spawn(self, &table);
+            std::mem::replace(&mut *lock(&self.inner.discovery), dns).cancel();
+        }
+    }
+
+    /// Rebuilds the table in force after DNS discovery found other addresses.
+    pub(crate) async fn rediscover(&self) {
+        let _one_at_a_time = self.inner.reload.lock().await;
+        let shared = &self.inner.shared;
+        let old = shared.table.load_full();
+        match Table::build(
+            Arc::clone(&old.config),
+            old.generation,
+            &shared.carry(Some(&old)),
+        ) {
+            Ok(table) => self.install(&old, Arc::new(table)),
+            Err(e) => tracing::error!(error = %e, "cannot apply DNS changes"),
+        }
     }
 
     /// Records a refused reload and hands the error back.
@@ -262,7 +284,7 @@ fn drain_removed(shared: &Arc<Shared>, old: &Table, new: &Table) {
                 .set(0);
             let entry = Draining {
                 state: Arc::clone(&b.state),
-                closer: up.closer(addr),
+                closer: Arc::clone(&up.closers[&addr]),
                 since: Instant::now(),
             };
             lock(&shared.draining).insert((name.clone(), addr), entry);
@@ -319,7 +341,7 @@ async fn drain(
     } else {
         tracing::info!(%upstream, backend = %addr, "backend drained");
     }
-    entry.closer.cancel();
+    entry.closer.close_open_tunnels();
     let backend = addr.to_string();
     let m = &shared.metrics;
     for r in &routes {

@@ -35,6 +35,13 @@ pub fn bad_gateway(route: &str) -> Response<Body> {
     )
 }
 
+pub fn no_healthy_backend(route: &str) -> Response<Body> {
+    text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("duplex: no healthy backend for route {route:?}\n"),
+    )
+}
+
 pub fn gateway_timeout(route: &str) -> Response<Body> {
     text(
         StatusCode::GATEWAY_TIMEOUT,

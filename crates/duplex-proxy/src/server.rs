@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::discovery::{Resolver, SystemResolver};
 use crate::error::ProxyError;
 use crate::reload::{source_hash, ReloadStatus};
 use crate::state::{Shared, Table};
@@ -48,6 +49,10 @@ pub(crate) struct Inner {
     pub applied: Mutex<Option<u64>>,
     /// Hash of the last content the file watch saw refused, so it is not refused again.
     pub refused: Mutex<Option<u64>>,
+    /// Stops the active health checks of the generation in force.
+    pub health: Mutex<CancellationToken>,
+    /// Stops the DNS watches of the generation in force.
+    pub discovery: Mutex<CancellationToken>,
 }
 
 /// One bound, accepting listener.
@@ -110,6 +115,16 @@ impl Proxy {
         source: Option<PathBuf>,
         metrics: Arc<Metrics>,
     ) -> Result<Proxy, ProxyError> {
+        Proxy::start_with_resolver(config, source, metrics, Arc::new(SystemResolver)).await
+    }
+
+    /// As [`Proxy::start`], with the resolver DNS discovery uses.
+    pub async fn start_with_resolver(
+        config: Config,
+        source: Option<PathBuf>,
+        metrics: Arc<Metrics>,
+        resolver: Arc<dyn Resolver>,
+    ) -> Result<Proxy, ProxyError> {
         let applied = source.as_ref().and_then(|p| {
             let src = std::fs::read_to_string(p).ok()?;
             Some(source_hash(&src, &p.display().to_string()))
@@ -129,18 +144,21 @@ impl Proxy {
             metrics.config_reloads.with_label_values(&[result]);
         }
         metrics.config_last_reload_success.set(unix_now());
-        let closing = CancellationToken::new();
-        let draining = Mutex::new(HashMap::new());
-        let table = Table::build(Arc::new(config), None, 1, &closing, &draining)?;
-        table.export_backends(&metrics);
         let shared = Arc::new(Shared {
-            table: ArcSwap::from_pointee(table),
+            table: ArcSwap::from_pointee(Table::placeholder(&config)),
             metrics,
             tracker: TaskTracker::new(),
             stopping: CancellationToken::new(),
-            closing,
-            draining,
+            closing: CancellationToken::new(),
+            draining: Mutex::new(HashMap::new()),
+            resolved: Mutex::new(HashMap::new()),
+            resolver,
         });
+        crate::discovery::resolve_all(&shared, &config).await;
+        let table = Table::build(Arc::new(config), 1, &shared.carry(None))?;
+        table.export_backends(&shared.metrics);
+        shared.table.store(Arc::new(table));
+        let health = crate::health::spawn_checks(&shared, &shared.table.load());
         let proxy = Proxy {
             inner: Arc::new(Inner {
                 shared,
@@ -151,8 +169,12 @@ impl Proxy {
                 status: Mutex::new(ReloadStatus::started()),
                 applied: Mutex::new(applied),
                 refused: Mutex::new(None),
+                health: Mutex::new(health),
+                discovery: Mutex::new(CancellationToken::new()),
             }),
         };
+        *lock(&proxy.inner.discovery) =
+            crate::discovery::spawn(&proxy, &proxy.inner.shared.table.load());
         proxy.start_accepting(bound);
         tracing::info!(addr = %admin, "admin listening");
         tokio::spawn(admin::serve(admin_listener, proxy.clone()));

@@ -37,16 +37,61 @@ pub struct UpstreamRt {
     pub client: HttpClient,
     /// TLS toward the backends, when the upstream has `tls`.
     pub tls: Option<Arc<Connector>>,
-    /// Per backend, cancelled to close its tunnels: when a reload's drain of a removed
-    /// backend ends, or at the end of shutdown (each is a child of `Shared::closing`).
-    pub closers: HashMap<SocketAddr, CancellationToken>,
+    /// Per backend: closes its tunnels when a reload's drain ends, when a check takes it
+    /// out (with `close_tunnels_on_unhealthy`), or at the end of shutdown.
+    pub closers: HashMap<SocketAddr, Arc<Closer>>,
 }
 
 impl UpstreamRt {
     /// The token a new tunnel to `addr` watches.
     pub fn closer(&self, addr: SocketAddr) -> CancellationToken {
-        self.closers.get(&addr).cloned().unwrap_or_default()
+        self.closers
+            .get(&addr)
+            .map(|c| c.token())
+            .unwrap_or_default()
     }
+}
+
+/// Closes a backend's open tunnels on demand while new ones keep coming: every tunnel
+/// watches the current token; closing cancels it and puts a fresh one in its place.
+pub struct Closer {
+    /// `Shared::closing`: cancelled at the end of shutdown, which closes every token.
+    parent: CancellationToken,
+    current: Mutex<CancellationToken>,
+}
+
+impl Closer {
+    pub fn new(parent: &CancellationToken) -> Arc<Closer> {
+        Arc::new(Closer {
+            parent: parent.clone(),
+            current: Mutex::new(parent.child_token()),
+        })
+    }
+
+    pub fn token(&self) -> CancellationToken {
+        crate::server::lock(&self.current).clone()
+    }
+
+    /// Closes the tunnels open now; later ones get a fresh token.
+    pub fn close_open_tunnels(&self) {
+        let old = std::mem::replace(
+            &mut *crate::server::lock(&self.current),
+            self.parent.child_token(),
+        );
+        old.cancel();
+    }
+}
+
+/// What DNS discovery last found, by (upstream, host, port).
+pub type Resolved = HashMap<(String, String, u16), Vec<SocketAddr>>;
+
+/// What a new table takes over from the running proxy.
+pub struct Carry<'a> {
+    pub previous: Option<&'a Table>,
+    pub closing: &'a CancellationToken,
+    pub draining: &'a Mutex<HashMap<(String, SocketAddr), Draining>>,
+    /// What DNS discovery last found, by (upstream, host, port).
+    pub resolved: &'a Mutex<Resolved>,
 }
 
 /// One configuration generation, immutable once built.
@@ -67,15 +112,14 @@ pub struct ListenerRt {
 }
 
 impl Table {
-    /// Builds the table for `config`. Backends that stay keep their load counter and close
-    /// token (from `previous`, or from `draining` when a reload brings a removed backend
-    /// back, which ends its drain); upstreams keep their HTTP pools.
+    /// Builds the table for `config`. Backends that stay keep their load counter, health
+    /// and close token (from the previous table, or from `draining` when a reload brings a
+    /// removed backend back, which ends its drain); upstreams keep their HTTP pools.
+    /// Backends found by DNS join the static ones.
     pub fn build(
         config: Arc<Config>,
-        previous: Option<&Table>,
         generation: u64,
-        closing: &CancellationToken,
-        draining: &Mutex<HashMap<(String, SocketAddr), Draining>>,
+        carry: &Carry<'_>,
     ) -> Result<Table, TlsError> {
         let mut listeners = HashMap::new();
         for l in &config.listeners {
@@ -98,29 +142,40 @@ impl Table {
             );
         }
         let mut upstreams = HashMap::new();
-        let mut draining = crate::server::lock(draining);
+        let resolved = crate::server::lock(carry.resolved).clone();
+        let mut draining = crate::server::lock(carry.draining);
         for u in &config.upstreams {
-            let old = previous.and_then(|t| t.upstreams.get(&u.name));
+            let old = carry.previous.and_then(|t| t.upstreams.get(&u.name));
+            let mut addrs: Vec<(SocketAddr, u32)> =
+                u.backends.iter().map(|b| (b.addr, b.weight)).collect();
+            for d in &u.discovered {
+                for &a in resolved
+                    .get(&(u.name.clone(), d.host.clone(), d.port))
+                    .into_iter()
+                    .flatten()
+                {
+                    if !addrs.iter().any(|(x, _)| *x == a) {
+                        addrs.push((a, d.weight));
+                    }
+                }
+            }
             let mut backends = Vec::new();
             let mut closers = HashMap::new();
-            for b in &u.backends {
+            for (addr, weight) in addrs {
                 let kept = old.and_then(|o| {
-                    let state = o.pool.backends().iter().find(|x| x.state.addr == b.addr)?;
-                    Some((Arc::clone(&state.state), o.closer(b.addr)))
+                    let b = o.pool.backends().iter().find(|x| x.state.addr == addr)?;
+                    Some((Arc::clone(&b.state), Arc::clone(o.closers.get(&addr)?)))
                 });
                 let back = || {
                     draining
-                        .remove(&(u.name.clone(), b.addr))
+                        .remove(&(u.name.clone(), addr))
                         .map(|d| (d.state, d.closer))
                 };
                 let (state, closer) = kept
                     .or_else(back)
-                    .unwrap_or_else(|| (BackendState::new(b.addr), closing.child_token()));
-                backends.push(Backend {
-                    state,
-                    weight: b.weight,
-                });
-                closers.insert(b.addr, closer);
+                    .unwrap_or_else(|| (BackendState::new(addr), Closer::new(carry.closing)));
+                backends.push(Backend { state, weight });
+                closers.insert(addr, closer);
             }
             let tls = connectors.remove(&u.name).flatten();
             let client = match old {
@@ -138,7 +193,7 @@ impl Table {
                 }),
             };
             let rt = UpstreamRt {
-                pool: Pool::new(u.balancer, u.hash_key.as_ref(), backends),
+                pool: Pool::new(u.balancer, u.hash_key.as_ref(), u.panic_mode, backends),
                 cfg: u.clone(),
                 client,
                 tls,
@@ -154,19 +209,30 @@ impl Table {
         })
     }
 
+    /// A table with no listeners and no upstreams, in force only while the first real one
+    /// is built at start.
+    pub fn placeholder(config: &Config) -> Table {
+        Table {
+            generation: 0,
+            config: Arc::new(config.clone()),
+            upstreams: HashMap::new(),
+            listeners: HashMap::new(),
+        }
+    }
+
     pub fn routes(&self) -> &[Route] {
         &self.config.routes
     }
 
-    /// Sets `duplex_backend_up` for every backend of this table. Until health checks
-    /// exist, a configured backend is up.
+    /// Sets `duplex_backend_up` for every backend of this table from its health and
+    /// ejection state as of now.
     pub fn export_backends(&self, metrics: &Metrics) {
         for (name, up) in &self.upstreams {
             for b in up.pool.backends() {
                 metrics
                     .backend_up
                     .with_label_values(&[name, &b.state.addr.to_string()])
-                    .set(1);
+                    .set(i64::from(b.state.is_available()));
             }
         }
     }
@@ -193,11 +259,26 @@ pub struct Shared {
     pub closing: CancellationToken,
     /// Backends a reload removed whose tunnels may still be open, by (upstream, address).
     pub draining: Mutex<HashMap<(String, SocketAddr), Draining>>,
+    /// What DNS discovery last found, by (upstream, host, port).
+    pub resolved: Mutex<Resolved>,
+    pub resolver: Arc<dyn crate::discovery::Resolver>,
+}
+
+impl Shared {
+    /// What a table built now takes over.
+    pub fn carry<'a>(&'a self, previous: Option<&'a Table>) -> Carry<'a> {
+        Carry {
+            previous,
+            closing: &self.closing,
+            draining: &self.draining,
+            resolved: &self.resolved,
+        }
+    }
 }
 
 /// A removed backend waiting for its last tunnel or its drain timeout.
 pub struct Draining {
     pub state: Arc<BackendState>,
-    pub closer: CancellationToken,
+    pub closer: Arc<Closer>,
     pub since: std::time::Instant,
 }

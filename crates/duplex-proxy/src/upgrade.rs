@@ -66,12 +66,13 @@ pub async fn upgrade(
         query: req.uri().query(),
     };
     let candidates = up.pool.candidates(&ctx, up.cfg.retries as usize + 1);
+    if candidates.is_empty() {
+        // Every backend is out of service and panic_mode is closed.
+        count(UpgradeResult::NoBackend);
+        return responses::no_healthy_backend(&route.name);
+    }
     let Some((stream, backend, load)) = connect_first(&candidates, up, shared).await else {
-        count(if candidates.is_empty() {
-            UpgradeResult::NoBackend
-        } else {
-            UpgradeResult::ConnectError
-        });
+        count(UpgradeResult::ConnectError);
         return responses::bad_gateway(&route.name);
     };
     let addr = backend.state.addr;
@@ -86,6 +87,7 @@ pub async fn upgrade(
     {
         Err(_) => {
             tracing::warn!(route = %route.name, backend = %addr, "backend did not answer the upgrade in time");
+            crate::health::passive_failure(shared, up, &backend.state);
             count(UpgradeResult::Timeout);
             return responses::gateway_timeout(&route.name);
         }
@@ -96,6 +98,7 @@ pub async fn upgrade(
         }
         Ok(Ok(resp)) => resp,
     };
+    backend.state.record_success();
 
     // Check the 101; any other answer goes to the client as a normal response.
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -156,6 +159,7 @@ async fn connect_first<'a>(
                     .with_label_values(&[&up.cfg.name, &addr.to_string(), kind])
                     .inc();
                 tracing::warn!(upstream = %up.cfg.name, error = %err, "trying the next backend");
+                crate::health::passive_failure(shared, up, &b.state);
             }
         }
     }

@@ -63,6 +63,9 @@ fn exported() -> BTreeMap<String, Family> {
         tunnel_bytes,
         backend_connect_errors,
         backend_up,
+        backend_health_checks,
+        backend_ejections,
+        dns_resolutions,
         config_reloads,
         config_generation: _,
         config_last_reload_success: _,
@@ -86,6 +89,11 @@ fn exported() -> BTreeMap<String, Family> {
         .with_label_values(&["u", "b", "refused"])
         .inc();
     backend_up.with_label_values(&["u", "b"]).set(1);
+    backend_health_checks
+        .with_label_values(&["u", "b", "ok"])
+        .inc();
+    backend_ejections.with_label_values(&["u", "b"]).inc();
+    dns_resolutions.with_label_values(&["u", "ok"]).inc();
     config_reloads.with_label_values(&["ok"]).inc();
 
     let families: BTreeMap<String, Family> = registry

@@ -1,0 +1,142 @@
+//! Checks the health and discovery keys of an upstream.
+
+use std::time::Duration;
+
+use crate::locate::Seg::{Index, Key};
+use crate::raw::{RawBackend, RawHealthCheck, RawUpstream};
+use crate::validate::{fail, parse_duration, Violation};
+use crate::{defaults, DnsBackend, HealthCheck, HealthKind, PassiveHealth};
+
+pub(crate) fn check(i: usize, h: &RawHealthCheck) -> Result<HealthCheck, Violation> {
+    let at = |k| vec![Key("upstreams"), Index(i), Key("health_check"), Key(k)];
+    let duration = |k: &'static str, v: &Option<String>, d: Duration| match v {
+        Some(s) => parse_duration(at(k), s),
+        None => Ok(d),
+    };
+    let path = h.path.clone().unwrap_or_else(|| "/".to_owned());
+    if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_whitespace()) {
+        return fail(
+            at("path"),
+            format!("invalid health check path {path:?}: must start with '/'"),
+        );
+    }
+    if h.kind == HealthKind::Tcp
+        && (h.path.is_some() || h.expect_status.is_some() || h.host.is_some())
+    {
+        return fail(
+            at("kind"),
+            "path, expect_status and host are for the http and websocket kinds".into(),
+        );
+    }
+    if h.kind != HealthKind::Http && h.expect_status.is_some() {
+        return fail(
+            at("expect_status"),
+            "expect_status is for kind: http (websocket expects 101)".into(),
+        );
+    }
+    let expect_status = h.expect_status.unwrap_or(200);
+    if !(100..=599).contains(&expect_status) {
+        return fail(
+            at("expect_status"),
+            format!("invalid status {expect_status}"),
+        );
+    }
+    let interval = duration("interval", &h.interval, defaults::HEALTH_INTERVAL)?;
+    let timeout = duration("timeout", &h.timeout, defaults::HEALTH_TIMEOUT)?;
+    if timeout > interval {
+        return fail(
+            at("timeout"),
+            format!("timeout ({timeout:?}) must not exceed interval ({interval:?})"),
+        );
+    }
+    let threshold = |k: &'static str, v: Option<u32>, d: u32| match v.unwrap_or(d) {
+        n @ 1..=100 => Ok(n),
+        n => fail(at(k), format!("{k} must be between 1 and 100, got {n}")),
+    };
+    Ok(HealthCheck {
+        kind: h.kind,
+        path,
+        expect_status,
+        host: h.host.clone(),
+        interval,
+        timeout,
+        healthy_threshold: threshold(
+            "healthy_threshold",
+            h.healthy_threshold,
+            defaults::HEALTHY_THRESHOLD,
+        )?,
+        unhealthy_threshold: threshold(
+            "unhealthy_threshold",
+            h.unhealthy_threshold,
+            defaults::UNHEALTHY_THRESHOLD,
+        )?,
+    })
+}
+
+pub(crate) fn passive(i: usize, u: &RawUpstream) -> Result<PassiveHealth, Violation> {
+    let fail_timeout = match &u.fail_timeout {
+        Some(s) => parse_duration(vec![Key("upstreams"), Index(i), Key("fail_timeout")], s)?,
+        None => defaults::FAIL_TIMEOUT,
+    };
+    Ok(PassiveHealth {
+        max_fails: u.max_fails.unwrap_or(defaults::MAX_FAILS),
+        fail_timeout,
+        max_fail_timeout: defaults::MAX_FAIL_TIMEOUT.max(fail_timeout),
+    })
+}
+
+/// A backend with `resolve: dns`: `HOST:PORT` with a DNS name.
+pub(crate) fn dns_backend(
+    i: usize,
+    j: usize,
+    b: &RawBackend,
+    weight: u32,
+) -> Result<DnsBackend, Violation> {
+    let at = |k| {
+        vec![
+            Key("upstreams"),
+            Index(i),
+            Key("backends"),
+            Index(j),
+            Key(k),
+        ]
+    };
+    if b.resolve.as_deref() != Some("dns") {
+        return fail(
+            at("resolve"),
+            format!(
+                "resolve must be \"dns\", got {:?}",
+                b.resolve.as_deref().unwrap_or("")
+            ),
+        );
+    }
+    let bad = || {
+        format!(
+            "invalid address {:?}: expected HOST:PORT such as chat.default.svc.cluster.local:9000",
+            b.addr
+        )
+    };
+    let Some((host, port)) = b.addr.trim().rsplit_once(':') else {
+        return fail(at("addr"), bad());
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return fail(at("addr"), bad());
+    };
+    let ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.');
+    if !ok || port == 0 {
+        return fail(at("addr"), bad());
+    }
+    let interval = match &b.resolve_interval {
+        Some(s) => parse_duration(at("resolve_interval"), s)?,
+        None => defaults::RESOLVE_INTERVAL,
+    };
+    Ok(DnsBackend {
+        host: host.to_ascii_lowercase(),
+        port,
+        weight,
+        interval,
+    })
+}

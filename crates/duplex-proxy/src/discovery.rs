@@ -1,0 +1,121 @@
+//! DNS discovery: backends named by a DNS name, re-resolved periodically.
+//!
+//! Each resolution that changes an upstream's address set builds a new table with the same
+//! configuration: new addresses join the balancer, vanished ones drain as if a reload had
+//! removed them. A failed resolution keeps the last good set.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use duplex_config::{Config, DnsBackend};
+use tokio_util::sync::CancellationToken;
+
+use crate::server::{lock, Proxy};
+use crate::state::{Shared, Table};
+
+/// A resolution may take this long before it counts as failed.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Turns a host name and port into addresses. The system's resolver by default; tests and
+/// embedders may supply their own.
+pub trait Resolver: Send + Sync + 'static {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>>;
+}
+
+/// The system's resolver (getaddrinfo, through tokio).
+pub struct SystemResolver;
+
+impl Resolver for SystemResolver {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+    }
+}
+
+type Key = (String, String, u16);
+
+fn key(upstream: &str, d: &DnsBackend) -> Key {
+    (upstream.to_owned(), d.host.clone(), d.port)
+}
+
+/// Resolves one name, bounded, sorted; counts the outcome.
+async fn resolve_once(shared: &Shared, upstream: &str, d: &DnsBackend) -> Option<Vec<SocketAddr>> {
+    let m = &shared.metrics;
+    match tokio::time::timeout(RESOLVE_TIMEOUT, shared.resolver.resolve(&d.host, d.port)).await {
+        Ok(Ok(mut addrs)) if !addrs.is_empty() => {
+            addrs.sort();
+            addrs.dedup();
+            m.dns_resolutions.with_label_values(&[upstream, "ok"]).inc();
+            Some(addrs)
+        }
+        outcome => {
+            let why = match outcome {
+                Ok(Ok(_)) => "no addresses".to_owned(),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("timed out after {RESOLVE_TIMEOUT:?}"),
+            };
+            m.dns_resolutions
+                .with_label_values(&[upstream, "error"])
+                .inc();
+            tracing::warn!(%upstream, host = %d.host, error = %why, "DNS resolution failed; keeping the last addresses");
+            None
+        }
+    }
+}
+
+/// Resolves every DNS backend of `config` once, before its first table is built.
+pub async fn resolve_all(shared: &Shared, config: &Config) {
+    for u in &config.upstreams {
+        for d in &u.discovered {
+            if let Some(addrs) = resolve_once(shared, &u.name, d).await {
+                lock(&shared.resolved).insert(key(&u.name, d), addrs);
+            }
+        }
+    }
+}
+
+/// Starts one task per DNS backend of `table`; cancelling the token stops them.
+pub fn spawn(proxy: &Proxy, table: &Table) -> CancellationToken {
+    let stop = proxy.inner.shared.closing.child_token();
+    for u in &table.config.upstreams {
+        for d in &u.discovered {
+            tokio::spawn(watch(
+                proxy.clone(),
+                u.name.clone(),
+                d.clone(),
+                stop.clone(),
+            ));
+        }
+    }
+    stop
+}
+
+async fn watch(proxy: Proxy, upstream: String, d: DnsBackend, stop: CancellationToken) {
+    let shared = Arc::clone(&proxy.inner.shared);
+    let k = key(&upstream, &d);
+    loop {
+        if let Some(addrs) = resolve_once(&shared, &upstream, &d).await {
+            let changed = lock(&shared.resolved).get(&k) != Some(&addrs);
+            if changed {
+                tracing::info!(%upstream, host = %d.host, ?addrs, "DNS answer changed");
+                lock(&shared.resolved).insert(k.clone(), addrs);
+                proxy.rediscover().await;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(d.interval) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
