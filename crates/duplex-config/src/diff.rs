@@ -1,7 +1,6 @@
 //! What changed between two configurations: the one-line summary a reload logs.
 
 use std::fmt;
-use std::net::SocketAddr;
 
 use crate::Config;
 
@@ -52,7 +51,7 @@ impl Diff {
         let listeners = |c: &Config| {
             c.listeners
                 .iter()
-                .map(|l| (l.name.clone(), l.bind))
+                .map(|l| (l.name.clone(), l.clone()))
                 .collect::<Vec<_>>()
         };
         let routes = |c: &Config| {
@@ -77,14 +76,19 @@ impl Diff {
             c.upstreams
                 .iter()
                 .flat_map(|u| {
-                    u.backends
+                    let fixed = u
+                        .backends
                         .iter()
-                        .map(move |b| (format!("{}/{}", u.name, b.addr), b.weight))
+                        .map(move |b| (format!("{}/{}", u.name, b.addr), b.weight));
+                    let named = u.discovered.iter().map(move |d| {
+                        (format!("{}/{}:{} (dns)", u.name, d.host, d.port), d.weight)
+                    });
+                    fixed.chain(named)
                 })
                 .collect::<Vec<(String, u32)>>()
         };
         Diff {
-            listeners: Changes::of::<SocketAddr>(&listeners(old), &listeners(new)),
+            listeners: Changes::of(&listeners(old), &listeners(new)),
             routes: Changes::of(&routes(old), &routes(new)),
             upstreams: Changes::of(&upstreams(old), &upstreams(new)),
             backends: Changes::of(&backends(old), &backends(new)),

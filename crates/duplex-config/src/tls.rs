@@ -116,13 +116,23 @@ pub(crate) fn upstream(
         (None, Some(_)) => return fail(at("client_key"), "client_key needs client_cert".into()),
     };
     if let Some(name) = &t.server_name {
-        let ok = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b));
-        if !ok {
-            return fail(at("server_name"), format!("invalid server_name {name:?}"));
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        if name.len() > 253 || !name.split('.').all(label_ok) {
+            return fail(
+                at("server_name"),
+                format!("invalid server_name {name:?}: expected a DNS name such as chat.internal"),
+            );
         }
+    }
+    if t.insecure_skip_verify == Some(true) && t.ca.is_some() {
+        return fail(
+            at("insecure_skip_verify"),
+            "set either ca or insecure_skip_verify: true, not both".into(),
+        );
     }
     Ok(UpstreamTls {
         server_name: t.server_name.clone(),

@@ -97,6 +97,12 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
             .as_ref()
             .map(|t| crate::tls::listener(i, t, base))
             .transpose()?;
+        if l.https_port == Some(0) {
+            return fail(
+                at("https_port"),
+                "https_port must be a port from 1 to 65535".into(),
+            );
+        }
         let redirect_https = match (l.redirect_https, l.https_port) {
             (Some(true), port) if tls.is_none() => Some(port.unwrap_or(defaults::HTTPS_PORT)),
             (Some(true), _) => {

@@ -92,6 +92,9 @@ pub struct Carry<'a> {
     pub draining: &'a Mutex<HashMap<(String, SocketAddr), Draining>>,
     /// What DNS discovery last found, by (upstream, host, port).
     pub resolved: &'a Mutex<Resolved>,
+    /// Keep the previous table's TLS settings instead of reading the files again (a DNS
+    /// change is not a reload, and must not fail on a certificate).
+    pub reuse_tls: bool,
 }
 
 /// One configuration generation, immutable once built.
@@ -121,25 +124,35 @@ impl Table {
         generation: u64,
         carry: &Carry<'_>,
     ) -> Result<Table, TlsError> {
-        let mut listeners = HashMap::new();
-        for l in &config.listeners {
-            let rt = ListenerRt {
-                tls: l.tls.as_ref().map(tls::acceptor).transpose()?,
-                redirect_https: l.redirect_https,
-            };
-            listeners.insert(l.name.clone(), Arc::new(rt));
-        }
         // Everything that can fail comes first, before a drain is taken back below.
+        let mut listeners = HashMap::new();
         let mut connectors = HashMap::new();
-        for u in &config.upstreams {
-            connectors.insert(
-                u.name.clone(),
-                u.tls
-                    .as_ref()
-                    .map(tls::connector)
-                    .transpose()?
-                    .map(Arc::new),
-            );
+        match carry.previous.filter(|_| carry.reuse_tls) {
+            Some(old) => {
+                listeners = old.listeners.clone();
+                for (name, up) in &old.upstreams {
+                    connectors.insert(name.clone(), up.tls.clone());
+                }
+            }
+            None => {
+                for l in &config.listeners {
+                    let rt = ListenerRt {
+                        tls: l.tls.as_ref().map(tls::acceptor).transpose()?,
+                        redirect_https: l.redirect_https,
+                    };
+                    listeners.insert(l.name.clone(), Arc::new(rt));
+                }
+                for u in &config.upstreams {
+                    connectors.insert(
+                        u.name.clone(),
+                        u.tls
+                            .as_ref()
+                            .map(tls::connector)
+                            .transpose()?
+                            .map(Arc::new),
+                    );
+                }
+            }
         }
         let mut upstreams = HashMap::new();
         let resolved = crate::server::lock(carry.resolved).clone();
@@ -272,6 +285,7 @@ impl Shared {
             closing: &self.closing,
             draining: &self.draining,
             resolved: &self.resolved,
+            reuse_tls: false,
         }
     }
 }

@@ -45,6 +45,16 @@ pub enum TlsError {
     },
     #[error("client certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("{} with {}: {source}", cert.display(), key.display())]
+    Pair {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("TLS settings: {0}")]
+    Settings(rustls::Error),
+    #[error("invalid server_name {0:?}")]
+    ServerName(String),
     #[error("no system root certificates could be loaded; set tls.ca on the upstream")]
     NoSystemRoots,
 }
@@ -117,8 +127,9 @@ fn certified_key(
             cert: files.cert.clone(),
             key: files.key.clone(),
         },
-        source => TlsError::Rustls {
-            path: files.key.clone(),
+        source => TlsError::Pair {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
             source,
         },
     })?;
@@ -173,10 +184,7 @@ pub fn acceptor(t: &ListenerTls) -> Result<Acceptor, TlsError> {
     };
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(versions)
-        .map_err(|source| TlsError::Rustls {
-            path: t.certificates[0].cert.clone(),
-            source,
-        })?;
+        .map_err(TlsError::Settings)?;
     let builder = match &t.client_auth {
         None => builder.with_no_client_auth(),
         Some(auth) => {
@@ -229,14 +237,11 @@ pub fn connector(t: &UpstreamTls) -> Result<Connector, TlsError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
-        .map_err(|source| TlsError::Rustls {
-            path: PathBuf::new(),
-            source,
-        })?;
+        .map_err(TlsError::Settings)?;
     let builder = if t.insecure_skip_verify {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_custom_certificate_verifier(Arc::new(NoVerify(Arc::clone(&provider))))
     } else {
         let store = match &t.ca {
             Some(ca) => roots(ca)?,
@@ -254,22 +259,23 @@ pub fn connector(t: &UpstreamTls) -> Result<Connector, TlsError> {
         builder.with_root_certificates(store)
     };
     let mut config = match &t.client_cert {
-        Some(files) => builder
-            .with_client_auth_cert(certs(&files.cert)?, key(&files.key)?)
-            .map_err(|source| TlsError::Rustls {
-                path: files.key.clone(),
-                source,
-            })?,
+        Some(files) => {
+            // Checked as a listener's certificate is: readable, not expired, matching.
+            certified_key(files, &provider)?;
+            builder
+                .with_client_auth_cert(certs(&files.cert)?, key(&files.key)?)
+                .map_err(|source| TlsError::Rustls {
+                    path: files.cert.clone(),
+                    source,
+                })?
+        }
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let server_name = match &t.server_name {
-        Some(n) => Some(
-            ServerName::try_from(n.clone()).map_err(|_| TlsError::Rustls {
-                path: PathBuf::new(),
-                source: rustls::Error::General(format!("invalid server_name {n:?}")),
-            })?,
-        ),
+        Some(n) => {
+            Some(ServerName::try_from(n.clone()).map_err(|_| TlsError::ServerName(n.clone()))?)
+        }
         None => None,
     };
     Ok(Connector {

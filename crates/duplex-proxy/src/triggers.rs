@@ -18,6 +18,8 @@ use crate::Proxy;
 
 /// Quiet time after the last event before the file is read.
 const DEBOUNCE: Duration = Duration::from_millis(300);
+/// How often the set of watched directories is brought up to date with the config.
+const RESYNC: Duration = Duration::from_secs(30);
 
 /// Watches `path`, and the certificate files its config names, and reloads `proxy` when
 /// their content changes.
@@ -40,15 +42,25 @@ pub fn watch_file(path: PathBuf, proxy: Proxy) {
     watch_new_dirs(&mut watcher, &mut watched, &proxy);
     tracing::info!(file = %path.display(), "watching the config file for changes");
     tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            // Wait for the burst to end.
-            while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
-            // Errors are logged, counted and shown in /status by the reload itself.
-            if let Ok(Some(generation)) = proxy.reload_if_changed().await {
-                tracing::info!(file = %path.display(), generation, "config file changed: reloaded");
-                // A reload may name certificates in directories not watched yet.
-                watch_new_dirs(&mut watcher, &mut watched, &proxy);
+        let mut resync = tokio::time::interval(RESYNC);
+        loop {
+            tokio::select! {
+                woke = rx.recv() => {
+                    if woke.is_none() {
+                        return;
+                    }
+                    // Wait for the burst to end.
+                    while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+                    // Errors are logged, counted and shown in /status by the reload itself.
+                    if let Ok(Some(generation)) = proxy.reload_if_changed().await {
+                        tracing::info!(file = %path.display(), generation, "config or certificate files changed: reloaded");
+                    }
+                }
+                _ = resync.tick() => {}
             }
+            // Any reload (this one, SIGHUP, POST /reload) may name certificates in
+            // directories not watched yet, and a directory missing before may exist now.
+            watch_new_dirs(&mut watcher, &mut watched, &proxy);
         }
     });
 }

@@ -1,6 +1,7 @@
 //! Splices a WebSocket tunnel: client and backend bytes both ways, in one task.
 //!
-//! An idle tunnel owns no buffer. The task waits on socket readiness; when a socket is
+//! An idle plain-TCP tunnel owns no buffer (TLS tunnels copy through rustls and two 16 KiB
+//! buffers, see `Buffered`). The task waits on socket readiness; when a socket is
 //! readable, bytes are read into a per-thread scratch buffer and written straight to the
 //! other socket. Only what the other socket cannot take right away is copied into a
 //! per-direction buffer, freed as soon as it drains. A FIN one way is passed on as a write

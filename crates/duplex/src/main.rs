@@ -97,34 +97,8 @@ fn check(path: &std::path::Path) -> ExitCode {
     });
     match loaded {
         Ok(c) => {
-            let backends: usize = c.upstreams.iter().map(|u| u.backends.len()).sum();
-            println!(
-                "{}: ok: {} listeners, {} routes, {} upstreams, {} backends",
-                path.display(),
-                c.listeners.len(),
-                c.routes.len(),
-                c.upstreams.len(),
-                backends
-            );
-            for l in &c.listeners {
-                println!("  listener {} on {}", l.name, l.bind);
-            }
-            for r in &c.routes {
-                println!("  route {} -> upstream {}", r.name, r.upstream);
-            }
-            for u in &c.upstreams {
-                let addrs: Vec<String> = u
-                    .backends
-                    .iter()
-                    .map(|b| format!("{} (weight {})", b.addr, b.weight))
-                    .collect();
-                println!(
-                    "  upstream {} ({}): {}",
-                    u.name,
-                    u.balancer.as_str(),
-                    addrs.join(", ")
-                );
-            }
+            // A closed pipe (`duplex check ... | head`) is not an error worth a panic.
+            let _ = print_summary(path, &c, &mut std::io::stdout().lock());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -132,6 +106,59 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn print_summary(
+    path: &std::path::Path,
+    c: &Config,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
+    let backends: usize = c
+        .upstreams
+        .iter()
+        .map(|u| u.backends.len() + u.discovered.len())
+        .sum();
+    writeln!(
+        out,
+        "{}: ok: {} listeners, {} routes, {} upstreams, {} backends",
+        path.display(),
+        c.listeners.len(),
+        c.routes.len(),
+        c.upstreams.len(),
+        backends
+    )?;
+    for l in &c.listeners {
+        let tls = l.tls.as_ref().map_or(String::new(), |t| {
+            format!(" (tls, {} certificates)", t.certificates.len())
+        });
+        writeln!(out, "  listener {} on {}{tls}", l.name, l.bind)?;
+    }
+    for r in &c.routes {
+        writeln!(out, "  route {} -> upstream {}", r.name, r.upstream)?;
+    }
+    for u in &c.upstreams {
+        let mut addrs: Vec<String> = u
+            .backends
+            .iter()
+            .map(|b| format!("{} (weight {})", b.addr, b.weight))
+            .collect();
+        addrs.extend(
+            u.discovered
+                .iter()
+                .map(|d| format!("{}:{} (dns, weight {})", d.host, d.port, d.weight)),
+        );
+        let health = u.health_check.as_ref().map_or(String::new(), |h| {
+            format!(", {:?} health check", h.kind).to_lowercase()
+        });
+        writeln!(
+            out,
+            "  upstream {} ({}{health}): {}",
+            u.name,
+            u.balancer.as_str(),
+            addrs.join(", ")
+        )?;
+    }
+    Ok(())
 }
 
 /// Runs once the proxy is up, inside the runtime.
