@@ -4,8 +4,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::connector::connect;
-use crate::tls::BackendStream;
 use bytes::Bytes;
 use duplex_balance::{Backend, LoadGuard};
 use duplex_metrics::UpgradeResult;
@@ -15,12 +13,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::conn::ConnInfo;
+use crate::connector::connect;
 use crate::error::{connect_kind, ProxyError};
 use crate::handshake::{backend_request, check_backend_101, check_client, client_101};
 use crate::headers::request_host;
 use crate::http_proxy::relay;
 use crate::responses::{self, Body};
 use crate::state::{Shared, UpstreamRt};
+use crate::tls::BackendStream;
 use crate::{router, tunnel};
 
 pub async fn upgrade(

@@ -193,6 +193,14 @@ impl HttpConn {
     }
 }
 
+/// An empty POST on a fresh connection (e.g. the admin endpoint's `/reload`).
+pub async fn post(addr: SocketAddr, path: &str) -> Reply {
+    HttpConn::open(addr)
+        .await
+        .send(request(Method::POST, addr, path, &[], empty()))
+        .await
+}
+
 /// A GET on a fresh connection.
 pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
     HttpConn::open(addr).await.get(path, headers).await

@@ -12,7 +12,6 @@ use duplex_e2e::client::{self, backend_of, recv, Ws};
 use duplex_e2e::{eventually, within};
 use duplex_proxy::{Metrics, Proxy};
 use futures_util::{SinkExt, StreamExt};
-use http::Method;
 use tokio_tungstenite::tungstenite::handshake::client::Response;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -208,18 +207,7 @@ async fn a_bad_file_changes_nothing_and_shows_in_status() {
     let proxy = start(&good, Some(path.clone())).await;
     let addr = proxy.listener_addr("public").expect("bound");
     let admin = proxy.admin_addr();
-    let post = || async move {
-        client::HttpConn::open(admin)
-            .await
-            .send(client::request(
-                Method::POST,
-                admin,
-                "/reload",
-                &[],
-                client::empty(),
-            ))
-            .await
-    };
+    let post = || client::post(admin, "/reload");
 
     // An unknown upstream: 400 with FILE:LINE:COL, generation unchanged, traffic unchanged.
     std::fs::write(&path, good.replace("upstream: pool", "upstream: nowhere")).expect("write");

@@ -289,16 +289,7 @@ async fn fifty_reloads_by_three_triggers_drop_nothing() {
             .status()
             .expect("run kill");
         assert!(status.success());
-        let reply = client::HttpConn::open(posted.admin_addr())
-            .await
-            .send(client::request(
-                Method::POST,
-                posted.admin_addr(),
-                "/reload",
-                &[],
-                client::empty(),
-            ))
-            .await;
+        let reply = client::post(posted.admin_addr(), "/reload").await;
         if valid {
             generation += 1;
             assert_eq!(

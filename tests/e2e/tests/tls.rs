@@ -110,19 +110,6 @@ async fn echo(ws: &mut Wss, text: &str) {
     assert_eq!(got, Message::text(text));
 }
 
-async fn post_reload(admin: SocketAddr) -> client::Reply {
-    HttpConn::open(admin)
-        .await
-        .send(client::request(
-            Method::POST,
-            admin,
-            "/reload",
-            &[],
-            client::empty(),
-        ))
-        .await
-}
-
 #[tokio::test]
 async fn wss_and_https_through_a_verified_chain() {
     let ca = Ca::new("front CA");
@@ -270,7 +257,7 @@ async fn a_bad_certificate_at_reload_is_refused_and_the_old_one_stays() {
     for (leaf, key, why) in cases {
         write(&dir, "c.pem", &leaf.cert);
         write(&dir, "k.pem", key);
-        let r = post_reload(proxy.admin_addr()).await;
+        let r = client::post(proxy.admin_addr(), "/reload").await;
         assert_eq!(r.status, 400, "{why}: {}", r.text());
         assert!(
             r.text().contains(why) && r.text().contains("c.pem"),
