@@ -102,9 +102,12 @@ impl BackendState {
 
     /// A connect failed or a handshake timed out. After `max_fails` in a row the backend is
     /// ejected for `fail_timeout`, doubled for each ejection in a row up to the maximum;
-    /// returns the ejection's length when this failure caused one.
+    /// returns the ejection's length when this failure caused one. Failures while ejected
+    /// are not counted.
     pub fn record_failure(&self, p: &PassiveHealth) -> Option<Duration> {
-        if p.max_fails == 0 {
+        // Failures of attempts begun before an ejection (a burst of handshakes timing
+        // out together) belong to that ejection, not to a new, longer one.
+        if p.max_fails == 0 || self.is_ejected() {
             return None;
         }
         if self.fails.fetch_add(1, Ordering::Relaxed) + 1 < p.max_fails {
@@ -323,7 +326,15 @@ mod health_tests {
         assert_eq!(b.record_failure(&p), None);
         assert_eq!(b.record_failure(&p), Some(Duration::from_secs(10)));
         assert!(b.is_ejected() && !b.is_available());
+        for _ in 0..10 {
+            assert_eq!(
+                b.record_failure(&p),
+                None,
+                "failures while ejected do not count"
+            );
+        }
         for want in [20, 25] {
+            b.ejected_until_ms.store(0, Ordering::Relaxed);
             for _ in 0..2 {
                 b.record_failure(&p);
             }

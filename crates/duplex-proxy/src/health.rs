@@ -83,6 +83,10 @@ async fn run(shared: Arc<Shared>, up: Arc<UpstreamRt>, hc: HealthCheck, stop: Ca
             if let Ok(Err(e)) | Err(e) = outcome.map_err(|_| "timed out".to_owned()) {
                 tracing::debug!(upstream = %up.cfg.name, backend = %state.addr, error = %e, "health check failed");
             }
+            if stop.is_cancelled() {
+                // A reload replaced this generation's checks while the probe ran.
+                return;
+            }
             verdict(&shared, &up, &hc, state, &mut streaks[i], ok);
             // Jitter of +-10% keeps replicas from checking in lockstep.
             pause = slot

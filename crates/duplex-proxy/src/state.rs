@@ -187,6 +187,10 @@ impl Table {
                 let (state, closer) = kept
                     .or_else(back)
                     .unwrap_or_else(|| (BackendState::new(addr), Closer::new(carry.closing)));
+                if u.health_check.is_none() {
+                    // Without checks nothing would ever bring it back: healthy by default.
+                    state.set_healthy(true);
+                }
                 backends.push(Backend { state, weight });
                 closers.insert(addr, closer);
             }

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod flaky;
 pub mod pki;
 pub mod proxy;
 pub mod raw;
