@@ -53,6 +53,10 @@ pub struct BackendState {
     fails: AtomicU32,
     ejections: AtomicU32,
     ejected_until_ms: AtomicU64,
+    /// Active checks in a row that passed, and that failed; kept here rather than in the
+    /// check task so that a reload does not start them over.
+    check_passes: AtomicU32,
+    check_fails: AtomicU32,
 }
 
 /// Milliseconds since the first call: a monotonic clock that fits an atomic.
@@ -71,6 +75,8 @@ impl BackendState {
             fails: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
+            check_passes: AtomicU32::new(0),
+            check_fails: AtomicU32::new(0),
         })
     }
 
@@ -85,6 +91,22 @@ impl BackendState {
 
     pub fn is_ejected(&self) -> bool {
         clock_ms() < self.ejected_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Counts one active check; returns the passes and failures in a row so far.
+    pub fn record_check(&self, ok: bool) -> (u32, u32) {
+        let (this, other) = if ok {
+            (&self.check_passes, &self.check_fails)
+        } else {
+            (&self.check_fails, &self.check_passes)
+        };
+        other.store(0, Ordering::Relaxed);
+        let n = this.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if ok {
+            (n, 0)
+        } else {
+            (0, n)
+        }
     }
 
     /// Sets the active-check verdict; returns whether it changed.

@@ -24,8 +24,18 @@ impl RoundRobin {
         if g > 1 {
             weights.iter_mut().for_each(|w| *w /= g);
         }
-        while weights.iter().sum::<u64>() * weights.len() as u64 > MAX_SCHEDULE_WORK {
+        let work = |w: &[u64]| w.iter().sum::<u64>() * w.len() as u64;
+        while work(&weights) > MAX_SCHEDULE_WORK && weights.iter().any(|&w| w > 1) {
             weights.iter_mut().for_each(|w| *w = (*w / 2).max(1));
+        }
+        if weights.iter().all(|&w| w == 1) {
+            // Equal weights: the smooth sequence is plain rotation; no need to compute it
+            // (and for thousands of backends, computing it would cost n^2).
+            let schedule = (0..weights.len() as u32).collect();
+            return RoundRobin {
+                schedule,
+                next: AtomicUsize::new(0),
+            };
         }
         let total: i64 = weights.iter().sum::<u64>() as i64;
         let mut current = vec![0i64; weights.len()];
@@ -99,6 +109,13 @@ mod tests {
         rr.pick(&b, &ctx(&h), 3, &mut out);
         out.sort();
         assert_eq!(out, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn many_equal_backends_build_at_once() {
+        let rr = RoundRobin::new(&backends(&vec![1; 5000]));
+        assert_eq!(rr.schedule.len(), 5000);
+        assert_eq!(rr.schedule[4999], 4999);
     }
 
     #[test]

@@ -49,9 +49,17 @@ fn parse_addr(path: Vec<Seg<'static>>, s: &str) -> Result<SocketAddr, Violation>
     }
 }
 
+/// The longest duration any key accepts; longer ones are surely typos, and would overflow
+/// clock arithmetic.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
 pub(crate) fn parse_duration(path: Vec<Seg<'static>>, s: &str) -> Result<Duration, Violation> {
     match humantime::parse_duration(s.trim()) {
         Ok(d) if d.is_zero() => fail(path, format!("duration {s:?} must be greater than zero")),
+        Ok(d) if d > MAX_DURATION => fail(
+            path,
+            format!("duration {s:?} is longer than the maximum of 365 days"),
+        ),
         Ok(d) => Ok(d),
         Err(e) => fail(
             path,

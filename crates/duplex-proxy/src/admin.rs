@@ -1,6 +1,7 @@
 //! The admin endpoint on its own listener: metrics, liveness, readiness, status, reload.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -17,9 +18,12 @@ use crate::server::Proxy;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept on the admin listener.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Admin connections served at once; more are closed on arrival.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 pub(crate) async fn serve(listener: TcpListener, proxy: Proxy) {
     let closing = proxy.inner.shared.closing.clone();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let (tcp, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -32,8 +36,13 @@ pub(crate) async fn serve(listener: TcpListener, proxy: Proxy) {
             },
             _ = closing.cancelled() => return,
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!("too many admin connections; closing a new one");
+            continue;
+        };
         let proxy = proxy.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(|req| {
                 let proxy = proxy.clone();
                 async move { Ok::<_, Infallible>(handle(req, &proxy).await) }

@@ -43,8 +43,14 @@ impl Drop for ActiveGuard {
 }
 
 /// Serves HTTP/1.1 on an accepted connection until it closes, is upgraded, or shutdown.
-pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: Arc<str>, shared: Arc<Shared>) {
-    let _ = tcp.set_nodelay(true);
+pub async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<str>,
+    bind: SocketAddr,
+    shared: Arc<Shared>,
+) {
+    crate::connector::tune(&tcp);
     let gauge = shared
         .metrics
         .connections_active
@@ -52,7 +58,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: Arc<str>, shared:
     gauge.inc();
     let active = ActiveGuard(gauge);
     // The listener's settings as of now: a reload changes them for later connections.
-    let Some(settings) = shared.table.load().listeners.get(&*listener).cloned() else {
+    let Some(settings) = shared.table.load().listener_settings(&listener, bind) else {
         return;
     };
     let stream = match &settings.tls {

@@ -23,7 +23,7 @@ pub async fn connect(
 ) -> io::Result<BackendStream> {
     let attempt = async {
         let tcp = TcpStream::connect(addr).await?;
-        let _ = tcp.set_nodelay(true);
+        tune(&tcp);
         match tls {
             Some(c) => Ok(MaybeTls::Tls(Box::new(c.connect(addr, tcp).await?))),
             None => Ok(MaybeTls::Plain(tcp)),
@@ -36,6 +36,30 @@ pub async fn connect(
             format!("connect timed out after {timeout:?}"),
         )),
     }
+}
+
+/// TCP keepalive: a peer that vanishes without a FIN (NAT expiry, a phone leaving coverage)
+/// is found after about `KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_PROBES` of silence,
+/// so its tunnel and the socket on the other side are closed rather than kept forever.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 5;
+
+/// Sets TCP_NODELAY and keepalive on a client or backend socket.
+pub fn tune(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive);
+}
+
+/// Whether a connect failed for lack of local resources (file descriptors, ports, buffers):
+/// duplex's own trouble, which must not count against the backend.
+pub fn is_local_exhaustion(e: &io::Error) -> bool {
+    // Linux errno values: ENFILE 23, EMFILE 24, ENOBUFS 105.
+    e.kind() == io::ErrorKind::AddrNotAvailable || matches!(e.raw_os_error(), Some(23 | 24 | 105))
 }
 
 /// The pooled HTTP client's connector: the URI's authority is the backend's address.

@@ -33,6 +33,9 @@ pub enum ProxyError {
         addr: SocketAddr,
         what: &'static str,
     },
+    /// A backend stopped sending a response body midway.
+    #[error("the backend sent no response bytes for {idle:?}")]
+    BodyStalled { idle: std::time::Duration },
     /// A reload was asked for, but the proxy was started from no file.
     #[error("no configuration file to reload from")]
     NoConfigFile,
@@ -50,18 +53,23 @@ pub enum ProxyError {
 /// The `kind` label of `duplex_backend_connect_errors_total`, from the first I/O error in
 /// `err`'s source chain: `refused`, `timeout` or `other`.
 pub fn connect_kind(err: &(dyn std::error::Error + 'static)) -> &'static str {
+    match io_source(err).map(io::Error::kind) {
+        Some(io::ErrorKind::TimedOut) => "timeout",
+        Some(io::ErrorKind::ConnectionRefused) => "refused",
+        _ => "other",
+    }
+}
+
+/// The first I/O error in `err`'s source chain.
+pub fn io_source<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error> {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(io) = e.downcast_ref::<io::Error>() {
-            return match io.kind() {
-                io::ErrorKind::TimedOut => "timeout",
-                io::ErrorKind::ConnectionRefused => "refused",
-                _ => "other",
-            };
+            return Some(io);
         }
         cur = e.source();
     }
-    "other"
+    None
 }
 
 /// Displays an error with its sources: `outer: inner: root`.

@@ -29,6 +29,8 @@ pub enum BadHandshake {
     /// Not `Sec-WebSocket-Version: 13`: answered 426 so the client can retry with 13.
     WebSocketVersion,
     Key,
+    /// `Content-Length` other than 0, or `Transfer-Encoding`.
+    Body,
 }
 
 impl BadHandshake {
@@ -38,6 +40,7 @@ impl BadHandshake {
             BadHandshake::Method => responses::bad_handshake("the method must be GET"),
             BadHandshake::HttpVersion => responses::bad_handshake("the version must be HTTP/1.1"),
             BadHandshake::WebSocketVersion => responses::upgrade_required(),
+            BadHandshake::Body => responses::bad_handshake("an upgrade request carries no body"),
             BadHandshake::Key => responses::bad_handshake(
                 "exactly one Sec-WebSocket-Key, the base64 of 16 bytes, is required",
             ),
@@ -54,6 +57,14 @@ pub fn check_client<B>(req: &Request<B>) -> Result<HeaderValue, BadHandshake> {
         return Err(BadHandshake::HttpVersion);
     }
     let h = req.headers();
+    // An upgrade request has no body; one that claims a body would leave the backend
+    // waiting for bytes that never come.
+    let empty = h
+        .get(header::CONTENT_LENGTH)
+        .is_none_or(|v| v.as_bytes() == b"0");
+    if !empty || h.contains_key(header::TRANSFER_ENCODING) {
+        return Err(BadHandshake::Body);
+    }
     let mut versions = h.get_all("sec-websocket-version").iter();
     if !matches!((versions.next(), versions.next()), (Some(v), None) if v.as_bytes() == b"13") {
         return Err(BadHandshake::WebSocketVersion);
@@ -77,6 +88,7 @@ pub fn backend_request(
 ) -> Request<Empty<Bytes>> {
     let mut headers = client.headers().clone();
     strip_hop_by_hop(&mut headers);
+    headers.remove(header::CONTENT_LENGTH);
     add_forwarded(&mut headers, peer, https);
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -151,5 +163,14 @@ mod tests {
         );
         assert_eq!(bad("13", "c2hvcnQ=").response().status(), 400);
         assert_eq!(bad("13", "!!!"), BadHandshake::Key);
+        let mut with_body = req("13", "dGhlIHNhbXBsZSBub25jZQ==");
+        with_body
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        assert_eq!(check_client(&with_body).unwrap_err(), BadHandshake::Body);
+        with_body
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        assert!(check_client(&with_body).is_ok());
     }
 }

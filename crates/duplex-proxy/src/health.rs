@@ -66,28 +66,31 @@ async fn run(shared: Arc<Shared>, up: Arc<UpstreamRt>, hc: HealthCheck, stop: Ca
     if backends.is_empty() {
         return;
     }
-    // Consecutive passes and failures per backend.
-    let mut streaks = vec![(0u32, 0u32); backends.len()];
     let slot = hc.interval / backends.len() as u32;
     // Replicas and upstreams start at different moments within the first slot.
     let mut pause = slot.mul_f64(fastrand::f64());
     loop {
-        for (i, state) in backends.iter().enumerate() {
+        for state in &backends {
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = stop.cancelled() => return,
             }
             let started = tokio::time::Instant::now();
             let outcome = tokio::time::timeout(hc.timeout, probe(&hc, &up, state.addr)).await;
-            let ok = matches!(outcome, Ok(Ok(())));
-            if let Ok(Err(e)) | Err(e) = outcome.map_err(|_| "timed out".to_owned()) {
+            let result = outcome.unwrap_or_else(|_| Err("timed out".to_owned()));
+            if let Err(e) = &result {
                 tracing::debug!(upstream = %up.cfg.name, backend = %state.addr, error = %e, "health check failed");
+                if e.starts_with(LOCAL) {
+                    // Not the backend's fault: no verdict this round.
+                    continue;
+                }
             }
+            let ok = result.is_ok();
             if stop.is_cancelled() {
                 // A reload replaced this generation's checks while the probe ran.
                 return;
             }
-            verdict(&shared, &up, &hc, state, &mut streaks[i], ok);
+            verdict(&shared, &up, &hc, state, ok);
             // Jitter of +-10% keeps replicas from checking in lockstep.
             pause = slot
                 .mul_f64(0.9 + 0.2 * fastrand::f64())
@@ -97,28 +100,20 @@ async fn run(shared: Arc<Shared>, up: Arc<UpstreamRt>, hc: HealthCheck, stop: Ca
 }
 
 /// Counts a check and flips the backend at the thresholds.
-fn verdict(
-    shared: &Shared,
-    up: &UpstreamRt,
-    hc: &HealthCheck,
-    state: &BackendState,
-    streak: &mut (u32, u32),
-    ok: bool,
-) {
+fn verdict(shared: &Shared, up: &UpstreamRt, hc: &HealthCheck, state: &BackendState, ok: bool) {
     let backend = state.addr.to_string();
     let m = &shared.metrics;
     let result = if ok { "ok" } else { "fail" };
     m.backend_health_checks
         .with_label_values(&[&up.cfg.name, &backend, result])
         .inc();
+    let (passes, fails) = state.record_check(ok);
     if ok {
-        *streak = (streak.0.saturating_add(1), 0);
-        if !state.is_healthy() && streak.0 >= hc.healthy_threshold && state.set_healthy(true) {
+        if !state.is_healthy() && passes >= hc.healthy_threshold && state.set_healthy(true) {
             tracing::info!(upstream = %up.cfg.name, %backend, "backend healthy again: taking new connections");
         }
     } else {
-        *streak = (0, streak.1.saturating_add(1));
-        if state.is_healthy() && streak.1 >= hc.unhealthy_threshold && state.set_healthy(false) {
+        if state.is_healthy() && fails >= hc.unhealthy_threshold && state.set_healthy(false) {
             tracing::warn!(upstream = %up.cfg.name, %backend, "backend unhealthy: no new connections");
             if up.cfg.close_tunnels_on_unhealthy {
                 if let Some(closer) = up.closers.get(&state.addr) {
@@ -132,17 +127,29 @@ fn verdict(
         .set(i64::from(state.is_available()));
 }
 
+/// Marks failures that are duplex's own (out of file descriptors or ports), which must not
+/// count against the backend.
+const LOCAL: &str = "local: ";
+
+fn connect_error(e: &std::io::Error) -> String {
+    if crate::connector::is_local_exhaustion(e) {
+        format!("{LOCAL}{e}")
+    } else {
+        e.to_string()
+    }
+}
+
 /// One check of one backend; `Err` says what failed.
 async fn probe(hc: &HealthCheck, up: &UpstreamRt, addr: SocketAddr) -> Result<(), String> {
     if hc.kind == HealthKind::Tcp {
         return TcpStream::connect(addr)
             .await
             .map(drop)
-            .map_err(|e| e.to_string());
+            .map_err(|e| connect_error(&e));
     }
     let stream = connect(addr, hc.timeout, up.tls.as_deref())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| connect_error(&e))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;

@@ -1,9 +1,10 @@
 //! Forwards plain HTTP requests over pooled keep-alive connections, bodies streamed both ways.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use duplex_balance::LoadGuard;
@@ -14,8 +15,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::conn::ConnInfo;
+use crate::error::ProxyError;
 use crate::headers::{add_forwarded, strip_hop_by_hop};
-use crate::responses::{self, Body};
+use crate::responses::{self, Body, BodyError};
 use crate::state::{Shared, UpstreamRt};
 
 /// A request body that can be handed to another backend as long as nobody has read it.
@@ -60,21 +62,43 @@ impl HttpBody for ReclaimBody {
     }
 }
 
-/// A response body that holds the backend's load count until the body is done.
+/// A response body that holds the backend's load count until the body is done, and fails
+/// when the backend sends nothing for `idle` (a backend that stalls mid-body must not hold
+/// the client, the load count and the connection forever).
 struct Guarded {
     inner: Incoming,
     _load: LoadGuard,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl HttpBody for Guarded {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if frame.is_some() {
+                    this.timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + this.idle);
+                }
+                Poll::Ready(frame.map(|f| f.map_err(BodyError::from)))
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    Poll::Ready(Some(
+                        Err(ProxyError::BodyStalled { idle: this.idle }.into()),
+                    ))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -86,15 +110,19 @@ impl HttpBody for Guarded {
     }
 }
 
-/// Relays a backend's response: hop-by-hop headers removed, load held until the body ends.
-pub fn relay(resp: Response<Incoming>, load: LoadGuard) -> Response<Body> {
+/// Relays a backend's response: hop-by-hop headers removed, load held until the body ends,
+/// the body failing if the backend goes quiet for `idle`.
+pub fn relay(resp: Response<Incoming>, load: LoadGuard, idle: Duration) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    let timer = Box::pin(tokio::time::sleep(idle));
     Response::from_parts(
         parts,
         Guarded {
             inner: body,
             _load: load,
+            idle,
+            timer,
         }
         .boxed(),
     )
@@ -161,11 +189,13 @@ pub async fn forward(
         match tokio::time::timeout(up.cfg.response_timeout, up.client.request(out)).await {
             Ok(Ok(r)) => {
                 backend.state.record_success();
-                resp = Some(relay(r, load));
+                resp = Some(relay(r, load, up.cfg.response_timeout));
                 break;
             }
             Ok(Err(e)) if e.is_connect() => {
-                crate::health::passive_failure(shared, up, &backend.state);
+                if !crate::error::io_source(&e).is_some_and(crate::connector::is_local_exhaustion) {
+                    crate::health::passive_failure(shared, up, &backend.state);
+                }
                 let kind = crate::error::connect_kind(&e);
                 m.backend_connect_errors
                     .with_label_values(&[&up.cfg.name, &addr.to_string(), kind])

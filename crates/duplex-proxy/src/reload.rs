@@ -5,6 +5,7 @@
 //! schedule the drain of removed backends. Any failure before the switch changes nothing.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,6 +16,11 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ProxyError;
 use crate::server::{bind_all, lock, unix_now, Bound, ListenerHandle, Proxy};
 use crate::state::{Draining, Shared, Table};
+
+/// About a century: what a duration too large for the clock means.
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365 * 100)
+}
 
 /// How often a draining backend is checked for its last tunnel.
 const DRAIN_POLL: Duration = Duration::from_secs(1);
@@ -37,11 +43,21 @@ impl ReloadStatus {
 }
 
 impl Proxy {
-    /// Reads the config file again and applies it, changed or not (SIGHUP, `POST /reload`);
-    /// returns the new generation.
+    /// Reads the config file again and applies it if it (or a certificate file it names)
+    /// changed (SIGHUP, `POST /reload`); returns the generation in force after.
     pub async fn reload_from_file(&self) -> Result<u64, ProxyError> {
         let _one_at_a_time = self.inner.reload.lock().await;
         let (src, hash) = self.read_source().await?;
+        if Some(hash) == *lock(&self.inner.applied) {
+            // Nothing changed (the file watch may have applied it already): a no-op, so a
+            // flood of reload requests costs a read and a hash each.
+            let generation = self.generation();
+            tracing::info!(
+                generation,
+                "reload asked for; the config and certificate files are unchanged"
+            );
+            return Ok(generation);
+        }
         self.apply_source(&src, hash)
     }
 
@@ -183,6 +199,14 @@ impl Proxy {
     fn install(&self, old: &Table, table: Arc<Table>) {
         let shared = &self.inner.shared;
         shared.table.store(Arc::clone(&table));
+        // Forget DNS answers for names the config no longer has.
+        lock(&shared.resolved).retain(|(upstream, host, port), _| {
+            table.config.upstream(upstream).is_some_and(|u| {
+                u.discovered
+                    .iter()
+                    .any(|d| &d.host == host && d.port == *port)
+            })
+        });
         drain_removed(shared, old, &table);
         table.export_backends(&shared.metrics);
         let checks = crate::health::spawn_checks(shared, &table);
@@ -282,14 +306,22 @@ fn drain_removed(shared: &Arc<Shared>, old: &Table, new: &Table) {
                 .backend_up
                 .with_label_values(&[name, &addr.to_string()])
                 .set(0);
+            let Some(closer) = up.closers.get(&addr) else {
+                continue;
+            };
+            // Each drain has its own id: a backend removed, added back and removed again
+            // gets a new drain, and the first one must not act on it.
+            let id = NEXT_DRAIN.fetch_add(1, Ordering::Relaxed);
             let entry = Draining {
+                id,
                 state: Arc::clone(&b.state),
-                closer: Arc::clone(&up.closers[&addr]),
+                closer: Arc::clone(closer),
                 since: Instant::now(),
             };
             lock(&shared.draining).insert((name.clone(), addr), entry);
             tokio::spawn(drain(
                 Arc::clone(shared),
+                id,
                 Arc::clone(&b.state),
                 up.cfg.drain_timeout,
                 name.clone(),
@@ -300,14 +332,16 @@ fn drain_removed(shared: &Arc<Shared>, old: &Table, new: &Table) {
 }
 
 /// Whether `state` is still the draining entry for its key (a reload may have taken it back).
-fn still_draining(shared: &Shared, key: &(String, SocketAddr), state: &Arc<BackendState>) -> bool {
-    lock(&shared.draining)
-        .get(key)
-        .is_some_and(|d| Arc::ptr_eq(&d.state, state))
+fn still_draining(shared: &Shared, key: &(String, SocketAddr), id: u64) -> bool {
+    lock(&shared.draining).get(key).is_some_and(|d| d.id == id)
 }
+
+/// Numbers drains, so that each task acts on its own only.
+static NEXT_DRAIN: AtomicU64 = AtomicU64::new(0);
 
 async fn drain(
     shared: Arc<Shared>,
+    id: u64,
     state: Arc<BackendState>,
     timeout: Duration,
     upstream: String,
@@ -316,13 +350,15 @@ async fn drain(
     let addr = state.addr;
     let key = (upstream.clone(), addr);
     tracing::info!(%upstream, backend = %addr, tunnels = state.tunnels(), ?timeout, "backend removed: draining");
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = tokio::time::Instant::now()
+        .checked_add(timeout)
+        .unwrap_or_else(far_future);
     while state.load() > 0 && tokio::time::Instant::now() < deadline {
         tokio::select! {
             _ = tokio::time::sleep(DRAIN_POLL.min(deadline - tokio::time::Instant::now())) => {}
             _ = shared.closing.cancelled() => break,
         }
-        if !still_draining(&shared, &key, &state) {
+        if !still_draining(&shared, &key, id) {
             tracing::info!(%upstream, backend = %addr, "backend added back: drain ended");
             return;
         }
@@ -330,7 +366,7 @@ async fn drain(
     let Some(entry) = ({
         let mut map = lock(&shared.draining);
         match map.get(&key) {
-            Some(d) if Arc::ptr_eq(&d.state, &state) => map.remove(&key),
+            Some(d) if d.id == id => map.remove(&key),
             _ => None,
         }
     }) else {
@@ -341,9 +377,18 @@ async fn drain(
     } else {
         tracing::info!(%upstream, backend = %addr, "backend drained");
     }
-    entry.closer.close_open_tunnels();
+    // Retired, not renewed: a handshake still in flight on the old table gets a closed token.
+    entry.closer.retire();
     let backend = addr.to_string();
     let m = &shared.metrics;
+    let _ = m
+        .backend_ejections
+        .remove_label_values(&[&upstream, &backend]);
+    for result in ["ok", "fail"] {
+        let _ = m
+            .backend_health_checks
+            .remove_label_values(&[&upstream, &backend, result]);
+    }
     for r in &routes {
         let _ = m
             .tunnels_active

@@ -4,8 +4,11 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 
+/// Why a response body failed midway: the backend's connection, or duplex giving up.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body type of every response the proxy returns.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, BodyError>;
 
 pub fn text(status: StatusCode, msg: String) -> Response<Body> {
     let mut r = Response::new(

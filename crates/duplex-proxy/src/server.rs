@@ -193,6 +193,7 @@ impl Proxy {
             tokio::spawn(accept_loop(
                 Arc::clone(&b.listener),
                 name,
+                b.bind,
                 Arc::clone(shared),
                 stop.clone(),
             ));
@@ -286,6 +287,7 @@ pub(crate) fn unix_now() -> i64 {
 async fn accept_loop(
     listener: Arc<TcpListener>,
     name: Arc<str>,
+    bind: SocketAddr,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
@@ -308,6 +310,7 @@ async fn accept_loop(
                     tcp,
                     peer,
                     Arc::clone(&name),
+                    bind,
                     Arc::clone(&shared),
                 ));
             }

@@ -72,6 +72,11 @@ impl Closer {
         crate::server::lock(&self.current).clone()
     }
 
+    /// Closes the tunnels open now and any opened later: the backend is gone.
+    pub fn retire(&self) {
+        crate::server::lock(&self.current).cancel();
+    }
+
     /// Closes the tunnels open now; later ones get a fresh token.
     pub fn close_open_tunnels(&self) {
         let old = std::mem::replace(
@@ -237,6 +242,20 @@ impl Table {
         }
     }
 
+    /// A listener's settings by name; for a connection accepted by a listener a reload just
+    /// renamed (same address), by its configured address.
+    pub fn listener_settings(&self, name: &str, bind: SocketAddr) -> Option<Arc<ListenerRt>> {
+        if let Some(s) = self.listeners.get(name) {
+            return Some(Arc::clone(s));
+        }
+        let renamed = self
+            .config
+            .listeners
+            .iter()
+            .find(|l| bind.port() != 0 && l.bind == bind)?;
+        self.listeners.get(&renamed.name).cloned()
+    }
+
     pub fn routes(&self) -> &[Route] {
         &self.config.routes
     }
@@ -296,6 +315,7 @@ impl Shared {
 
 /// A removed backend waiting for its last tunnel or its drain timeout.
 pub struct Draining {
+    pub id: u64,
     pub state: Arc<BackendState>,
     pub closer: Arc<Closer>,
     pub since: std::time::Instant,

@@ -18,6 +18,8 @@ use crate::Proxy;
 
 /// Quiet time after the last event before the file is read.
 const DEBOUNCE: Duration = Duration::from_millis(300);
+/// The longest a burst of events can delay a reload.
+const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
 /// How often the set of watched directories is brought up to date with the config.
 const RESYNC: Duration = Duration::from_secs(30);
 
@@ -49,8 +51,14 @@ pub fn watch_file(path: PathBuf, proxy: Proxy) {
                     if woke.is_none() {
                         return;
                     }
-                    // Wait for the burst to end.
-                    while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+                    // Wait for the burst to end, but not forever: a directory that never
+                    // goes quiet (a log file beside the config) must not starve reloads.
+                    let until = tokio::time::Instant::now() + MAX_DEBOUNCE;
+                    while tokio::time::Instant::now() < until {
+                        if !matches!(tokio::time::timeout(DEBOUNCE, rx.recv()).await, Ok(Some(()))) {
+                            break;
+                        }
+                    }
                     // Errors are logged, counted and shown in /status by the reload itself.
                     if let Ok(Some(generation)) = proxy.reload_if_changed().await {
                         tracing::info!(file = %path.display(), generation, "config or certificate files changed: reloaded");

@@ -233,6 +233,8 @@ fn pump(
             match to.try_write(&d.pending) {
                 Ok(n) => {
                     let _ = d.pending.split_to(n);
+                    // A backlog draining slowly is not an idle tunnel.
+                    *active = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
@@ -318,8 +320,10 @@ impl Buffered {
             // Bytes that arrived with the handshakes go first.
             client.bytes.inc_by(client_early.len() as u64);
             backend.io.write_all(&client_early).await?;
+            backend.io.flush().await?;
             backend.bytes.inc_by(backend_early.len() as u64);
             client.io.write_all(&backend_early).await?;
+            client.io.flush().await?;
             tokio::io::copy_bidirectional_with_sizes(
                 &mut client,
                 &mut backend,

@@ -103,7 +103,7 @@ pub async fn upgrade(
     // Check the 101; any other answer goes to the client as a normal response.
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         count(UpgradeResult::RejectedByBackend);
-        return relay(resp, load);
+        return relay(resp, load, up.cfg.response_timeout);
     }
     if let Err(what) = check_backend_101(resp.headers(), &key) {
         tracing::warn!(route = %route.name, error = %ProxyError::BadUpgrade { addr, what }, "refusing backend's 101");
@@ -151,6 +151,7 @@ async fn connect_first<'a>(
         match connect(addr, up.cfg.connect_timeout, up.tls.as_deref()).await {
             Ok(stream) => return Some((stream, b, load)),
             Err(source) => {
+                let local = crate::connector::is_local_exhaustion(&source);
                 let kind = connect_kind(&source);
                 let err = ProxyError::Connect { addr, source };
                 shared
@@ -159,7 +160,9 @@ async fn connect_first<'a>(
                     .with_label_values(&[&up.cfg.name, &addr.to_string(), kind])
                     .inc();
                 tracing::warn!(upstream = %up.cfg.name, error = %err, "trying the next backend");
-                crate::health::passive_failure(shared, up, &b.state);
+                if !local {
+                    crate::health::passive_failure(shared, up, &b.state);
+                }
             }
         }
     }

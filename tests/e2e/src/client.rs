@@ -168,13 +168,21 @@ impl HttpConn {
         HttpConn { addr, sender }
     }
 
-    pub async fn send(&mut self, req: Request<ClientBody>) -> Reply {
+    /// Sends `req` and returns as soon as the response head arrives.
+    pub async fn send_head(
+        &mut self,
+        req: Request<ClientBody>,
+    ) -> hyper::Response<hyper::body::Incoming> {
         within("the connection to be ready", self.sender.ready())
             .await
             .expect("the HTTP connection is still open");
-        let resp = within("an HTTP response", self.sender.send_request(req))
+        within("an HTTP response", self.sender.send_request(req))
             .await
-            .expect("an HTTP response");
+            .expect("an HTTP response")
+    }
+
+    pub async fn send(&mut self, req: Request<ClientBody>) -> Reply {
+        let resp = self.send_head(req).await;
         let (parts, body) = resp.into_parts();
         let body = within("an HTTP response body", body.collect())
             .await

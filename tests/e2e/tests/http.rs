@@ -188,3 +188,31 @@ async fn dead_backend_is_skipped() {
         r.text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_stalls_mid_body_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Headers and 10 of the 100 promised bytes, then silence (the socket stays open).
+    let b = duplex_e2e::raw::RawBackend::start(|mut tcp| async move {
+        let mut buf = [0u8; 4096];
+        let _ = tcp.read(&mut buf).await?;
+        tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+            .await?;
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        Ok(())
+    })
+    .await;
+    let p = TestProxy::single(
+        &Upstream::new("round_robin")
+            .option("response_timeout", "300ms")
+            .backend(b.addr),
+    )
+    .await;
+    let mut conn = HttpConn::open(p.addr).await;
+    let req = request(Method::GET, p.addr, "/", &[], duplex_e2e::client::empty());
+    // The client gets the head, then the body fails instead of hanging.
+    let resp = conn.send_head(req).await;
+    assert_eq!(resp.status(), 200);
+    let body = duplex_e2e::within("the body to fail", resp.into_body().collect()).await;
+    assert!(body.is_err(), "a stalled body must not end as if complete");
+}

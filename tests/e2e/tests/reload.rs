@@ -241,6 +241,11 @@ async fn a_bad_file_changes_nothing_and_shows_in_status() {
         status.contains("\"ok\": true") && status.contains("\"generation\": 2"),
         "{status}"
     );
+    // Asking again with nothing changed applies nothing.
+    let r = post().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("\"generation\": 2"), "{}", r.text());
+    assert_eq!(proxy.generation(), 2);
     let metrics = client::get(admin, "/metrics", &[]).await.text();
     assert!(
         metrics.contains("duplex_config_reloads_total{result=\"error\"} 1"),
