@@ -1,0 +1,216 @@
+//! The benchmark backend: a WebSocket echo server that also answers plain HTTP.
+//!
+//! It is built to stay out of the measurement: one thread, no allocation per message,
+//! every frame that a read brought in is unmasked in place and echoed with one write.
+//! A connection that upgrades echoes each data frame back unmasked with the same opcode,
+//! answers Ping with Pong, and answers Close with Close and then closes the TCP
+//! connection first, as RFC 6455 asks of servers. Any other request gets a small 200,
+//! keep-alive, pipelining allowed.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::ws::{self, Parsed};
+
+/// The body of every plain HTTP answer.
+pub const HTTP_BODY: &[u8] = b"hello from the duplex-bench echo backend\n";
+/// A head larger than this is refused.
+const MAX_HEAD: usize = 16 * 1024;
+/// How long a closing connection waits for the peer's FIN after our Close.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Read buffer reserved per read while idle; grows to fit a larger frame.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Accepts and serves connections until the process ends. Accept errors (EMFILE) back off
+/// briefly rather than spin.
+pub async fn serve(listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, _)) => {
+                tokio::spawn(async move {
+                    let _ = connection(tcp).await;
+                });
+            }
+            Err(e) => {
+                eprintln!("echo: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Binds `addr` with a deep backlog, as the proxies do.
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(8192)
+}
+
+async fn connection(mut s: TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        // Answer every complete request in the buffer, then write once.
+        let mut pos = 0;
+        let mut close = false;
+        while let Some(end) = ws::head_end(&buf[pos..]) {
+            let head = &buf[pos..pos + end];
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut headers);
+            if req.parse(head).is_err() {
+                out.extend_from_slice(
+                    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+                close = true;
+                break;
+            }
+            let header = |name: &str| {
+                req.headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| h.value)
+            };
+            let has = |name: &str, token: &str| {
+                header(name).is_some_and(|v| {
+                    v.split(|&b| b == b',')
+                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+                })
+            };
+            if has("upgrade", "websocket") && has("connection", "upgrade") {
+                let Some(key) = header("sec-websocket-key") else {
+                    out.extend_from_slice(
+                        b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    );
+                    close = true;
+                    break;
+                };
+                let accept = ws::accept_for(key);
+                out.extend_from_slice(
+                    format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\
+                         connection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+                    )
+                    .as_bytes(),
+                );
+                s.write_all(&out).await?;
+                let rest = buf.split_off(pos + end);
+                return websocket(s, rest).await;
+            }
+            // A body announced by Content-Length is skipped (GET has none).
+            let body_len = header("content-length")
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if buf.len() < pos + end + body_len {
+                break;
+            }
+            let wants_close = has("connection", "close") || req.version == Some(0);
+            out.extend_from_slice(
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n",
+                    HTTP_BODY.len(),
+                    if wants_close {
+                        "connection: close\r\n"
+                    } else {
+                        ""
+                    }
+                )
+                .as_bytes(),
+            );
+            out.extend_from_slice(HTTP_BODY);
+            pos += end + body_len;
+            if wants_close {
+                close = true;
+                break;
+            }
+        }
+        if !out.is_empty() {
+            s.write_all(&out).await?;
+            out.clear();
+        }
+        if close {
+            return s.shutdown().await;
+        }
+        buf.drain(..pos);
+        if buf.len() > MAX_HEAD {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "head too long"));
+        }
+        buf.reserve(1024);
+        if s.read_buf(&mut buf).await? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+async fn websocket(mut s: TcpStream, mut buf: Vec<u8>) -> io::Result<()> {
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        let mut pos = 0;
+        let mut need = 0;
+        let mut closing = false;
+        loop {
+            match ws::parse(&buf[pos..])? {
+                Parsed::Need(n) => {
+                    need = n;
+                    break;
+                }
+                Parsed::Frame(f) => {
+                    let start = pos + f.header_len;
+                    let payload = &mut buf[start..start + f.payload_len];
+                    if let Some(m) = f.mask {
+                        ws::apply_mask(payload, m);
+                    }
+                    match f.opcode() {
+                        ws::OP_CLOSE => {
+                            ws::put_frame(&mut out, ws::OP_CLOSE, payload, None);
+                            closing = true;
+                        }
+                        ws::OP_PING => ws::put_frame(&mut out, ws::OP_PONG, payload, None),
+                        ws::OP_PONG => {}
+                        _ => {
+                            ws::put_header(&mut out, f.first, f.payload_len, None);
+                            out.extend_from_slice(payload);
+                        }
+                    }
+                    pos += f.total_len();
+                    if closing {
+                        break;
+                    }
+                }
+            }
+        }
+        if !out.is_empty() {
+            s.write_all(&out).await?;
+            out.clear();
+        }
+        if closing {
+            // The server closes the TCP connection first; then wait (bounded) for the FIN.
+            s.shutdown().await?;
+            let mut sink = [0u8; 512];
+            let _ = tokio::time::timeout(CLOSE_LINGER, async {
+                while s.read(&mut sink).await.unwrap_or(0) > 0 {}
+            })
+            .await;
+            return Ok(());
+        }
+        buf.drain(..pos);
+        // A connection that caught up gives a large buffer back.
+        if buf.is_empty() && buf.capacity() > 8 * READ_CHUNK {
+            buf = Vec::new();
+        }
+        let want = need.saturating_sub(buf.len()).max(READ_CHUNK);
+        buf.reserve(want);
+        if s.read_buf(&mut buf).await? == 0 {
+            return Ok(());
+        }
+    }
+}
