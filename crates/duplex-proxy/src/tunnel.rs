@@ -20,14 +20,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use duplex_metrics::{Counter, TunnelSeries};
-use hyper::upgrade::Upgraded;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::tls::{BackendStream, ClientStream, MaybeTls};
 
@@ -57,17 +59,25 @@ enum End {
     Closed,
 }
 
-/// Runs a tunnel to its end. `_hold` is whatever must live as long as the tunnel: the
-/// backend's load guard and the client connection's bookkeeping.
-pub async fn run<H>(
-    client: Upgraded,
-    backend: Upgraded,
+/// Waits for both sides of an upgrade, then spawns the tunnel as its own lean task on
+/// `tracker`. Awaiting the upgrades happens in this short-lived future, so the long-lived
+/// task holds only what a running tunnel needs. `hold` is whatever must live as long as
+/// the tunnel: the backend's load mark and the client connection's bookkeeping.
+pub async fn start<H: Send + 'static>(
+    client: OnUpgrade,
+    backend: OnUpgrade,
     settings: Settings,
     series: TunnelSeries,
-    _hold: H,
+    hold: H,
+    tracker: TaskTracker,
 ) {
-    let started = Instant::now();
-    series.active.inc();
+    let (client, backend) = match tokio::try_join!(client, backend) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
     let (c, b) = match (
         client.downcast::<TokioIo<ClientStream>>(),
         backend.downcast::<TokioIo<BackendStream>>(),
@@ -76,7 +86,6 @@ pub async fn run<H>(
         // Only the proxy's own stream types are ever upgraded.
         _ => {
             tracing::error!("upgraded connection of an unexpected type; closing");
-            series.active.dec();
             return;
         }
     };
@@ -84,29 +93,37 @@ pub async fn run<H>(
         series.client_to_backend.clone(),
         series.backend_to_client.clone(),
     );
-    let end = match (c.io.into_inner(), b.io.into_inner()) {
+    match (c.io.into_inner(), b.io.into_inner()) {
         (MaybeTls::Plain(client), MaybeTls::Plain(backend)) => {
-            let mut t = Splice {
+            let t = Splice {
                 client,
                 backend,
                 c2b: Direction::new(c.read_buf, c2b),
                 b2c: Direction::new(b.read_buf, b2c),
                 active: false,
             };
-            drive(&mut t, &settings).await
+            tracker.spawn(run(t, settings, series, hold));
         }
         (client, backend) => {
-            let mut t = Buffered::new(client, c.read_buf, c2b, backend, b.read_buf, b2c);
-            drive(&mut t, &settings).await
+            let t = Buffered::new(client, c.read_buf, c2b, backend, b.read_buf, b2c);
+            tracker.spawn(run(t, settings, series, hold));
         }
-    };
-    // The sockets have closed (dropped with the splice); account for the end.
+    }
+}
+
+/// Runs a tunnel to its end and accounts for it.
+async fn run<H>(mut t: impl Pump, settings: Settings, series: TunnelSeries, _hold: H) {
+    let started = Instant::now();
+    series.active.inc();
+    let end = drive(&mut t, &settings).await;
+    // The one place a tunnel's end is known; its sockets close when `t` drops below.
     match &end {
         End::Done => tracing::debug!("tunnel closed by both sides"),
         End::Error(e) => tracing::debug!(error = %e, "tunnel ended by an error"),
         End::Idle => tracing::debug!("tunnel closed after idle_timeout"),
         End::Closed => tracing::debug!("tunnel closed by duplex"),
     }
+    drop(t);
     series.active.dec();
     series.duration.observe(started.elapsed().as_secs_f64());
 }
@@ -127,8 +144,8 @@ trait Pump {
 async fn drive(t: &mut impl Pump, settings: &Settings) -> End {
     let tick = settings.idle_timeout.map(|d| d / IDLE_TICKS);
     let mut quiet_ticks = 0;
-    let sleep = tokio::time::sleep(tick.unwrap_or(Duration::from_secs(86_400)));
-    tokio::pin!(sleep);
+    // Only tunnels with an idle timeout carry a timer (boxed, so the others pay nothing).
+    let mut sleep = tick.map(|t| Box::pin(tokio::time::sleep(t)));
     let close = settings.close.cancelled();
     tokio::pin!(close);
     poll_fn(|cx| {
@@ -140,7 +157,7 @@ async fn drive(t: &mut impl Pump, settings: &Settings) -> End {
         if close.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::Closed);
         }
-        if let Some(tick) = tick {
+        if let (Some(tick), Some(sleep)) = (tick, sleep.as_mut()) {
             while sleep.as_mut().poll(cx).is_ready() {
                 quiet_ticks = if t.take_active() { 0 } else { quiet_ticks + 1 };
                 if quiet_ticks >= IDLE_TICKS {
@@ -268,6 +285,14 @@ fn pump(
             }
             if off < n {
                 d.pending = Bytes::copy_from_slice(&s[off..n]);
+            }
+            if n < s.len() {
+                // A short read emptied the socket: say so now rather than learn it from one
+                // more read that returns EAGAIN (edge-triggered readiness wakes us for
+                // anything that arrives after).
+                let _ = from.try_io(Interest::READABLE, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
             }
             Ok(Some(n))
         });

@@ -119,17 +119,15 @@ pub async fn upgrade(
         idle_timeout: up.cfg.idle_timeout,
         close: up.closer(addr),
     };
-    let route_name: Arc<str> = route.name.as_str().into();
-    shared.tracker.spawn(async move {
-        let (client, backend) = match tokio::try_join!(client_side, backend_side) {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::debug!(route = %route_name, error = %ProxyError::Client(e), "upgrade did not complete");
-                return;
-            }
-        };
-        tunnel::run(client, backend, settings, series, (load.into_tunnel(), conn)).await;
-    });
+    let hold = (load.into_tunnel(), conn);
+    shared.tracker.spawn(tunnel::start(
+        client_side,
+        backend_side,
+        settings,
+        series,
+        hold,
+        shared.tracker.clone(),
+    ));
     count(UpgradeResult::Ok);
     m.handshake_duration
         .with_label_values(&[&route.name])
