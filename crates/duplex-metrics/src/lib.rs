@@ -26,6 +26,17 @@ pub enum UpgradeResult {
 }
 
 impl UpgradeResult {
+    /// Every result, in the order of their discriminants.
+    pub const ALL: [UpgradeResult; 7] = [
+        UpgradeResult::Ok,
+        UpgradeResult::RejectedByBackend,
+        UpgradeResult::BadHandshake,
+        UpgradeResult::NoRoute,
+        UpgradeResult::NoBackend,
+        UpgradeResult::ConnectError,
+        UpgradeResult::Timeout,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             UpgradeResult::Ok => "ok",
@@ -151,6 +162,28 @@ impl Default for Metrics {
     }
 }
 
+/// The series of one route, resolved once per configuration generation so that a request
+/// or handshake pays an atomic add, not a label lookup (which takes a lock in `prometheus`).
+pub struct RouteSeries {
+    upgrades: Vec<IntCounter>,
+    pub handshake: Histogram,
+    /// By status class, 1xx to 5xx.
+    http: Vec<IntCounter>,
+    pub http_duration: Histogram,
+}
+
+impl RouteSeries {
+    pub fn upgrade(&self, result: UpgradeResult) -> &IntCounter {
+        &self.upgrades[result as usize]
+    }
+
+    /// The request counter for a response `status`.
+    pub fn http(&self, status: u16) -> &IntCounter {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        &self.http[class]
+    }
+}
+
 /// The series one WebSocket tunnel writes to, resolved once when it starts.
 pub struct TunnelSeries {
     pub client_to_backend: IntCounter,
@@ -160,6 +193,25 @@ pub struct TunnelSeries {
 }
 
 impl Metrics {
+    /// A route's series; `route` and `upstream` are empty for requests no route matched.
+    pub fn route_series(&self, route: &str, upstream: &str) -> RouteSeries {
+        RouteSeries {
+            upgrades: UpgradeResult::ALL
+                .iter()
+                .map(|r| {
+                    self.upgrades
+                        .with_label_values(&[route, upstream, r.as_str()])
+                })
+                .collect(),
+            handshake: self.handshake_duration.with_label_values(&[route]),
+            http: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .iter()
+                .map(|c| self.http_requests.with_label_values(&[route, upstream, c]))
+                .collect(),
+            http_duration: self.http_request_duration.with_label_values(&[route]),
+        }
+    }
+
     pub fn tunnel_series(&self, route: &str, upstream: &str, backend: &str) -> TunnelSeries {
         TunnelSeries {
             client_to_backend: self
@@ -179,6 +231,32 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_series_index_by_result_and_class() {
+        let m = Metrics::new();
+        let s = m.route_series("r", "u");
+        for r in UpgradeResult::ALL {
+            s.upgrade(r).inc();
+        }
+        s.http(503).inc();
+        s.http(101).inc();
+        let text = m.render();
+        assert!(
+            text.contains(
+                "duplex_websocket_upgrades_total{result=\"timeout\",route=\"r\",upstream=\"u\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("duplex_http_requests_total{code=\"5xx\",route=\"r\",upstream=\"u\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("duplex_http_requests_total{code=\"1xx\",route=\"r\",upstream=\"u\"} 1"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn registers_every_family_once() {

@@ -51,16 +51,12 @@ pub async fn serve(
     shared: Arc<Shared>,
 ) {
     crate::connector::tune(&tcp);
-    let gauge = shared
-        .metrics
-        .connections_active
-        .with_label_values(&[&listener]);
-    gauge.inc();
-    let active = ActiveGuard(gauge);
     // The listener's settings as of now: a reload changes them for later connections.
     let Some(settings) = shared.table.load().listener_settings(&listener, bind) else {
         return;
     };
+    settings.active.inc();
+    let active = ActiveGuard(settings.active.clone());
     let stream = match &settings.tls {
         None => MaybeTls::Plain(tcp),
         Some(tls) => {
@@ -136,23 +132,22 @@ async fn handle(
     }
     let table = shared.table.load();
     let host = request_host(req.headers(), req.uri());
-    let Some(route) = router::find(
+    let Some((i, route)) = router::find(
         table.routes(),
         host.as_deref(),
         req.uri().path(),
         req.headers(),
     ) else {
-        shared
-            .metrics
-            .http_requests
-            .with_label_values(&["", "", "4xx"])
-            .inc();
+        table.no_route.http(404).inc();
         return responses::no_route();
     };
-    let Some(up) = table.upstreams.get(&route.upstream) else {
+    let (Some(up), Some(series)) = (
+        table.upstreams.get(&route.upstream),
+        table.route_series.get(i),
+    ) else {
         return responses::bad_gateway(&route.name);
     };
-    http_proxy::forward(req, &info, route, up, &shared).await
+    http_proxy::forward(req, &info, route, up, series, &shared).await
 }
 
 /// The answer of a `redirect_https` listener: 308 to the same host and path over https.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use duplex_balance::LoadGuard;
 use duplex_config::Route;
+use duplex_metrics::RouteSeries;
 use http::{Request, Response, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -128,16 +129,6 @@ pub fn relay(resp: Response<Incoming>, load: LoadGuard, idle: Duration) -> Respo
     )
 }
 
-fn class(status: http::StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
-}
-
 /// Proxies one plain HTTP request to the route's upstream, trying further backends on
 /// connect failure while the request is still unsent.
 pub async fn forward(
@@ -145,6 +136,7 @@ pub async fn forward(
     conn: &ConnInfo,
     route: &Route,
     up: &UpstreamRt,
+    series: &RouteSeries,
     shared: &Shared,
 ) -> Response<Body> {
     let start = Instant::now();
@@ -170,7 +162,8 @@ pub async fn forward(
         // Every backend is out of service and panic_mode is closed.
         resp = Some(responses::no_healthy_backend(&route.name));
     }
-    for backend in candidates {
+    let attempts = candidates.len();
+    for (attempt, backend) in candidates.into_iter().enumerate() {
         let addr = backend.state.addr;
         let load = backend.state.guard();
         let Ok(uri) = Uri::try_from(format!("http://{addr}{path}")) else {
@@ -185,7 +178,12 @@ pub async fn forward(
         *out.method_mut() = parts.method.clone();
         *out.uri_mut() = uri;
         *out.version_mut() = Version::HTTP_11;
-        *out.headers_mut() = parts.headers.clone();
+        // The last attempt takes the headers; earlier ones need a copy for a retry.
+        *out.headers_mut() = if attempt + 1 == attempts {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
         match tokio::time::timeout(up.cfg.response_timeout, up.client.request(out)).await {
             Ok(Ok(r)) => {
                 backend.state.record_success();
@@ -218,11 +216,7 @@ pub async fn forward(
         }
     }
     let resp = resp.unwrap_or_else(|| responses::bad_gateway(&route.name));
-    m.http_requests
-        .with_label_values(&[&route.name, &up.cfg.name, class(resp.status())])
-        .inc();
-    m.http_request_duration
-        .with_label_values(&[&route.name])
-        .observe(start.elapsed().as_secs_f64());
+    series.http(resp.status().as_u16()).inc();
+    series.http_duration.observe(start.elapsed().as_secs_f64());
     resp
 }

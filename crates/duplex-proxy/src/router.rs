@@ -9,8 +9,8 @@ pub fn find<'a>(
     host: Option<&str>,
     path: &str,
     headers: &HeaderMap,
-) -> Option<&'a Route> {
-    routes.iter().find(|r| {
+) -> Option<(usize, &'a Route)> {
+    routes.iter().enumerate().find(|(_, r)| {
         r.host
             .as_ref()
             .is_none_or(|m| host.is_some_and(|h| m.matches(h)))
@@ -44,14 +44,14 @@ upstreams: [{name: u, backends: [{addr: '127.0.0.1:2'}]}]
         let mut acme = HeaderMap::new();
         acme.insert("x-tenant", "acme".parse().unwrap());
         let none = HeaderMap::new();
-        let name = |host, path, h| find(&c.routes, host, path, h).map(|r| r.name.as_str());
+        let name = |host, path, h| find(&c.routes, host, path, h).map(|(_, r)| r.name.as_str());
         assert_eq!(name(Some("a.example.com"), "/ws/x", &acme), Some("tenant"));
         assert_eq!(name(Some("a.example.com"), "/ws/x", &none), Some("chat"));
         assert_eq!(name(Some("example.com"), "/ws", &none), Some("all"));
         assert_eq!(name(None, "/wsx", &none), Some("all"));
         assert_eq!(name(None, "/health", &none), Some("exact"));
         assert_eq!(
-            find(&c.routes[..2], None, "/other", &none).map(|r| &r.name),
+            find(&c.routes[..2], None, "/other", &none).map(|(_, r)| &r.name),
             None
         );
     }

@@ -145,7 +145,7 @@ impl Proxy {
         }
         metrics.config_last_reload_success.set(unix_now());
         let shared = Arc::new(Shared {
-            table: ArcSwap::from_pointee(Table::placeholder(&config)),
+            table: ArcSwap::from_pointee(Table::placeholder(&config, &metrics)),
             metrics,
             tracker: TaskTracker::new(),
             stopping: CancellationToken::new(),

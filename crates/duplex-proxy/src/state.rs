@@ -12,7 +12,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use duplex_balance::{Backend, BackendState, Pool};
 use duplex_config::{Config, Route, Upstream};
-use duplex_metrics::Metrics;
+use duplex_metrics::{Gauge, Metrics, RouteSeries, NONE};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::sync::CancellationToken;
@@ -100,6 +100,7 @@ pub struct Carry<'a> {
     /// Keep the previous table's TLS settings instead of reading the files again (a DNS
     /// change is not a reload, and must not fail on a certificate).
     pub reuse_tls: bool,
+    pub metrics: &'a Metrics,
 }
 
 /// One configuration generation, immutable once built.
@@ -109,6 +110,10 @@ pub struct Table {
     pub upstreams: HashMap<String, Arc<UpstreamRt>>,
     /// Per listener name: what a new connection on it needs.
     pub listeners: HashMap<String, Arc<ListenerRt>>,
+    /// Each route's metric series, in the order of `config.routes`.
+    pub route_series: Vec<RouteSeries>,
+    /// The series of requests no route matched.
+    pub no_route: RouteSeries,
 }
 
 /// A listener's settings for new connections; swapped by a reload without rebinding.
@@ -117,6 +122,8 @@ pub struct ListenerRt {
     pub tls: Option<Acceptor>,
     /// Redirect plain HTTP to https on this port.
     pub redirect_https: Option<u16>,
+    /// `duplex_connections_active` of this listener.
+    pub active: Gauge,
 }
 
 impl Table {
@@ -144,6 +151,10 @@ impl Table {
                     let rt = ListenerRt {
                         tls: l.tls.as_ref().map(tls::acceptor).transpose()?,
                         redirect_https: l.redirect_https,
+                        active: carry
+                            .metrics
+                            .connections_active
+                            .with_label_values(&[&l.name]),
                     };
                     listeners.insert(l.name.clone(), Arc::new(rt));
                 }
@@ -223,22 +234,31 @@ impl Table {
             };
             upstreams.insert(u.name.clone(), Arc::new(rt));
         }
+        let route_series = config
+            .routes
+            .iter()
+            .map(|r| carry.metrics.route_series(&r.name, &r.upstream))
+            .collect();
         Ok(Table {
             generation,
-            config,
             upstreams,
             listeners,
+            route_series,
+            no_route: carry.metrics.route_series(NONE, NONE),
+            config,
         })
     }
 
     /// A table with no listeners and no upstreams, in force only while the first real one
     /// is built at start.
-    pub fn placeholder(config: &Config) -> Table {
+    pub fn placeholder(config: &Config, metrics: &Metrics) -> Table {
         Table {
             generation: 0,
             config: Arc::new(config.clone()),
             upstreams: HashMap::new(),
             listeners: HashMap::new(),
+            route_series: Vec::new(),
+            no_route: metrics.route_series(NONE, NONE),
         }
     }
 
@@ -309,6 +329,7 @@ impl Shared {
             draining: &self.draining,
             resolved: &self.resolved,
             reuse_tls: false,
+            metrics: &self.metrics,
         }
     }
 }

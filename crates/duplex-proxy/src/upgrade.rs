@@ -29,21 +29,19 @@ pub async fn upgrade(
     shared: &Arc<Shared>,
 ) -> Response<Body> {
     let start = Instant::now();
-    let m = &shared.metrics;
     let table = shared.table.load_full();
     let host = request_host(req.headers(), req.uri());
-    let route = router::find(
+    let found = router::find(
         table.routes(),
         host.as_deref(),
         req.uri().path(),
         req.headers(),
     );
-    let (route_name, up_name) = route.map_or(("", ""), |r| (r.name.as_str(), r.upstream.as_str()));
-    let count = |result: UpgradeResult| {
-        m.upgrades
-            .with_label_values(&[route_name, up_name, result.as_str()])
-            .inc();
-    };
+    let counters = found
+        .and_then(|(i, _)| table.route_series.get(i))
+        .unwrap_or(&table.no_route);
+    let route = found.map(|(_, r)| r);
+    let count = |result: UpgradeResult| counters.upgrade(result).inc();
 
     // Refuse a broken handshake before touching a backend.
     let key = match check_client(&req) {
@@ -114,7 +112,9 @@ pub async fn upgrade(
     // Spawn the tunnel; it starts once hyper has written our 101 to the client.
     let client_side = hyper::upgrade::on(&mut req);
     let backend_side = hyper::upgrade::on(&mut resp);
-    let series = m.tunnel_series(&route.name, &up.cfg.name, &addr.to_string());
+    let series = shared
+        .metrics
+        .tunnel_series(&route.name, &up.cfg.name, &addr.to_string());
     let settings = tunnel::Settings {
         idle_timeout: up.cfg.idle_timeout,
         close: up.closer(addr),
@@ -129,9 +129,7 @@ pub async fn upgrade(
         shared.tracker.clone(),
     ));
     count(UpgradeResult::Ok);
-    m.handshake_duration
-        .with_label_values(&[&route.name])
-        .observe(start.elapsed().as_secs_f64());
+    counters.handshake.observe(start.elapsed().as_secs_f64());
     client_101(resp.headers())
 }
 
