@@ -2,7 +2,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use duplex_metrics::Gauge;
@@ -22,19 +22,28 @@ use crate::{http_proxy, router, upgrade};
 /// A client slow to send its request headers is cut off after this long (slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Facts about a client connection, shared by its requests and by a tunnel made from it.
+/// Facts about a client connection, shared by its requests.
 pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Whether the client reached us over TLS, for `X-Forwarded-Proto`.
     pub https: bool,
     /// Plain HTTP gets a redirect to https on this port.
     pub redirect_https: Option<u16>,
-    /// Counts the connection in `duplex_connections_active` until the last holder drops:
-    /// the HTTP connection, or the WebSocket tunnel it became.
-    _active: ActiveGuard,
+    /// Counts the connection in `duplex_connections_active`: while the HTTP connection
+    /// lives, or, once upgraded, handed to the tunnel it became (so the tunnel does not
+    /// keep this whole struct alive).
+    active: Mutex<Option<ActiveGuard>>,
 }
 
-struct ActiveGuard(Gauge);
+impl ConnInfo {
+    /// Takes the connection's place in `duplex_connections_active`, for a tunnel.
+    pub fn take_active(&self) -> Option<ActiveGuard> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// One count in a gauge, given back on drop.
+pub struct ActiveGuard(Gauge);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
@@ -88,7 +97,7 @@ pub async fn serve(
         peer,
         https: settings.tls.is_some(),
         redirect_https: settings.redirect_https,
-        _active: active,
+        active: Mutex::new(Some(active)),
     });
     let svc_shared = Arc::clone(&shared);
     let svc = service_fn(move |req| {

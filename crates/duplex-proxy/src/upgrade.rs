@@ -119,7 +119,7 @@ pub async fn upgrade(
         idle_timeout: up.cfg.idle_timeout,
         close: up.closer(addr),
     };
-    let hold = (load.into_tunnel(), conn);
+    let hold = (load.into_tunnel(), conn.take_active());
     shared.tracker.spawn(tunnel::start(
         client_side,
         backend_side,
@@ -165,13 +165,21 @@ async fn connect_first<'a>(
     None
 }
 
+/// Read buffer of the connection that carries the upgrade handshake to a backend.
+const HANDSHAKE_READ_BUFFER: usize = 2048;
+
 /// Sends the upgrade request over `stream` and returns the backend's response head.
 async fn send_handshake(
     stream: BackendStream,
     req: Request<Empty<Bytes>>,
     shared: &Shared,
 ) -> Result<Response<Incoming>, hyper::Error> {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    // The answer is a short 101 head (or a small refusal): a small read buffer is enough,
+    // and thousands of handshakes at once leave less freed memory behind.
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .read_buf_exact_size(Some(HANDSHAKE_READ_BUFFER))
+        .handshake(TokioIo::new(stream))
+        .await?;
     // The connection task ends once the 101 hands the socket over, or once a non-101
     // response body is read and `sender` is gone.
     shared.tracker.spawn(async move {
