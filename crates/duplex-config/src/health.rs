@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::locate::Seg::{Index, Key};
 use crate::raw::{RawBackend, RawHealthCheck, RawUpstream};
-use crate::validate::{fail, parse_duration, Violation};
+use crate::validate::{backend_at, fail, parse_duration, Violation};
 use crate::{defaults, DnsBackend, HealthCheck, HealthKind, PassiveHealth};
 
 pub(crate) fn check(i: usize, h: &RawHealthCheck) -> Result<HealthCheck, Violation> {
@@ -92,15 +92,7 @@ pub(crate) fn dns_backend(
     b: &RawBackend,
     weight: u32,
 ) -> Result<DnsBackend, Violation> {
-    let at = |k| {
-        vec![
-            Key("upstreams"),
-            Index(i),
-            Key("backends"),
-            Index(j),
-            Key(k),
-        ]
-    };
+    let at = |k| backend_at(i, j, k);
     if b.resolve.as_deref() != Some("dns") {
         return fail(
             at("resolve"),

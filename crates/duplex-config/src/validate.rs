@@ -18,6 +18,17 @@ pub(crate) struct Violation {
     pub message: String,
 }
 
+/// The path of key `k` of backend `j` of upstream `i`.
+pub(crate) fn backend_at(i: usize, j: usize, k: &'static str) -> Vec<Seg<'static>> {
+    vec![
+        Key("upstreams"),
+        Index(i),
+        Key("backends"),
+        Index(j),
+        Key(k),
+    ]
+}
+
 pub(crate) fn fail<T>(path: Vec<Seg<'static>>, message: String) -> Result<T, Violation> {
     Err(Violation { path, message })
 }
@@ -291,15 +302,7 @@ fn upstream(i: usize, u: &RawUpstream, base: &Path) -> Result<Upstream, Violatio
     let mut backends = Vec::new();
     let mut discovered = Vec::new();
     for (j, b) in u.backends.iter().enumerate() {
-        let at = |k| {
-            vec![
-                Key("upstreams"),
-                Index(i),
-                Key("backends"),
-                Index(j),
-                Key(k),
-            ]
-        };
+        let at = |k| backend_at(i, j, k);
         let weight = b.weight.unwrap_or(1);
         if weight == 0 || weight > MAX_WEIGHT {
             return fail(
