@@ -187,6 +187,13 @@ pub(crate) fn serve(
         }
     };
     rt.block_on(async move {
+        let mut signals = match StopSignals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("duplex: cannot install the SIGTERM/SIGINT handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let path = source.as_ref().map(|(p, _)| p.clone());
         let proxy = match Proxy::start(config, path.clone(), Arc::new(metrics_registry())).await {
             Ok(p) => p,
@@ -204,11 +211,11 @@ pub(crate) fn serve(
                 duplex_proxy::triggers::watch_file(path, proxy.clone());
             }
         }
-        wait_for_stop_signal().await;
+        signals.next().await;
         // A second signal during the grace period closes everything at once.
         tokio::select! {
             _ = proxy.shutdown(proxy.shutdown_timeout()) => {}
-            _ = wait_for_stop_signal() => {
+            _ = signals.next() => {
                 tracing::warn!("second stop signal: closing every connection now");
                 proxy.close_now().await;
             }
@@ -222,18 +229,26 @@ fn metrics_registry() -> duplex_proxy::Metrics {
     duplex_proxy::Metrics::new()
 }
 
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM and SIGINT, listened for from before the proxy binds anything, so that a stop
+/// signal sent as soon as the listeners are up is never the default "terminate now".
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
