@@ -27,6 +27,8 @@ use tokio::net::TcpStream;
 pub enum TlsError {
     #[error("{}: cannot read: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
+    #[error("{}: a PEM block cannot be read ({why})", path.display())]
+    BadPem { path: PathBuf, why: String },
     #[error("{}: no PEM certificate in the file", path.display())]
     NoCertificate { path: PathBuf },
     #[error("{}: no usable PEM private key in the file ({why})", path.display())]
@@ -72,9 +74,13 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(path)?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
-        .filter_map(Result::ok)
-        .collect();
+    // A damaged PEM block is an error, not a certificate silently left out of the chain.
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::BadPem {
+            path: path.to_owned(),
+            why: e.to_string(),
+        })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate {
             path: path.to_owned(),
