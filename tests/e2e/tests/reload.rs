@@ -297,3 +297,42 @@ async fn a_backend_added_back_while_draining_keeps_its_tunnels() {
     );
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }
+
+/// Kubernetes mounts a ConfigMap as `FILE -> ..data/FILE`, `..data -> ..<timestamp>/`, and
+/// updates it by writing a new timestamped directory and renaming a new `..data` symlink
+/// over the old one. The file's own inode never changes; the watch must still see it.
+#[tokio::test]
+async fn a_configmap_style_symlink_swap_reloads() {
+    use std::os::unix::fs::symlink;
+    let b = Backend::start_all(&["first", "second"]).await;
+    let dir = std::env::temp_dir().join(format!("duplex-e2e-configmap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("..v1")).expect("temp dir");
+    let text = |addr| yaml(&[("public", "127.0.0.1:0")], "least_conn", "", &[addr]);
+    std::fs::write(dir.join("..v1/duplex.yaml"), text(b[0].addr)).expect("write v1");
+    symlink("..v1", dir.join("..data")).expect("..data");
+    symlink("..data/duplex.yaml", dir.join("duplex.yaml")).expect("duplex.yaml");
+    let path = dir.join("duplex.yaml");
+    let proxy = start(&text(b[0].addr), Some(path.clone())).await;
+    duplex_proxy::triggers::watch_file(path, proxy.clone());
+    let addr = proxy.listener_addr("public").expect("bound");
+    assert_eq!(client::get(addr, "/", &[]).await.backend(), "first");
+
+    // The kubelet's update: a new directory, a new symlink, renamed over ..data.
+    std::fs::create_dir_all(dir.join("..v2")).expect("v2 dir");
+    std::fs::write(dir.join("..v2/duplex.yaml"), text(b[1].addr)).expect("write v2");
+    symlink("..v2", dir.join("..data_tmp")).expect("..data_tmp");
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap ..data");
+    eventually(
+        Duration::from_secs(10),
+        "the swapped config to apply",
+        || {
+            let g = proxy.generation();
+            async move { g == 2 }
+        },
+    )
+    .await;
+    assert_eq!(client::get(addr, "/", &[]).await.backend(), "second");
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
