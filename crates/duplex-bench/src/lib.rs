@@ -4,8 +4,10 @@
 //! * [`scenario`]: latency, throughput, hold, handshakes and http, each against one address.
 //! * [`runner`]: `run-all`, which starts backends and proxies (duplex, nginx, HAProxy),
 //!   places them on CPUs, and runs every scenario against each, interleaved and repeated.
-//! * [`results`]: medians, tables, budgets, the chart and the generated part of the doc.
+//! * [`results`]: medians, tables, budgets and the generated part of the doc.
+//! * [`chart`]: the SVG chart.
 
+pub mod chart;
 pub mod echo;
 pub mod os;
 pub mod report;

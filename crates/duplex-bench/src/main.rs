@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand, ValueEnum};
 use duplex_bench::report::Outcome;
 use duplex_bench::runner::{self, Placement, Plan, Sizes, Target};
-use duplex_bench::{echo, os, results, scenario};
+use duplex_bench::{chart, echo, os, results, scenario};
 
 #[derive(Parser)]
 #[command(
@@ -638,7 +638,7 @@ fn write_doc(doc: &std::path::Path, plan: &Plan, cells: &[runner::Cell], run: &r
     let dir = doc.parent().map(PathBuf::from).unwrap_or_default();
     let chart = dir.join("benchmarks.svg");
     let raw = dir.join("benchmarks-results.json");
-    let svg = results::chart_svg(
+    let svg = chart::chart_svg(
         cells,
         &plan.targets,
         &plan.placements,
