@@ -128,7 +128,7 @@ impl Metrics {
             tunnel_duration: histogram(&r, "duplex_websocket_tunnel_duration_seconds", "Lifetime of closed WebSocket tunnels, by route.", &["route"], lifetime),
             tunnel_bytes: counter(&r, "duplex_tunnel_bytes_total", "Bytes relayed through WebSocket tunnels, by route and direction, counted as they pass.", &["route", "direction"]),
             backend_connect_errors: counter(&r, "duplex_backend_connect_errors_total", "Failed connections to backends, by upstream, backend and kind (refused, timeout, other).", &["upstream", "backend", "kind"]),
-            backend_up: gauge(&r, "duplex_backend_up", "1 when a backend takes new connections, 0 when it does not (removed and draining).", &["upstream", "backend"]),
+            backend_up: gauge(&r, "duplex_backend_up", "1 when a configured backend takes new connections, 0 while it is unhealthy or ejected.", &["upstream", "backend"]),
             backend_health_checks: counter(&r, "duplex_backend_health_checks_total", "Active health checks, by upstream, backend and result (ok, fail).", &["upstream", "backend", "result"]),
             backend_ejections: counter(&r, "duplex_backend_ejections_total", "Passive ejections after max_fails connect failures or handshake timeouts in a row, by upstream and backend.", &["upstream", "backend"]),
             dns_resolutions: counter(&r, "duplex_dns_resolutions_total", "DNS resolutions of backends with resolve: dns, by upstream and result (ok, error); an error keeps the last addresses.", &["upstream", "result"]),

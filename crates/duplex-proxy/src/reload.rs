@@ -301,11 +301,13 @@ fn drain_removed(shared: &Arc<Shared>, old: &Table, new: &Table) {
                 .filter(|r| &r.upstream == name)
                 .map(|r| r.name.clone())
                 .collect();
-            shared
+            // No longer a configured backend: its up/down series goes now (a draining
+            // backend is not "down", and must not page anyone); its tunnel series stay
+            // until the drain ends.
+            let _ = shared
                 .metrics
                 .backend_up
-                .with_label_values(&[name, &addr.to_string()])
-                .set(0);
+                .remove_label_values(&[name, &addr.to_string()]);
             let Some(closer) = up.closers.get(&addr) else {
                 continue;
             };
