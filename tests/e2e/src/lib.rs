@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod client;
 pub mod flaky;
+pub mod health_kit;
 pub mod pki;
 pub mod proxy;
 pub mod raw;

@@ -1,0 +1,184 @@
+//! DNS discovery end to end through a resolver the test answers for: addresses that appear
+//! join, ones that vanish drain, failures keep the last answer.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use duplex_e2e::client::{backend_of, try_ws, ws};
+use duplex_e2e::eventually;
+use duplex_e2e::flaky::{FlakyBackend, Mode};
+use duplex_e2e::health_kit::*;
+use duplex_proxy::discovery::Resolver;
+use tokio_tungstenite::tungstenite;
+
+/// A resolver the test answers for: `chat.test` resolves to the addresses in `addrs` (with
+/// the port asked for), or fails while `fail` is set.
+#[derive(Clone, Default)]
+struct TestResolver {
+    addrs: Arc<Mutex<Vec<SocketAddr>>>,
+    fail: Arc<AtomicBool>,
+}
+
+impl TestResolver {
+    fn answer(&self, addrs: &[SocketAddr]) {
+        *self.addrs.lock().expect("resolver answer") = addrs.to_vec();
+    }
+}
+
+impl Resolver for TestResolver {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+        let answer = if host != "chat.test" {
+            Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{host}: NXDOMAIN"),
+            ))
+        } else if self.fail.load(Ordering::SeqCst) {
+            Err(io::Error::other("chat.test: SERVFAIL"))
+        } else {
+            let addrs = self.addrs.lock().expect("resolver answer");
+            Ok(addrs
+                .iter()
+                .map(|a| SocketAddr::new(a.ip(), port))
+                .collect())
+        };
+        Box::pin(async move { answer })
+    }
+}
+
+/// Two backends on the same port, on 127.0.0.2 and 127.0.0.3, as a DNS name's A records.
+fn same_port_pair() -> (FlakyBackend, FlakyBackend) {
+    let ip = |last| IpAddr::V4(Ipv4Addr::new(127, 0, 0, last));
+    for _ in 0..20 {
+        let a = FlakyBackend::start_at("a", SocketAddr::new(ip(2), 0)).expect("bind 127.0.0.2");
+        if let Ok(b) = FlakyBackend::start_at("b", SocketAddr::new(ip(3), a.addr.port())) {
+            return (a, b);
+        }
+    }
+    panic!("no port free on both 127.0.0.2 and 127.0.0.3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_discovery_follows_the_answers_and_keeps_the_last_on_error() {
+    let (a, b) = same_port_pair();
+    let port = a.addr.port();
+    let resolver = TestResolver::default();
+    resolver.answer(&[a.addr]);
+    let dns = format!(
+        "      - addr: chat.test:{port}\n        resolve: dns\n        resolve_interval: 200ms\n"
+    );
+    let p = start_resolving(&yaml_with("", &dns), Arc::new(resolver.clone())).await;
+    assert_eq!(land(&p, 3).await.get("a"), Some(&3));
+    let (mut on_a, r) = ws(p.addr, "/").await;
+    assert_eq!(backend_of(&r), "a");
+
+    resolver.answer(&[a.addr, b.addr]);
+    let addr = p.addr;
+    eventually(WAIT, "b to take connections once resolved", || async move {
+        let (_ws, r) = ws(addr, "/").await;
+        backend_of(&r) == "b"
+    })
+    .await;
+
+    resolver.answer(&[b.addr]);
+    let (pr, gone) = (&p, a.addr);
+    eventually(WAIT, "a to leave the table", || async move {
+        status_of(pr, gone).await.is_none()
+    })
+    .await;
+    assert_eq!(
+        land(&p, 6).await.get("b"),
+        Some(&6),
+        "a gets no new connections"
+    );
+    echo_ok(&mut on_a, "the tunnel on a outlives its address").await;
+
+    let errors = || p.metric("duplex_dns_resolutions_total", &[("result", "error")]);
+    let before = errors().await;
+    resolver.fail.store(true, Ordering::SeqCst);
+    eventually(WAIT, "a failed resolution to be counted", || async move {
+        errors().await > before
+    })
+    .await;
+    // Another failure or two later, [b] is still the set.
+    let more = errors().await;
+    eventually(WAIT, "another failed resolution", || async move {
+        errors().await > more
+    })
+    .await;
+    assert!(
+        status_of(&p, b.addr).await.is_some(),
+        "b stays in the table"
+    );
+    assert!(status_of(&p, a.addr).await.is_none());
+    assert_eq!(land(&p, 4).await.get("b"), Some(&4));
+    assert!(
+        p.metric("duplex_dns_resolutions_total", &[("result", "ok")])
+            .await
+            >= 3.0
+    );
+    echo_ok(&mut on_a, "still open").await;
+    p.shutdown().await;
+}
+
+/// A name that does not resolve at start leaves the upstream empty (503) until it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_discovery_recovers_from_a_failure_at_start() {
+    let (a, _b) = same_port_pair();
+    let resolver = TestResolver::default();
+    resolver.answer(&[a.addr]);
+    resolver.fail.store(true, Ordering::SeqCst);
+    let dns = format!(
+        "      - addr: chat.test:{}\n        resolve: dns\n        resolve_interval: 200ms\n",
+        a.addr.port()
+    );
+    let p = start_resolving(&yaml_with("", &dns), Arc::new(resolver.clone())).await;
+    match try_ws(p.addr, "/", &[], &[]).await {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        Ok((_, r)) => panic!("upgraded to {} with nothing resolved", backend_of(&r)),
+        Err(e) => panic!("expected a 503, got {e}"),
+    }
+    resolver.fail.store(false, Ordering::SeqCst);
+    let addr = p.addr;
+    eventually(WAIT, "a to take connections once resolved", || async move {
+        match try_ws(addr, "/", &[], &[]).await {
+            Ok((_ws, r)) => backend_of(&r) == "a",
+            Err(_) => false,
+        }
+    })
+    .await;
+    p.shutdown().await;
+}
+
+/// Addresses found by DNS are checked like static ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_discovered_backends_are_health_checked() {
+    let (a, b) = same_port_pair();
+    b.set(Mode::Http500).await;
+    let resolver = TestResolver::default();
+    resolver.answer(&[a.addr]);
+    let dns = format!(
+        "      - addr: chat.test:{}\n        resolve: dns\n        resolve_interval: 200ms\n",
+        a.addr.port()
+    );
+    let p = start_resolving(&yaml_with(&check("http"), &dns), Arc::new(resolver.clone())).await;
+    resolver.answer(&[a.addr, b.addr]);
+    let (pr, found) = (&p, b.addr);
+    eventually(WAIT, "b to join the table", || async move {
+        status_of(pr, found).await.is_some()
+    })
+    .await;
+    until_healthy(&p, &b, false).await;
+    assert_eq!(land(&p, 4).await.get("a"), Some(&4));
+    b.set(Mode::Up).await;
+    until_healthy(&p, &b, true).await;
+    assert_eq!(land(&p, 4).await.get("b"), Some(&2));
+    p.shutdown().await;
+}

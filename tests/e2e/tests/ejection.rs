@@ -1,0 +1,280 @@
+//! Passive health end to end: connect failures and handshake timeouts on real traffic
+//! eject a backend for `fail_timeout`, doubling for ejections in a row.
+
+use std::time::{Duration, Instant};
+
+use duplex_e2e::client::{backend_of, get, try_ws, ws, HttpConn};
+use duplex_e2e::eventually;
+use duplex_e2e::flaky::{FlakyBackend, Mode};
+use duplex_e2e::health_kit::*;
+use duplex_e2e::proxy::TestProxy;
+use tokio_tungstenite::tungstenite::{self};
+
+/// No active checks: two handshake timeouts in a row eject a silent backend for
+/// `fail_timeout`, after which it is tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_timeouts_eject_a_silent_backend_until_fail_timeout() {
+    let a = FlakyBackend::start("a").await;
+    let s = FlakyBackend::start("s").await;
+    let extra = "    max_fails: 2\n    fail_timeout: 1s\n    handshake_timeout: 200ms\n";
+    let p = start(&yaml(extra, &[&a, &s])).await;
+    s.set(Mode::Silent).await;
+
+    let mut timeouts = 0;
+    let mut ejected_at = None;
+    for _ in 0..8 {
+        match try_ws(p.addr, "/", &[], &[]).await {
+            Ok((_ws, r)) => assert_eq!(backend_of(&r), "a"),
+            Err(tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status(), 504, "a silent backend's handshake times out");
+                timeouts += 1;
+                if timeouts == 2 {
+                    ejected_at = Some(Instant::now());
+                    break;
+                }
+            }
+            Err(e) => panic!("unexpected handshake failure: {e}"),
+        }
+    }
+    let ejected_at = ejected_at.expect("two 504s from the silent backend");
+    let ejections = || backend_metric(&p, "duplex_backend_ejections_total", &s, &[]);
+    assert_eq!(ejections().await, 1.0);
+    assert!(flag(&p, &s, "ejected").await, "s is ejected");
+    assert!(
+        flag(&p, &s, "healthy").await,
+        "no active check says otherwise"
+    );
+    assert_available(&p, &s, false).await;
+
+    // While ejected (well inside fail_timeout), new connections skip it.
+    let mut skipped = 0;
+    while ejected_at.elapsed() < Duration::from_millis(600) && skipped < 6 {
+        let (_ws, r) = ws(p.addr, "/").await;
+        assert_eq!(
+            backend_of(&r),
+            "a",
+            "an ejected backend takes no connection"
+        );
+        skipped += 1;
+    }
+    assert!(skipped > 0, "no connection made within the ejection");
+
+    // Once fail_timeout has passed it is tried again; now it answers.
+    s.set(Mode::Up).await;
+    let addr = p.addr;
+    eventually(
+        Duration::from_secs(4),
+        "s to take connections again after fail_timeout",
+        || async move {
+            let (_ws, r) = ws(addr, "/").await;
+            backend_of(&r) == "s"
+        },
+    )
+    .await;
+    assert!(!flag(&p, &s, "ejected").await);
+    assert_available(&p, &s, true).await;
+    assert_eq!(ejections().await, 1.0, "no second ejection");
+    p.shutdown().await;
+}
+
+/// Handshakes already under way when a backend hangs all time out together: that is one
+/// incident, so one ejection of `fail_timeout`, not one more (and twice as long) per
+/// `max_fails` of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_timeouts_on_a_hung_backend_is_one_ejection() {
+    let a = FlakyBackend::start("a").await;
+    let s = FlakyBackend::start("s").await;
+    let extra = "    max_fails: 2\n    fail_timeout: 1s\n    handshake_timeout: 300ms\n";
+    let p = start(&yaml(extra, &[&a, &s])).await;
+    s.set(Mode::Silent).await;
+
+    // Eight handshakes at once: round robin sends four to s before any of them times out.
+    let addr = p.addr;
+    let burst: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(async move { try_ws(addr, "/", &[], &[]).await.err() }))
+        .collect();
+    let mut timeouts = 0;
+    for h in burst {
+        match h.await.expect("handshake task") {
+            None => {}
+            Some(tungstenite::Error::Http(r)) if r.status() == 504 => timeouts += 1,
+            Some(e) => panic!("unexpected handshake failure: {e}"),
+        }
+    }
+    assert_eq!(timeouts, 4);
+    let ejections = backend_metric(&p, "duplex_backend_ejections_total", &s, &[]).await;
+    assert_eq!(ejections, 1.0, "four timeouts of one burst, max_fails 2");
+    // The ejection is fail_timeout long, not doubled.
+    let (pr, sr) = (&p, &s);
+    eventually(
+        Duration::from_millis(1600),
+        "the ejection to end after fail_timeout",
+        || async move { !flag(pr, sr, "ejected").await },
+    )
+    .await;
+    p.shutdown().await;
+}
+
+/// A refused connect counts as a failure too: the retry sends the client to the next
+/// backend, and after `max_fails` the refusing one is ejected and no longer tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failures_are_retried_elsewhere_and_eject_a_down_backend() {
+    let a = FlakyBackend::start("a").await;
+    let d = FlakyBackend::start("d").await;
+    let extra = "    max_fails: 2\n    fail_timeout: 5s\n";
+    let p = start(&yaml(extra, &[&a, &d])).await;
+    d.set(Mode::Down).await;
+
+    let landed = land(&p, 6).await;
+    assert_eq!(
+        landed.get("a"),
+        Some(&6),
+        "every client reached a: {landed:?}"
+    );
+    let errors = || {
+        backend_metric(
+            &p,
+            "duplex_backend_connect_errors_total",
+            &d,
+            &[("kind", "refused")],
+        )
+    };
+    assert_eq!(
+        errors().await,
+        2.0,
+        "max_fails refused connects, then no more"
+    );
+    assert_eq!(
+        backend_metric(&p, "duplex_backend_ejections_total", &d, &[]).await,
+        1.0
+    );
+    assert!(flag(&p, &d, "ejected").await);
+    assert_available(&p, &d, false).await;
+
+    // Plain HTTP skips it too.
+    let mut conn = HttpConn::open(p.addr).await;
+    for _ in 0..4 {
+        assert_eq!(conn.get("/", &[]).await.backend(), "a");
+    }
+    assert_eq!(errors().await, 2.0);
+    p.shutdown().await;
+}
+
+/// Plain HTTP's connect failures count the same way: the unsent request is retried on the
+/// next backend, and the refusing one is ejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_connect_failures_eject_a_down_backend() {
+    let a = FlakyBackend::start("a").await;
+    let d = FlakyBackend::start("d").await;
+    let p = start(&yaml("    max_fails: 2\n    fail_timeout: 5s\n", &[&a, &d])).await;
+    d.set(Mode::Down).await;
+    for _ in 0..6 {
+        let r = get(p.addr, "/", &[]).await;
+        assert_eq!((r.status.as_u16(), r.backend()), (200, "a".to_owned()));
+    }
+    let refused = backend_metric(
+        &p,
+        "duplex_backend_connect_errors_total",
+        &d,
+        &[("kind", "refused")],
+    );
+    assert_eq!(refused.await, 2.0);
+    assert_eq!(
+        backend_metric(&p, "duplex_backend_ejections_total", &d, &[]).await,
+        1.0
+    );
+    assert_available(&p, &d, false).await;
+    p.shutdown().await;
+}
+
+/// `max_fails: 0` turns ejection off: a refusing backend keeps being tried (and retried past).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_fails_zero_never_ejects() {
+    let a = FlakyBackend::start("a").await;
+    let d = FlakyBackend::start("d").await;
+    let p = start(&yaml("    max_fails: 0\n", &[&a, &d])).await;
+    d.set(Mode::Down).await;
+    assert_eq!(land(&p, 6).await.get("a"), Some(&6));
+    let refused = backend_metric(
+        &p,
+        "duplex_backend_connect_errors_total",
+        &d,
+        &[("kind", "refused")],
+    );
+    assert_eq!(
+        refused.await,
+        3.0,
+        "round robin tried d first every other time"
+    );
+    assert_eq!(
+        backend_metric(&p, "duplex_backend_ejections_total", &d, &[]).await,
+        0.0
+    );
+    assert!(!flag(&p, &d, "ejected").await);
+    assert_available(&p, &d, true).await;
+    p.shutdown().await;
+}
+
+/// Opens connections until one of them tried `d` and so ejected it (`max_fails: 1`); returns
+/// when that connection's answer arrived.
+async fn eject_once(p: &TestProxy, d: &FlakyBackend, ejections: f64) -> Instant {
+    for _ in 0..4 {
+        let (_ws, r) = ws(p.addr, "/").await;
+        assert_eq!(backend_of(&r), "a");
+        let now = Instant::now();
+        if backend_metric(p, "duplex_backend_ejections_total", d, &[]).await == ejections {
+            assert!(flag(p, d, "ejected").await);
+            return now;
+        }
+    }
+    panic!("d was never tried");
+}
+
+async fn until_not_ejected(p: &TestProxy, d: &FlakyBackend) {
+    eventually(WAIT, "the ejection to end", || async move {
+        !flag(p, d, "ejected").await
+    })
+    .await;
+}
+
+/// Each ejection in a row doubles `fail_timeout`; a success in between starts over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejections_in_a_row_double_and_a_success_resets_them() {
+    let a = FlakyBackend::start("a").await;
+    let d = FlakyBackend::start("d").await;
+    let p = start(&yaml(
+        "    max_fails: 1\n    fail_timeout: 600ms\n",
+        &[&a, &d],
+    ))
+    .await;
+    d.set(Mode::Down).await;
+
+    eject_once(&p, &d, 1.0).await;
+    until_not_ejected(&p, &d).await;
+    // Tried again and refused again: 1.2 s this time, so still out after 0.7 s.
+    let second = eject_once(&p, &d, 2.0).await;
+    tokio::time::sleep(Duration::from_millis(700).saturating_sub(second.elapsed())).await;
+    assert!(
+        flag(&p, &d, "ejected").await,
+        "the second ejection lasts twice as long"
+    );
+    until_not_ejected(&p, &d).await;
+
+    // Back up: a connection succeeds on it, which ends the streak...
+    d.set(Mode::Up).await;
+    let addr = p.addr;
+    eventually(WAIT, "d to take a connection", || async move {
+        let (_ws, r) = ws(addr, "/").await;
+        backend_of(&r) == "d"
+    })
+    .await;
+    // ...so the next ejection is back to 600 ms.
+    d.set(Mode::Down).await;
+    let third = eject_once(&p, &d, 3.0).await;
+    tokio::time::sleep(Duration::from_millis(900).saturating_sub(third.elapsed())).await;
+    assert!(
+        !flag(&p, &d, "ejected").await,
+        "after a success the ejection starts over at fail_timeout"
+    );
+    p.shutdown().await;
+}
