@@ -129,50 +129,7 @@ enum Cmd {
         doc: PathBuf,
     },
     /// Every scenario against every target in both placements, repeated; writes the doc.
-    RunAll {
-        /// The duplex binary (default: next to this one).
-        #[arg(long)]
-        duplex: Option<PathBuf>,
-        /// Comma-separated: direct, duplex, nginx, haproxy.
-        #[arg(long, value_delimiter = ',')]
-        targets: Vec<String>,
-        /// Comma-separated: pinned, one-cpu.
-        #[arg(long, value_delimiter = ',')]
-        placements: Vec<String>,
-        /// Comma-separated scenario names to run (default: all).
-        #[arg(long, value_delimiter = ',')]
-        only: Vec<String>,
-        #[arg(long, default_value_t = 3)]
-        repeats: usize,
-        /// Length of each throughput, handshake and HTTP run.
-        #[arg(long, value_parser = dur, default_value = "5s")]
-        duration: Duration,
-        /// Tunnels for `hold` (default: what the open-file hard limit allows).
-        #[arg(long)]
-        tunnels: Option<usize>,
-        /// Where configs and logs of each cell go.
-        #[arg(long, default_value = "target/duplex-bench")]
-        work: PathBuf,
-        /// The doc whose generated part is rewritten; the chart and the raw results go
-        /// beside it (benchmarks.svg, benchmarks-results.json).
-        #[arg(long, default_value = "docs/benchmarks.md")]
-        doc: PathBuf,
-        /// Leave the doc, chart and results file alone.
-        #[arg(long)]
-        no_doc: bool,
-        /// Do not pin with taskset.
-        #[arg(long)]
-        no_pin: bool,
-        /// The CI smoke: duplex and direct, one placement, tiny sizes; no doc; exit 1 on any
-        /// failure.
-        #[arg(long)]
-        smoke: bool,
-        /// A results file of an earlier run (benchmarks-results.json): its cells for the
-        /// targets, placements and scenarios measured now are replaced, the rest kept, and
-        /// the doc is written from the union (to measure a row again after a fix).
-        #[arg(long)]
-        merge: Option<PathBuf>,
-    },
+    RunAll(RunAllArgs),
 }
 
 fn main() -> ExitCode {
@@ -299,35 +256,7 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Report { results, doc } => report(&results, &doc),
-        Cmd::RunAll {
-            duplex,
-            targets,
-            placements,
-            only,
-            repeats,
-            duration,
-            tunnels,
-            work,
-            doc,
-            no_doc,
-            no_pin,
-            smoke,
-            merge,
-        } => run_all(RunAllArgs {
-            duplex,
-            targets,
-            placements,
-            only,
-            repeats,
-            duration,
-            tunnels,
-            work,
-            doc,
-            no_doc,
-            no_pin,
-            smoke,
-            merge,
-        }),
+        Cmd::RunAll(args) => run_all(args),
     }
 }
 
@@ -347,19 +276,49 @@ fn finish(o: Outcome) -> ExitCode {
     }
 }
 
+#[derive(clap::Args)]
 struct RunAllArgs {
+    /// The duplex binary (default: next to this one).
+    #[arg(long)]
     duplex: Option<PathBuf>,
+    /// Comma-separated: direct, duplex, nginx, haproxy.
+    #[arg(long, value_delimiter = ',')]
     targets: Vec<String>,
+    /// Comma-separated: pinned, one-cpu.
+    #[arg(long, value_delimiter = ',')]
     placements: Vec<String>,
+    /// Comma-separated scenario names to run (default: all).
+    #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Length of each throughput, handshake and HTTP run.
+    #[arg(long, value_parser = dur, default_value = "5s")]
     duration: Duration,
+    /// Tunnels for `hold` (default: what the open-file hard limit allows).
+    #[arg(long)]
     tunnels: Option<usize>,
+    /// Where configs and logs of each cell go.
+    #[arg(long, default_value = "target/duplex-bench")]
     work: PathBuf,
+    /// The doc whose generated part is rewritten; the chart and the raw results go
+    /// beside it (benchmarks.svg, benchmarks-results.json).
+    #[arg(long, default_value = "docs/benchmarks.md")]
     doc: PathBuf,
+    /// Leave the doc, chart and results file alone.
+    #[arg(long)]
     no_doc: bool,
+    /// Do not pin with taskset.
+    #[arg(long)]
     no_pin: bool,
+    /// The CI smoke: duplex and direct, one placement, tiny sizes; no doc; exit 1 on any
+    /// failure.
+    #[arg(long)]
     smoke: bool,
+    /// A results file of an earlier run (benchmarks-results.json): its cells for the
+    /// targets, placements and scenarios measured now are replaced, the rest kept, and
+    /// the doc is written from the union (to measure a row again after a fix).
+    #[arg(long)]
     merge: Option<PathBuf>,
 }
 

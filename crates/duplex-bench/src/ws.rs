@@ -217,24 +217,33 @@ pub async fn client_handshake(s: &mut TcpStream, host: &str) -> io::Result<Vec<u
     s.write_all(upgrade_request(host, &key).as_bytes()).await?;
     let mut buf = Vec::with_capacity(512);
     loop {
-        if let Some(end) = head_end(&buf) {
-            check_101(&buf[..end], &key)?;
-            return Ok(buf.split_off(end));
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "handshake head too long",
-            ));
+        if let Some(rest) = handshake_done(&mut buf, &key)? {
+            return Ok(rest);
         }
         buf.reserve(1024);
         if s.read_buf(&mut buf).await? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "closed during the handshake",
-            ));
+            return Err(closed_in_handshake());
         }
     }
+}
+
+/// Once `buf` holds the whole response head: checks the 101 and returns the bytes after it.
+fn handshake_done(buf: &mut Vec<u8>, key: &str) -> io::Result<Option<Vec<u8>>> {
+    if let Some(end) = head_end(buf) {
+        check_101(&buf[..end], key)?;
+        return Ok(Some(buf.split_off(end)));
+    }
+    if buf.len() > MAX_HEAD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "handshake head too long",
+        ));
+    }
+    Ok(None)
+}
+
+fn closed_in_handshake() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "closed during the handshake")
 }
 
 /// The same on a blocking std stream.
@@ -244,22 +253,12 @@ pub fn client_handshake_sync(s: &mut std::net::TcpStream, host: &str) -> io::Res
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     loop {
-        if let Some(end) = head_end(&buf) {
-            check_101(&buf[..end], &key)?;
-            return Ok(buf.split_off(end));
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "handshake head too long",
-            ));
+        if let Some(rest) = handshake_done(&mut buf, &key)? {
+            return Ok(rest);
         }
         let n = s.read(&mut chunk)?;
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "closed during the handshake",
-            ));
+            return Err(closed_in_handshake());
         }
         buf.extend_from_slice(&chunk[..n]);
     }
