@@ -71,10 +71,19 @@ pub async fn start<H: Send + 'static>(
     hold: H,
     tracker: TaskTracker,
 ) {
-    let (client, backend) = match tokio::try_join!(client, backend) {
-        Ok(pair) => pair,
+    // The backend's side is ready as soon as its 101 was read; the client's once hyper
+    // has written our 101. Awaited one by one, a failure says which side it was.
+    let backend = match backend.await {
+        Ok(b) => b,
         Err(e) => {
-            tracing::debug!(error = %e, "upgrade did not complete");
+            tracing::debug!(error = %e, "the backend's side of the upgrade did not complete");
+            return;
+        }
+    };
+    let client = match client.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %crate::error::ProxyError::Client(e), "upgrade did not complete");
             return;
         }
     };
