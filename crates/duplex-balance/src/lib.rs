@@ -20,6 +20,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use duplex_config::{BalancerKind, HashKey, PanicMode, PassiveHealth};
+use http::uri::Authority;
 use http::HeaderMap;
 
 pub use consistent_hash::ConsistentHash;
@@ -41,6 +42,8 @@ pub struct Context<'a> {
 #[derive(Debug)]
 pub struct BackendState {
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, built once rather than per HTTP request.
+    pub authority: Authority,
     /// Open WebSocket tunnels plus in-flight HTTP requests (and handshakes under way), kept
     /// by [`LoadGuard`]s.
     load: AtomicUsize,
@@ -67,8 +70,12 @@ fn clock_ms() -> u64 {
 
 impl BackendState {
     pub fn new(addr: SocketAddr) -> Arc<Self> {
+        // A socket address always prints as a valid authority; the fallback is unreachable.
+        let authority = Authority::try_from(addr.to_string())
+            .unwrap_or_else(|_| Authority::from_static("0.0.0.0"));
         Arc::new(BackendState {
             addr,
+            authority,
             load: AtomicUsize::new(0),
             tunnels: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),

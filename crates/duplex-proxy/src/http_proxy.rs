@@ -10,6 +10,7 @@ use bytes::Bytes;
 use duplex_balance::LoadGuard;
 use duplex_config::Route;
 use duplex_metrics::RouteSeries;
+use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -70,7 +71,11 @@ struct Guarded {
     inner: Incoming,
     _load: LoadGuard,
     idle: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Armed the first time the body has to wait, so that a body that arrives with its head
+    /// (most responses) never touches the timer wheel.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame went by since the timer was armed: re-arm it before waiting again.
+    moved: bool,
 }
 
 impl HttpBody for Guarded {
@@ -84,21 +89,24 @@ impl HttpBody for Guarded {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                if frame.is_some() {
-                    this.timer
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + this.idle);
-                }
+                this.moved |= frame.is_some();
                 Poll::Ready(frame.map(|f| f.map_err(BodyError::from)))
             }
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    Poll::Ready(Some(
-                        Err(ProxyError::BodyStalled { idle: this.idle }.into()),
-                    ))
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if std::mem::take(&mut this.moved) {
+                    timer.as_mut().reset(tokio::time::Instant::now() + idle);
                 }
-                Poll::Pending => Poll::Pending,
-            },
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        Poll::Ready(Some(Err(ProxyError::BodyStalled { idle }.into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -116,14 +124,14 @@ impl HttpBody for Guarded {
 pub fn relay(resp: Response<Incoming>, load: LoadGuard, idle: Duration) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let timer = Box::pin(tokio::time::sleep(idle));
     Response::from_parts(
         parts,
         Guarded {
             inner: body,
             _load: load,
             idle,
-            timer,
+            timer: None,
+            moved: false,
         }
         .boxed(),
     )
@@ -148,8 +156,8 @@ pub async fn forward(
     let path = parts
         .uri
         .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let ctx = duplex_balance::Context {
         client_ip: conn.peer.ip(),
         headers: &parts.headers,
@@ -166,7 +174,12 @@ pub async fn forward(
     for (attempt, backend) in candidates.into_iter().enumerate() {
         let addr = backend.state.addr;
         let load = backend.state.guard();
-        let Ok(uri) = Uri::try_from(format!("http://{addr}{path}")) else {
+        let Ok(uri) = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(backend.state.authority.clone())
+            .path_and_query(path.clone())
+            .build()
+        else {
             break;
         };
         let mut out = Request::new(ReclaimBody {

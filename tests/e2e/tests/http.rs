@@ -189,6 +189,40 @@ async fn dead_backend_is_skipped() {
     );
 }
 
+/// A body that keeps coming, slower in all than `response_timeout` but never quiet for that
+/// long, arrives whole: the timeout is for silence, not for the whole body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_body_is_not_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = duplex_e2e::raw::RawBackend::start(|mut tcp| async move {
+        let mut buf = [0u8; 4096];
+        let _ = tcp.read(&mut buf).await?;
+        tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+            .await?;
+        for _ in 0..10 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            tcp.write_all(b"0123456789").await?;
+        }
+        Ok(())
+    })
+    .await;
+    let p = TestProxy::single(
+        &Upstream::new("round_robin")
+            .option("response_timeout", "300ms")
+            .backend(b.addr),
+    )
+    .await;
+    let mut conn = HttpConn::open(p.addr).await;
+    let req = request(Method::GET, p.addr, "/", &[], duplex_e2e::client::empty());
+    let resp = conn.send_head(req).await;
+    assert_eq!(resp.status(), 200);
+    let body = duplex_e2e::within("the body", resp.into_body().collect())
+        .await
+        .expect("the whole body")
+        .to_bytes();
+    assert_eq!(body.len(), 100);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_stalls_mid_body_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
