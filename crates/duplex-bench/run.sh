@@ -6,7 +6,7 @@
 #
 # Installs what is missing from Debian (nginx-light, haproxy, wrk), builds duplex and the
 # load generator in release mode, takes the whole open-file allowance, and runs every
-# scenario against direct, duplex, nginx and HAProxy in both CPU placements.
+# scenario against direct, duplex, nginx and HAProxy in three CPU placements.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

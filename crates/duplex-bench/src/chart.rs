@@ -172,11 +172,7 @@ pub fn chart_svg(
                 r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
                 gx + bar_w * targets.len() as f64 / 2.0,
                 base_y + 18.0,
-                if p == Placement::Pinned {
-                    "pinned"
-                } else {
-                    "one CPU"
-                }
+                p.short()
             );
         }
         s.push_str("</g>\n");

@@ -81,9 +81,9 @@ enum Cmd {
         /// How many tunnels; by default as many as the open-file hard limit lets a proxy hold.
         #[arg(long)]
         tunnels: Option<usize>,
-        /// The proxy process whose VmRSS is read.
-        #[arg(long)]
-        pid: Option<u32>,
+        /// The proxy's processes whose VmRSS is read and summed (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        pid: Vec<u32>,
         #[arg(long, value_parser = dur, default_value = "1s")]
         settle: Duration,
         #[arg(long, default_value_t = 128)]
@@ -211,7 +211,7 @@ fn main() -> ExitCode {
                 &label,
                 &scenario::HoldOpts {
                     tunnels: n,
-                    pid,
+                    pids: pid,
                     settle,
                     concurrency,
                     linger,

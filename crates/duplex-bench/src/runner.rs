@@ -7,6 +7,8 @@
 //!
 //! * pinned: the proxy alone on CPU 0; echo backend and load generator on CPU 1.
 //! * one-cpu: all three on CPU 0.
+//! * all-cpus: nothing pinned, and each proxy with one worker per CPU (nginx
+//!   `worker_processes auto`, HAProxy `nbthread` at the CPU count, duplex's default).
 //!
 //! Within a repeat, the order of targets rotates from one scenario to the next and from
 //! one repeat to the next, so slow drift of the machine hits every target alike.
@@ -63,15 +65,17 @@ impl fmt::Display for Target {
 pub enum Placement {
     Pinned,
     OneCpu,
+    AllCpus,
 }
 
 impl Placement {
-    pub const ALL: [Placement; 2] = [Placement::Pinned, Placement::OneCpu];
+    pub const ALL: [Placement; 3] = [Placement::Pinned, Placement::OneCpu, Placement::AllCpus];
 
     pub fn name(self) -> &'static str {
         match self {
             Placement::Pinned => "pinned",
             Placement::OneCpu => "one-cpu",
+            Placement::AllCpus => "all-cpus",
         }
     }
 
@@ -81,18 +85,42 @@ impl Placement {
                 "pinned (proxy alone on CPU 0; backend and load generator on CPU 1)"
             }
             Placement::OneCpu => "one CPU (proxy, backend and load generator all on CPU 0)",
+            Placement::AllCpus => {
+                "all CPUs (nothing pinned; each proxy with one worker or thread per CPU)"
+            }
         }
+    }
+
+    /// The chart's label.
+    pub fn short(self) -> &'static str {
+        match self {
+            Placement::Pinned => "pinned",
+            Placement::OneCpu => "one CPU",
+            Placement::AllCpus => "all CPUs",
+        }
+    }
+
+    /// Whether each proxy gets one worker per CPU rather than one.
+    fn auto_workers(self) -> bool {
+        self == Placement::AllCpus
     }
 
     pub fn parse(s: &str) -> Option<Placement> {
         Placement::ALL.into_iter().find(|p| p.name() == s)
     }
 
-    /// CPU lists for (proxy, backend, load generator).
-    fn cpus(self) -> (&'static str, &'static str, &'static str) {
+    /// CPU lists for (proxy, backend, load generator); `None` runs it unpinned.
+    fn cpus(
+        self,
+    ) -> (
+        Option<&'static str>,
+        Option<&'static str>,
+        Option<&'static str>,
+    ) {
         match self {
-            Placement::Pinned => ("0", "1", "1"),
-            Placement::OneCpu => ("0", "0", "0"),
+            Placement::Pinned => (Some("0"), Some("1"), Some("1")),
+            Placement::OneCpu => (Some("0"), Some("0"), Some("0")),
+            Placement::AllCpus => (None, None, None),
         }
     }
 }
@@ -377,16 +405,19 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-/// A command, under `taskset -c cpus` when pinning.
-fn pinned(plan: &Plan, cpus: &str, program: &Path, args: &[String]) -> Command {
-    if plan.pin {
-        let mut c = Command::new("taskset");
-        c.arg("-c").arg(cpus).arg(program).args(args);
-        c
-    } else {
-        let mut c = Command::new(program);
-        c.args(args);
-        c
+/// A command, under `taskset -c cpus` when pinning and given CPUs.
+fn pinned(plan: &Plan, cpus: Option<&str>, program: &Path, args: &[String]) -> Command {
+    match cpus {
+        Some(cpus) if plan.pin => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpus).arg(program).args(args);
+            c
+        }
+        _ => {
+            let mut c = Command::new(program);
+            c.args(args);
+            c
+        }
     }
 }
 
@@ -464,33 +495,40 @@ fn run_cell(
     )?;
     wait_ready(backend_addr, &mut backend, Duration::from_secs(10))?;
 
-    let (proxy, addr, mem_pid) = match target {
-        Target::Direct => (None, backend_addr, None),
+    let (proxy, addr, mem_pids) = match target {
+        Target::Direct => (None, backend_addr, Vec::new()),
         _ => {
             let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-            let cmd = proxy_command(plan, target, &dir, addr, backend_addr, proxy_cpu)?;
+            let workers = placement.auto_workers().then(cpu_count);
+            let cmd = proxy_command(plan, target, &dir, addr, backend_addr, proxy_cpu, workers)?;
             let mut p = spawn(cmd, target.name(), dir.join("proxy.log"))?;
             wait_ready(addr, &mut p, Duration::from_secs(15))?;
-            // nginx serves from its one worker; its master only supervises.
-            let pid = match target {
+            // nginx serves from its workers; its master only supervises.
+            let pids = match target {
                 Target::Nginx => {
                     let kids = os::children(p.pid());
-                    match kids.as_slice() {
-                        [w] => *w,
-                        _ => return Err(format!("nginx has workers {kids:?}, expected one")),
+                    let want = if placement.auto_workers() {
+                        cpu_count()
+                    } else {
+                        1
+                    };
+                    if kids.len() != want {
+                        return Err(format!("nginx has workers {kids:?}, expected {want}"));
                     }
+                    kids
                 }
-                _ => p.pid(),
+                _ => vec![p.pid()],
             };
-            (Some(p), addr, Some(pid))
+            (Some(p), addr, pids)
         }
     };
 
     let mut args = sc.args.clone();
     args.extend(["--target".into(), addr.to_string()]);
     args.extend(["--label".into(), target.name().into()]);
-    if let (Some(pid), "hold") = (mem_pid, sc.name) {
-        args.extend(["--pid".into(), pid.to_string()]);
+    if sc.name == "hold" && !mem_pids.is_empty() {
+        let pids: Vec<String> = mem_pids.iter().map(u32::to_string).collect();
+        args.extend(["--pid".into(), pids.join(",")]);
     }
     let cmd = pinned(plan, load_cpu, &plan.bench, &args);
     let res = run_load(cmd, sc.timeout, &dir.join("load.log"));
@@ -558,14 +596,21 @@ fn run_load(mut cmd: Command, timeout: Duration, log: &Path) -> Result<Value, St
     }
 }
 
-/// The proxy's command line, after writing its config into `dir`.
+/// The CPUs this machine has (what "auto" workers come to).
+fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The proxy's command line, after writing its config into `dir`. `workers` is `None` for
+/// one worker, or the CPU count when each proxy gets one per CPU.
 fn proxy_command(
     plan: &Plan,
     target: Target,
     dir: &Path,
     addr: SocketAddr,
     backend: SocketAddr,
-    cpu: &str,
+    cpu: Option<&str>,
+    workers: Option<usize>,
 ) -> Result<Command, String> {
     let hard = os::nofile_hard_limit();
     let write = |name: &str, text: String| -> Result<PathBuf, String> {
@@ -579,15 +624,19 @@ fn proxy_command(
         Target::Duplex => {
             let admin = ([127, 0, 0, 1], free_port()?).into();
             let cfg = write("duplex.yaml", duplex_config(addr, admin, backend))?;
-            pinned(
-                plan,
-                cpu,
-                &plan.duplex,
-                &["run".into(), "--config".into(), s(&cfg)],
-            )
+            // One worker: `--threads 1` says so even where taskset is missing. Auto: the
+            // default, one thread per CPU it may run on.
+            let mut args = vec!["run".into(), "--config".into(), s(&cfg)];
+            if workers.is_none() {
+                args.extend(["--threads".into(), "1".into()]);
+            }
+            pinned(plan, cpu, &plan.duplex, &args)
         }
         Target::Nginx => {
-            let cfg = write("nginx.conf", nginx_config(addr, backend, hard, dir))?;
+            let cfg = write(
+                "nginx.conf",
+                nginx_config(addr, backend, hard, dir, workers),
+            )?;
             pinned(
                 plan,
                 cpu,
@@ -596,7 +645,7 @@ fn proxy_command(
             )
         }
         Target::Haproxy => {
-            let cfg = write("haproxy.cfg", haproxy_config(addr, backend, hard))?;
+            let cfg = write("haproxy.cfg", haproxy_config(addr, backend, hard, workers))?;
             pinned(
                 plan,
                 cpu,
@@ -619,16 +668,24 @@ pub fn duplex_config(addr: SocketAddr, admin: SocketAddr, backend: SocketAddr) -
     )
 }
 
-/// nginx: one worker, as many connections as the file limit allows, WebSocket proxying as
-/// its documentation describes, keep-alive to the backend for plain HTTP.
-pub fn nginx_config(addr: SocketAddr, backend: SocketAddr, nofile: u64, dir: &Path) -> String {
+/// nginx: one worker (or `auto`, one per CPU, when `workers` is given), as many connections
+/// as the file limit allows, WebSocket proxying as its documentation describes, keep-alive
+/// to the backend for plain HTTP.
+pub fn nginx_config(
+    addr: SocketAddr,
+    backend: SocketAddr,
+    nofile: u64,
+    dir: &Path,
+    workers: Option<usize>,
+) -> String {
     let d = dir.display();
     let conns = nofile + nofile / 8;
+    let processes = if workers.is_some() { "auto" } else { "1" };
     format!(
-        "# duplex-bench: nginx as a WebSocket reverse proxy, one worker.
+        "# duplex-bench: nginx as a WebSocket reverse proxy.
 daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {processes};
 worker_rlimit_nofile {nofile};
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
@@ -670,14 +727,20 @@ http {{
     )
 }
 
-/// HAProxy: one thread, `maxconn` sized to the file limit (two sockets per connection),
-/// a long `timeout tunnel` for WebSockets.
-pub fn haproxy_config(addr: SocketAddr, backend: SocketAddr, nofile: u64) -> String {
+/// HAProxy: one thread (or `workers`), `maxconn` sized to the file limit (two sockets per
+/// connection), a long `timeout tunnel` for WebSockets.
+pub fn haproxy_config(
+    addr: SocketAddr,
+    backend: SocketAddr,
+    nofile: u64,
+    workers: Option<usize>,
+) -> String {
     let maxconn = nofile.saturating_sub(100) / 2;
+    let threads = workers.unwrap_or(1);
     format!(
-        "# duplex-bench: HAProxy as a WebSocket reverse proxy, one thread.
+        "# duplex-bench: HAProxy as a WebSocket reverse proxy.
 global
-    nbthread 1
+    nbthread {threads}
     maxconn {maxconn}
 
 defaults

@@ -402,8 +402,9 @@ async fn pump(
 
 pub struct HoldOpts {
     pub tunnels: usize,
-    /// The proxy process whose memory is read; none for `direct`.
-    pub pid: Option<u32>,
+    /// The proxy's processes (nginx's workers) whose memory is read and summed; none for
+    /// `direct`.
+    pub pids: Vec<u32>,
     pub settle: Duration,
     pub concurrency: usize,
     /// Keep the tunnels open this long after measuring, to inspect the proxy meanwhile.
@@ -436,8 +437,13 @@ pub async fn hold(target: SocketAddr, label: &str, o: &HoldOpts) -> Outcome {
     }
     drop(warm);
     tokio::time::sleep(o.settle).await;
-    let rss = |pid: Option<u32>| pid.and_then(|p| os::rss_kib(p).ok());
-    let before = rss(o.pid);
+    let rss = || -> Option<u64> {
+        if o.pids.is_empty() {
+            return None;
+        }
+        o.pids.iter().map(|&p| os::rss_kib(p).ok()).sum()
+    };
+    let before = rss();
 
     let t0 = Instant::now();
     let open_deadline = t0 + Duration::from_secs(30) + Duration::from_millis(10 * o.tunnels as u64);
@@ -456,11 +462,10 @@ pub async fn hold(target: SocketAddr, label: &str, o: &HoldOpts) -> Outcome {
         ));
     }
     tokio::time::sleep(o.settle).await;
-    let after = rss(o.pid);
-    if let Some(pid) = o.pid {
-        if let Ok(fds) = os::open_fds(pid) {
-            out.metric("proxy_fds", fds, "");
-        }
+    let after = rss();
+    let fds: Option<usize> = o.pids.iter().map(|&p| os::open_fds(p).ok()).sum();
+    if let (Some(fds), false) = (fds, o.pids.is_empty()) {
+        out.metric("proxy_fds", fds, "");
     }
 
     let (tunnels, failed, first) = echo_all(opened.tunnels, 256, Duration::from_secs(30)).await;
@@ -472,7 +477,7 @@ pub async fn hold(target: SocketAddr, label: &str, o: &HoldOpts) -> Outcome {
         ));
     }
     tokio::time::sleep(o.settle).await;
-    let after_echo = rss(o.pid);
+    let after_echo = rss();
     if !o.linger.is_zero() {
         println!(
             "holding {} tunnels open for {:?} more",
@@ -488,7 +493,7 @@ pub async fn hold(target: SocketAddr, label: &str, o: &HoldOpts) -> Outcome {
         out.metric("rss_after_echo_kib", e, "KiB");
         out.metric("rss_per_tunnel_b", per(a), "B");
         out.metric("rss_per_tunnel_after_echo_b", per(e), "B");
-    } else if o.pid.is_some() {
+    } else if !o.pids.is_empty() {
         out.fail("could not read the proxy's VmRSS");
     }
     drop(tunnels);

@@ -57,7 +57,7 @@ async fn every_scenario(addr: SocketAddr, label: &'static str, pid: Option<u32>)
         label,
         &scenario::HoldOpts {
             tunnels: 100,
-            pid,
+            pids: pid.into_iter().collect(),
             settle: Duration::from_millis(50),
             concurrency: 32,
             linger: Duration::ZERO,
@@ -125,7 +125,7 @@ fn proxy_configs_carry_what_websockets_need() {
         "127.0.0.1:8080".parse().unwrap(),
         "127.0.0.1:9001".parse().unwrap(),
     );
-    let n = runner::nginx_config(a, b, 20_000, std::path::Path::new("/tmp/x"));
+    let n = runner::nginx_config(a, b, 20_000, std::path::Path::new("/tmp/x"), None);
     for want in [
         "worker_processes 1;",
         "worker_connections 22500;",
@@ -137,7 +137,7 @@ fn proxy_configs_carry_what_websockets_need() {
     ] {
         assert!(n.contains(want), "nginx config lacks {want}");
     }
-    let h = runner::haproxy_config(a, b, 20_000);
+    let h = runner::haproxy_config(a, b, 20_000, None);
     for want in [
         "nbthread 1",
         "timeout tunnel 1h",
@@ -146,4 +146,8 @@ fn proxy_configs_carry_what_websockets_need() {
     ] {
         assert!(h.contains(want), "haproxy config lacks {want}");
     }
+    // One worker per CPU in the all-cpus placement.
+    let n = runner::nginx_config(a, b, 20_000, std::path::Path::new("/tmp/x"), Some(2));
+    assert!(n.contains("worker_processes auto;"), "{n}");
+    assert!(runner::haproxy_config(a, b, 20_000, Some(2)).contains("nbthread 2"));
 }
