@@ -84,7 +84,10 @@ enum Cmd {
         /// The proxy's processes whose VmRSS is read and summed (comma-separated).
         #[arg(long, value_delimiter = ',')]
         pid: Vec<u32>,
-        #[arg(long, value_parser = dur, default_value = "1s")]
+        /// The pause before each memory reading: the tunnels are idle, and a proxy that
+        /// tidies up after a burst of connections (duplex trims its heap once accepts
+        /// have been quiet for a second) is measured as it settles.
+        #[arg(long, value_parser = dur, default_value = "3s")]
         settle: Duration,
         #[arg(long, default_value_t = 128)]
         concurrency: usize,

@@ -193,6 +193,18 @@ pub struct TunnelSeries {
 }
 
 impl Metrics {
+    /// Client connections accepted so far, summed over every listener (read once a
+    /// second by the heap trimmer, never on a request's path).
+    pub fn connections_accepted_total(&self) -> u64 {
+        use prometheus::core::Collector;
+        self.connections_accepted
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
     /// A route's series; `route` and `upstream` are empty for requests no route matched.
     pub fn route_series(&self, route: &str, upstream: &str) -> RouteSeries {
         RouteSeries {

@@ -227,6 +227,11 @@ impl Proxy {
         &self.inner.shared.metrics
     }
 
+    /// Client connections accepted so far, over every listener: a measure of churn.
+    pub fn connections_accepted(&self) -> u64 {
+        self.inner.shared.metrics.connections_accepted_total()
+    }
+
     /// The generation of the config in force: 1 at start, one more per applied reload.
     pub fn generation(&self) -> u64 {
         self.inner.shared.table.load().generation

@@ -4,6 +4,7 @@
 
 mod demo;
 mod os;
+mod trim;
 
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -223,6 +224,7 @@ pub(crate) fn serve(
         if let Some(banner) = banner {
             banner(&proxy);
         }
+        trim::start(proxy.clone());
         if let Some((path, watch)) = source {
             duplex_proxy::triggers::reload_on_sighup(proxy.clone());
             if watch {

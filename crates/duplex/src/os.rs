@@ -1,8 +1,10 @@
-//! Calls into the OS that the standard library does not wrap: the open-file limit.
+//! Calls into the OS and libc that the standard library does not wrap: the open-file
+//! limit, and giving freed heap memory back to the kernel.
 //!
-//! This is the one module in duplex that uses `unsafe`: `getrlimit` and `setrlimit` are
-//! plain libc calls with no safe wrapper in std or tokio. Each call passes a pointer to a
-//! live, initialised local `rlimit`, which is all they require.
+//! This is the one module in duplex that uses `unsafe`: `getrlimit`, `setrlimit` and
+//! `malloc_trim` are plain libc calls with no safe wrapper in std or tokio. The rlimit
+//! calls pass a pointer to a live, initialised local `rlimit`, which is all they require;
+//! `malloc_trim` takes a number and touches only the allocator's own state.
 
 #![allow(unsafe_code)]
 
@@ -28,4 +30,20 @@ pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
         lim = want;
     }
     Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// Gives the kernel back the free pages inside the heap, not only at its top (glibc's
+/// `malloc_trim`). Returns whether any memory was released; false where the C library
+/// has no such call.
+pub fn trim_heap() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim takes a plain integer (the padding to leave at the top) and
+        // works on the allocator's own data under its own locks.
+        unsafe { libc::malloc_trim(0) != 0 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
 }
