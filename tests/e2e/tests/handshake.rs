@@ -290,6 +290,33 @@ async fn silent_backend_gives_504_after_handshake_timeout() {
     assert_eq!(b.accepted(), 1, "the silent backend was connected to once");
 }
 
+/// A backend that reads the upgrade and hangs up without a word, or answers with bytes that
+/// are not HTTP, gets the client a 502 at once (not a 504 after handshake_timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_that_hangs_up_or_babbles_gives_502_at_once() {
+    for answer in [&b""[..], b"SSH-2.0-OpenSSH_9.2\r\n"] {
+        let b = RawBackend::start(move |mut tcp| async move {
+            let _ = read_head(&mut tcp).await?;
+            tcp.write_all(answer).await
+            // The socket closes here.
+        })
+        .await;
+        let up = Upstream::new("round_robin")
+            .option("handshake_timeout", "10s")
+            .backend(b.addr);
+        let p = TestProxy::single(&up).await;
+        let started = Instant::now();
+        let r = raw_exchange(p.addr, upgrade_request("/", "x", &[]).as_bytes()).await;
+        assert_eq!(r.head.status(), 502, "answer {answer:?}: {r:?}");
+        assert!(r.body.contains("\"main\""), "names the route: {}", r.body);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "answered after {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 /// The backend sees X-Forwarded-For/Proto/Host added, Host and path kept, and hop-by-hop
 /// headers (those listed in Connection included) removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
