@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole comparison in one command, from the repository root or anywhere:
 #
-#   crates/duplex-bench/run.sh                 # ~15 minutes; rewrites docs/benchmarks.md
+#   crates/duplex-bench/run.sh                 # ~21 minutes; rewrites docs/benchmarks.md
 #   crates/duplex-bench/run.sh --repeats 1     # any `duplex-bench run-all` option passes through
 #
 # Installs what is missing from Debian (nginx-light, haproxy, wrk), builds duplex and the

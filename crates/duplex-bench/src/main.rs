@@ -131,8 +131,31 @@ enum Cmd {
         #[arg(long, default_value = "docs/benchmarks.md")]
         doc: PathBuf,
     },
-    /// Every scenario against every target in both placements, repeated; writes the doc.
+    /// Prints the config `run-all` gives a proxy (one worker), for measuring it by hand
+    /// (`cost.sh` does).
+    Config {
+        #[arg(value_enum)]
+        proxy: ConfigFor,
+        /// Where the proxy listens.
+        listen: SocketAddr,
+        /// The echo backend.
+        backend: SocketAddr,
+        /// duplex's admin endpoint.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        admin: SocketAddr,
+        /// nginx's pid, log and temporary files go here.
+        #[arg(long, default_value = "/tmp")]
+        dir: PathBuf,
+    },
+    /// Every scenario against every target in every placement, repeated; writes the doc.
     RunAll(RunAllArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ConfigFor {
+    Duplex,
+    Nginx,
+    Haproxy,
 }
 
 fn main() -> ExitCode {
@@ -259,6 +282,24 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Report { results, doc } => report(&results, &doc),
+        Cmd::Config {
+            proxy,
+            listen,
+            backend,
+            admin,
+            dir,
+        } => {
+            let nofile = os::nofile_hard_limit();
+            print!(
+                "{}",
+                match proxy {
+                    ConfigFor::Duplex => runner::duplex_config(listen, admin, backend),
+                    ConfigFor::Nginx => runner::nginx_config(listen, backend, nofile, &dir, None),
+                    ConfigFor::Haproxy => runner::haproxy_config(listen, backend, nofile, None),
+                }
+            );
+            ExitCode::SUCCESS
+        }
         Cmd::RunAll(args) => run_all(args),
     }
 }

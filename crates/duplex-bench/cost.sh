@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# What one proxy costs per operation, on one CPU: CPU time, system calls and context
+# switches per message, request or handshake, and the share spent in user space.
+#
+#   crates/duplex-bench/cost.sh duplex msgs64       # or: nginx | haproxy; http | handshakes
+#   crates/duplex-bench/cost.sh nginx http 5        # repeat five times (default 3)
+#
+# The proxy, the echo backend and the load generator all run on CPU 0, as in the
+# benchmark's "one CPU" placement. After a 1.5 s warm-up, `perf stat` counts the proxy's
+# task-clock, system calls and context switches for 3 s, and /proc/PID/stat its user and
+# system time; the load generator's rate turns those into figures per operation. Needs
+# perf (Debian's linux-perf), taskset, nginx/haproxy for those targets and wrk for http.
+# Loopback only; every process is bounded in time and stopped at the end.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+proxy=${1:?usage: cost.sh duplex|nginx|haproxy msgs64|http|handshakes [repeats]}
+scenario=${2:?usage: cost.sh duplex|nginx|haproxy msgs64|http|handshakes [repeats]}
+repeats=${3:-3}
+bin=target/release
+[ -x "$bin/duplex" ] && [ -x "$bin/duplex-bench" ] ||
+    cargo build --release -p duplex -p duplex-bench
+ulimit -n "$(ulimit -Hn)"
+
+work=$(mktemp -d)
+pids=()
+stop() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap 'stop; rm -rf "$work"' EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+for r in $(seq "$repeats"); do
+    backend=$(port); listen=$(port); admin=$(port)
+    taskset -c 0 "$bin/duplex-bench" echo --listen "127.0.0.1:$backend" >"$work/echo.log" 2>&1 &
+    pids+=($!)
+    case $proxy in
+    duplex)
+        "$bin/duplex-bench" config duplex "127.0.0.1:$listen" "127.0.0.1:$backend" \
+            --admin "127.0.0.1:$admin" >"$work/duplex.yaml"
+        taskset -c 0 "$bin/duplex" run --threads 1 --no-watch -c "$work/duplex.yaml" \
+            >"$work/proxy.log" 2>&1 &
+        ;;
+    nginx)
+        "$bin/duplex-bench" config nginx "127.0.0.1:$listen" "127.0.0.1:$backend" \
+            --dir "$work" >"$work/nginx.conf"
+        taskset -c 0 nginx -p "$work" -c "$work/nginx.conf" >"$work/proxy.log" 2>&1 &
+        ;;
+    haproxy)
+        "$bin/duplex-bench" config haproxy "127.0.0.1:$listen" "127.0.0.1:$backend" \
+            >"$work/haproxy.cfg"
+        taskset -c 0 haproxy -db -f "$work/haproxy.cfg" >"$work/proxy.log" 2>&1 &
+        ;;
+    *) echo "unknown proxy $proxy" >&2; exit 2 ;;
+    esac
+    pids+=($!)
+    sleep 1
+    pid=${pids[-1]}
+    # nginx serves from its worker; its master only supervises.
+    if [ "$proxy" = nginx ]; then pid=$(pgrep -P "$pid" | head -1); fi
+    target="127.0.0.1:$listen"
+    case $scenario in
+    msgs64) taskset -c 0 timeout 20 "$bin/duplex-bench" throughput --target "$target" \
+        --size 64 --duration 5s >"$work/load.log" 2>&1 & ;;
+    http) taskset -c 0 timeout 20 wrk -t1 -c50 -d5s "http://$target/" >"$work/load.log" 2>&1 & ;;
+    handshakes) taskset -c 0 timeout 20 "$bin/duplex-bench" handshakes --target "$target" \
+        --duration 5s >"$work/load.log" 2>&1 & ;;
+    *) echo "unknown scenario $scenario" >&2; exit 2 ;;
+    esac
+    load=$!
+    sleep 1.5
+    read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    perf stat -e task-clock,raw_syscalls:sys_enter,context-switches -p "$pid" -- sleep 3 \
+        >"$work/stat.log" 2>&1
+    read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    wait "$load" || true
+    case $scenario in
+    msgs64) rate=$(grep -o '"msgs_per_s":[0-9.]*' "$work/load.log" | cut -d: -f2) ;;
+    http) rate=$(awk '/Requests\/sec/{print $2}' "$work/load.log") ;;
+    handshakes) rate=$(grep -o '"per_s":[0-9.]*' "$work/load.log" | cut -d: -f2) ;;
+    esac
+    ms=$(awk '/task-clock/{gsub(",","",$1); print $1}' "$work/stat.log")
+    calls=$(awk '/raw_syscalls/{gsub(",","",$1); print $1}' "$work/stat.log")
+    switches=$(awk '/context-switches/{gsub(",","",$1); print $1}' "$work/stat.log")
+    python3 - "$proxy" "$scenario" "$r" "$rate" "$ms" "$calls" "$switches" \
+        "$((u1 - u0))" "$((s1 - s0))" <<'EOF'
+import sys
+proxy, scenario, r, rate, ms, calls, switches, du, ds = sys.argv[1:]
+ops = float(rate) * 3
+user = int(du) / max(int(du) + int(ds), 1)
+print(f"{proxy:8} {scenario:10} #{r}  {float(rate):>9,.0f}/s  "
+      f"CPU {float(ms) * 1000 / ops:7.2f} µs/op  user {user:4.0%}  "
+      f"syscalls {int(calls) / ops:5.2f}/op  switches {int(switches) / ops:4.2f}/op")
+EOF
+    stop
+    pids=()
+done
