@@ -9,7 +9,8 @@
 # benchmark's "one CPU" placement. After a 1.5 s warm-up, `perf stat` counts the proxy's
 # task-clock, system calls and context switches for 3 s, and /proc/PID/stat its user and
 # system time; the load generator's rate turns those into figures per operation. Needs
-# perf (Debian's linux-perf), taskset, nginx/haproxy for those targets and wrk for http.
+# perf (Debian's linux-perf), taskset, python3, nginx/haproxy for those targets and wrk
+# for http.
 # Loopback only; every process is bounded in time and stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,11 +19,15 @@ proxy=${1:?usage: cost.sh duplex|nginx|haproxy msgs64|http|handshakes [repeats]}
 scenario=${2:?usage: cost.sh duplex|nginx|haproxy msgs64|http|handshakes [repeats]}
 repeats=${3:-3}
 bin=target/release
-[ -x "$bin/duplex" ] && [ -x "$bin/duplex-bench" ] ||
-    cargo build --release -p duplex -p duplex-bench
+cargo build --release -p duplex -p duplex-bench
 ulimit -n "$(ulimit -Hn)"
 
 work=$(mktemp -d)
+fail() {
+    echo "cost.sh: $1" >&2
+    for f in "$work"/*.log; do echo "--- $f" >&2; tail -n 5 "$f" >&2; done
+    exit 1
+}
 pids=()
 stop() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -59,7 +64,11 @@ for r in $(seq "$repeats"); do
     sleep 1
     pid=${pids[-1]}
     # nginx serves from its worker; its master only supervises.
-    if [ "$proxy" = nginx ]; then pid=$(pgrep -P "$pid" | head -1); fi
+    if [ "$proxy" = nginx ]; then
+        pid=$(pgrep -P "$pid" | head -n 1 || true)
+        [ -n "$pid" ] || fail "nginx has no worker"
+    fi
+    kill -0 "$pid" 2>/dev/null || fail "$proxy did not start"
     target="127.0.0.1:$listen"
     case $scenario in
     msgs64) taskset -c 0 timeout 20 "$bin/duplex-bench" throughput --target "$target" \
@@ -73,14 +82,15 @@ for r in $(seq "$repeats"); do
     sleep 1.5
     read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
     perf stat -e task-clock,raw_syscalls:sys_enter,context-switches -p "$pid" -- sleep 3 \
-        >"$work/stat.log" 2>&1
+        >"$work/stat.log" 2>&1 || fail "perf stat failed (is linux-perf installed and allowed?)"
     read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
     wait "$load" || true
     case $scenario in
-    msgs64) rate=$(grep -o '"msgs_per_s":[0-9.]*' "$work/load.log" | cut -d: -f2) ;;
+    msgs64) rate=$(grep -o '"msgs_per_s":[0-9.]*' "$work/load.log" | cut -d: -f2 || true) ;;
     http) rate=$(awk '/Requests\/sec/{print $2}' "$work/load.log") ;;
-    handshakes) rate=$(grep -o '"per_s":[0-9.]*' "$work/load.log" | cut -d: -f2) ;;
+    handshakes) rate=$(grep -o '"per_s":[0-9.]*' "$work/load.log" | cut -d: -f2 || true) ;;
     esac
+    [ -n "$rate" ] || fail "the load generator gave no rate"
     ms=$(awk '/task-clock/{gsub(",","",$1); print $1}' "$work/stat.log")
     calls=$(awk '/raw_syscalls/{gsub(",","",$1); print $1}' "$work/stat.log")
     switches=$(awk '/context-switches/{gsub(",","",$1); print $1}' "$work/stat.log")

@@ -8,7 +8,7 @@
 //! * pinned: the proxy alone on CPU 0; echo backend and load generator on CPU 1.
 //! * one-cpu: all three on CPU 0.
 //! * all-cpus: nothing pinned, and each proxy with one worker per CPU (nginx
-//!   `worker_processes auto`, HAProxy `nbthread` at the CPU count, duplex's default).
+//!   `worker_processes` and HAProxy `nbthread` at the CPU count, duplex's default).
 //!
 //! Within a repeat, the order of targets rotates from one scenario to the next and from
 //! one repeat to the next, so slow drift of the machine hits every target alike.
@@ -668,7 +668,7 @@ pub fn duplex_config(addr: SocketAddr, admin: SocketAddr, backend: SocketAddr) -
     )
 }
 
-/// nginx: one worker (or `auto`, one per CPU, when `workers` is given), as many connections
+/// nginx: one worker (or `workers`, one per CPU), as many connections
 /// as the file limit allows, WebSocket proxying as its documentation describes, keep-alive
 /// to the backend for plain HTTP.
 pub fn nginx_config(
@@ -680,7 +680,9 @@ pub fn nginx_config(
 ) -> String {
     let d = dir.display();
     let conns = nofile + nofile / 8;
-    let processes = if workers.is_some() { "auto" } else { "1" };
+    // The count is written out rather than `auto`: nginx's `auto` counts online CPUs,
+    // which a CPU quota or affinity may not let it use.
+    let processes = workers.unwrap_or(1);
     format!(
         "# duplex-bench: nginx as a WebSocket reverse proxy.
 daemon off;

@@ -148,6 +148,6 @@ fn proxy_configs_carry_what_websockets_need() {
     }
     // One worker per CPU in the all-cpus placement.
     let n = runner::nginx_config(a, b, 20_000, std::path::Path::new("/tmp/x"), Some(2));
-    assert!(n.contains("worker_processes auto;"), "{n}");
+    assert!(n.contains("worker_processes 2;"), "{n}");
     assert!(runner::haproxy_config(a, b, 20_000, Some(2)).contains("nbthread 2"));
 }

@@ -5,8 +5,7 @@
 //! readable, bytes are read into a per-thread scratch buffer and written straight to the
 //! other socket. Only what the other socket cannot take right away is copied into a
 //! per-direction buffer, freed as soon as it drains. A FIN one way is passed on as a write
-//! shutdown while the other way keeps flowing, except that a backend's FIN with nothing
-//! in flight from the client closes both at once; an error on either side ends both.
+//! shutdown while the other way keeps flowing; an error on either side ends both.
 //!
 //! Every way a tunnel ends comes back to [`run`] as an [`End`], decided in one place; a
 //! future graceful close (a WebSocket Close frame between frames) belongs in `drive`, which
@@ -55,8 +54,6 @@ pub struct Settings {
 enum End {
     /// Both sides finished sending.
     Done,
-    /// The backend finished sending and the client had nothing in flight.
-    BackendClosed,
     Error(io::Error),
     Idle,
     Closed,
@@ -146,7 +143,6 @@ fn run<P: Pump, H>(
         // The one place a tunnel's end is known; its sockets close with `state` below.
         match &end {
             End::Done => tracing::debug!("tunnel closed by both sides"),
-            End::BackendClosed => tracing::debug!("tunnel closed by the backend"),
             End::Error(e) => tracing::debug!(error = %e, "tunnel ended by an error"),
             End::Idle => tracing::debug!("tunnel closed after idle_timeout"),
             End::Closed => tracing::debug!("tunnel closed by duplex"),
@@ -185,7 +181,7 @@ const IDLE_TICKS: u32 = 8;
 /// What `drive` runs: both directions of a tunnel, and whether bytes moved lately.
 trait Pump {
     /// Ready once both directions are done.
-    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Finished>>;
+    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     /// Whether any byte moved since the last call.
     fn take_active(&mut self) -> bool;
 }
@@ -199,8 +195,7 @@ async fn drive(t: &mut impl Pump, settings: &Settings) -> End {
     tokio::pin!(close);
     poll_fn(|cx| {
         match t.poll_pump(cx) {
-            Poll::Ready(Ok(Finished::Both)) => return Poll::Ready(End::Done),
-            Poll::Ready(Ok(Finished::BackendFirst)) => return Poll::Ready(End::BackendClosed),
+            Poll::Ready(Ok(())) => return Poll::Ready(End::Done),
             Poll::Ready(Err(e)) => return Poll::Ready(End::Error(e)),
             Poll::Pending => {}
         }
@@ -219,14 +214,6 @@ async fn drive(t: &mut impl Pump, settings: &Settings) -> End {
         Poll::Pending
     })
     .await
-}
-
-/// How the bytes of a tunnel stopped flowing.
-enum Finished {
-    /// Each side's FIN was passed on to the other.
-    Both,
-    /// The backend's FIN was read with nothing queued from the client: both close now.
-    BackendFirst,
 }
 
 /// Both sockets of a plain-TCP tunnel and the state of each direction.
@@ -260,6 +247,10 @@ impl Direction {
             bytes,
         }
     }
+
+    fn finished(&self) -> bool {
+        self.shut_down
+    }
 }
 
 impl Pump for Splice {
@@ -267,60 +258,34 @@ impl Pump for Splice {
         std::mem::take(&mut self.active)
     }
 
-    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Finished>> {
-        let up = pump(
+    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let a = pump(
             cx,
             &self.client,
-            &self.backend,
+            &mut self.backend,
             &mut self.c2b,
             &mut self.active,
         )?;
-        let down = pump(
+        let b = pump(
             cx,
             &self.backend,
-            &self.client,
+            &mut self.client,
             &mut self.b2c,
             &mut self.active,
         )?;
-        if down.is_ready() && !self.b2c.shut_down {
-            // The backend has closed its side and the client has every byte of it. If the
-            // client has nothing more in flight, close both sockets now, as nginx does: a
-            // WebSocket server closes first once it is done, and waiting for the client's
-            // own FIN would only cost a round trip. Checked with a peek, because closing a
-            // socket with unread bytes would send the client a reset.
-            if up.is_pending() && self.c2b.pending.is_none() && nothing_queued(&self.client) {
-                return Poll::Ready(Ok(Finished::BackendFirst));
-            }
-            ready!(Pin::new(&mut self.client).poll_shutdown(cx))?;
-            self.b2c.shut_down = true;
-        }
-        if up.is_ready() && !self.c2b.shut_down {
-            ready!(Pin::new(&mut self.backend).poll_shutdown(cx))?;
-            self.c2b.shut_down = true;
-        }
-        if self.c2b.shut_down && self.b2c.shut_down {
-            Poll::Ready(Ok(Finished::Both))
+        if a.is_ready() && b.is_ready() && self.c2b.finished() && self.b2c.finished() {
+            Poll::Ready(Ok(()))
         } else {
             Poll::Pending
         }
     }
 }
 
-/// Whether nothing waits to be read on `tcp`: no bytes and no FIN (a non-blocking peek).
-fn nothing_queued(tcp: &TcpStream) -> bool {
-    let mut probe = [std::mem::MaybeUninit::uninit(); 1];
-    matches!(
-        socket2::SockRef::from(tcp).peek(&mut probe),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock
-    )
-}
-
-/// Moves bytes `from` → `to` until `from` would block; ready once `from`'s EOF has been
-/// read and every byte before it written to `to` (passing the EOF on is the caller's).
+/// Moves bytes `from` → `to` until `from` would block; ready once EOF has been passed on.
 fn pump(
     cx: &mut Context<'_>,
     from: &TcpStream,
-    to: &TcpStream,
+    to: &mut TcpStream,
     d: &mut Direction,
     active: &mut bool,
 ) -> Poll<io::Result<()>> {
@@ -342,6 +307,10 @@ fn pump(
             }
         }
         if d.read_done {
+            if !d.shut_down {
+                ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+                d.shut_down = true;
+            }
             return Poll::Ready(Ok(()));
         }
         ready!(from.poll_read_ready(cx))?;
@@ -444,8 +413,8 @@ impl Buffered {
 }
 
 impl Pump for Buffered {
-    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Finished>> {
-        self.copy.as_mut().poll(cx).map_ok(|()| Finished::Both)
+    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.copy.as_mut().poll(cx)
     }
 
     fn take_active(&mut self) -> bool {

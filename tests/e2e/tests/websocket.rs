@@ -246,17 +246,27 @@ async fn half_close_keeps_the_other_direction_open() {
     );
 }
 
-/// The backend closes first, as a WebSocket server does: the client gets the backend's last
-/// frame and a clean end of stream (a FIN, not a reset), and the proxy closes the tunnel
-/// at once rather than waiting for the client's own FIN, as nginx does.
+/// The backend shuts down its write side first and keeps reading: the client sees the
+/// backend's last frame and then the end of the stream (a FIN, not a reset), and what the
+/// client sends after that still reaches the backend. The tunnel ends once both are done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backend_close_ends_the_tunnel_without_waiting_for_the_client() {
-    let backend = RawBackend::start(|mut tcp| async move {
-        let (head, _) = read_head(&mut tcp).await?;
-        tcp.write_all(switching_protocols(&head, &[]).as_bytes())
-            .await?;
-        tcp.write_all(&server_text("last words")).await
-        // The socket closes here.
+async fn backend_half_close_keeps_the_client_direction_open() {
+    let (events, mut seen) = mpsc::unbounded_channel::<String>();
+    let backend = RawBackend::start(move |mut tcp| {
+        let events = events.clone();
+        async move {
+            let (head, mut buf) = read_head(&mut tcp).await?;
+            tcp.write_all(switching_protocols(&head, &[]).as_bytes())
+                .await?;
+            tcp.write_all(&server_text("last words")).await?;
+            tcp.shutdown().await?;
+            let f = read_frame(&mut tcp, &mut buf).await?;
+            let _ = events.send(format!("frame {}", f.text()));
+            let mut rest = Vec::new();
+            tcp.read_to_end(&mut rest).await?;
+            let _ = events.send(format!("eof after {} more bytes", rest.len()));
+            Ok(())
+        }
     })
     .await;
     let p = TestProxy::single(&Upstream::new("round_robin").backend(backend.addr)).await;
@@ -267,19 +277,34 @@ async fn backend_close_ends_the_tunnel_without_waiting_for_the_client() {
         .expect("the backend's last frame");
     assert_eq!(last.text(), "last words");
     let mut tail = Vec::new();
-    within("the end of the stream", s.read_to_end(&mut tail))
+    within("the backend's FIN", s.read_to_end(&mut tail))
         .await
         .expect("a clean end of stream, not a reset");
     assert!(
         tail.is_empty() && buf.is_empty(),
         "nothing after the last frame"
     );
-    // Our socket is still open: the proxy has let go of the tunnel all the same.
+    // After the backend's FIN, the client's frame still gets through.
+    within("write a frame", s.write_all(&client_text("after your FIN")))
+        .await
+        .expect("write after the backend's FIN");
+    assert_eq!(
+        within("the backend's read", seen.recv()).await.as_deref(),
+        Some("frame after your FIN")
+    );
+    within("shut down our write side", s.shutdown())
+        .await
+        .expect("shutdown(Write)");
+    assert_eq!(
+        within("the backend to see our FIN", seen.recv())
+            .await
+            .as_deref(),
+        Some("eof after 0 more bytes")
+    );
     eventually(Duration::from_secs(5), "the tunnel to close", || async {
         p.metric("duplex_websocket_tunnels_active", &[]).await == 0.0
     })
     .await;
-    drop(s);
 }
 
 /// `idle_timeout: 300ms` closes a quiet tunnel, while one with traffic every 100 ms lives on.
