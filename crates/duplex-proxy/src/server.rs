@@ -82,7 +82,10 @@ pub(crate) fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, ProxyErr
     }
     .map_err(err)?;
     sock.set_reuseaddr(true).map_err(err)?;
-    crate::connector::tune_listener(&sock).map_err(err)?;
+    // Without these, accepted sockets lack TCP_NODELAY and keepalive: worse, not broken.
+    if let Err(e) = crate::connector::tune_listener(&sock) {
+        tracing::warn!(listener = name, error = %e, "cannot set TCP_NODELAY and keepalive on the listening socket");
+    }
     sock.bind(addr).map_err(err)?;
     sock.listen(LISTEN_BACKLOG).map_err(err)
 }
