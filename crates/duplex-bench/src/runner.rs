@@ -507,11 +507,7 @@ fn run_cell(
             let pids = match target {
                 Target::Nginx => {
                     let kids = os::children(p.pid());
-                    let want = if placement.auto_workers() {
-                        cpu_count()
-                    } else {
-                        1
-                    };
+                    let want = workers.unwrap_or(1);
                     if kids.len() != want {
                         return Err(format!("nginx has workers {kids:?}, expected {want}"));
                     }

@@ -45,7 +45,7 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 5;
 
-/// The options every client and backend socket gets.
+/// The keepalive settings of every client and backend socket.
 fn keepalive() -> socket2::TcpKeepalive {
     socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
