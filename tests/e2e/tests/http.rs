@@ -189,6 +189,24 @@ async fn dead_backend_is_skipped() {
     );
 }
 
+/// A proxy in front of `backend` with `response_timeout: 300ms`, and the head of a GET
+/// through it (asserted 200); the proxy is returned so that it outlives the body.
+async fn head_with_300ms_response_timeout(
+    backend: std::net::SocketAddr,
+) -> (TestProxy, http::Response<hyper::body::Incoming>) {
+    let p = TestProxy::single(
+        &Upstream::new("round_robin")
+            .option("response_timeout", "300ms")
+            .backend(backend),
+    )
+    .await;
+    let mut conn = HttpConn::open(p.addr).await;
+    let req = request(Method::GET, p.addr, "/", &[], duplex_e2e::client::empty());
+    let resp = conn.send_head(req).await;
+    assert_eq!(resp.status(), 200);
+    (p, resp)
+}
+
 /// A body that keeps coming, slower in all than `response_timeout` but never quiet for that
 /// long, arrives whole: the timeout is for silence, not for the whole body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,16 +224,7 @@ async fn a_slow_but_steady_body_is_not_cut_off() {
         Ok(())
     })
     .await;
-    let p = TestProxy::single(
-        &Upstream::new("round_robin")
-            .option("response_timeout", "300ms")
-            .backend(b.addr),
-    )
-    .await;
-    let mut conn = HttpConn::open(p.addr).await;
-    let req = request(Method::GET, p.addr, "/", &[], duplex_e2e::client::empty());
-    let resp = conn.send_head(req).await;
-    assert_eq!(resp.status(), 200);
+    let (_p, resp) = head_with_300ms_response_timeout(b.addr).await;
     let body = duplex_e2e::within("the body", resp.into_body().collect())
         .await
         .expect("the whole body")
@@ -236,17 +245,8 @@ async fn a_backend_that_stalls_mid_body_is_cut_off() {
         Ok(())
     })
     .await;
-    let p = TestProxy::single(
-        &Upstream::new("round_robin")
-            .option("response_timeout", "300ms")
-            .backend(b.addr),
-    )
-    .await;
-    let mut conn = HttpConn::open(p.addr).await;
-    let req = request(Method::GET, p.addr, "/", &[], duplex_e2e::client::empty());
     // The client gets the head, then the body fails instead of hanging.
-    let resp = conn.send_head(req).await;
-    assert_eq!(resp.status(), 200);
+    let (_p, resp) = head_with_300ms_response_timeout(b.addr).await;
     let body = duplex_e2e::within("the body to fail", resp.into_body().collect()).await;
     assert!(body.is_err(), "a stalled body must not end as if complete");
 }

@@ -192,6 +192,19 @@ async fn both_sides_send_at_the_same_time() {
     );
 }
 
+/// Reads to the end of the stream: a FIN (not a reset) with nothing after the last frame,
+/// read or still buffered in `buf`.
+async fn expect_clean_end(s: &mut tokio::net::TcpStream, buf: &[u8]) {
+    let mut tail = Vec::new();
+    within("the backend's FIN", s.read_to_end(&mut tail))
+        .await
+        .expect("a clean end of stream, not a reset");
+    assert!(
+        tail.is_empty() && buf.is_empty(),
+        "nothing after the last frame"
+    );
+}
+
 /// The client shuts down its write side; the backend sees the EOF through the proxy and
 /// still gets its later bytes to the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,14 +249,7 @@ async fn half_close_keeps_the_other_direction_open() {
         .await
         .expect("the backend's frame after our FIN");
     assert_eq!(later.text(), "after your FIN");
-    let mut tail = Vec::new();
-    within("the backend's FIN", s.read_to_end(&mut tail))
-        .await
-        .expect("read to EOF");
-    assert!(
-        tail.is_empty() && buf.is_empty(),
-        "nothing after the last frame"
-    );
+    expect_clean_end(&mut s, &buf).await;
 }
 
 /// The backend shuts down its write side first and keeps reading: the client sees the
@@ -276,14 +282,7 @@ async fn backend_half_close_keeps_the_client_direction_open() {
         .await
         .expect("the backend's last frame");
     assert_eq!(last.text(), "last words");
-    let mut tail = Vec::new();
-    within("the backend's FIN", s.read_to_end(&mut tail))
-        .await
-        .expect("a clean end of stream, not a reset");
-    assert!(
-        tail.is_empty() && buf.is_empty(),
-        "nothing after the last frame"
-    );
+    expect_clean_end(&mut s, &buf).await;
     // After the backend's FIN, the client's frame still gets through.
     within("write a frame", s.write_all(&client_text("after your FIN")))
         .await
