@@ -1,13 +1,15 @@
 //! The benchmark backend: a WebSocket echo server that also answers plain HTTP.
 //!
 //! It is built to stay out of the measurement: one thread, no allocation per message,
-//! every frame that a read brought in is unmasked in place and echoed with one write.
+//! every frame that a read brought in is unmasked in place and echoed with one write
+//! (`writev` when large payloads go out from the read buffer, uncopied).
 //! A connection that upgrades echoes each data frame back unmasked with the same opcode,
 //! answers Ping with Pong, and answers Close with Close and then closes the TCP
 //! connection first, as RFC 6455 asks of servers. Any other request gets a small 200,
 //! keep-alive, pipelining allowed.
 
-use std::io;
+use std::io::{self, IoSlice};
+use std::ops::Range;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -151,12 +153,23 @@ async fn connection(mut s: TcpStream) -> io::Result<()> {
     }
 }
 
+/// A run of bytes to echo, in the order they go out: from the write buffer (headers and
+/// small frames) or from the read buffer (large payloads, echoed in place).
+enum Piece {
+    Out(Range<usize>),
+    Buf(Range<usize>),
+}
+
 async fn websocket(mut s: TcpStream, mut buf: Vec<u8>) -> io::Result<()> {
     let mut out: Vec<u8> = Vec::new();
+    let mut pieces: Vec<Piece> = Vec::new();
+    let mut header: Vec<u8> = Vec::with_capacity(14);
     loop {
         let mut pos = 0;
         let mut need = 0;
         let mut closing = false;
+        // Where the bytes of `out` not yet in `pieces` begin.
+        let mut out_from = 0;
         loop {
             match ws::parse(&buf[pos..])? {
                 Parsed::Need(n) => {
@@ -165,33 +178,61 @@ async fn websocket(mut s: TcpStream, mut buf: Vec<u8>) -> io::Result<()> {
                 }
                 Parsed::Frame(f) => {
                     let start = pos + f.header_len;
-                    let payload = &mut buf[start..start + f.payload_len];
+                    let end = start + f.payload_len;
+                    pos = end;
                     if let Some(m) = f.mask {
-                        ws::apply_mask(payload, m);
+                        ws::apply_mask(&mut buf[start..end], m);
                     }
-                    match f.opcode() {
+                    let first = match f.opcode() {
                         ws::OP_CLOSE => {
-                            ws::put_frame(&mut out, ws::OP_CLOSE, payload, None);
                             closing = true;
+                            0x80 | ws::OP_CLOSE
                         }
-                        ws::OP_PING => ws::put_frame(&mut out, ws::OP_PONG, payload, None),
-                        ws::OP_PONG => {}
-                        _ => {
-                            ws::put_header(&mut out, f.first, f.payload_len, None);
-                            out.extend_from_slice(payload);
+                        ws::OP_PING => 0x80 | ws::OP_PONG,
+                        ws::OP_PONG => continue,
+                        _ => f.first,
+                    };
+                    if f.payload_len >= ws::VECTORED_FROM {
+                        // The unmasked header is no longer than the masked one it replaces
+                        // (same length field, no key): write it just before the payload.
+                        header.clear();
+                        ws::put_header(&mut header, first, f.payload_len, None);
+                        let at = start - header.len();
+                        buf[at..start].copy_from_slice(&header);
+                        if out.len() > out_from {
+                            pieces.push(Piece::Out(out_from..out.len()));
+                            out_from = out.len();
                         }
+                        pieces.push(Piece::Buf(at..end));
+                    } else {
+                        ws::put_header(&mut out, first, f.payload_len, None);
+                        out.extend_from_slice(&buf[start..end]);
                     }
-                    pos += f.total_len();
                     if closing {
                         break;
                     }
                 }
             }
         }
-        if !out.is_empty() {
-            s.write_all(&out).await?;
-            out.clear();
+        if pieces.is_empty() {
+            if !out.is_empty() {
+                s.write_all(&out).await?;
+            }
+        } else {
+            if out.len() > out_from {
+                pieces.push(Piece::Out(out_from..out.len()));
+            }
+            let mut slices: Vec<IoSlice<'_>> = pieces
+                .iter()
+                .map(|p| match p {
+                    Piece::Out(r) => IoSlice::new(&out[r.clone()]),
+                    Piece::Buf(r) => IoSlice::new(&buf[r.clone()]),
+                })
+                .collect();
+            ws::write_all_vectored(&mut s, &mut slices).await?;
+            pieces.clear();
         }
+        out.clear();
         if closing {
             // The server closes the TCP connection first; then wait (bounded) for the FIN.
             s.shutdown().await?;
@@ -212,5 +253,60 @@ async fn websocket(mut s: TcpStream, mut buf: Vec<u8>) -> io::Result<()> {
         if s.read_buf(&mut buf).await? == 0 {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::{put_frame, Parsed, MASK, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG};
+
+    /// Small frames are copied, large ones echoed from the read buffer: a mix sent in one
+    /// write comes back in order, unmasked, byte for byte, at every length class.
+    #[tokio::test]
+    async fn echoes_small_and_large_frames_in_order() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut buf = ws::client_handshake(&mut s, "echo.test").await.unwrap();
+
+        let body = |len: usize, seed: u8| -> Vec<u8> {
+            (0..len)
+                .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+                .collect()
+        };
+        let sent = [
+            (OP_BINARY, body(5, 1)),
+            (OP_BINARY, body(ws::VECTORED_FROM, 2)),
+            (OP_PING, body(4, 3)),
+            (OP_BINARY, body(20_000, 4)),
+            (OP_BINARY, body(70_000, 5)),
+            (OP_BINARY, body(ws::VECTORED_FROM - 1, 6)),
+            (OP_CLOSE, vec![0x03, 0xe8]),
+        ];
+        let mut out = Vec::new();
+        for (op, payload) in &sent {
+            put_frame(&mut out, *op, payload, Some(MASK));
+        }
+        s.write_all(&out).await.unwrap();
+
+        for (op, payload) in &sent {
+            let f = ws::read_frame(&mut s, &mut buf).await.unwrap();
+            let want = if *op == OP_PING { OP_PONG } else { *op };
+            assert_eq!(
+                f.opcode(),
+                want,
+                "opcode of the echo of a {}-byte frame",
+                payload.len()
+            );
+            assert_eq!(f.mask, None, "server frames are not masked");
+            assert_eq!(&buf[f.header_len..f.total_len()], &payload[..]);
+            buf.drain(..f.total_len());
+        }
+        // The server closes first after its Close.
+        let mut rest = Vec::new();
+        assert_eq!(s.read_to_end(&mut rest).await.unwrap(), 0);
+        assert!(matches!(ws::parse(&buf).unwrap(), Parsed::Need(_)));
     }
 }

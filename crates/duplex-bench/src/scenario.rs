@@ -1,7 +1,7 @@
 //! The five scenarios. Each takes the address to load (a proxy, or the echo backend itself
 //! for `direct`) and returns an [`Outcome`]. Every loop is bounded in count and in time.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -310,7 +310,8 @@ pub async fn throughput(target: SocketAddr, label: &str, o: &ThroughputOpts) -> 
 }
 
 /// Writes `frame` (a masked template) with the send time `now` in its first 8 payload
-/// bytes, onto `out`.
+/// bytes, onto `out`: all of it, or for large payloads only the header and the time (see
+/// [`send`]).
 fn stamp(frame: &mut [u8], ts_at: usize, base: Instant, now: Instant, out: &mut Vec<u8>) {
     let ns = now.duration_since(base).as_nanos() as u64;
     let mut b = ns.to_le_bytes();
@@ -318,7 +319,31 @@ fn stamp(frame: &mut [u8], ts_at: usize, base: Instant, now: Instant, out: &mut 
         *x ^= MASK[i % 4];
     }
     frame[ts_at..ts_at + 8].copy_from_slice(&b);
-    out.extend_from_slice(frame);
+    let upto = if vectored(frame.len() - ts_at) {
+        ts_at + 8
+    } else {
+        frame.len()
+    };
+    out.extend_from_slice(&frame[..upto]);
+}
+
+/// Whether messages of `size` go out as stamped heads plus the template's shared rest.
+fn vectored(size: usize) -> bool {
+    size >= ws::VECTORED_FROM
+}
+
+/// Sends what [`stamp`] put in `out`: as it is, or each stamped head followed by the rest of
+/// the template, which every message shares, with `writev`.
+async fn send(s: &mut TcpStream, out: &[u8], frame: &[u8], ts_at: usize) -> io::Result<()> {
+    if !vectored(frame.len() - ts_at) {
+        return s.write_all(out).await;
+    }
+    let (head, rest) = frame.split_at(ts_at + 8);
+    let mut slices: Vec<IoSlice<'_>> = out
+        .chunks(head.len())
+        .flat_map(|h| [IoSlice::new(h), IoSlice::new(rest)])
+        .collect();
+    ws::write_all_vectored(s, &mut slices).await
 }
 
 /// One throughput connection: returns the echoes counted in `[from, deadline)` and their
@@ -340,7 +365,7 @@ async fn pump(
     for _ in 0..inflight {
         stamp(&mut frame, ts_at, base, now, &mut out);
     }
-    s.write_all(&out).await?;
+    send(&mut s, &out, &frame, ts_at).await?;
     out.clear();
     let mut outstanding = inflight;
     let mut count = 0u64;
@@ -376,7 +401,7 @@ async fn pump(
         };
         buf.drain(..pos);
         if !out.is_empty() {
-            s.write_all(&out).await?;
+            send(&mut s, &out, &frame, ts_at).await?;
             out.clear();
         }
         if outstanding == 0 {
