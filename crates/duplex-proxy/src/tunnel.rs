@@ -316,9 +316,22 @@ fn pump(
         ready!(from.poll_read_ready(cx))?;
         let moved = SCRATCH.with(|s| -> io::Result<Option<usize>> {
             let mut s = s.borrow_mut();
-            let n = match from.try_read(&mut s[..]) {
+            // A short read emptied the socket: the outer `try_io` then clears read readiness
+            // now rather than learn it from one more read that returns EAGAIN (nginx's
+            // trick; edge-triggered readiness wakes us for anything that arrives after).
+            // The readiness it clears is the one it saw before the read, so an event that
+            // another worker's I/O driver records meanwhile is kept, not swallowed.
+            let mut short = 0;
+            let n = match from.try_io(Interest::READABLE, || match from.try_read(&mut s[..]) {
+                Ok(n) if n > 0 && n < s.len() => {
+                    short = n;
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+                other => other,
+            }) {
                 Ok(0) => return Ok(None),
                 Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => short,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
                 Err(e) => return Err(e),
             };
@@ -332,14 +345,6 @@ fn pump(
             }
             if off < n {
                 d.pending = Some(Box::new(Bytes::copy_from_slice(&s[off..n])));
-            }
-            if n < s.len() {
-                // A short read emptied the socket: say so now rather than learn it from one
-                // more read that returns EAGAIN (edge-triggered readiness wakes us for
-                // anything that arrives after).
-                let _ = from.try_io(Interest::READABLE, || {
-                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                });
             }
             Ok(Some(n))
         });
