@@ -165,8 +165,9 @@ async fn connect_first<'a>(
     None
 }
 
-/// Read buffer of the connection that carries the upgrade handshake to a backend.
-const HANDSHAKE_READ_BUFFER: usize = 2048;
+/// The largest response head a backend may answer an upgrade with (Envoy allows 60 KiB of
+/// response headers by default; nginx 4 or 8 KiB). A larger one gets the client a 502.
+const MAX_BACKEND_HEAD: usize = 64 * 1024;
 
 /// Sends the upgrade request over `stream` and returns the backend's response head.
 async fn send_handshake(
@@ -174,10 +175,10 @@ async fn send_handshake(
     req: Request<Empty<Bytes>>,
     shared: &Shared,
 ) -> Result<Response<Incoming>, hyper::Error> {
-    // The answer is a short 101 head (or a small refusal): a small read buffer is enough,
-    // and thousands of handshakes at once leave less freed memory behind.
+    // hyper's adaptive read buffer (8 KiB to start). An exact size would also be the most
+    // it reads: a 2 KiB one turned any 101 with a few long cookies into a 502.
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .read_buf_exact_size(Some(HANDSHAKE_READ_BUFFER))
+        .max_buf_size(MAX_BACKEND_HEAD)
         .handshake(TokioIo::new(stream))
         .await?;
     // The connection task ends once the 101 hands the socket over, or once a non-101

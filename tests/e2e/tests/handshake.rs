@@ -93,6 +93,31 @@ async fn relays_extension_headers() {
     );
 }
 
+/// A 101 with a large head (a long cookie here, 6 KiB) is relayed whole, and the tunnel
+/// behind it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_101_head_is_relayed() {
+    let cookie: &'static str =
+        Box::leak(format!("session={}", "c".repeat(6 * 1024)).into_boxed_str());
+    let extra: &'static [(&'static str, &'static str)] =
+        Box::leak(Box::new([("Set-Cookie", cookie)]));
+    let (b, _heads) = recording_backend(extra).await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let (mut s, head, mut rest) = raw_ws(p.addr, "/", &[]).await;
+    assert_eq!(
+        head.get("set-cookie"),
+        Some(cookie),
+        "the long header arrives whole"
+    );
+    s.write_all(&client_text("after a large 101"))
+        .await
+        .unwrap();
+    let f = within("the echo", read_frame(&mut s, &mut rest))
+        .await
+        .expect("the echo");
+    assert_eq!(f.text(), "after a large 101");
+}
+
 /// (a) The client writes its upgrade request and a masked frame in one write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frame_in_the_upgrade_requests_write_reaches_the_backend() {
