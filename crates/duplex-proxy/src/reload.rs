@@ -217,18 +217,25 @@ impl Proxy {
         }
     }
 
-    /// Rebuilds the table in force after DNS discovery found other addresses.
-    pub(crate) async fn rediscover(&self) {
+    /// Rebuilds the table in force after DNS discovery found other addresses; false when
+    /// that failed and the table in force stays.
+    pub(crate) async fn rediscover(&self) -> bool {
         let _one_at_a_time = self.inner.reload.lock().await;
         let shared = &self.inner.shared;
         let old = shared.table.load_full();
-        match Table::build(
-            Arc::clone(&old.config),
-            old.generation,
-            &shared.carry(Some(&old)),
-        ) {
-            Ok(table) => self.install(&old, Arc::new(table)),
-            Err(e) => tracing::error!(error = %e, "cannot apply DNS changes"),
+        // A DNS change is not a reload: the TLS settings in force stay, rather than the
+        // certificate files being read again (they may be mid-rotation, or gone).
+        let mut carry = shared.carry(Some(&old));
+        carry.reuse_tls = true;
+        match Table::build(Arc::clone(&old.config), old.generation, &carry) {
+            Ok(table) => {
+                self.install(&old, Arc::new(table));
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot apply DNS changes");
+                false
+            }
         }
     }
 

@@ -12,6 +12,7 @@ use duplex_e2e::client::{backend_of, try_ws, ws};
 use duplex_e2e::eventually;
 use duplex_e2e::flaky::{FlakyBackend, Mode};
 use duplex_e2e::health_kit::*;
+use duplex_e2e::pki;
 use duplex_proxy::discovery::Resolver;
 use tokio_tungstenite::tungstenite;
 
@@ -125,6 +126,43 @@ async fn dns_discovery_follows_the_answers_and_keeps_the_last_on_error() {
             >= 3.0
     );
     echo_ok(&mut on_a, "still open").await;
+    p.shutdown().await;
+}
+
+/// A DNS change is not a reload: it keeps the TLS settings in force. With a listener's
+/// certificate file gone (mid-rotation, say), a new address still joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_changes_apply_while_a_certificate_file_is_missing() {
+    let (a, b) = same_port_pair();
+    let port = a.addr.port();
+    let resolver = TestResolver::default();
+    resolver.answer(&[a.addr]);
+    let dir = pki::temp_dir("dns-tls");
+    let leaf = pki::Ca::new("dns test CA").leaf(&["localhost"]);
+    let cert = pki::write(&dir, "cert.pem", &leaf.cert);
+    let key = pki::write(&dir, "key.pem", &leaf.key);
+    let dns = format!(
+        "      - addr: chat.test:{port}\n        resolve: dns\n        resolve_interval: 200ms\n"
+    );
+    // A second listener with TLS; the test talks to the plain one.
+    let secure = format!(
+        "  - name: secure\n    bind: 127.0.0.1:0\n    tls:\n      certificates:\n        \
+         - cert: {}\n          key: {}\nadmin:",
+        cert.display(),
+        key.display()
+    );
+    let text = yaml_with("", &dns).replacen("admin:", &secure, 1);
+    let p = start_resolving(&text, Arc::new(resolver.clone())).await;
+    assert_eq!(land(&p, 2).await.get("a"), Some(&2));
+
+    std::fs::remove_file(&cert).expect("remove the certificate");
+    resolver.answer(&[a.addr, b.addr]);
+    let addr = p.addr;
+    eventually(WAIT, "b to take connections once resolved", || async move {
+        let (_ws, r) = ws(addr, "/").await;
+        backend_of(&r) == "b"
+    })
+    .await;
     p.shutdown().await;
 }
 
