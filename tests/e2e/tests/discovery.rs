@@ -13,6 +13,7 @@ use duplex_e2e::eventually;
 use duplex_e2e::flaky::{FlakyBackend, Mode};
 use duplex_e2e::health_kit::*;
 use duplex_e2e::pki;
+use duplex_e2e::proxy::TestProxy;
 use duplex_proxy::discovery::Resolver;
 use tokio_tungstenite::tungstenite;
 
@@ -66,6 +67,16 @@ fn same_port_pair() -> (FlakyBackend, FlakyBackend) {
     panic!("no port free on both 127.0.0.2 and 127.0.0.3");
 }
 
+/// Waits until a new tunnel lands on backend "b" (once its address is resolved).
+async fn b_takes_connections(p: &TestProxy) {
+    let addr = p.addr;
+    eventually(WAIT, "b to take connections once resolved", || async move {
+        let (_ws, r) = ws(addr, "/").await;
+        backend_of(&r) == "b"
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_discovery_follows_the_answers_and_keeps_the_last_on_error() {
     let (a, b) = same_port_pair();
@@ -81,12 +92,7 @@ async fn dns_discovery_follows_the_answers_and_keeps_the_last_on_error() {
     assert_eq!(backend_of(&r), "a");
 
     resolver.answer(&[a.addr, b.addr]);
-    let addr = p.addr;
-    eventually(WAIT, "b to take connections once resolved", || async move {
-        let (_ws, r) = ws(addr, "/").await;
-        backend_of(&r) == "b"
-    })
-    .await;
+    b_takes_connections(&p).await;
 
     resolver.answer(&[b.addr]);
     let (pr, gone) = (&p, a.addr);
@@ -157,12 +163,7 @@ async fn dns_changes_apply_while_a_certificate_file_is_missing() {
 
     std::fs::remove_file(&cert).expect("remove the certificate");
     resolver.answer(&[a.addr, b.addr]);
-    let addr = p.addr;
-    eventually(WAIT, "b to take connections once resolved", || async move {
-        let (_ws, r) = ws(addr, "/").await;
-        backend_of(&r) == "b"
-    })
-    .await;
+    b_takes_connections(&p).await;
     p.shutdown().await;
 }
 
