@@ -7,7 +7,7 @@ use std::io::{self, IoSlice, Read, Write};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use sha1::{Digest, Sha1};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -292,7 +292,7 @@ pub fn client_handshake_sync(s: &mut std::net::TcpStream, host: &str) -> io::Res
 }
 
 /// Reads from `s` into `buf` until one whole frame is at its front; returns it.
-pub async fn read_frame(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Frame> {
+pub async fn read_frame<R: AsyncRead + Unpin>(s: &mut R, buf: &mut Vec<u8>) -> io::Result<Frame> {
     loop {
         match parse(buf)? {
             Parsed::Frame(f) => return Ok(f),
