@@ -67,6 +67,19 @@ fn same_port_pair() -> (FlakyBackend, FlakyBackend) {
     panic!("no port free on both 127.0.0.2 and 127.0.0.3");
 }
 
+/// Backends a and b as the A records `chat.test` may have, a resolver that answers with a
+/// alone, and the backend list naming `chat.test` (resolved every 200 ms).
+fn chat_test() -> (FlakyBackend, FlakyBackend, TestResolver, String) {
+    let (a, b) = same_port_pair();
+    let resolver = TestResolver::default();
+    resolver.answer(&[a.addr]);
+    let dns = format!(
+        "      - addr: chat.test:{}\n        resolve: dns\n        resolve_interval: 200ms\n",
+        a.addr.port()
+    );
+    (a, b, resolver, dns)
+}
+
 /// Waits until a new tunnel lands on backend "b" (once its address is resolved).
 async fn b_takes_connections(p: &TestProxy) {
     let addr = p.addr;
@@ -79,13 +92,7 @@ async fn b_takes_connections(p: &TestProxy) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_discovery_follows_the_answers_and_keeps_the_last_on_error() {
-    let (a, b) = same_port_pair();
-    let port = a.addr.port();
-    let resolver = TestResolver::default();
-    resolver.answer(&[a.addr]);
-    let dns = format!(
-        "      - addr: chat.test:{port}\n        resolve: dns\n        resolve_interval: 200ms\n"
-    );
+    let (a, b, resolver, dns) = chat_test();
     let p = start_resolving(&yaml_with("", &dns), Arc::new(resolver.clone())).await;
     assert_eq!(land(&p, 3).await.get("a"), Some(&3));
     let (mut on_a, r) = ws(p.addr, "/").await;
@@ -139,17 +146,11 @@ async fn dns_discovery_follows_the_answers_and_keeps_the_last_on_error() {
 /// certificate file gone (mid-rotation, say), a new address still joins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_changes_apply_while_a_certificate_file_is_missing() {
-    let (a, b) = same_port_pair();
-    let port = a.addr.port();
-    let resolver = TestResolver::default();
-    resolver.answer(&[a.addr]);
+    let (a, b, resolver, dns) = chat_test();
     let dir = pki::temp_dir("dns-tls");
     let leaf = pki::Ca::new("dns test CA").leaf(&["localhost"]);
     let cert = pki::write(&dir, "cert.pem", &leaf.cert);
     let key = pki::write(&dir, "key.pem", &leaf.key);
-    let dns = format!(
-        "      - addr: chat.test:{port}\n        resolve: dns\n        resolve_interval: 200ms\n"
-    );
     // A second listener with TLS; the test talks to the plain one.
     let secure = format!(
         "  - name: secure\n    bind: 127.0.0.1:0\n    tls:\n      certificates:\n        \
@@ -170,14 +171,8 @@ async fn dns_changes_apply_while_a_certificate_file_is_missing() {
 /// A name that does not resolve at start leaves the upstream empty (503) until it does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_discovery_recovers_from_a_failure_at_start() {
-    let (a, _b) = same_port_pair();
-    let resolver = TestResolver::default();
-    resolver.answer(&[a.addr]);
+    let (_a, _b, resolver, dns) = chat_test();
     resolver.fail.store(true, Ordering::SeqCst);
-    let dns = format!(
-        "      - addr: chat.test:{}\n        resolve: dns\n        resolve_interval: 200ms\n",
-        a.addr.port()
-    );
     let p = start_resolving(&yaml_with("", &dns), Arc::new(resolver.clone())).await;
     match try_ws(p.addr, "/", &[], &[]).await {
         Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
@@ -199,14 +194,8 @@ async fn dns_discovery_recovers_from_a_failure_at_start() {
 /// Addresses found by DNS are checked like static ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_discovered_backends_are_health_checked() {
-    let (a, b) = same_port_pair();
+    let (a, b, resolver, dns) = chat_test();
     b.set(Mode::Http500).await;
-    let resolver = TestResolver::default();
-    resolver.answer(&[a.addr]);
-    let dns = format!(
-        "      - addr: chat.test:{}\n        resolve: dns\n        resolve_interval: 200ms\n",
-        a.addr.port()
-    );
     let p = start_resolving(&yaml_with(&check("http"), &dns), Arc::new(resolver.clone())).await;
     resolver.answer(&[a.addr, b.addr]);
     let (pr, found) = (&p, b.addr);
