@@ -3,7 +3,7 @@
 
 use std::io;
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 /// The RFC 6455 example key: the base64 of 16 bytes.
@@ -120,6 +120,19 @@ pub fn switching_protocols(request: &Head, extra: &[(&str, &str)]) -> String {
     }
     r.push_str("\r\n");
     r
+}
+
+/// A raw backend's side of the handshake: reads the upgrade request and answers it with a
+/// 101 carrying `extra`. Returns the request head and the bytes that came after it.
+pub async fn accept_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    extra: &[(&str, &str)],
+) -> io::Result<(Head, Vec<u8>)> {
+    let (head, buf) = read_head(stream).await?;
+    stream
+        .write_all(switching_protocols(&head, extra).as_bytes())
+        .await?;
+    Ok((head, buf))
 }
 
 /// One WebSocket frame as it travels.

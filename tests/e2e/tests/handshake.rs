@@ -15,8 +15,8 @@ use duplex_e2e::client::{
 use duplex_e2e::proxy::{TestProxy, Upstream};
 use duplex_e2e::raw::{dead_addr, RawBackend};
 use duplex_e2e::wire::{
-    client_text, read_frame, read_head, server_text, switching_protocols, upgrade_request, Head,
-    KEY, OP_TEXT,
+    accept_upgrade, client_text, read_frame, read_head, server_text, switching_protocols,
+    upgrade_request, Head, KEY, OP_TEXT,
 };
 use duplex_e2e::within;
 
@@ -29,9 +29,7 @@ async fn recording_backend(
     let b = RawBackend::start(move |mut tcp| {
         let tx = tx.clone();
         async move {
-            let (head, mut buf) = read_head(&mut tcp).await?;
-            tcp.write_all(switching_protocols(&head, extra).as_bytes())
-                .await?;
+            let (head, mut buf) = accept_upgrade(&mut tcp, extra).await?;
             let _ = tx.send(head);
             let f = read_frame(&mut tcp, &mut buf).await?;
             tcp.write_all(&server_text(&f.text())).await
@@ -125,9 +123,7 @@ async fn frame_in_the_upgrade_requests_write_reaches_the_backend() {
     let b = RawBackend::start(move |mut tcp| {
         let frames = frames.clone();
         async move {
-            let (head, mut buf) = read_head(&mut tcp).await?;
-            tcp.write_all(switching_protocols(&head, &[]).as_bytes())
-                .await?;
+            let (_, mut buf) = accept_upgrade(&mut tcp, &[]).await?;
             let f = read_frame(&mut tcp, &mut buf).await?;
             tcp.write_all(&server_text(&f.text())).await?;
             let _ = frames.send(f);

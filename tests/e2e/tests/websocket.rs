@@ -15,8 +15,7 @@ use duplex_e2e::client::{backend_of, close, raw_ws, recv, ws};
 use duplex_e2e::proxy::{TestProxy, Upstream};
 use duplex_e2e::raw::RawBackend;
 use duplex_e2e::wire::{
-    client_text, encode, read_frame, read_head, server_text, switching_protocols, MASK,
-    OP_CONTINUATION, OP_TEXT,
+    accept_upgrade, client_text, encode, read_frame, server_text, MASK, OP_CONTINUATION, OP_TEXT,
 };
 use duplex_e2e::{eventually, within};
 
@@ -213,9 +212,7 @@ async fn half_close_keeps_the_other_direction_open() {
     let backend = RawBackend::start(move |mut tcp| {
         let events = events.clone();
         async move {
-            let (head, mut buf) = read_head(&mut tcp).await?;
-            tcp.write_all(switching_protocols(&head, &[]).as_bytes())
-                .await?;
+            let (_, mut buf) = accept_upgrade(&mut tcp, &[]).await?;
             let f = read_frame(&mut tcp, &mut buf).await?;
             let _ = events.send(format!("frame {}", f.text()));
             let mut rest = Vec::new();
@@ -261,9 +258,7 @@ async fn backend_half_close_keeps_the_client_direction_open() {
     let backend = RawBackend::start(move |mut tcp| {
         let events = events.clone();
         async move {
-            let (head, mut buf) = read_head(&mut tcp).await?;
-            tcp.write_all(switching_protocols(&head, &[]).as_bytes())
-                .await?;
+            let (_, mut buf) = accept_upgrade(&mut tcp, &[]).await?;
             tcp.write_all(&server_text("last words")).await?;
             tcp.shutdown().await?;
             let f = read_frame(&mut tcp, &mut buf).await?;
