@@ -37,6 +37,7 @@ pub mod defaults {
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
     pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
     pub const RETRIES: u32 = 2;
+    pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
     pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const HTTPS_PORT: u16 = 443;
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -71,6 +72,9 @@ pub struct Listener {
     /// Answer plain HTTP requests with a redirect to https on this port (WebSocket
     /// upgrades get 426 instead, never a redirect).
     pub redirect_https: Option<u16>,
+    /// How long a client may take none of the bytes duplex has for it (a response it
+    /// does not read) before its connection is closed.
+    pub send_timeout: Duration,
 }
 
 /// TLS termination on a listener.

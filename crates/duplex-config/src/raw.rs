@@ -30,6 +30,7 @@ pub(crate) struct RawListener {
     pub tls: Option<RawListenerTls>,
     pub redirect_https: Option<bool>,
     pub https_port: Option<u16>,
+    pub send_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -138,11 +138,16 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
             }
             _ => None,
         };
+        let send_timeout = match &l.send_timeout {
+            Some(d) => parse_duration(at("send_timeout"), d)?,
+            None => defaults::SEND_TIMEOUT,
+        };
         listeners.push(Listener {
             name: l.name.clone(),
             bind,
             tls,
             redirect_https,
+            send_timeout,
         });
     }
     let admin = Admin {

@@ -55,6 +55,19 @@ fn defaults_apply() {
     assert_eq!(u.retries, 2);
     assert_eq!(u.idle_timeout, None);
     assert_eq!(c.admin.bind, duplex_config::defaults::ADMIN_BIND);
+    assert_eq!(
+        c.listeners[0].send_timeout,
+        std::time::Duration::from_secs(60)
+    );
+    let src = src.replace(
+        "bind: '127.0.0.1:1'",
+        "bind: '127.0.0.1:1', send_timeout: 90s",
+    );
+    let c = Config::parse(&src, "x").unwrap();
+    assert_eq!(
+        c.listeners[0].send_timeout,
+        std::time::Duration::from_secs(90)
+    );
 }
 
 /// Each case: a replacement applied to FULL, and the `LINE:COL: text` the error must start with.
@@ -80,6 +93,11 @@ fn refuses_bad_files_and_points_at_the_value() {
             "weight: 1",
             "weight: 0",
             "f:25:17: weight must be between 1 and 1000, got 0",
+        ),
+        (
+            "bind: 127.0.0.1:8080",
+            "bind: 127.0.0.1:8080\n    send_timeout: 0s",
+            "f:4:19: duration \"0s\" must be greater than zero",
         ),
         (
             "connect_timeout: 2s",

@@ -15,6 +15,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::headers::{has_token, request_host};
 use crate::responses::{self, Body};
+use crate::send_timeout::SendTimeout;
 use crate::state::Shared;
 use crate::tls::MaybeTls;
 use crate::{http_proxy, router, upgrade};
@@ -109,7 +110,14 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), svc)
+        .serve_connection(
+            TokioIo::new(SendTimeout::new(
+                stream,
+                settings.send_timeout,
+                settings.send_timeouts.clone(),
+            )),
+            svc,
+        )
         .with_upgrades();
     tokio::pin!(conn);
     let res = tokio::select! {

@@ -36,6 +36,9 @@ pub enum ProxyError {
     /// A backend stopped sending a response body midway.
     #[error("the backend sent no response bytes for {idle:?}")]
     BodyStalled { idle: std::time::Duration },
+    /// A client took none of a response's bytes for its listener's `send_timeout`.
+    #[error("client: took no response bytes for {timeout:?}")]
+    ClientSendTimeout { timeout: std::time::Duration },
     /// A reload was asked for, but the proxy was started from no file.
     #[error("no configuration file to reload from")]
     NoConfigFile,

@@ -19,6 +19,7 @@ mod http_proxy;
 mod reload;
 mod responses;
 mod router;
+mod send_timeout;
 mod server;
 mod state;
 pub mod tls;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use duplex_balance::{Backend, BackendState, Pool};
 use duplex_config::{Config, Route, Upstream};
-use duplex_metrics::{Gauge, Metrics, RouteSeries, NONE};
+use duplex_metrics::{Counter, Gauge, Metrics, RouteSeries, NONE};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::sync::CancellationToken;
@@ -124,6 +124,10 @@ pub struct ListenerRt {
     pub redirect_https: Option<u16>,
     /// `duplex_connections_active` of this listener.
     pub active: Gauge,
+    /// How long a client may leave a response unread; see [`crate::send_timeout`].
+    pub send_timeout: Duration,
+    /// `duplex_client_send_timeouts_total` of this listener.
+    pub send_timeouts: Counter,
 }
 
 impl Table {
@@ -154,6 +158,11 @@ impl Table {
                         active: carry
                             .metrics
                             .connections_active
+                            .with_label_values(&[&l.name]),
+                        send_timeout: l.send_timeout,
+                        send_timeouts: carry
+                            .metrics
+                            .client_send_timeouts
                             .with_label_values(&[&l.name]),
                     };
                     listeners.insert(l.name.clone(), Arc::new(rt));

@@ -31,6 +31,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::send_timeout::SendTimeout;
 use crate::tls::{BackendStream, ClientStream, MaybeTls};
 
 /// Scratch buffer per worker thread; large enough to move 16 KiB messages in one read.
@@ -88,7 +89,7 @@ pub async fn start<H: Send + 'static>(
         }
     };
     let (c, b) = match (
-        client.downcast::<TokioIo<ClientStream>>(),
+        client.downcast::<TokioIo<SendTimeout<ClientStream>>>(),
         backend.downcast::<TokioIo<BackendStream>>(),
     ) {
         (Ok(c), Ok(b)) => (c, b),
@@ -102,7 +103,7 @@ pub async fn start<H: Send + 'static>(
         series.client_to_backend.clone(),
         series.backend_to_client.clone(),
     );
-    match (c.io.into_inner(), b.io.into_inner()) {
+    match (c.io.into_inner().into_inner(), b.io.into_inner()) {
         (MaybeTls::Plain(client), MaybeTls::Plain(backend)) => {
             let t = Splice {
                 client,

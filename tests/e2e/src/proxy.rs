@@ -75,8 +75,21 @@ impl TestProxy {
     /// Starts a proxy whose config is `routes_and_upstreams` under a `public` listener and an
     /// admin endpoint, both on loopback port 0.
     pub async fn start(routes_and_upstreams: &str) -> TestProxy {
+        TestProxy::start_with_listener(&[], routes_and_upstreams).await
+    }
+
+    /// As [`TestProxy::start`], with extra keys on the listener, e.g.
+    /// `("send_timeout", "1s")`.
+    pub async fn start_with_listener(
+        options: &[(&str, &str)],
+        routes_and_upstreams: &str,
+    ) -> TestProxy {
+        let listener_options: String = options
+            .iter()
+            .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
+            .collect();
         let yaml = format!(
-            "listeners:\n  - name: {LISTENER}\n    bind: \"127.0.0.1:0\"\n\
+            "listeners:\n  - name: {LISTENER}\n    bind: \"127.0.0.1:0\"\n{listener_options}\
              admin:\n  bind: \"127.0.0.1:0\"\n{routes_and_upstreams}"
         );
         let config = Config::parse(&yaml, "e2e.yaml")
@@ -96,11 +109,7 @@ impl TestProxy {
 
     /// A proxy with one catch-all route `main` to the upstream `main`.
     pub async fn single(upstream: &Upstream) -> TestProxy {
-        TestProxy::start(&format!(
-            "routes:\n  - name: {ROUTE}\n    upstream: {ROUTE}\nupstreams:\n{}",
-            upstream.yaml(ROUTE)
-        ))
-        .await
+        TestProxy::start(&single_route(upstream)).await
     }
 
     /// The Prometheus text from the admin endpoint.
@@ -123,6 +132,15 @@ impl TestProxy {
         )
         .await;
     }
+}
+
+/// The routes and upstreams of [`TestProxy::single`]: one catch-all route `main` to the
+/// upstream `main`.
+pub fn single_route(upstream: &Upstream) -> String {
+    format!(
+        "routes:\n  - name: {ROUTE}\n    upstream: {ROUTE}\nupstreams:\n{}",
+        upstream.yaml(ROUTE)
+    )
 }
 
 /// Sums the samples of `name` in Prometheus text whose label set includes every pair.

@@ -11,9 +11,10 @@ use hyper::body::Frame;
 
 use duplex_e2e::backend::Backend;
 use duplex_e2e::client::{get, raw_exchange, request, HttpConn};
-use duplex_e2e::proxy::{TestProxy, Upstream, LISTENER};
+use duplex_e2e::proxy::{single_route, TestProxy, Upstream, LISTENER};
 use duplex_e2e::raw::dead_addr;
 use duplex_e2e::wire::upgrade_request;
+use duplex_e2e::within;
 
 async fn one_backend(name: &str) -> (Backend, TestProxy) {
     let b = Backend::start(name).await;
@@ -249,4 +250,157 @@ async fn a_backend_that_stalls_mid_body_is_cut_off() {
     let (_p, resp) = head_with_300ms_response_timeout(b.addr).await;
     let body = duplex_e2e::within("the body to fail", resp.into_body().collect()).await;
     assert!(body.is_err(), "a stalled body must not end as if complete");
+}
+
+/// A backend that answers any request with `len` body bytes, written as fast as the proxy
+/// takes them. Each connection reports how many body bytes it wrote and whether a write
+/// failed (the proxy closed the connection).
+async fn streaming_backend(
+    len: usize,
+) -> (
+    duplex_e2e::raw::RawBackend,
+    tokio::sync::mpsc::UnboundedReceiver<(usize, bool)>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let b = duplex_e2e::raw::RawBackend::start(move |mut tcp| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = [0u8; 4096];
+            let _ = tcp.read(&mut buf).await?;
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+            tcp.write_all(head.as_bytes()).await?;
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut wrote = 0;
+            let mut failed = false;
+            while wrote < len {
+                let n = chunk.len().min(len - wrote);
+                if tcp.write_all(&chunk[..n]).await.is_err() {
+                    failed = true;
+                    break;
+                }
+                wrote += n;
+            }
+            let _ = tx.send((wrote, failed));
+            Ok(())
+        }
+    })
+    .await;
+    (b, rx)
+}
+
+/// A request for a `len`-byte body from [`streaming_backend`], sent through a proxy whose
+/// listener has `send_timeout: 500ms`, on a connection made from `sock`. Returns the
+/// proxy, the backend's reports and the client's connection.
+async fn big_response_behind_send_timeout(
+    len: usize,
+    sock: tokio::net::TcpSocket,
+) -> (
+    TestProxy,
+    tokio::sync::mpsc::UnboundedReceiver<(usize, bool)>,
+    tokio::net::TcpStream,
+) {
+    use tokio::io::AsyncWriteExt;
+    let (b, reports) = streaming_backend(len).await;
+    let upstream = Upstream::new("round_robin").backend(b.addr);
+    let p = TestProxy::start_with_listener(&[("send_timeout", "500ms")], &single_route(&upstream))
+        .await;
+    let mut client = within("connect", sock.connect(p.addr))
+        .await
+        .expect("connect to the proxy");
+    client
+        .write_all(b"GET /big HTTP/1.1\r\nHost: big.test\r\n\r\n")
+        .await
+        .expect("send the request");
+    (p, reports, client)
+}
+
+/// A client that sends a request and then reads nothing is disconnected after the
+/// listener's `send_timeout`, and the backend connection serving it is closed too, as
+/// nginx's `send_timeout` does; the timeout is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off() {
+    use tokio::io::AsyncReadExt;
+    const LEN: usize = 256 << 20;
+    let sock = tokio::net::TcpSocket::new_v4().expect("a socket");
+    let (p, mut reports, mut client) = big_response_behind_send_timeout(LEN, sock).await;
+    // The client reads nothing; the backend's writes must fail once the proxy gives up.
+    let (wrote, failed) = within("the backend's connection to be closed", reports.recv())
+        .await
+        .expect("the backend reports");
+    assert!(
+        failed,
+        "the backend wrote all {wrote} bytes to a client that reads nothing"
+    );
+    assert_eq!(
+        p.metric(
+            "duplex_client_send_timeouts_total",
+            &[("listener", LISTENER)]
+        )
+        .await,
+        1.0
+    );
+    // What did reach the client ends short of the body: closed, not hung.
+    let mut got = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match within("the client's connection to end", client.read(&mut buf)).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(got < LEN, "the client got {got} bytes");
+}
+
+/// A client that reads slowly but steadily gets the whole response, however long it takes
+/// in all: `send_timeout` bounds each wait for the client, not the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_reader_gets_the_whole_response() {
+    use tokio::io::AsyncReadExt;
+    const LEN: usize = 16 << 20;
+    // A small receive window, so that the proxy's writes wait on this client's reads.
+    let sock = tokio::net::TcpSocket::new_v4().expect("a socket");
+    sock.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
+    let (p, mut reports, mut client) = big_response_behind_send_timeout(LEN, sock).await;
+    // 64 KiB every 10 ms: about 2.6 s for the body, most of it with the proxy waiting.
+    let read_all = async {
+        let mut head = Vec::new();
+        let mut body: Option<usize> = None;
+        let mut buf = vec![0u8; 64 * 1024];
+        while body.is_none_or(|got| got < LEN) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            let n = client.read(&mut buf).await.expect("read the response");
+            assert!(n > 0, "the response ended early");
+            match body.as_mut() {
+                Some(got) => *got += n,
+                None => {
+                    head.extend_from_slice(&buf[..n]);
+                    if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+                        body = Some(head.len() - (i + 4));
+                    }
+                }
+            }
+        }
+        body.unwrap_or(0)
+    };
+    let got = duplex_e2e::within_for(
+        std::time::Duration::from_secs(60),
+        "the whole body",
+        read_all,
+    )
+    .await;
+    assert_eq!(got, LEN);
+    assert_eq!(
+        within("the backend's report", reports.recv()).await,
+        Some((LEN, false))
+    );
+    assert_eq!(
+        p.metric(
+            "duplex_client_send_timeouts_total",
+            &[("listener", LISTENER)]
+        )
+        .await,
+        0.0
+    );
 }
