@@ -42,6 +42,9 @@ pub enum ProxyError {
     /// A reload was asked for, but the proxy was started from no file.
     #[error("no configuration file to reload from")]
     NoConfigFile,
+    /// A reload stopped before it finished (a bug in duplex, or the runtime shutting down).
+    #[error("the reload stopped before it finished: {0}")]
+    ReloadAborted(#[source] tokio::task::JoinError),
     /// The new configuration was refused.
     #[error(transparent)]
     Config(#[from] duplex_config::ConfigError),

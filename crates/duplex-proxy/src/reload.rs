@@ -58,7 +58,7 @@ impl Proxy {
             );
             return Ok(generation);
         }
-        self.apply_source(&src, hash)
+        self.off_thread(move |p| p.apply_source(&src, hash)).await
     }
 
     /// Applies the config file if its content differs from the last one applied (the file
@@ -78,7 +78,10 @@ impl Proxy {
         if Some(hash) == *lock(&self.inner.applied) || Some(hash) == *lock(&self.inner.refused) {
             return Ok(None);
         }
-        let result = self.apply_source(&src, hash).map(Some);
+        let result = self
+            .off_thread(move |p| p.apply_source(&src, hash))
+            .await
+            .map(Some);
         if result.is_err() {
             *lock(&self.inner.refused) = Some(hash);
         }
@@ -122,7 +125,22 @@ impl Proxy {
     /// the admin status.
     pub async fn reload(&self, config: Config) -> Result<u64, ProxyError> {
         let _one_at_a_time = self.inner.reload.lock().await;
-        self.apply(config)
+        self.off_thread(move |p| p.apply(config)).await
+    }
+
+    /// Runs a reload's work on the blocking pool: it reads and parses certificate and key
+    /// files and builds the whole table, which must not hold up the connections served
+    /// on a runtime thread (with `--threads 1`, all of them) for as long as a slow disk
+    /// takes. The caller holds the reload lock.
+    async fn off_thread<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Proxy) -> Result<T, ProxyError> + Send + 'static,
+    ) -> Result<T, ProxyError> {
+        let me = self.clone();
+        match tokio::task::spawn_blocking(move || work(&me)).await {
+            Ok(result) => result,
+            Err(e) => Err(self.refused(ProxyError::ReloadAborted(e))),
+        }
     }
 
     /// The reload itself; the caller holds the reload lock.

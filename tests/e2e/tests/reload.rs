@@ -336,3 +336,70 @@ async fn a_configmap_style_symlink_swap_reloads() {
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A reload reads certificate files off the runtime's threads: while one waits on a file
+/// that is slow to read (here a FIFO with no writer yet), the proxy goes on serving from
+/// its only runtime thread, and the reload completes once the file can be read.
+#[tokio::test]
+async fn a_slow_certificate_read_does_not_stall_traffic() {
+    use duplex_e2e::pki::{self, Ca};
+    let b = Backend::start("b1").await;
+    let text = yaml(&[("public", "127.0.0.1:0")], "round_robin", "", &[b.addr]);
+    let proxy = start(&text, None).await;
+    let addr = proxy.listener_addr("public").expect("public is bound");
+
+    // A new TLS listener whose certificate file is a FIFO: opening it waits for a writer.
+    let dir = pki::temp_dir("slow-cert");
+    let leaf = Ca::new("slow").leaf(&["localhost"]);
+    let key = pki::write(&dir, "key.pem", &leaf.key);
+    let cert = dir.join("cert.pem");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&cert)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    // The writer feeds the FIFO when told to, or after 10 s whatever happens, so that a
+    // reload that blocks this test's only thread cannot hang it.
+    let (feed, fed) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn({
+        let cert = cert.clone();
+        move || {
+            let _ = fed.recv_timeout(Duration::from_secs(10));
+            std::fs::write(&cert, leaf.cert)
+        }
+    });
+    let tls = format!(
+        "  - name: tls\n    bind: 127.0.0.1:0\n    tls:\n      certificates:\n        - cert: {}\n          key: {}\n",
+        cert.display(),
+        key.display()
+    );
+    let new = config(&text.replacen("admin:", &format!("{tls}admin:"), 1));
+    let reload = tokio::spawn({
+        let proxy = proxy.clone();
+        async move { proxy.reload(new).await }
+    });
+
+    // Traffic flows while the reload waits for the file.
+    let r = within("a request during the reload", client::get(addr, "/", &[])).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        !reload.is_finished(),
+        "the reload finished before its certificate file could be read"
+    );
+
+    let _ = feed.send(());
+    let generation = within("the reload to finish", reload)
+        .await
+        .expect("the reload task")
+        .expect("the reload is applied");
+    writer
+        .join()
+        .expect("the writer thread")
+        .expect("write the certificate into the FIFO");
+    assert_eq!(generation, 2);
+    assert!(
+        proxy.listener_addr("tls").is_some(),
+        "the TLS listener is up"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
