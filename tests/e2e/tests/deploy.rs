@@ -54,6 +54,7 @@ fn exported() -> BTreeMap<String, Family> {
         connections_active,
         accept_errors,
         tls_handshake_errors,
+        client_send_timeouts,
         http_requests,
         http_request_duration,
         upgrades,
@@ -76,6 +77,7 @@ fn exported() -> BTreeMap<String, Family> {
     tls_handshake_errors
         .with_label_values(&["l", "failed"])
         .inc();
+    client_send_timeouts.with_label_values(&["l"]).inc();
     http_requests.with_label_values(&["r", "u", "2xx"]).inc();
     http_request_duration.with_label_values(&["r"]).observe(0.1);
     upgrades.with_label_values(&["r", "u", "ok"]).inc();
