@@ -163,6 +163,7 @@ fn status(proxy: &Proxy) -> serde_json::Value {
             "error": reload.error,
             "at_unix": reload.at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         },
+        "reloading": proxy.reload_in_progress(),
         "stopping": proxy.is_stopping(),
         "listeners": listeners,
         "routes": routes,

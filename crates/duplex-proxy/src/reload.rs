@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use duplex_balance::BackendState;
 use duplex_config::{Config, ConfigError, Diff, Listener};
+use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ProxyError;
@@ -46,7 +47,7 @@ impl Proxy {
     /// Reads the config file again and applies it if it (or a certificate file it names)
     /// changed (SIGHUP, `POST /reload`); returns the generation in force after.
     pub async fn reload_from_file(&self) -> Result<u64, ProxyError> {
-        let _one_at_a_time = self.inner.reload.lock().await;
+        let one_at_a_time = self.reload_lock().await;
         let (src, hash) = self.read_source().await?;
         if Some(hash) == *lock(&self.inner.applied) {
             // Nothing changed (the file watch may have applied it already): a no-op, so a
@@ -58,7 +59,8 @@ impl Proxy {
             );
             return Ok(generation);
         }
-        self.off_thread(move |p| p.apply_source(&src, hash)).await
+        self.off_thread(one_at_a_time, move |p| p.apply_source(&src, hash))
+            .await
     }
 
     /// Applies the config file if its content differs from the last one applied (the file
@@ -66,7 +68,7 @@ impl Proxy {
     /// A file that is missing for a moment (an editor saving) is not an error here, and a
     /// content already refused is not refused (and counted) again.
     pub(crate) async fn reload_if_changed(&self) -> Result<Option<u64>, ProxyError> {
-        let _one_at_a_time = self.inner.reload.lock().await;
+        let one_at_a_time = self.reload_lock().await;
         let Some(path) = &self.inner.source else {
             return Err(ProxyError::NoConfigFile);
         };
@@ -78,14 +80,14 @@ impl Proxy {
         if Some(hash) == *lock(&self.inner.applied) || Some(hash) == *lock(&self.inner.refused) {
             return Ok(None);
         }
-        let result = self
-            .off_thread(move |p| p.apply_source(&src, hash))
-            .await
-            .map(Some);
-        if result.is_err() {
-            *lock(&self.inner.refused) = Some(hash);
-        }
-        result
+        self.off_thread(one_at_a_time, move |p| {
+            let result = p.apply_source(&src, hash);
+            if result.is_err() {
+                *lock(&p.inner.refused) = Some(hash);
+            }
+            result.map(Some)
+        })
+        .await
     }
 
     async fn read_source(&self) -> Result<(String, u64), ProxyError> {
@@ -124,20 +126,38 @@ impl Proxy {
     /// Applies `config`; on error nothing changes and the error is counted and kept for
     /// the admin status.
     pub async fn reload(&self, config: Config) -> Result<u64, ProxyError> {
-        let _one_at_a_time = self.inner.reload.lock().await;
-        self.off_thread(move |p| p.apply(config)).await
+        let one_at_a_time = self.reload_lock().await;
+        self.off_thread(one_at_a_time, move |p| p.apply(config))
+            .await
+    }
+
+    /// Whether a reload is running now.
+    pub fn reload_in_progress(&self) -> bool {
+        self.inner.reload.try_lock().is_err()
+    }
+
+    /// Waits for the reload lock.
+    async fn reload_lock(&self) -> OwnedMutexGuard<()> {
+        Arc::clone(&self.inner.reload).lock_owned().await
     }
 
     /// Runs a reload's work on the blocking pool: it reads and parses certificate and key
     /// files and builds the whole table, which must not hold up the connections served
     /// on a runtime thread (with `--threads 1`, all of them) for as long as a slow disk
-    /// takes. The caller holds the reload lock.
+    /// takes. The work keeps the reload lock until it is done, even if the caller is
+    /// dropped meanwhile (an admin client that hangs up): it still runs to its end, and
+    /// the next reload waits for it.
     async fn off_thread<T: Send + 'static>(
         &self,
+        lock: OwnedMutexGuard<()>,
         work: impl FnOnce(&Proxy) -> Result<T, ProxyError> + Send + 'static,
     ) -> Result<T, ProxyError> {
         let me = self.clone();
-        match tokio::task::spawn_blocking(move || work(&me)).await {
+        let run = move || {
+            let _one_at_a_time = lock;
+            work(&me)
+        };
+        match tokio::task::spawn_blocking(run).await {
             Ok(result) => result,
             Err(e) => Err(self.refused(ProxyError::ReloadAborted(e))),
         }

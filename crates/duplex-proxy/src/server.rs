@@ -40,9 +40,10 @@ pub(crate) struct Inner {
     pub source: Option<PathBuf>,
     /// Listeners accepting now. Only start, reload and status touch it.
     pub listeners: Mutex<Vec<ListenerHandle>>,
-    /// Held while a reload runs, so reloads from the file watch, SIGHUP and the admin
-    /// endpoint apply one at a time.
-    pub reload: tokio::sync::Mutex<()>,
+    /// Held while a reload runs, so reloads from the file watch, SIGHUP, the admin
+    /// endpoint and DNS discovery apply one at a time. Owned guards: a reload's work on
+    /// the blocking pool keeps holding it even if whoever asked has gone away.
+    pub reload: Arc<tokio::sync::Mutex<()>>,
     /// The last reload's outcome, for the admin status.
     pub status: Mutex<ReloadStatus>,
     /// Hash of the config file content in force, so the file watch skips what is applied.
@@ -170,7 +171,7 @@ impl Proxy {
                 admin,
                 source,
                 listeners: Mutex::new(Vec::new()),
-                reload: tokio::sync::Mutex::new(()),
+                reload: Arc::new(tokio::sync::Mutex::new(())),
                 status: Mutex::new(ReloadStatus::started()),
                 applied: Mutex::new(applied),
                 refused: Mutex::new(None),

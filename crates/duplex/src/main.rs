@@ -10,6 +10,7 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use duplex_config::Config;
@@ -205,7 +206,7 @@ pub(crate) fn serve(
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         let mut signals = match StopSignals::install() {
             Ok(s) => s,
             Err(e) => {
@@ -242,8 +243,15 @@ pub(crate) fn serve(
         }
         tracing::info!("bye");
         ExitCode::SUCCESS
-    })
+    });
+    // Dropping the runtime would wait for its blocking threads without limit, and a
+    // reload stuck reading a file (a hung network mount) would keep the process alive.
+    rt.shutdown_timeout(RUNTIME_EXIT_WAIT);
+    code
 }
+
+/// At exit, how long to wait for blocking work (a reload reading files) to finish.
+const RUNTIME_EXIT_WAIT: Duration = Duration::from_secs(1);
 
 fn metrics_registry() -> duplex_proxy::Metrics {
     duplex_proxy::Metrics::new()

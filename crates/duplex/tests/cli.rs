@@ -13,6 +13,31 @@ fn repo(path: &str) -> String {
 /// Kills the child when the test ends, however it ends.
 struct Running(Child);
 
+impl Running {
+    /// Sends a signal, e.g. `-TERM`, with kill(1).
+    fn signal(&self, name: &str) {
+        let pid = self.0.id().to_string();
+        assert!(Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .expect("kill")
+            .success());
+    }
+
+    /// Waits up to 10 s for the process to exit, and asserts it exited with status 0.
+    fn exits_0_within_10s(&mut self, what: &str) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.0.try_wait().expect("wait") {
+                assert!(status.success(), "{status}");
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -103,6 +128,31 @@ impl Lines {
     }
 }
 
+/// Starts `duplex run` on the config at `path` with JSON logs, `extra` arguments and no
+/// file watch; returns the process and its log lines.
+fn run_json(path: &std::path::Path, extra: &[&str]) -> (Running, Lines) {
+    let child = Command::new(BIN)
+        .args(["run", "--no-watch", "--log-format", "json"])
+        .args(extra)
+        .arg("-c")
+        .arg(path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start duplex");
+    let mut child = Running(child);
+    let err = Lines::of(child.0.stderr.take().expect("stderr"));
+    (child, err)
+}
+
+/// The text of `line` after `start` and up to the next `end`.
+fn between(line: &str, start: &str, end: char) -> String {
+    line.split(start)
+        .nth(1)
+        .and_then(|rest| rest.split(end).next())
+        .unwrap_or_else(|| panic!("no {start:?} in {line}"))
+        .to_owned()
+}
+
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
@@ -129,13 +179,7 @@ fn demo_serves_the_page_and_balances_three_backends() {
         .expect("start the demo");
     let mut child = Running(child);
     let out = Lines::of(child.0.stdout.take().expect("stdout"));
-    let line = out.wait_for("/whoami");
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .expect("the demo prints its address")
-        .to_owned();
+    let addr = between(&out.wait_for("/whoami"), "http://", '/');
     let page = http_get(&addr, "/");
     assert!(
         page.starts_with("HTTP/1.1 200") && page.contains("new WebSocket"),
@@ -144,12 +188,7 @@ fn demo_serves_the_page_and_balances_three_backends() {
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..6 {
         let r = http_get(&addr, "/whoami");
-        let name = r
-            .split("\"backend\":\"")
-            .nth(1)
-            .and_then(|x| x.split('"').next())
-            .expect("a backend name");
-        seen.insert(name.to_owned());
+        seen.insert(between(&r, "\"backend\":\"", '"'));
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
 }
@@ -165,22 +204,7 @@ fn run_drains_and_exits_0_on_sigterm() {
             backend.local_addr().expect("addr")
         ),
     );
-    let child = Command::new(BIN)
-        .args([
-            "run",
-            "--no-watch",
-            "--threads",
-            "3",
-            "--log-format",
-            "json",
-            "-c",
-        ])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start duplex");
-    let mut child = Running(child);
-    let err = Lines::of(child.0.stderr.take().expect("stderr"));
+    let (mut child, err) = run_json(&path, &["--threads", "3"]);
     let limit = err.wait_for("open file limit");
     assert!(
         limit.starts_with('{') && limit.contains("\"soft\""),
@@ -189,22 +213,51 @@ fn run_drains_and_exits_0_on_sigterm() {
     let threads = err.wait_for("worker threads");
     assert!(threads.contains("\"threads\":3"), "{threads}");
     err.wait_for("\"listening\"");
-    let pid = child.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
+    child.signal("-TERM");
+    child.exits_0_within_10s("duplex did not exit after SIGTERM");
+}
+
+/// SIGTERM ends the process even while a reload is stuck reading a file (a FIFO nobody
+/// writes to, standing for a hung network mount): duplex does not wait for that read.
+#[test]
+fn exits_on_sigterm_while_a_reload_is_stuck_reading_a_file() {
+    let dir = std::env::temp_dir().join(format!("duplex-cli-stuck-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let cert = dir.join("cert.pem");
+    let made = Command::new("mkfifo")
+        .arg(&cert)
         .status()
-        .expect("kill")
-        .success());
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    let key = dir.join("key.pem");
+    std::fs::write(&key, "never read\n").expect("write key");
+    let path = dir.join("stuck.yaml");
+    let plain =
+        "listeners:\n  - name: public\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\n";
+    std::fs::write(&path, plain).expect("write config");
+    let (mut child, err) = run_json(&path, &[]);
+    let admin = between(&err.wait_for("admin listening"), "\"addr\":\"", '"');
+
+    // A reload that adds a TLS listener whose certificate is the FIFO: reading it blocks.
+    let tls = format!(
+        "  - name: tls\n    bind: 127.0.0.1:0\n    tls:\n      certificates:\n        - cert: {}\n          key: {}\n",
+        cert.display(),
+        key.display()
+    );
+    std::fs::write(&path, plain.replacen("admin:", &format!("{tls}admin:"), 1))
+        .expect("write the new config");
+    child.signal("-HUP");
     let start = Instant::now();
-    loop {
-        if let Some(status) = child.0.try_wait().expect("wait") {
-            assert!(status.success(), "{status}");
-            break;
-        }
+    while !http_get(&admin, "/status").contains("\"reloading\": true") {
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "duplex did not exit after SIGTERM"
+            "the reload did not start"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+
+    child.signal("-TERM");
+    child.exits_0_within_10s("duplex did not exit after SIGTERM while a reload was stuck");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -337,47 +337,100 @@ async fn a_configmap_style_symlink_swap_reloads() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A TLS listener `tls` whose certificate file is a FIFO: reading it waits until the
+/// FIFO is fed, which stands for a disk or network mount that is slow to answer.
+struct SlowCert {
+    /// The listener's YAML list item.
+    listener: String,
+    feed: std::sync::mpsc::Sender<()>,
+    writer: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    dir: PathBuf,
+}
+
+impl Drop for SlowCert {
+    /// Feeds the FIFO if that has not happened (a failed test), so that no reader stays
+    /// blocked on it, then removes the files.
+    fn drop(&mut self) {
+        let _ = self.feed.send(());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl SlowCert {
+    fn new(tag: &str) -> SlowCert {
+        use duplex_e2e::pki::{self, Ca};
+        let dir = pki::temp_dir(tag);
+        let leaf = Ca::new(tag).leaf(&["localhost"]);
+        let key = pki::write(&dir, "key.pem", &leaf.key);
+        let cert = dir.join("cert.pem");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&cert)
+            .status()
+            .expect("run mkfifo");
+        assert!(made.success(), "mkfifo failed");
+        // The writer feeds the FIFO when told to, or after 10 s whatever happens, so that
+        // a reload that blocks a test's only thread cannot hang the test.
+        let (feed, fed) = std::sync::mpsc::channel::<()>();
+        let writer = std::thread::spawn({
+            let cert = cert.clone();
+            move || {
+                let _ = fed.recv_timeout(Duration::from_secs(10));
+                std::fs::write(&cert, leaf.cert)
+            }
+        });
+        let listener = format!(
+            "  - name: tls\n    bind: 127.0.0.1:0\n    tls:\n      certificates:\n        - cert: {}\n          key: {}\n",
+            cert.display(),
+            key.display()
+        );
+        SlowCert {
+            listener,
+            feed,
+            writer: Some(writer),
+            dir,
+        }
+    }
+
+    /// `text` with the `tls` listener added.
+    fn config(&self, text: &str) -> Config {
+        config(&text.replacen("admin:", &format!("{}admin:", self.listener), 1))
+    }
+
+    /// Lets the certificate be read, once.
+    fn feed(&mut self) {
+        let _ = self.feed.send(());
+        if let Some(writer) = self.writer.take() {
+            writer
+                .join()
+                .expect("the writer thread")
+                .expect("write the certificate into the FIFO");
+        }
+    }
+}
+
+/// Applies `config` in a task of its own.
+fn spawn_reload(
+    proxy: &Proxy,
+    config: Config,
+) -> tokio::task::JoinHandle<Result<u64, duplex_proxy::ProxyError>> {
+    let proxy = proxy.clone();
+    tokio::spawn(async move { proxy.reload(config).await })
+}
+
 /// A reload reads certificate files off the runtime's threads: while one waits on a file
-/// that is slow to read (here a FIFO with no writer yet), the proxy goes on serving from
-/// its only runtime thread, and the reload completes once the file can be read.
+/// that is slow to read, the proxy goes on serving from its only runtime thread, and the
+/// reload completes once the file can be read.
 #[tokio::test]
 async fn a_slow_certificate_read_does_not_stall_traffic() {
-    use duplex_e2e::pki::{self, Ca};
     let b = Backend::start("b1").await;
     let text = yaml(&[("public", "127.0.0.1:0")], "round_robin", "", &[b.addr]);
     let proxy = start(&text, None).await;
     let addr = proxy.listener_addr("public").expect("public is bound");
-
-    // A new TLS listener whose certificate file is a FIFO: opening it waits for a writer.
-    let dir = pki::temp_dir("slow-cert");
-    let leaf = Ca::new("slow").leaf(&["localhost"]);
-    let key = pki::write(&dir, "key.pem", &leaf.key);
-    let cert = dir.join("cert.pem");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&cert)
-        .status()
-        .expect("run mkfifo");
-    assert!(made.success(), "mkfifo failed");
-    // The writer feeds the FIFO when told to, or after 10 s whatever happens, so that a
-    // reload that blocks this test's only thread cannot hang it.
-    let (feed, fed) = std::sync::mpsc::channel::<()>();
-    let writer = std::thread::spawn({
-        let cert = cert.clone();
-        move || {
-            let _ = fed.recv_timeout(Duration::from_secs(10));
-            std::fs::write(&cert, leaf.cert)
-        }
-    });
-    let tls = format!(
-        "  - name: tls\n    bind: 127.0.0.1:0\n    tls:\n      certificates:\n        - cert: {}\n          key: {}\n",
-        cert.display(),
-        key.display()
-    );
-    let new = config(&text.replacen("admin:", &format!("{tls}admin:"), 1));
-    let reload = tokio::spawn({
-        let proxy = proxy.clone();
-        async move { proxy.reload(new).await }
-    });
+    let mut slow = SlowCert::new("slow-cert");
+    let reload = spawn_reload(&proxy, slow.config(&text));
 
     // Traffic flows while the reload waits for the file.
     let r = within("a request during the reload", client::get(addr, "/", &[])).await;
@@ -387,19 +440,54 @@ async fn a_slow_certificate_read_does_not_stall_traffic() {
         "the reload finished before its certificate file could be read"
     );
 
-    let _ = feed.send(());
+    slow.feed();
     let generation = within("the reload to finish", reload)
         .await
         .expect("the reload task")
         .expect("the reload is applied");
-    writer
-        .join()
-        .expect("the writer thread")
-        .expect("write the certificate into the FIFO");
     assert_eq!(generation, 2);
     assert!(
         proxy.listener_addr("tls").is_some(),
         "the TLS listener is up"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A reload whose caller goes away (an admin client that hangs up) still runs to its end,
+/// and holds the reload lock until then: the next reload waits and builds on it, rather
+/// than on the table it replaces.
+#[tokio::test]
+async fn a_reload_runs_to_its_end_when_its_caller_goes_away() {
+    let b = Backend::start("b1").await;
+    let text = yaml(&[("public", "127.0.0.1:0")], "round_robin", "", &[b.addr]);
+    let proxy = start(&text, None).await;
+    let mut slow = SlowCert::new("orphan-reload");
+    let first = spawn_reload(&proxy, slow.config(&text));
+    // Let the first reload reach its blocking read, then drop its caller.
+    let p = &proxy;
+    eventually(
+        Duration::from_secs(5),
+        "the first reload to start",
+        move || async move { p.reload_in_progress() },
+    )
+    .await;
+    first.abort();
+    let _ = first.await;
+
+    // A second reload, back to the first file, must wait for the first reload.
+    let second = spawn_reload(&proxy, config(&text));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "a second reload went ahead while the first was still reading its files"
+    );
+    slow.feed();
+    let generation = within("the second reload", second)
+        .await
+        .expect("the reload task");
+    // The first reload added `tls`; the second, applied after it, removed it again.
+    assert_eq!(generation.expect("the second reload is applied"), 3);
+    assert!(
+        proxy.listener_addr("tls").is_none(),
+        "the TLS listener is gone"
+    );
 }
