@@ -38,6 +38,7 @@ pub mod defaults {
     pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
     pub const RETRIES: u32 = 2;
     pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
     pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const HTTPS_PORT: u16 = 443;
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -75,6 +76,9 @@ pub struct Listener {
     /// How long a client may take none of the bytes duplex has for it (a response it
     /// does not read) before its connection is closed.
     pub send_timeout: Duration,
+    /// How long a client may send nothing of a request body it has started before the
+    /// request (and the backend connection carrying it) is abandoned.
+    pub client_body_timeout: Duration,
 }
 
 /// TLS termination on a listener.

@@ -31,6 +31,7 @@ pub(crate) struct RawListener {
     pub redirect_https: Option<bool>,
     pub https_port: Option<u16>,
     pub send_timeout: Option<String>,
+    pub client_body_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

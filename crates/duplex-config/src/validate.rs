@@ -142,12 +142,17 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
             Some(d) => parse_duration(at("send_timeout"), d)?,
             None => defaults::SEND_TIMEOUT,
         };
+        let client_body_timeout = match &l.client_body_timeout {
+            Some(d) => parse_duration(at("client_body_timeout"), d)?,
+            None => defaults::CLIENT_BODY_TIMEOUT,
+        };
         listeners.push(Listener {
             name: l.name.clone(),
             bind,
             tls,
             redirect_https,
             send_timeout,
+            client_body_timeout,
         });
     }
     let admin = Admin {

@@ -55,19 +55,16 @@ fn defaults_apply() {
     assert_eq!(u.retries, 2);
     assert_eq!(u.idle_timeout, None);
     assert_eq!(c.admin.bind, duplex_config::defaults::ADMIN_BIND);
-    assert_eq!(
-        c.listeners[0].send_timeout,
-        std::time::Duration::from_secs(60)
-    );
+    let secs = std::time::Duration::from_secs;
+    assert_eq!(c.listeners[0].send_timeout, secs(60));
+    assert_eq!(c.listeners[0].client_body_timeout, secs(60));
     let src = src.replace(
         "bind: '127.0.0.1:1'",
-        "bind: '127.0.0.1:1', send_timeout: 90s",
+        "bind: '127.0.0.1:1', send_timeout: 90s, client_body_timeout: 5s",
     );
     let c = Config::parse(&src, "x").unwrap();
-    assert_eq!(
-        c.listeners[0].send_timeout,
-        std::time::Duration::from_secs(90)
-    );
+    assert_eq!(c.listeners[0].send_timeout, secs(90));
+    assert_eq!(c.listeners[0].client_body_timeout, secs(5));
 }
 
 /// Each case: a replacement applied to FULL, and the `LINE:COL: text` the error must start with.

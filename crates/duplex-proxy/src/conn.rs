@@ -13,7 +13,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::headers::{has_token, request_host};
+use crate::headers::{has_several_hosts, has_token, request_host};
 use crate::responses::{self, Body};
 use crate::send_timeout::SendTimeout;
 use crate::state::Shared;
@@ -30,6 +30,8 @@ pub struct ConnInfo {
     pub https: bool,
     /// Plain HTTP gets a redirect to https on this port.
     pub redirect_https: Option<u16>,
+    /// The listener's `client_body_timeout`.
+    pub body_timeout: Duration,
     /// Counts the connection in `duplex_connections_active`: while the HTTP connection
     /// lives, or, once upgraded, handed to the tunnel it became (so the tunnel does not
     /// keep this whole struct alive).
@@ -98,6 +100,7 @@ pub async fn serve(
         peer,
         https: settings.tls.is_some(),
         redirect_https: settings.redirect_https,
+        body_timeout: settings.body_timeout,
         active: Mutex::new(Some(active)),
     });
     let svc_shared = Arc::clone(&shared);
@@ -148,6 +151,13 @@ async fn handle(
         return upgrade::upgrade(req, info, &shared).await;
     }
     let table = shared.table.load();
+    if has_several_hosts(req.headers()) {
+        table.no_route.http(400).inc();
+        return responses::text(
+            StatusCode::BAD_REQUEST,
+            "duplex: a request carries one Host header\n".into(),
+        );
+    }
     let host = request_host(req.headers(), req.uri());
     let Some((i, route)) = router::find(
         table.routes(),

@@ -33,6 +33,9 @@ pub enum ProxyError {
         addr: SocketAddr,
         what: &'static str,
     },
+    /// A client stopped sending a request body midway.
+    #[error("client: sent no request body bytes for {idle:?}")]
+    ClientBodyStalled { idle: std::time::Duration },
     /// A backend stopped sending a response body midway.
     #[error("the backend sent no response bytes for {idle:?}")]
     BodyStalled { idle: std::time::Duration },

@@ -8,7 +8,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use http_body_util::Empty;
 use sha1::{Digest, Sha1};
 
-use crate::headers::{add_forwarded, has_token, strip_hop_by_hop};
+use crate::headers::{add_forwarded, has_several_hosts, has_token, strip_hop_by_hop};
 use crate::responses::{self, Body};
 
 const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -31,6 +31,8 @@ pub enum BadHandshake {
     Key,
     /// `Content-Length` other than 0, or `Transfer-Encoding`.
     Body,
+    /// More than one `Host`.
+    Host,
 }
 
 impl BadHandshake {
@@ -41,6 +43,7 @@ impl BadHandshake {
             BadHandshake::HttpVersion => responses::bad_handshake("the version must be HTTP/1.1"),
             BadHandshake::WebSocketVersion => responses::upgrade_required(),
             BadHandshake::Body => responses::bad_handshake("an upgrade request carries no body"),
+            BadHandshake::Host => responses::bad_handshake("a request carries one Host header"),
             BadHandshake::Key => responses::bad_handshake(
                 "exactly one Sec-WebSocket-Key, the base64 of 16 bytes, is required",
             ),
@@ -55,6 +58,9 @@ pub fn check_client<B>(req: &Request<B>) -> Result<HeaderValue, BadHandshake> {
     }
     if req.version() != Version::HTTP_11 {
         return Err(BadHandshake::HttpVersion);
+    }
+    if has_several_hosts(req.headers()) {
+        return Err(BadHandshake::Host);
     }
     let h = req.headers();
     // An upgrade request has no body; one that claims a body would leave the backend

@@ -65,6 +65,13 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool) {
     }
 }
 
+/// Whether a request has more than one `Host` header, which RFC 9112 section 3.2 says to
+/// answer with 400: routing by one while the backend reads the other is how requests get
+/// past a proxy's rules.
+pub fn has_several_hosts(headers: &HeaderMap) -> bool {
+    headers.get_all(header::HOST).iter().nth(1).is_some()
+}
+
 /// The request's host in lower case without its port, from `Host` or the URI.
 pub fn request_host(headers: &HeaderMap, uri: &http::Uri) -> Option<String> {
     let raw = match headers.get(header::HOST).and_then(|v| v.to_str().ok()) {

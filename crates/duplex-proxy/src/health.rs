@@ -80,17 +80,16 @@ async fn run(shared: Arc<Shared>, up: Arc<UpstreamRt>, hc: HealthCheck, stop: Ca
             let result = outcome.unwrap_or_else(|_| Err("timed out".to_owned()));
             if let Err(e) = &result {
                 tracing::debug!(upstream = %up.cfg.name, backend = %state.addr, error = %e, "health check failed");
-                if e.starts_with(LOCAL) {
-                    // Not the backend's fault: no verdict this round.
-                    continue;
-                }
             }
-            let ok = result.is_ok();
             if stop.is_cancelled() {
                 // A reload replaced this generation's checks while the probe ran.
                 return;
             }
-            verdict(&shared, &up, &hc, state, ok);
+            // A local failure (out of file descriptors) is not the backend's fault: no
+            // verdict this round, but the same pause, so that it cannot become a tight loop.
+            if !matches!(&result, Err(e) if e.starts_with(LOCAL)) {
+                verdict(&shared, &up, &hc, state, result.is_ok());
+            }
             // Jitter of +-10% keeps replicas from checking in lockstep.
             pause = slot
                 .mul_f64(0.9 + 0.2 * fastrand::f64())

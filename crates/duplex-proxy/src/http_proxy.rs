@@ -1,6 +1,5 @@
 //! Forwards plain HTTP requests over pooled keep-alive connections, bodies streamed both ways.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -19,6 +18,7 @@ use hyper::body::Incoming;
 use crate::conn::ConnInfo;
 use crate::error::ProxyError;
 use crate::headers::{add_forwarded, strip_hop_by_hop};
+use crate::idle::IdleTimer;
 use crate::responses::{self, Body, BodyError};
 use crate::state::{Shared, UpstreamRt};
 
@@ -27,28 +27,35 @@ use crate::state::{Shared, UpstreamRt};
 /// The pooled client drops the request when a connect fails. The body itself waits in a
 /// shared slot until the client first polls it, which happens only once a connection is
 /// up; if the slot is still full after a failure, nothing was sent and a retry may take it.
+///
+/// The body fails when the client sends nothing of it for the listener's
+/// `client_body_timeout`: once the backend has answered, no other timer covers a client
+/// that trickles a body, and it would hold the backend connection for as long as it likes.
 pub struct ReclaimBody {
     slot: Arc<Mutex<Option<Incoming>>>,
     body: Option<Incoming>,
     /// Read from the original body before it went into the slot.
     end: bool,
     hint: SizeHint,
+    timer: IdleTimer,
 }
 
 impl HttpBody for ReclaimBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         if this.body.is_none() {
             this.body = this.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
         match this.body.as_mut() {
-            Some(b) => Pin::new(b).poll_frame(cx),
+            Some(body) => poll_watched(body, &mut this.timer, cx, |idle| {
+                ProxyError::ClientBodyStalled { idle }
+            }),
             None => Poll::Ready(None),
         }
     }
@@ -64,18 +71,31 @@ impl HttpBody for ReclaimBody {
     }
 }
 
+/// Polls `body` for its next frame; fails with `stalled(idle)` once the body has had to
+/// wait `timer`'s idle time since its last frame.
+fn poll_watched(
+    body: &mut Incoming,
+    timer: &mut IdleTimer,
+    cx: &mut Context<'_>,
+    stalled: fn(Duration) -> ProxyError,
+) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    match Pin::new(body).poll_frame(cx) {
+        Poll::Ready(frame) => {
+            timer.moved();
+            Poll::Ready(frame.map(|f| f.map_err(BodyError::from)))
+        }
+        Poll::Pending if timer.expired(cx) => Poll::Ready(Some(Err(stalled(timer.idle()).into()))),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
 /// A response body that holds the backend's load count until the body is done, and fails
 /// when the backend sends nothing for `idle` (a backend that stalls mid-body must not hold
 /// the client, the load count and the connection forever).
 struct Guarded {
     inner: Incoming,
     _load: LoadGuard,
-    idle: Duration,
-    /// Armed the first time the body has to wait, so that a body that arrives with its head
-    /// (most responses) never touches the timer wheel.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// A frame went by since the timer was armed: re-arm it before waiting again.
-    moved: bool,
+    timer: IdleTimer,
 }
 
 impl HttpBody for Guarded {
@@ -87,27 +107,9 @@ impl HttpBody for Guarded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                this.moved |= frame.is_some();
-                Poll::Ready(frame.map(|f| f.map_err(BodyError::from)))
-            }
-            Poll::Pending => {
-                let idle = this.idle;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                if std::mem::take(&mut this.moved) {
-                    timer.as_mut().reset(tokio::time::Instant::now() + idle);
-                }
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        Poll::Ready(Some(Err(ProxyError::BodyStalled { idle }.into())))
-                    }
-                    Poll::Pending => Poll::Pending,
-                }
-            }
-        }
+        poll_watched(&mut this.inner, &mut this.timer, cx, |idle| {
+            ProxyError::BodyStalled { idle }
+        })
     }
 
     fn is_end_stream(&self) -> bool {
@@ -129,9 +131,7 @@ pub fn relay(resp: Response<Incoming>, load: LoadGuard, idle: Duration) -> Respo
         Guarded {
             inner: body,
             _load: load,
-            idle,
-            timer: None,
-            moved: false,
+            timer: IdleTimer::new(idle),
         }
         .boxed(),
     )
@@ -152,6 +152,15 @@ pub async fn forward(
     strip_hop_by_hop(&mut parts.headers);
     add_forwarded(&mut parts.headers, conn.peer.ip(), conn.https);
     let (end, hint) = (body.is_end_stream(), body.size_hint());
+    if !end && hint.exact().is_none() {
+        // A chunked body (its Transfer-Encoding went with the hop-by-hop headers) goes on
+        // chunked: hyper's client would otherwise send a GET or HEAD of unknown length
+        // with no body at all.
+        parts.headers.insert(
+            http::header::TRANSFER_ENCODING,
+            http::HeaderValue::from_static("chunked"),
+        );
+    }
     let slot = Arc::new(Mutex::new(Some(body)));
     let path = parts
         .uri
@@ -187,6 +196,7 @@ pub async fn forward(
             body: None,
             end,
             hint,
+            timer: IdleTimer::new(conn.body_timeout),
         });
         *out.method_mut() = parts.method.clone();
         *out.uri_mut() = uri;

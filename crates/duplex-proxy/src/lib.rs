@@ -16,6 +16,7 @@ mod handshake;
 mod headers;
 mod health;
 mod http_proxy;
+mod idle;
 mod reload;
 mod responses;
 mod router;

@@ -9,7 +9,6 @@
 //! Reads pass straight through. An upgraded connection leaves the wrapper behind: tunnels
 //! have the upstream's `idle_timeout` instead.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -17,18 +16,14 @@ use std::time::Duration;
 
 use duplex_metrics::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
 
 use crate::error::ProxyError;
+use crate::idle::IdleTimer;
 
 /// A client stream whose writes fail after `timeout` without progress.
 pub struct SendTimeout<S> {
     inner: S,
-    timeout: Duration,
-    /// Armed the first time a write has to wait; kept for later waits.
-    timer: Option<Pin<Box<Sleep>>>,
-    /// A write moved bytes since the timer was armed: re-arm it before waiting again.
-    moved: bool,
+    timer: IdleTimer,
     /// `duplex_client_send_timeouts_total` of the listener.
     expired: Counter,
 }
@@ -37,9 +32,7 @@ impl<S> SendTimeout<S> {
     pub fn new(inner: S, timeout: Duration, expired: Counter) -> Self {
         SendTimeout {
             inner,
-            timeout,
-            timer: None,
-            moved: false,
+            timer: IdleTimer::new(timeout),
             expired,
         }
     }
@@ -53,26 +46,18 @@ impl<S> SendTimeout<S> {
     /// error once the write has waited `timeout` since the last progress.
     fn check<T>(&mut self, cx: &mut Context<'_>, res: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         if res.is_ready() {
-            self.moved = true;
+            self.timer.moved();
             return res;
         }
-        let timeout = self.timeout;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        if std::mem::take(&mut self.moved) {
-            timer.as_mut().reset(Instant::now() + timeout);
+        if !self.timer.expired(cx) {
+            return Poll::Pending;
         }
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                self.expired.inc();
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    ProxyError::ClientSendTimeout { timeout },
-                )))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        self.expired.inc();
+        let timeout = self.timer.idle();
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            ProxyError::ClientSendTimeout { timeout },
+        )))
     }
 }
 
@@ -128,6 +113,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+    use tokio::time::Instant;
 
     fn counter() -> Counter {
         Counter::new("t", "t").expect("a counter")

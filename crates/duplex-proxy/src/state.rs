@@ -128,6 +128,8 @@ pub struct ListenerRt {
     pub send_timeout: Duration,
     /// `duplex_client_send_timeouts_total` of this listener.
     pub send_timeouts: Counter,
+    /// How long a client may pause while sending a request body.
+    pub body_timeout: Duration,
 }
 
 impl Table {
@@ -160,6 +162,7 @@ impl Table {
                             .connections_active
                             .with_label_values(&[&l.name]),
                         send_timeout: l.send_timeout,
+                        body_timeout: l.client_body_timeout,
                         send_timeouts: carry
                             .metrics
                             .client_send_timeouts

@@ -404,3 +404,130 @@ async fn a_slow_but_steady_reader_gets_the_whole_response() {
         0.0
     );
 }
+
+/// A client that starts a request body and then stops sending it is cut off after the
+/// listener's `client_body_timeout`, even once the backend has answered (no other timer
+/// covers that), and the backend connection carrying the body is closed with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stalls_its_request_body_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers 202 as soon as the head is in, then reads the body to its end and reports
+    // how many body bytes came before the connection ended.
+    let (tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    let b = duplex_e2e::raw::RawBackend::start(move |mut tcp| {
+        let tx = tx.clone();
+        async move {
+            let (_, rest) = duplex_e2e::wire::read_head(&mut tcp).await?;
+            tcp.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+                .await?;
+            let mut body = rest.len();
+            let mut buf = [0u8; 4096];
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => body += n,
+                }
+            }
+            let _ = tx.send(body);
+            Ok(())
+        }
+    })
+    .await;
+    let upstream = Upstream::new("round_robin").backend(b.addr);
+    let p = TestProxy::start_with_listener(
+        &[("client_body_timeout", "500ms")],
+        &single_route(&upstream),
+    )
+    .await;
+    let mut client = duplex_e2e::client::tcp(p.addr).await;
+    client
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nHost: up.test\r\nContent-Length: 100000\r\n\r\n0123456789",
+        )
+        .await
+        .expect("send the head and 10 body bytes");
+    let (reply, _) = within(
+        "the backend's early answer",
+        duplex_e2e::wire::read_head(&mut client),
+    )
+    .await
+    .expect("a response head");
+    assert!(
+        reply.first_line.starts_with("HTTP/1.1 202"),
+        "{}",
+        reply.first_line
+    );
+    // The client sends nothing more: the backend's connection ends, short of the body.
+    let got = within("the backend connection to be closed", ended.recv())
+        .await
+        .expect("the backend reports");
+    assert!(got < 100_000, "the backend got {got} body bytes");
+    // And the client's connection is closed rather than left waiting for the rest.
+    let mut buf = [0u8; 64];
+    let n = within("the client's connection to end", client.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "unexpected bytes after the response");
+}
+
+/// A chunked request body reaches the backend whatever the method: hyper's client sends a
+/// GET of unknown length with no body unless told to chunk it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_is_forwarded_on_any_method() {
+    let (_b, p) = one_backend("b1").await;
+    for method in ["GET", "POST", "DELETE"] {
+        let req = format!(
+            "{method} /count HTTP/1.1\r\nHost: c.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        );
+        let reply = raw_exchange(p.addr, req.as_bytes()).await;
+        assert!(
+            reply.head.first_line.starts_with("HTTP/1.1 200"),
+            "{method}: {}",
+            reply.head.first_line
+        );
+        let sum: u64 = b"hello world".iter().map(|&b| u64::from(b)).sum();
+        assert_eq!(reply.body, format!("bytes=11 sum={sum}"), "{method}");
+    }
+}
+
+/// Two Host headers get 400 (RFC 9112 section 3.2), plain or upgrade: duplex routes by one,
+/// and a backend that reads the other must not see the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_host_headers_get_400() {
+    let (b, p) = one_backend("b1").await;
+    let plain = b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n";
+    let reply = raw_exchange(p.addr, plain).await;
+    assert!(
+        reply.head.first_line.starts_with("HTTP/1.1 400"),
+        "{}",
+        reply.head.first_line
+    );
+    let upgrade = upgrade_request("/ws", "a.test", &[("Host", "b.test")]);
+    let reply = raw_exchange(p.addr, upgrade.as_bytes()).await;
+    assert!(
+        reply.head.first_line.starts_with("HTTP/1.1 400"),
+        "{}",
+        reply.head.first_line
+    );
+    assert!(
+        b.requests().is_empty(),
+        "the backend saw {:?}",
+        b.requests()
+    );
+    assert_eq!(
+        p.metric(
+            "duplex_http_requests_total",
+            &[("route", ""), ("code", "4xx")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        p.metric(
+            "duplex_websocket_upgrades_total",
+            &[("result", "bad_handshake")]
+        )
+        .await,
+        1.0
+    );
+}
