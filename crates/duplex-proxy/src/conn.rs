@@ -155,7 +155,7 @@ async fn handle(
         table.no_route.http(400).inc();
         return responses::text(
             StatusCode::BAD_REQUEST,
-            "duplex: a request carries one Host header\n".into(),
+            "duplex: only one Host header is allowed\n".into(),
         );
     }
     let host = request_host(req.headers(), req.uri());

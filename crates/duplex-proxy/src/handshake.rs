@@ -43,7 +43,7 @@ impl BadHandshake {
             BadHandshake::HttpVersion => responses::bad_handshake("the version must be HTTP/1.1"),
             BadHandshake::WebSocketVersion => responses::upgrade_required(),
             BadHandshake::Body => responses::bad_handshake("an upgrade request carries no body"),
-            BadHandshake::Host => responses::bad_handshake("a request carries one Host header"),
+            BadHandshake::Host => responses::bad_handshake("only one Host header is allowed"),
             BadHandshake::Key => responses::bad_handshake(
                 "exactly one Sec-WebSocket-Key, the base64 of 16 bytes, is required",
             ),
