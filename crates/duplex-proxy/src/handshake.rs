@@ -8,7 +8,9 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use http_body_util::Empty;
 use sha1::{Digest, Sha1};
 
-use crate::headers::{add_forwarded, has_several_hosts, has_token, strip_hop_by_hop};
+use crate::headers::{
+    add_forwarded, has_several_hosts, has_token, host_from_target, strip_hop_by_hop,
+};
 use crate::responses::{self, Body};
 
 const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -86,7 +88,8 @@ pub fn check_client<B>(req: &Request<B>) -> Result<HeaderValue, BadHandshake> {
 }
 
 /// The upgrade request to send to a backend: path and query unchanged, hop-by-hop headers
-/// replaced by the two the upgrade needs, X-Forwarded-* added, Host kept.
+/// replaced by the two the upgrade needs, X-Forwarded-* added, Host kept (or taken from
+/// an absolute-form target).
 pub fn backend_request(
     client: &Request<hyper::body::Incoming>,
     peer: std::net::IpAddr,
@@ -95,6 +98,7 @@ pub fn backend_request(
     let mut headers = client.headers().clone();
     strip_hop_by_hop(&mut headers);
     headers.remove(header::CONTENT_LENGTH);
+    host_from_target(&mut headers, client.uri());
     add_forwarded(&mut headers, peer, https);
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));

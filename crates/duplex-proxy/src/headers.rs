@@ -72,11 +72,23 @@ pub fn has_several_hosts(headers: &HeaderMap) -> bool {
     headers.get_all(header::HOST).iter().nth(1).is_some()
 }
 
-/// The request's host in lower case without its port, from `Host` or the URI.
+/// Makes `Host` name the target of an absolute-form request (`GET http://host/path`),
+/// whatever `Host` said: RFC 9112 section 3.2.2 asks a proxy to ignore the received `Host`
+/// then, and the backend must see the host the request was routed by.
+pub fn host_from_target(headers: &mut HeaderMap, uri: &http::Uri) {
+    if let Some(authority) = uri.authority() {
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            headers.insert(header::HOST, v);
+        }
+    }
+}
+
+/// The request's host in lower case without its port: from the target of an
+/// absolute-form request, else from `Host` (see [`host_from_target`]).
 pub fn request_host(headers: &HeaderMap, uri: &http::Uri) -> Option<String> {
-    let raw = match headers.get(header::HOST).and_then(|v| v.to_str().ok()) {
+    let raw = match uri.host() {
         Some(h) => h,
-        None => uri.host()?,
+        None => headers.get(header::HOST).and_then(|v| v.to_str().ok())?,
     };
     let host = if raw.starts_with('[') {
         // An IPv6 literal: keep the brackets, drop a port after them.
@@ -117,6 +129,23 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "chat.example.com");
+    }
+
+    #[test]
+    fn an_absolute_target_names_the_host() {
+        let uri = http::Uri::from_static("http://Abs.Example:8080/x");
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("other.example"));
+        assert_eq!(request_host(&h, &uri).as_deref(), Some("abs.example"));
+        host_from_target(&mut h, &uri);
+        assert_eq!(h[header::HOST], "Abs.Example:8080");
+        let origin = http::Uri::from_static("/x");
+        host_from_target(&mut h, &origin);
+        assert_eq!(
+            h[header::HOST],
+            "Abs.Example:8080",
+            "origin-form keeps Host"
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 
 use crate::conn::ConnInfo;
 use crate::error::ProxyError;
-use crate::headers::{add_forwarded, strip_hop_by_hop};
+use crate::headers::{add_forwarded, host_from_target, strip_hop_by_hop};
 use crate::idle::IdleTimer;
 use crate::responses::{self, Body, BodyError};
 use crate::state::{Shared, UpstreamRt};
@@ -150,6 +150,7 @@ pub async fn forward(
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    host_from_target(&mut parts.headers, &parts.uri);
     add_forwarded(&mut parts.headers, conn.peer.ip(), conn.https);
     let (end, hint) = (body.is_end_stream(), body.size_hint());
     if !end && hint.exact().is_none() {

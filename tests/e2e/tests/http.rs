@@ -531,3 +531,41 @@ async fn two_host_headers_get_400() {
         1.0
     );
 }
+
+/// An absolute-form request (`GET http://host/path`) is routed by its target's host, and
+/// the backend's `Host` names that host, whatever `Host` the client sent (RFC 9112
+/// section 3.2.2); the same for an upgrade sent that way without any `Host`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_target_decides_the_host() {
+    let abs = Backend::start("abs").await;
+    let other = Backend::start("other").await;
+    let p = TestProxy::start(&format!(
+        "routes:\n  - {{name: abs, match: {{host: abs.test}}, upstream: abs}}\n  - {{name: other, upstream: other}}\nupstreams:\n{}{}",
+        Upstream::new("round_robin").backend(abs.addr).yaml("abs"),
+        Upstream::new("round_robin").backend(other.addr).yaml("other"),
+    ))
+    .await;
+    let plain =
+        b"GET http://abs.test/page HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n";
+    let reply = raw_exchange(p.addr, plain).await;
+    assert!(
+        reply.head.first_line.starts_with("HTTP/1.1 200"),
+        "{}",
+        reply.head.first_line
+    );
+    assert_eq!(reply.body, "abs", "routed by the target's host");
+    let upgrade = "GET http://abs.test/ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                   Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let reply = raw_exchange(p.addr, upgrade.as_bytes()).await;
+    assert!(
+        reply.head.first_line.starts_with("HTTP/1.1 101"),
+        "{}",
+        reply.head.first_line
+    );
+    let seen = abs.requests();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for s in &seen {
+        assert_eq!(s.header("host"), Some("abs.test"), "{} {}", s.method, s.uri);
+    }
+    assert!(other.requests().is_empty());
+}
