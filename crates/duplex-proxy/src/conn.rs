@@ -69,12 +69,15 @@ pub async fn serve(
     };
     settings.active.inc();
     let active = ActiveGuard(settings.active.clone());
+    // The write timeout sits on the socket: under TLS for a TLS client.
+    let (timeout, expired) = (settings.send_timeout, settings.send_timeouts.clone());
     let stream = match &settings.tls {
-        None => MaybeTls::Plain(tcp),
+        None => SendTimeout::new(MaybeTls::Plain(tcp), timeout, expired),
         Some(tls) => {
-            let accept = TlsAcceptor::from(Arc::clone(&tls.config)).accept(tcp);
+            let timed = SendTimeout::new(tcp, timeout, expired);
+            let accept = TlsAcceptor::from(Arc::clone(&tls.config)).accept(timed);
             match tokio::time::timeout(tls.handshake_timeout, accept).await {
-                Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
+                Ok(Ok(s)) => SendTimeout::unarmed(MaybeTls::Tls(Box::new(s))),
                 Ok(Err(e)) => {
                     shared
                         .metrics
@@ -113,14 +116,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true)
-        .serve_connection(
-            TokioIo::new(SendTimeout::new(
-                stream,
-                settings.send_timeout,
-                settings.send_timeouts.clone(),
-            )),
-            svc,
-        )
+        .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     tokio::pin!(conn);
     let res = tokio::select! {

@@ -81,6 +81,21 @@ pub fn io_source<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a i
     None
 }
 
+/// The client's failure in `err`'s source chain, if that is what it is: a request body
+/// that stalled or broke off while being forwarded.
+pub fn client_side<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a ProxyError> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(p @ (ProxyError::Client(_) | ProxyError::ClientBodyStalled { .. })) =
+            e.downcast_ref::<ProxyError>()
+        {
+            return Some(p);
+        }
+        cur = e.source();
+    }
+    None
+}
+
 /// Displays an error with its sources: `outer: inner: root`.
 pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
 

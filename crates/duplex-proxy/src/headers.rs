@@ -76,10 +76,12 @@ pub fn has_several_hosts(headers: &HeaderMap) -> bool {
 /// whatever `Host` said: RFC 9112 section 3.2.2 asks a proxy to ignore the received `Host`
 /// then, and the backend must see the host the request was routed by.
 pub fn host_from_target(headers: &mut HeaderMap, uri: &http::Uri) {
-    if let Some(authority) = uri.authority() {
-        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-            headers.insert(header::HOST, v);
-        }
+    // Without any `user@` part, which has no place in `Host`.
+    let Some(host_port) = uri.authority().and_then(|a| a.as_str().rsplit('@').next()) else {
+        return;
+    };
+    if let Ok(v) = HeaderValue::from_str(host_port) {
+        headers.insert(header::HOST, v);
     }
 }
 
@@ -146,6 +148,10 @@ mod tests {
             "Abs.Example:8080",
             "origin-form keeps Host"
         );
+        let with_user = http::Uri::from_static("http://a.test@abs.example/");
+        assert_eq!(request_host(&h, &with_user).as_deref(), Some("abs.example"));
+        host_from_target(&mut h, &with_user);
+        assert_eq!(h[header::HOST], "abs.example", "no user part in Host");
     }
 
     #[test]

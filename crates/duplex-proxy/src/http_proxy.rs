@@ -53,9 +53,13 @@ impl HttpBody for ReclaimBody {
             this.body = this.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
         match this.body.as_mut() {
-            Some(body) => poll_watched(body, &mut this.timer, cx, |idle| {
-                ProxyError::ClientBodyStalled { idle }
-            }),
+            Some(body) => poll_watched(
+                body,
+                &mut this.timer,
+                cx,
+                |e| ProxyError::Client(e).into(),
+                |idle| ProxyError::ClientBodyStalled { idle },
+            ),
             None => Poll::Ready(None),
         }
     }
@@ -71,18 +75,19 @@ impl HttpBody for ReclaimBody {
     }
 }
 
-/// Polls `body` for its next frame; fails with `stalled(idle)` once the body has had to
-/// wait `timer`'s idle time since its last frame.
+/// Polls `body` for its next frame; its errors go through `failed`, and it fails with
+/// `stalled(idle)` once it has had to wait `timer`'s idle time since its last frame.
 fn poll_watched(
     body: &mut Incoming,
     timer: &mut IdleTimer,
     cx: &mut Context<'_>,
+    failed: fn(hyper::Error) -> BodyError,
     stalled: fn(Duration) -> ProxyError,
 ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
     match Pin::new(body).poll_frame(cx) {
         Poll::Ready(frame) => {
             timer.moved();
-            Poll::Ready(frame.map(|f| f.map_err(BodyError::from)))
+            Poll::Ready(frame.map(|f| f.map_err(failed)))
         }
         Poll::Pending if timer.expired(cx) => Poll::Ready(Some(Err(stalled(timer.idle()).into()))),
         Poll::Pending => Poll::Pending,
@@ -107,9 +112,13 @@ impl HttpBody for Guarded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        poll_watched(&mut this.inner, &mut this.timer, cx, |idle| {
-            ProxyError::BodyStalled { idle }
-        })
+        poll_watched(
+            &mut this.inner,
+            &mut this.timer,
+            cx,
+            BodyError::from,
+            |idle| ProxyError::BodyStalled { idle },
+        )
     }
 
     fn is_end_stream(&self) -> bool {
@@ -229,6 +238,22 @@ pub async fn forward(
                 }
             }
             Ok(Err(e)) => {
+                // The client's side of the exchange, not the backend: its body stalled or
+                // broke off while being forwarded.
+                if let Some(client) = crate::error::client_side(&e) {
+                    tracing::debug!(route = %route.name, backend = %addr, error = %client, "request body from the client failed");
+                    resp = Some(match client {
+                        ProxyError::ClientBodyStalled { .. } => responses::text(
+                            http::StatusCode::REQUEST_TIMEOUT,
+                            "duplex: the request body stopped arriving\n".into(),
+                        ),
+                        _ => responses::text(
+                            http::StatusCode::BAD_REQUEST,
+                            "duplex: the request body broke off\n".into(),
+                        ),
+                    });
+                    break;
+                }
                 tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "backend request failed");
                 break;
             }

@@ -21,20 +21,34 @@ use crate::error::ProxyError;
 use crate::idle::IdleTimer;
 
 /// A client stream whose writes fail after `timeout` without progress.
+///
+/// For TLS it must sit under the TLS layer, on the socket: rustls reports no progress
+/// while it drains its own buffer (up to 64 KiB) into the socket, so above TLS a client
+/// reading slowly but steadily would look stalled.
 pub struct SendTimeout<S> {
     inner: S,
-    timer: IdleTimer,
-    /// `duplex_client_send_timeouts_total` of the listener.
-    expired: Counter,
+    /// The timer and `duplex_client_send_timeouts_total` of the listener; `None` once
+    /// disarmed.
+    armed: Option<(IdleTimer, Counter)>,
 }
 
 impl<S> SendTimeout<S> {
     pub fn new(inner: S, timeout: Duration, expired: Counter) -> Self {
         SendTimeout {
             inner,
-            timer: IdleTimer::new(timeout),
-            expired,
+            armed: Some((IdleTimer::new(timeout), expired)),
         }
+    }
+
+    /// A wrapper that never times out (another one, under TLS, does the job).
+    pub fn unarmed(inner: S) -> Self {
+        SendTimeout { inner, armed: None }
+    }
+
+    /// Stops timing writes: the connection has become a tunnel, which has the upstream's
+    /// `idle_timeout` instead.
+    pub fn disarm(&mut self) {
+        self.armed = None;
     }
 
     /// The stream, for a tunnel that takes over the connection.
@@ -45,15 +59,18 @@ impl<S> SendTimeout<S> {
     /// What a write that got `res` from the stream returns: the result as it is, or an
     /// error once the write has waited `timeout` since the last progress.
     fn check<T>(&mut self, cx: &mut Context<'_>, res: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        let Some((timer, expired)) = self.armed.as_mut() else {
+            return res;
+        };
         if res.is_ready() {
-            self.timer.moved();
+            timer.moved();
             return res;
         }
-        if !self.timer.expired(cx) {
+        if !timer.expired(cx) {
             return Poll::Pending;
         }
-        self.expired.inc();
-        let timeout = self.timer.idle();
+        expired.inc();
+        let timeout = timer.idle();
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             ProxyError::ClientSendTimeout { timeout },
@@ -158,5 +175,89 @@ mod tests {
         w.write_all(&data).await.expect("a reader that keeps up");
         assert_eq!(reader.await.expect("reader"), data);
         assert_eq!(expired.get(), 0);
+    }
+
+    /// A TLS server writing 256 KiB to a client that reads 16 KiB (one TLS record) a
+    /// second, with a 2 s write timeout placed under TLS (`under`, as `conn.rs` does) or
+    /// above it. Returns the server's result and the bytes the client got.
+    async fn slow_tls_reader(under: bool) -> (io::Result<()>, usize) {
+        use std::sync::Arc;
+        use tokio::io::AsyncReadExt;
+        use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+
+        const LEN: usize = 256 * 1024;
+        let (a, b) = tokio::io::duplex(4096);
+        let timeout = Duration::from_secs(2);
+        let serve = async move {
+            let acceptor = TlsAcceptor::from(Arc::new(server));
+            if under {
+                let tls = acceptor
+                    .accept(SendTimeout::new(a, timeout, counter()))
+                    .await?;
+                let mut s = tls;
+                s.write_all(&vec![7u8; LEN]).await?;
+                s.flush().await
+            } else {
+                let tls = acceptor.accept(a).await?;
+                let mut s = SendTimeout::new(tls, timeout, counter());
+                s.write_all(&vec![7u8; LEN]).await?;
+                s.flush().await
+            }
+        };
+        let read = async move {
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let mut tls = TlsConnector::from(Arc::new(client))
+                .connect(name, b)
+                .await
+                .expect("client handshake");
+            let (mut got, mut buf) = (0, vec![0u8; 16 * 1024]);
+            while got < LEN {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+            got
+        };
+        tokio::join!(serve, read)
+    }
+
+    /// rustls reports no progress while it drains its own buffer (up to 64 KiB) into the
+    /// socket, so above TLS the timer takes a slow but steady reader for a stalled one and
+    /// cuts it at the final flush; on the socket, under TLS, it sees every write.
+    #[tokio::test(start_paused = true)]
+    async fn under_tls_the_timer_sees_a_slow_reader_progress() {
+        let (res, got) = slow_tls_reader(true).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert_eq!(got, 256 * 1024);
+        let (res, _) = slow_tls_reader(false).await;
+        assert_eq!(
+            res.expect_err("above TLS the flush waits on 64 KiB").kind(),
+            io::ErrorKind::TimedOut
+        );
     }
 }

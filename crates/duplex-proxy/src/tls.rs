@@ -22,6 +22,8 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::send_timeout::SendTimeout;
+
 /// A TLS setting that cannot be used, naming the file at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -336,8 +338,9 @@ pub enum MaybeTls<T> {
     Tls(Box<T>),
 }
 
-/// What a client connection is.
-pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
+/// What a client connection is. Under TLS, the socket carries the write timeout (see
+/// [`SendTimeout`] for why it sits there).
+pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<SendTimeout<TcpStream>>>;
 /// What a backend connection is.
 pub type BackendStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
 

@@ -103,7 +103,13 @@ pub async fn start<H: Send + 'static>(
         series.client_to_backend.clone(),
         series.backend_to_client.clone(),
     );
-    match (c.io.into_inner().into_inner(), b.io.into_inner()) {
+    let mut client = c.io.into_inner().into_inner();
+    if let MaybeTls::Tls(tls) = &mut client {
+        // A tunnel is bounded by the upstream's `idle_timeout`, not the listener's
+        // `send_timeout`, which sits under TLS on the socket.
+        tls.get_mut().0.disarm();
+    }
+    match (client, b.io.into_inner()) {
         (MaybeTls::Plain(client), MaybeTls::Plain(backend)) => {
             let t = Splice {
                 client,

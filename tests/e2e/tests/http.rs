@@ -290,10 +290,11 @@ async fn streaming_backend(
 }
 
 /// A request for a `len`-byte body from [`streaming_backend`], sent through a proxy whose
-/// listener has `send_timeout: 500ms`, on a connection made from `sock`. Returns the
+/// listener has `send_timeout` set to `timeout`, on a connection made from `sock`. Returns the
 /// proxy, the backend's reports and the client's connection.
 async fn big_response_behind_send_timeout(
     len: usize,
+    timeout: &str,
     sock: tokio::net::TcpSocket,
 ) -> (
     TestProxy,
@@ -303,7 +304,7 @@ async fn big_response_behind_send_timeout(
     use tokio::io::AsyncWriteExt;
     let (b, reports) = streaming_backend(len).await;
     let upstream = Upstream::new("round_robin").backend(b.addr);
-    let p = TestProxy::start_with_listener(&[("send_timeout", "500ms")], &single_route(&upstream))
+    let p = TestProxy::start_with_listener(&[("send_timeout", timeout)], &single_route(&upstream))
         .await;
     let mut client = within("connect", sock.connect(p.addr))
         .await
@@ -323,7 +324,7 @@ async fn a_client_that_stops_reading_is_cut_off() {
     use tokio::io::AsyncReadExt;
     const LEN: usize = 256 << 20;
     let sock = tokio::net::TcpSocket::new_v4().expect("a socket");
-    let (p, mut reports, mut client) = big_response_behind_send_timeout(LEN, sock).await;
+    let (p, mut reports, mut client) = big_response_behind_send_timeout(LEN, "500ms", sock).await;
     // The client reads nothing; the backend's writes must fail once the proxy gives up.
     let (wrote, failed) = within("the backend's connection to be closed", reports.recv())
         .await
@@ -357,12 +358,14 @@ async fn a_client_that_stops_reading_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_but_steady_reader_gets_the_whole_response() {
     use tokio::io::AsyncReadExt;
-    const LEN: usize = 16 << 20;
+    const LEN: usize = 24 << 20;
     // A small receive window, so that the proxy's writes wait on this client's reads.
     let sock = tokio::net::TcpSocket::new_v4().expect("a socket");
     sock.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
-    let (p, mut reports, mut client) = big_response_behind_send_timeout(LEN, sock).await;
-    // 64 KiB every 10 ms: about 2.6 s for the body, most of it with the proxy waiting.
+    // A 1 s timeout against reads 10 ms apart: wide margin on a busy machine.
+    let (p, mut reports, mut client) = big_response_behind_send_timeout(LEN, "1s", sock).await;
+    // 64 KiB every 10 ms: about 4 s for the body, most of it with the proxy waiting, so
+    // a timer that progress did not re-arm would fire.
     let read_all = async {
         let mut head = Vec::new();
         let mut body: Option<usize> = None;
@@ -405,6 +408,32 @@ async fn a_slow_but_steady_reader_gets_the_whole_response() {
     );
 }
 
+/// A proxy with `client_body_timeout: 500ms` in front of `backend`, and a client that
+/// sends a POST to `path` with 10 of its 100,000 body bytes and then nothing: returns the
+/// proxy, the client's connection and the head of the answer it got.
+async fn stalled_upload(
+    backend: std::net::SocketAddr,
+    path: &str,
+) -> (TestProxy, tokio::net::TcpStream, duplex_e2e::wire::Head) {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::new("round_robin").backend(backend);
+    let p = TestProxy::start_with_listener(
+        &[("client_body_timeout", "500ms")],
+        &single_route(&upstream),
+    )
+    .await;
+    let mut client = duplex_e2e::client::tcp(p.addr).await;
+    let head = format!("POST {path} HTTP/1.1\r\nHost: up.test\r\nContent-Length: 100000\r\n\r\n");
+    client
+        .write_all(format!("{head}0123456789").as_bytes())
+        .await
+        .expect("send the head and 10 body bytes");
+    let (reply, _) = within("an answer", duplex_e2e::wire::read_head(&mut client))
+        .await
+        .expect("a response head");
+    (p, client, reply)
+}
+
 /// A client that starts a request body and then stops sending it is cut off after the
 /// listener's `client_body_timeout`, even once the backend has answered (no other timer
 /// covers that), and the backend connection carrying the body is closed with it.
@@ -433,25 +462,7 @@ async fn a_client_that_stalls_its_request_body_is_cut_off() {
         }
     })
     .await;
-    let upstream = Upstream::new("round_robin").backend(b.addr);
-    let p = TestProxy::start_with_listener(
-        &[("client_body_timeout", "500ms")],
-        &single_route(&upstream),
-    )
-    .await;
-    let mut client = duplex_e2e::client::tcp(p.addr).await;
-    client
-        .write_all(
-            b"POST /upload HTTP/1.1\r\nHost: up.test\r\nContent-Length: 100000\r\n\r\n0123456789",
-        )
-        .await
-        .expect("send the head and 10 body bytes");
-    let (reply, _) = within(
-        "the backend's early answer",
-        duplex_e2e::wire::read_head(&mut client),
-    )
-    .await
-    .expect("a response head");
+    let (_p, mut client, reply) = stalled_upload(b.addr, "/upload").await;
     assert!(
         reply.first_line.starts_with("HTTP/1.1 202"),
         "{}",
@@ -568,4 +579,23 @@ async fn an_absolute_form_target_decides_the_host() {
         assert_eq!(s.header("host"), Some("abs.test"), "{} {}", s.method, s.uri);
     }
     assert!(other.requests().is_empty());
+}
+
+/// A client whose request body stalls before the backend has answered gets 408, counted
+/// as the client's error (4xx), not as a backend failure (502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stalls_before_the_answer_gets_408() {
+    // `/count` reads the whole body before it answers.
+    let b = Backend::start("b1").await;
+    let (p, _client, reply) = stalled_upload(b.addr, "/count").await;
+    assert!(
+        reply.first_line.starts_with("HTTP/1.1 408"),
+        "{}",
+        reply.first_line
+    );
+    let metrics = p.metrics().await;
+    let code =
+        |c| duplex_e2e::proxy::sum_series(&metrics, "duplex_http_requests_total", &[("code", c)]);
+    assert_eq!(code("4xx"), 1.0);
+    assert_eq!(code("5xx"), 0.0);
 }

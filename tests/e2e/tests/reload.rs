@@ -372,13 +372,20 @@ impl SlowCert {
             .expect("run mkfifo");
         assert!(made.success(), "mkfifo failed");
         // The writer feeds the FIFO when told to, or after 10 s whatever happens, so that
-        // a reload that blocks a test's only thread cannot hang the test.
+        // a reload that blocks a test's only thread cannot hang the test. It opens the
+        // FIFO for reading and writing, which never waits for a reader: a test that
+        // failed before any reader came cannot hang on it either.
         let (feed, fed) = std::sync::mpsc::channel::<()>();
         let writer = std::thread::spawn({
             let cert = cert.clone();
             move || {
+                use std::io::Write;
                 let _ = fed.recv_timeout(Duration::from_secs(10));
-                std::fs::write(&cert, leaf.cert)
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&cert)?
+                    .write_all(leaf.cert.as_bytes())
             }
         });
         let listener = format!(
