@@ -243,14 +243,8 @@ pub async fn forward(
                 if let Some(client) = crate::error::client_side(&e) {
                     tracing::debug!(route = %route.name, backend = %addr, error = %client, "request body from the client failed");
                     resp = Some(match client {
-                        ProxyError::ClientBodyStalled { .. } => responses::text(
-                            http::StatusCode::REQUEST_TIMEOUT,
-                            "duplex: the request body stopped arriving\n".into(),
-                        ),
-                        _ => responses::text(
-                            http::StatusCode::BAD_REQUEST,
-                            "duplex: the request body broke off\n".into(),
-                        ),
+                        ProxyError::ClientBodyStalled { .. } => responses::body_stalled(),
+                        _ => responses::body_broken(),
                     });
                     break;
                 }

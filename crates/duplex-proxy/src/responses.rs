@@ -45,6 +45,22 @@ pub fn no_healthy_backend(route: &str) -> Response<Body> {
     )
 }
 
+/// The client stopped sending its request body for `client_body_timeout`.
+pub fn body_stalled() -> Response<Body> {
+    text(
+        StatusCode::REQUEST_TIMEOUT,
+        "duplex: the request body stopped arriving\n".into(),
+    )
+}
+
+/// The client's request body broke off (the connection failed midway).
+pub fn body_broken() -> Response<Body> {
+    text(
+        StatusCode::BAD_REQUEST,
+        "duplex: the request body broke off\n".into(),
+    )
+}
+
 pub fn gateway_timeout(route: &str) -> Response<Body> {
     text(
         StatusCode::GATEWAY_TIMEOUT,

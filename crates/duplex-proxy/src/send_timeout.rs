@@ -2,12 +2,12 @@
 //!
 //! A client that stops reading a response would otherwise hold its connection, the
 //! backend's pooled connection and its load count for as long as it likes: hyper has no
-//! write timeout. [`SendTimeout`] wraps the client stream for the HTTP part of a
-//! connection. A write that cannot proceed arms a timer; any write that moves bytes
-//! re-arms it; if the timer fires first, the write fails with `TimedOut` and hyper closes
-//! the connection. Writes that go through at once (nearly all) never touch the timer.
-//! Reads pass straight through. An upgraded connection leaves the wrapper behind: tunnels
-//! have the upstream's `idle_timeout` instead.
+//! write timeout. [`SendTimeout`] wraps the client socket (under TLS for a TLS client).
+//! A write that cannot proceed arms a timer; any write that moves bytes re-arms it; if
+//! the timer fires first, the write fails with `TimedOut` and hyper closes the
+//! connection. Writes that go through at once (nearly all) never touch the timer. Reads
+//! pass straight through. An upgraded connection leaves the wrapper behind or disarms it
+//! (TLS): tunnels have the upstream's `idle_timeout` instead.
 
 use std::io;
 use std::pin::Pin;
