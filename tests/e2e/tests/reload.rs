@@ -372,20 +372,35 @@ impl SlowCert {
             .expect("run mkfifo");
         assert!(made.success(), "mkfifo failed");
         // The writer feeds the FIFO when told to, or after 10 s whatever happens, so that
-        // a reload that blocks a test's only thread cannot hang the test. It opens the
-        // FIFO for reading and writing, which never waits for a reader: a test that
-        // failed before any reader came cannot hang on it either.
+        // a reload that blocks a test's only thread cannot hang the test. It writes only
+        // once a reader has the FIFO open (until then a non-blocking open fails with
+        // ENXIO), so that the certificate is not written into a pipe nobody reads and
+        // lost, which would leave the reload's read waiting forever; with no reader after
+        // 20 s more it gives up, and then nothing waits on the FIFO either.
         let (feed, fed) = std::sync::mpsc::channel::<()>();
         let writer = std::thread::spawn({
             let cert = cert.clone();
             move || {
                 use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
                 let _ = fed.recv_timeout(Duration::from_secs(10));
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&cert)?
-                    .write_all(leaf.cert.as_bytes())
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                loop {
+                    match std::fs::OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(&cert)
+                    {
+                        Ok(mut fifo) => return fifo.write_all(leaf.cert.as_bytes()),
+                        Err(e)
+                            if e.raw_os_error() == Some(libc::ENXIO)
+                                && std::time::Instant::now() < deadline =>
+                        {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             }
         });
         let listener = format!(
