@@ -11,7 +11,7 @@ pub struct Diff {
     pub routes: Changes,
     pub upstreams: Changes,
     pub backends: Changes,
-    /// Top-level settings that changed: `admin`, `shutdown_timeout`.
+    /// Top-level settings that changed: `admin`, `shutdown_timeout`, `max_connections`.
     pub settings: Vec<String>,
 }
 
@@ -97,6 +97,10 @@ impl Diff {
                 (
                     "shutdown_timeout",
                     old.shutdown_timeout != new.shutdown_timeout,
+                ),
+                (
+                    "max_connections",
+                    old.max_connections != new.max_connections,
                 ),
             ]
             .iter()

@@ -62,6 +62,10 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// How long SIGTERM waits for open requests and tunnels before closing them.
     pub shutdown_timeout: Duration,
+    /// Client connections open at once over every listener (HTTP connections and the
+    /// tunnels they became). At the cap duplex stops accepting, and new connections wait
+    /// in the kernel's backlog. `None`: derived from the open-file limit at run time.
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +83,8 @@ pub struct Listener {
     /// How long a client may send nothing of a request body it has started before the
     /// request (and the backend connection carrying it) is abandoned.
     pub client_body_timeout: Duration,
+    /// Client connections open at once on this listener, under the global cap too.
+    pub max_connections: Option<usize>,
 }
 
 /// TLS termination on a listener.

@@ -20,6 +20,7 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub upstreams: Vec<RawUpstream>,
     pub shutdown_timeout: Option<String>,
+    pub max_connections: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -32,6 +33,7 @@ pub(crate) struct RawListener {
     pub https_port: Option<u16>,
     pub send_timeout: Option<String>,
     pub client_body_timeout: Option<String>,
+    pub max_connections: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -153,6 +153,10 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
             redirect_https,
             send_timeout,
             client_body_timeout,
+            max_connections: l
+                .max_connections
+                .map(|n| connection_cap(at("max_connections"), n))
+                .transpose()?,
         });
     }
     let admin = Admin {
@@ -225,7 +229,22 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
             Some(d) => parse_duration(vec![Key("shutdown_timeout")], d)?,
             None => defaults::SHUTDOWN_TIMEOUT,
         },
+        max_connections: raw
+            .max_connections
+            .map(|n| connection_cap(vec![Key("max_connections")], n))
+            .transpose()?,
     })
+}
+
+/// A `max_connections`: at least one connection, and no more than this platform counts.
+fn connection_cap(at: Vec<Seg<'static>>, n: u64) -> Result<usize, Violation> {
+    match usize::try_from(n) {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => fail(
+            at,
+            format!("max_connections must be at least 1 (got {n}); leave it out for the default"),
+        ),
+    }
 }
 
 type Matcher = (Option<HostMatch>, Option<PathMatch>, Vec<(String, String)>);

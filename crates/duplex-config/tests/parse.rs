@@ -65,6 +65,14 @@ fn defaults_apply() {
     let c = Config::parse(&src, "x").unwrap();
     assert_eq!(c.listeners[0].send_timeout, secs(90));
     assert_eq!(c.listeners[0].client_body_timeout, secs(5));
+    assert_eq!(
+        (c.max_connections, c.listeners[0].max_connections),
+        (None, None)
+    );
+    let src = src.replace("send_timeout: 90s", "max_connections: 300");
+    let c = Config::parse(&format!("max_connections: 5000\n{src}"), "x").unwrap();
+    assert_eq!(c.max_connections, Some(5000));
+    assert_eq!(c.listeners[0].max_connections, Some(300));
 }
 
 /// Each case: a replacement applied to FULL, and the `LINE:COL: text` the error must start with.
@@ -95,6 +103,16 @@ fn refuses_bad_files_and_points_at_the_value() {
             "bind: 127.0.0.1:8080",
             "bind: 127.0.0.1:8080\n    send_timeout: 0s",
             "f:4:19: duration \"0s\" must be greater than zero",
+        ),
+        (
+            "bind: 127.0.0.1:8080",
+            "bind: 127.0.0.1:8080\n    max_connections: 0",
+            "f:4:22: max_connections must be at least 1 (got 0)",
+        ),
+        (
+            "admin:",
+            "max_connections: many\nadmin:",
+            "f:4:18: max_connections: invalid type: string \"many\"",
         ),
         (
             "connect_timeout: 2s",

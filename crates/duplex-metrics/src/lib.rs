@@ -59,6 +59,8 @@ pub struct Metrics {
     pub connections_accepted: IntCounterVec,
     pub connections_active: IntGaugeVec,
     pub accept_errors: IntCounterVec,
+    pub connections_limit: IntGauge,
+    pub connection_limit_waits: IntCounterVec,
     pub tls_handshake_errors: IntCounterVec,
     pub client_send_timeouts: IntCounterVec,
     pub http_requests: IntCounterVec,
@@ -120,6 +122,12 @@ impl Metrics {
             connections_accepted: counter(&r, "duplex_connections_accepted_total", "Client connections accepted, by listener.", &["listener"]),
             connections_active: gauge(&r, "duplex_connections_active", "Client connections open now, by listener (WebSocket tunnels included).", &["listener"]),
             accept_errors: counter(&r, "duplex_accept_errors_total", "Errors from accept(), by listener; each one backs the accept loop off.", &["listener"]),
+            connections_limit: {
+                let g = IntGauge::new("duplex_connections_limit", "The cap on client connections open at once over every listener: max_connections, or half the open-file limit after a reserve of 100; 0 when there is none.").expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            connection_limit_waits: counter(&r, "duplex_connection_limit_waits_total", "Times a listener stopped accepting because client connections reached a max_connections cap, by listener and cap (global, listener); new connections wait in the listen backlog meanwhile.", &["listener", "limit"]),
             tls_handshake_errors: counter(&r, "duplex_tls_handshake_errors_total", "Client TLS handshakes that failed or timed out, by listener and reason (failed, timeout).", &["listener", "reason"]),
             client_send_timeouts: counter(&r, "duplex_client_send_timeouts_total", "Client connections closed because the client took no response bytes for the listener's send_timeout, by listener.", &["listener"]),
             http_requests: counter(&r, "duplex_http_requests_total", "Plain HTTP requests answered, by route, upstream and status class (1xx..5xx); no route: empty route and upstream.", &["route", "upstream", "code"]),

@@ -1,6 +1,7 @@
 //! The admin endpoint on its own listener: metrics, liveness, readiness, status, reload.
 
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -101,7 +102,8 @@ fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {
 /// The running state: config generation, last reload, listeners, routes, upstreams, and
 /// per backend its address, weight, open tunnels and in-flight requests.
 fn status(proxy: &Proxy) -> serde_json::Value {
-    let table = proxy.inner.shared.table.load();
+    let shared = &proxy.inner.shared;
+    let table = shared.table.load();
     let reload = proxy.last_reload();
     let listeners: Vec<_> = {
         let handles = proxy
@@ -109,8 +111,24 @@ fn status(proxy: &Proxy) -> serde_json::Value {
             .listeners
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        handles.iter().map(|h| json!({ "name": h.name, "bind": h.bind.to_string(), "addr": h.addr.to_string() })).collect()
+        handles
+            .iter()
+            .map(|h| {
+                let (_, max) = shared.caps(&h.name, h.bind);
+                json!({
+                    "name": h.name,
+                    "bind": h.bind.to_string(),
+                    "addr": h.addr.to_string(),
+                    "connections": h.open.load(Ordering::SeqCst),
+                    "max_connections": cap(max),
+                })
+            })
+            .collect()
     };
+    let global = table
+        .config
+        .max_connections
+        .unwrap_or_else(crate::limits::default_max);
     let routes: Vec<_> = table
         .routes()
         .iter()
@@ -143,7 +161,7 @@ fn status(proxy: &Proxy) -> serde_json::Value {
         })
         .collect();
     upstreams.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-    let mut draining: Vec<_> = crate::server::lock(&proxy.inner.shared.draining)
+    let mut draining: Vec<_> = crate::server::lock(&shared.draining)
         .iter()
         .map(|((upstream, addr), d)| {
             json!({
@@ -165,9 +183,15 @@ fn status(proxy: &Proxy) -> serde_json::Value {
         },
         "reloading": proxy.reload_in_progress(),
         "stopping": proxy.is_stopping(),
+        "connections": { "open": shared.limits.open(), "max": cap(global) },
         "listeners": listeners,
         "routes": routes,
         "upstreams": upstreams,
         "draining": draining,
     })
+}
+
+/// A cap as `/status` shows it: `null` for none.
+fn cap(max: usize) -> Option<usize> {
+    (max != usize::MAX).then_some(max)
 }

@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::headers::{has_several_hosts, has_token, request_host};
+use crate::limits::Slot;
 use crate::responses::{self, Body};
 use crate::send_timeout::SendTimeout;
 use crate::state::Shared;
@@ -45,18 +46,23 @@ impl ConnInfo {
     }
 }
 
-/// One count in a gauge, given back on drop.
-pub struct ActiveGuard(Gauge);
+/// A connection's count in `duplex_connections_active` and its slot under the
+/// `max_connections` caps, both given back on drop.
+pub struct ActiveGuard {
+    active: Gauge,
+    _slot: Slot,
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.dec();
+        self.active.dec();
     }
 }
 
 /// Serves HTTP/1.1 on an accepted connection until it closes, is upgraded, or shutdown.
 pub async fn serve(
     tcp: TcpStream,
+    slot: Slot,
     peer: SocketAddr,
     listener: Arc<str>,
     bind: SocketAddr,
@@ -68,7 +74,10 @@ pub async fn serve(
         return;
     };
     settings.active.inc();
-    let active = ActiveGuard(settings.active.clone());
+    let active = ActiveGuard {
+        active: settings.active.clone(),
+        _slot: slot,
+    };
     // The write timeout sits on the socket: under TLS for a TLS client.
     let (timeout, expired) = (settings.send_timeout, settings.send_timeouts.clone());
     let stream = match &settings.tls {

@@ -17,6 +17,7 @@ mod headers;
 mod health;
 mod http_proxy;
 mod idle;
+pub mod limits;
 mod reload;
 mod responses;
 mod router;

@@ -192,6 +192,7 @@ impl Proxy {
                         name: l.name.clone(),
                         bind: l.bind,
                         listener: Arc::clone(&h.listener),
+                        open: Arc::clone(&h.open),
                     }),
                     None => fresh.push(l),
                 }
@@ -237,6 +238,7 @@ impl Proxy {
     fn install(&self, old: &Table, table: Arc<Table>) {
         let shared = &self.inner.shared;
         shared.table.store(Arc::clone(&table));
+        shared.apply_caps();
         // Forget DNS answers for names the config no longer has.
         lock(&shared.resolved).retain(|(upstream, host, port), _| {
             table.config.upstream(upstream).is_some_and(|u| {

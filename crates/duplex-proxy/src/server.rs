@@ -3,8 +3,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use duplex_config::{Config, Listener};
@@ -15,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::discovery::{Resolver, SystemResolver};
 use crate::error::ProxyError;
+use crate::limits::Cap;
 use crate::reload::{source_hash, ReloadStatus};
 use crate::state::{Shared, Table};
 use crate::{admin, conn};
@@ -24,6 +26,8 @@ const LISTEN_BACKLOG: u32 = 4096;
 /// Accept-error backoff: first pause, and the cap it doubles up to.
 const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// At most one "max_connections reached" warning per listener this often.
+const LIMIT_WARN_EVERY: Duration = Duration::from_secs(10);
 /// After the grace period, how long to wait for closed tasks to wind down.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
@@ -64,6 +68,8 @@ pub(crate) struct ListenerHandle {
     pub addr: SocketAddr,
     /// Shared with the accept loop, so that a renamed listener keeps its socket.
     pub listener: Arc<TcpListener>,
+    /// Connections open on it, counted against its `max_connections`; kept by a rename.
+    pub open: Arc<AtomicUsize>,
     /// Stops this listener's accept loop (a child of `Shared::stopping`).
     pub stop: CancellationToken,
 }
@@ -96,6 +102,7 @@ pub(crate) struct Bound {
     pub name: String,
     pub bind: SocketAddr,
     pub listener: Arc<TcpListener>,
+    pub open: Arc<AtomicUsize>,
 }
 
 pub(crate) fn bind_all<'a>(
@@ -108,6 +115,7 @@ pub(crate) fn bind_all<'a>(
                 name: l.name.clone(),
                 bind: l.bind,
                 listener: Arc::new(bind(&l.name, l.bind)?),
+                open: Arc::default(),
             })
         })
         .collect()
@@ -159,11 +167,20 @@ impl Proxy {
             draining: Mutex::new(HashMap::new()),
             resolved: Mutex::new(HashMap::new()),
             resolver,
+            limits: Arc::default(),
         });
         crate::discovery::resolve_all(&shared, &config).await;
         let table = Table::build(Arc::new(config), 1, &shared.carry(None))?;
         table.export_backends(&shared.metrics);
         shared.table.store(Arc::new(table));
+        shared.apply_caps();
+        match shared.table.load().config.max_connections {
+            Some(max) => tracing::info!(max, "connection cap: max_connections"),
+            None => match crate::limits::default_max() {
+                usize::MAX => tracing::info!("no connection cap: the open-file limit is unknown"),
+                max => tracing::info!(max, "connection cap: from the open-file limit"),
+            },
+        }
         let health = crate::health::spawn_checks(&shared, &shared.table.load());
         let proxy = Proxy {
             inner: Arc::new(Inner {
@@ -198,6 +215,7 @@ impl Proxy {
             let name: Arc<str> = b.name.as_str().into();
             tokio::spawn(accept_loop(
                 Arc::clone(&b.listener),
+                Arc::clone(&b.open),
                 name,
                 b.bind,
                 Arc::clone(shared),
@@ -208,6 +226,7 @@ impl Proxy {
                 bind: b.bind,
                 addr,
                 listener: b.listener,
+                open: b.open,
                 stop,
             });
         }
@@ -293,10 +312,12 @@ pub(crate) fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Accepts until stopped. Errors (EMFILE, ENFILE, ECONNABORTED...) are logged, counted
-/// and backed off, never fatal and never a busy loop.
+/// Accepts until stopped. Below the `max_connections` caps only: at a cap the loop
+/// waits (see [`crate::limits`]). Errors (EMFILE, ENFILE,
+/// ECONNABORTED...) are logged, counted and backed off, never fatal and never a busy loop.
 async fn accept_loop(
     listener: Arc<TcpListener>,
+    open: Arc<AtomicUsize>,
     name: Arc<str>,
     bind: SocketAddr,
     shared: Arc<Shared>,
@@ -308,17 +329,51 @@ async fn accept_loop(
         .with_label_values(&[&name]);
     let errors = shared.metrics.accept_errors.with_label_values(&[&name]);
     let mut backoff = ACCEPT_BACKOFF_START;
+    let mut warned: Option<Instant> = None;
+    let mut full = |cap: Cap| {
+        shared
+            .metrics
+            .connection_limit_waits
+            .with_label_values(&[&name, cap.label()])
+            .inc();
+        if warned.is_none_or(|t| t.elapsed() >= LIMIT_WARN_EVERY) {
+            warned = Some(Instant::now());
+            let (global, own) = shared.caps(&name, bind);
+            let max = if cap == Cap::Global { global } else { own };
+            tracing::warn!(listener = %name, limit = cap.label(), max, "max_connections reached: not accepting until a connection closes; new ones wait in the listen backlog");
+        }
+    };
+    let caps = || shared.caps(&name, bind);
+    let limits = &shared.limits;
     loop {
+        // Made before the caps are read, so that a reload from here on is not missed.
+        let changed = limits.changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let Some(room) = limits
+            .wait_for_room(&open, &caps, &mut full, stop.cancelled())
+            .await
+        else {
+            break;
+        };
+        // In this order: a connection that arrived with new caps is taken in under them.
         let res = tokio::select! {
-            r = listener.accept() => r,
+            biased;
             _ = stop.cancelled() => break,
+            _ = &mut changed => continue,
+            r = listener.accept() => r,
         };
         match res {
             Ok((tcp, peer)) => {
                 backoff = ACCEPT_BACKOFF_START;
                 accepted.inc();
+                let admitted = limits.admit(room, &caps, &mut full, stop.cancelled());
+                let Some(slot) = admitted.await else {
+                    break;
+                };
                 shared.tracker.spawn(conn::serve(
                     tcp,
+                    slot,
                     peer,
                     Arc::clone(&name),
                     bind,

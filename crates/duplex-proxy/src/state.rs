@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::connector::BackendConnector;
 use crate::http_proxy::ReclaimBody;
+use crate::limits::Limits;
 use crate::tls::{self, Acceptor, Connector, TlsError};
 
 /// How long an idle pooled connection to a backend is kept.
@@ -130,6 +131,8 @@ pub struct ListenerRt {
     pub send_timeouts: Counter,
     /// How long a client may pause while sending a request body.
     pub body_timeout: Duration,
+    /// The listener's own `max_connections`.
+    pub max_connections: Option<usize>,
 }
 
 impl Table {
@@ -163,6 +166,7 @@ impl Table {
                             .with_label_values(&[&l.name]),
                         send_timeout: l.send_timeout,
                         body_timeout: l.client_body_timeout,
+                        max_connections: l.max_connections,
                         send_timeouts: carry
                             .metrics
                             .client_send_timeouts
@@ -330,9 +334,41 @@ pub struct Shared {
     /// What DNS discovery last found, by (upstream, host, port).
     pub resolved: Mutex<Resolved>,
     pub resolver: Arc<dyn crate::discovery::Resolver>,
+    /// Open client connections against `max_connections`.
+    pub limits: Arc<Limits>,
 }
 
 impl Shared {
+    /// The caps a new connection on `listener` is under as of now: (global, listener).
+    pub fn caps(&self, listener: &str, bind: SocketAddr) -> (usize, usize) {
+        let table = self.table.load();
+        let global = table
+            .config
+            .max_connections
+            .unwrap_or_else(crate::limits::default_max);
+        let own = table
+            .listener_settings(listener, bind)
+            .and_then(|l| l.max_connections)
+            .unwrap_or(usize::MAX);
+        (global, own)
+    }
+
+    /// After a table is stored: shows its global cap, and lets accept loops waiting at a
+    /// cap try again under the new ones.
+    pub fn apply_caps(&self) {
+        let global = self
+            .table
+            .load()
+            .config
+            .max_connections
+            .unwrap_or_else(crate::limits::default_max);
+        let shown = if global == usize::MAX { 0 } else { global };
+        self.metrics
+            .connections_limit
+            .set(i64::try_from(shown).unwrap_or(i64::MAX));
+        self.limits.recheck();
+    }
+
     /// What a table built now takes over.
     pub fn carry<'a>(&'a self, previous: Option<&'a Table>) -> Carry<'a> {
         Carry {

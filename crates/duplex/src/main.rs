@@ -183,7 +183,10 @@ pub(crate) fn serve(
     threads: Option<NonZeroUsize>,
 ) -> ExitCode {
     match os::raise_nofile_limit() {
-        Ok((soft, hard)) => tracing::info!(soft, hard, "open file limit"),
+        Ok((soft, hard)) => {
+            tracing::info!(soft, hard, "open file limit");
+            duplex_proxy::limits::set_open_file_limit(soft);
+        }
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
     }
     let threads = threads

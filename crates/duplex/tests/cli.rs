@@ -261,3 +261,78 @@ fn exits_on_sigterm_while_a_reload_is_stuck_reading_a_file() {
     child.exits_0_within_10s("duplex did not exit after SIGTERM while a reload was stuck");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With no `max_connections`, the cap follows the open-file limit: (limit - 100) / 2, so
+/// 20 under `ulimit -n 140`. The 21st client waits unanswered until one closes, while the
+/// admin port, which has no cap, still answers.
+#[test]
+fn the_default_connection_cap_follows_the_open_file_limit() {
+    let path = temp_file(
+        "capped.yaml",
+        "listeners:\n  - name: public\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\n",
+    );
+    // dash's and bash's `ulimit -n` set the soft and the hard limit both.
+    let child = Command::new("sh")
+        .args(["-c", "ulimit -n 140 && exec \"$0\" \"$@\"", BIN])
+        .args(["run", "--no-watch", "--log-format", "json", "-c"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start duplex under ulimit -n 140");
+    let mut child = Running(child);
+    let err = Lines::of(child.0.stderr.take().expect("stderr"));
+    let cap = err.wait_for("connection cap");
+    assert!(
+        cap.contains("\"max\":20") && cap.contains("open-file limit"),
+        "{cap}"
+    );
+    let addr = between(&err.wait_for("\"listening\""), "\"addr\":\"", '"');
+    let admin = between(&err.wait_for("admin listening"), "\"addr\":\"", '"');
+
+    let mut open: Vec<_> = (0..20)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    let start = Instant::now();
+    loop {
+        let status = http_get(&admin, "/status");
+        if status.contains("\"open\": 20") {
+            assert!(status.contains("\"max\": 20"), "{status}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "20 connections not open: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        http_get(&admin, "/metrics").contains("\nduplex_connections_limit 20\n"),
+        "the cap is exported"
+    );
+
+    use std::io::Write;
+    let mut held = std::net::TcpStream::connect(&addr).expect("the kernel's backlog takes it");
+    write!(
+        held,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    held.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let mut byte = [0u8; 1];
+    let early = held.read(&mut byte);
+    assert!(
+        early
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut),
+        "the 21st connection was answered at the cap: {early:?}"
+    );
+
+    drop(open.pop());
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut answer = String::new();
+    let _ = held.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer:?}");
+}

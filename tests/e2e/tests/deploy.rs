@@ -53,6 +53,8 @@ fn exported() -> BTreeMap<String, Family> {
         connections_accepted,
         connections_active,
         accept_errors,
+        connections_limit: _,
+        connection_limit_waits,
         tls_handshake_errors,
         client_send_timeouts,
         http_requests,
@@ -74,6 +76,9 @@ fn exported() -> BTreeMap<String, Family> {
     connections_accepted.with_label_values(&["l"]).inc();
     connections_active.with_label_values(&["l"]).inc();
     accept_errors.with_label_values(&["l"]).inc();
+    connection_limit_waits
+        .with_label_values(&["l", "global"])
+        .inc();
     tls_handshake_errors
         .with_label_values(&["l", "failed"])
         .inc();
@@ -443,6 +448,7 @@ fn dashboard_and_rules_query_only_metrics_duplex_exports() {
         "duplex_config_generation",
         "duplex_connections_active",
         "duplex_accept_errors_total",
+        "duplex_connection_limit_waits_total",
     ];
     if cfg!(target_os = "linux") {
         expected.extend(["process_resident_memory_bytes", "process_open_fds"]);

@@ -1,0 +1,203 @@
+//! `max_connections`: at a cap duplex stops accepting, new connections wait in the listen
+//! backlog, and each is served once a connection closes or a reload raises the cap.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use duplex_config::Config;
+use duplex_e2e::backend::Backend;
+use duplex_e2e::client::{close, get, recv, tcp, ws, HttpConn};
+use duplex_e2e::health_kit::wrap;
+use duplex_e2e::proxy::TestProxy;
+use duplex_e2e::wire::{read_head, upgrade_request};
+use duplex_e2e::{eventually, within, STEP};
+use duplex_proxy::{Metrics, Proxy};
+use futures_util::SinkExt;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+/// How long a connection held at a cap is watched for an answer that must not come.
+const HELD: Duration = Duration::from_millis(300);
+
+/// Listeners `public` and `other` on loopback port 0 with their own caps, the global
+/// cap, and one catch-all route to `backend`.
+fn yaml(global: Option<usize>, public: Option<usize>, backend: SocketAddr) -> String {
+    let cap = |n: Option<usize>, indent: &str| {
+        n.map(|n| format!("{indent}max_connections: {n}\n"))
+            .unwrap_or_default()
+    };
+    format!(
+        "{}listeners:\n  - name: public\n    bind: 127.0.0.1:0\n{}  - name: other\n    \
+         bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\nroutes:\n  - name: main\n    \
+         upstream: main\nupstreams:\n  - name: main\n    backends:\n      - addr: {backend}\n",
+        cap(global, ""),
+        cap(public, "    "),
+    )
+}
+
+fn config(text: &str) -> Config {
+    Config::parse(text, "limits.yaml").unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+async fn start(text: &str) -> TestProxy {
+    let started = Proxy::start(config(text), None, Arc::new(Metrics::new()));
+    wrap(
+        within("the proxy to start", started)
+            .await
+            .expect("the proxy starts"),
+    )
+}
+
+/// Connects (the kernel completes it from the backlog) and sends an upgrade request.
+async fn upgrade_sent(addr: SocketAddr) -> TcpStream {
+    let mut s = tcp(addr).await;
+    let req = upgrade_request("/held", &addr.to_string(), &[]);
+    within("write an upgrade request", s.write_all(req.as_bytes()))
+        .await
+        .expect("write an upgrade request");
+    s
+}
+
+/// The connection gets nothing, neither bytes nor a close, for [`HELD`].
+async fn unanswered(s: &mut TcpStream, what: &str) {
+    let mut buf = [0u8; 256];
+    if let Ok(r) = tokio::time::timeout(HELD, s.read(&mut buf)).await {
+        let got = r.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+        panic!("{what}: expected no answer at the cap, got {got:?}");
+    }
+}
+
+/// The 101 that a held upgrade gets once it is accepted; the tunnel stays open.
+async fn served(mut s: TcpStream) -> TcpStream {
+    let (head, _) = within("the held upgrade's 101", read_head(&mut s))
+        .await
+        .expect("a response head");
+    assert_eq!(head.status(), 101, "{head:?}");
+    s
+}
+
+async fn waits(p: &TestProxy, listener: &str, limit: &str) -> f64 {
+    p.metric(
+        "duplex_connection_limit_waits_total",
+        &[("listener", listener), ("limit", limit)],
+    )
+    .await
+}
+
+async fn status(p: &TestProxy) -> Value {
+    let r = get(p.admin, "/status", &[]).await;
+    serde_json::from_str(&r.text()).expect("/status is JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_at_its_cap_holds_new_connections_until_one_closes() {
+    let b = Backend::start("a").await;
+    let p = start(&yaml(None, Some(2), b.addr)).await;
+    let (mut first, _) = ws(p.addr, "/one").await;
+    let (second, _) = ws(p.addr, "/two").await;
+    eventually(STEP, "the accept loop to stop at the cap", || async {
+        waits(&p, "public", "listener").await >= 1.0
+    })
+    .await;
+    let mut held = upgrade_sent(p.addr).await;
+    unanswered(&mut held, "a third upgrade on a listener capped at 2").await;
+
+    // The other listener has no cap of its own, and the global one is far.
+    let r = get(p.proxy.listener_addr("other").expect("bound"), "/", &[]).await;
+    assert_eq!(r.status, 200);
+    let s = status(&p).await;
+    let public = &s["listeners"][0];
+    assert_eq!(public["name"], "public");
+    assert_eq!(
+        (
+            public["connections"].as_u64(),
+            public["max_connections"].as_u64()
+        ),
+        (Some(2), Some(2))
+    );
+    // A test proxy has no open-file limit recorded: no global cap.
+    assert_eq!(s["connections"]["max"], Value::Null);
+    assert_eq!(p.metric("duplex_connections_limit", &[]).await, 0.0);
+
+    // The open tunnels still work at the cap.
+    within("send", first.send(Message::text("still here")))
+        .await
+        .expect("send");
+    assert_eq!(recv(&mut first).await, Message::text("still here"));
+
+    close(second).await;
+    served(held).await;
+    close(first).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_cap_spans_listeners_and_counts_http_connections() {
+    let b = Backend::start("a").await;
+    let p = start(&yaml(Some(1), None, b.addr)).await;
+    // A keep-alive HTTP connection holds the only slot, between its requests too.
+    let mut conn = HttpConn::open(p.addr).await;
+    assert_eq!(conn.get("/", &[]).await.status, 200);
+    eventually(
+        STEP,
+        "the public listener to stop at the global cap",
+        || async { waits(&p, "public", "global").await >= 1.0 },
+    )
+    .await;
+    // The other listener was already waiting in accept(): it takes the connection in,
+    // and holds it unanswered until there is room.
+    let other = p.proxy.listener_addr("other").expect("bound");
+    let mut held = upgrade_sent(other).await;
+    eventually(
+        STEP,
+        "the other listener to stop at the global cap",
+        || async { waits(&p, "other", "global").await >= 1.0 },
+    )
+    .await;
+    unanswered(&mut held, "an upgrade on the other listener").await;
+    assert_eq!(p.metric("duplex_connections_limit", &[]).await, 1.0);
+    assert_eq!(status(&p).await["connections"]["open"].as_u64(), Some(1));
+
+    drop(conn);
+    served(held).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_raises_the_cap_lets_held_connections_in_and_one_that_lowers_it_closes_none()
+{
+    let b = Backend::start("a").await;
+    let p = start(&yaml(None, Some(1), b.addr)).await;
+    let (mut first, _) = ws(p.addr, "/one").await;
+    eventually(STEP, "the accept loop to stop at the cap", || async {
+        waits(&p, "public", "listener").await >= 1.0
+    })
+    .await;
+    let mut held = upgrade_sent(p.addr).await;
+    unanswered(&mut held, "a second upgrade under a cap of 1").await;
+
+    // Raised: the held connection gets in while the first stays open. (Both listeners
+    // keep their sockets: same names, same configured addresses.)
+    let raised = config(&yaml(None, Some(3), b.addr));
+    within("the reload", p.proxy.reload(raised))
+        .await
+        .expect("the reload applies");
+    let second = served(held).await;
+
+    // Lowered below the two open: neither is closed, and a new one waits until both are.
+    let lowered = config(&yaml(None, Some(1), b.addr));
+    within("the reload", p.proxy.reload(lowered))
+        .await
+        .expect("the reload applies");
+    let mut held = upgrade_sent(p.addr).await;
+    unanswered(&mut held, "an upgrade over the lowered cap").await;
+    within("send", first.send(Message::text("kept")))
+        .await
+        .expect("send");
+    assert_eq!(recv(&mut first).await, Message::text("kept"));
+    close(first).await;
+    unanswered(&mut held, "one tunnel closed, one still at the cap of 1").await;
+    drop(second);
+    served(held).await;
+}
