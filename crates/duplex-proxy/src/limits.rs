@@ -30,17 +30,54 @@ pub fn set_open_file_limit(soft: u64) {
     OPEN_FILE_LIMIT.store(soft, SeqCst);
 }
 
-/// The global cap when the config sets none: what the open-file limit leaves after a
-/// reserve, halved, since a tunnel holds two descriptors (the client's and the
-/// backend's). No cap while the limit is unknown.
+/// The global cap when the config sets none: see [`cap_for`]. No cap while the limit is
+/// unknown.
 pub fn default_max() -> usize {
     match OPEN_FILE_LIMIT.load(SeqCst) {
         0 => usize::MAX,
-        soft => usize::try_from(soft.saturating_sub(RESERVED_FDS) / 2)
-            .unwrap_or(usize::MAX)
-            .max(1),
+        soft => cap_for(soft),
     }
 }
+
+/// The cap an open-file limit of `soft` allows: what it leaves after a reserve, halved,
+/// since a tunnel holds two descriptors (the client's and the backend's).
+pub fn cap_for(soft: u64) -> usize {
+    usize::try_from(soft.saturating_sub(RESERVED_FDS) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
+
+/// The open-file limit in force, when `main` recorded it.
+pub fn open_file_limit() -> Option<u64> {
+    Some(OPEN_FILE_LIMIT.load(SeqCst)).filter(|&n| n > 0)
+}
+
+/// Warns when a configured global cap is more than the open-file limit can back (near
+/// it, accepts and backend connects would fail with EMFILE before the cap stops
+/// anything), or when the limit leaves room for few connections.
+pub fn check_against_open_files(configured: Option<usize>) {
+    let Some(soft) = open_file_limit() else {
+        return;
+    };
+    let allowed = cap_for(soft);
+    match configured {
+        Some(max) if max > allowed => tracing::warn!(
+            max,
+            open_file_limit = soft,
+            allowed,
+            "max_connections is more than the open-file limit can hold: raise LimitNOFILE or lower max_connections"
+        ),
+        None if allowed < FEW => tracing::warn!(
+            max = allowed,
+            open_file_limit = soft,
+            "the open-file limit leaves room for few connections: raise LimitNOFILE"
+        ),
+        _ => {}
+    }
+}
+
+/// Below this many connections a default cap is worth a warning.
+const FEW: usize = 1000;
 
 /// Which cap stopped an accept loop, as the `limit` label says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,46 +101,13 @@ impl Cap {
 pub struct Limits {
     open: AtomicUsize,
     /// Accept loops waiting for room: a closing connection wakes them only when there
-    /// are some, so that below the caps a close costs two atomic subtractions and a load.
+    /// are some, so that while none waits a close costs two atomic subtractions and a
+    /// load.
     waiting: AtomicUsize,
-    /// A connection closed (or a place was given back) while loops were waiting.
+    /// A connection closed while loops were waiting.
     freed: Notify,
     /// A reload stored new caps.
     changed: Notify,
-}
-
-/// A place under a listener's own cap, taken by its accept loop before `accept()`. The
-/// global count is taken only once a connection has arrived ([`Limits::admit`]): a place
-/// held by an idle listener's loop must not keep connections on the others out.
-#[derive(Debug)]
-pub struct Reserved {
-    limits: Arc<Limits>,
-    listener: Arc<AtomicUsize>,
-    /// Set when a [`Slot`] took the place over, which then gives it back.
-    admitted: bool,
-}
-
-impl Drop for Reserved {
-    fn drop(&mut self) {
-        if !self.admitted {
-            self.listener.fetch_sub(1, SeqCst);
-            self.limits.wake();
-        }
-    }
-}
-
-impl Reserved {
-    /// A slot if the global cap has room for the connection now.
-    fn try_admit(&mut self, global: usize) -> Result<Slot, Cap> {
-        if self.admitted || !take(&self.limits.open, global) {
-            return Err(Cap::Global);
-        }
-        self.admitted = true;
-        Ok(Slot {
-            limits: Arc::clone(&self.limits),
-            listener: Arc::clone(&self.listener),
-        })
-    }
 }
 
 /// One client connection's place under the caps, given back on drop.
@@ -119,27 +123,16 @@ impl Drop for Slot {
         // Both counts go down before anyone is woken to read them.
         self.listener.fetch_sub(1, SeqCst);
         self.limits.open.fetch_sub(1, SeqCst);
-        self.limits.wake();
+        if self.limits.waiting.load(SeqCst) > 0 {
+            self.limits.freed.notify_waiters();
+        }
     }
-}
-
-/// Adds one to `count` if it is below `max`.
-fn take(count: &AtomicUsize, max: usize) -> bool {
-    count
-        .fetch_update(SeqCst, SeqCst, |n| (n < max).then_some(n + 1))
-        .is_ok()
 }
 
 impl Limits {
     /// Client connections open now, over every listener.
     pub fn open(&self) -> usize {
         self.open.load(SeqCst)
-    }
-
-    fn wake(&self) {
-        if self.waiting.load(SeqCst) > 0 {
-            self.freed.notify_waiters();
-        }
     }
 
     /// Tells accept loops, waiting or accepting, that the caps changed (a reload).
@@ -152,82 +145,95 @@ impl Limits {
         self.changed.notified()
     }
 
-    /// A place if both caps leave room now; otherwise the cap that is full.
-    pub fn reserve(
+    /// Whether both caps leave room for one more connection now, without taking it.
+    pub fn room(&self, listener: &AtomicUsize, caps: (usize, usize)) -> Result<(), Cap> {
+        if self.open.load(SeqCst) >= caps.0 {
+            Err(Cap::Global)
+        } else if listener.load(SeqCst) >= caps.1 {
+            Err(Cap::Listener)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A slot if both caps leave room now. The global count is taken with a
+    /// compare-and-swap, since every listener takes from it; a listener's count is only
+    /// ever raised by its own accept loop, so reading it first is enough.
+    pub fn take(
         self: &Arc<Self>,
         listener: &Arc<AtomicUsize>,
         caps: (usize, usize),
-    ) -> Result<Reserved, Cap> {
-        if self.open.load(SeqCst) >= caps.0 {
-            return Err(Cap::Global);
-        }
-        // Only this listener's loop waits on its count: failing here wakes nobody.
-        if !take(listener, caps.1) {
+    ) -> Result<Slot, Cap> {
+        if listener.load(SeqCst) >= caps.1 {
             return Err(Cap::Listener);
         }
-        Ok(Reserved {
+        self.open
+            .fetch_update(SeqCst, SeqCst, |n| (n < caps.0).then_some(n + 1))
+            .map_err(|_| Cap::Global)?;
+        listener.fetch_add(1, SeqCst);
+        Ok(Slot {
             limits: Arc::clone(self),
             listener: Arc::clone(listener),
-            admitted: false,
         })
     }
 
-    /// Waits for room under the caps `caps()` gives as of each try (global, this
-    /// listener) and reserves it. `full` is told each time a cap stops the loop. `None`
-    /// once `stop` resolves.
+    /// Waits until both caps, as `caps()` gives them at each look (global, this
+    /// listener), leave room; takes nothing. `full` is told once if a cap made it wait.
+    /// False once `stop` resolves.
     pub async fn wait_for_room(
-        self: &Arc<Self>,
-        listener: &Arc<AtomicUsize>,
+        &self,
+        listener: &AtomicUsize,
         caps: &impl Fn() -> (usize, usize),
         full: &mut impl FnMut(Cap),
         stop: impl Future<Output = ()>,
-    ) -> Option<Reserved> {
-        self.wait(|| self.reserve(listener, caps()), full, stop)
+    ) -> bool {
+        self.wait(|| self.room(listener, caps()), full, stop)
             .await
+            .is_some()
     }
 
-    /// Counts an arrived connection against the global cap, waiting for room if the
-    /// other listeners filled it since its place was reserved (the connection, accepted,
-    /// waits unanswered as it would have in the backlog: one per listener at most).
+    /// Takes a slot for a connection just accepted, waiting for room if the other
+    /// listeners filled the global cap since [`Limits::wait_for_room`] (the connection
+    /// waits unanswered meanwhile, as it would have in the backlog: one per listener at
+    /// most). `None` once `stop` resolves.
     pub async fn admit(
-        &self,
-        mut place: Reserved,
+        self: &Arc<Self>,
+        listener: &Arc<AtomicUsize>,
         caps: &impl Fn() -> (usize, usize),
         full: &mut impl FnMut(Cap),
         stop: impl Future<Output = ()>,
     ) -> Option<Slot> {
-        self.wait(|| place.try_admit(caps().0), full, stop).await
+        self.wait(|| self.take(listener, caps()), full, stop).await
     }
 
     /// Tries `attempt` until it succeeds, sleeping between tries until a connection
-    /// closes, the caps change, or [`RECHECK`] passes; `None` once `stop` resolves.
+    /// closes, the caps change, or [`RECHECK`] passes. `full` hears of the first refusal
+    /// only: one wait, one count. `None` once `stop` resolves.
     async fn wait<T>(
         &self,
         mut attempt: impl FnMut() -> Result<T, Cap>,
         full: &mut impl FnMut(Cap),
         stop: impl Future<Output = ()>,
     ) -> Option<T> {
-        if let Ok(got) = attempt() {
-            return Some(got);
-        }
+        let first = match attempt() {
+            Ok(got) => return Some(got),
+            Err(cap) => cap,
+        };
+        full(first);
         tokio::pin!(stop);
         loop {
-            // Registered before the counts are read, so that a close between the two
-            // still wakes this loop (see `wake`).
+            // Registered before the counts are read again, so that a close between the
+            // two still wakes this loop (see `Slot::drop`).
             let freed = self.freed.notified();
             let changed = self.changed.notified();
             tokio::pin!(freed, changed);
             freed.as_mut().enable();
             changed.as_mut().enable();
             self.waiting.fetch_add(1, SeqCst);
-            let cap = match attempt() {
-                Ok(got) => {
-                    self.waiting.fetch_sub(1, SeqCst);
-                    return Some(got);
-                }
-                Err(cap) => cap,
-            };
-            full(cap);
+            if let Ok(got) = attempt() {
+                self.waiting.fetch_sub(1, SeqCst);
+                return Some(got);
+            }
             let stopped = tokio::select! {
                 _ = freed => false,
                 _ = changed => false,
@@ -258,49 +264,28 @@ mod tests {
         panic!("the loop never waited");
     }
 
-    fn admitted(limits: &Arc<Limits>, l: &Arc<AtomicUsize>, caps: (usize, usize)) -> Slot {
-        let mut place = limits.reserve(l, caps).expect("room");
-        place.try_admit(caps.0).expect("global room")
-    }
-
     #[test]
-    fn places_count_against_both_caps_and_come_back_on_drop() {
+    fn slots_count_against_both_caps_and_come_back_on_drop() {
         let limits = Arc::new(Limits::default());
         let (a, b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let one = admitted(&limits, &a, (3, 1));
-        assert_eq!(limits.reserve(&a, (3, 1)).unwrap_err(), Cap::Listener);
+        let one = limits.take(&a, (3, 1)).expect("first on a");
+        assert_eq!(limits.room(&a, (3, 1)), Err(Cap::Listener));
+        assert_eq!(limits.take(&a, (3, 1)).unwrap_err(), Cap::Listener);
         assert_eq!((limits.open(), a.load(SeqCst)), (1, 1));
-        let two = admitted(&limits, &b, (3, 5));
-        let three = admitted(&limits, &b, (3, 5));
-        assert_eq!(limits.reserve(&b, (3, 5)).unwrap_err(), Cap::Global);
+        let two = limits.take(&b, (3, 5)).expect("first on b");
+        let three = limits.take(&b, (3, 5)).expect("second on b");
+        assert_eq!(limits.room(&b, (3, 5)), Err(Cap::Global));
+        assert_eq!(limits.take(&b, (3, 5)).unwrap_err(), Cap::Global);
+        // Refused takes leave both counts as they were.
         assert_eq!((limits.open(), b.load(SeqCst)), (3, 2));
         drop(one);
         assert_eq!((limits.open(), a.load(SeqCst)), (2, 0));
-        let four = admitted(&limits, &a, (3, 1));
+        assert_eq!(limits.room(&a, (3, 1)), Ok(()));
+        let four = limits.take(&a, (3, 1)).expect("a has room again");
         drop((two, three));
         assert_eq!((limits.open(), b.load(SeqCst)), (1, 0));
         drop(four);
         assert_eq!((limits.open(), a.load(SeqCst)), (0, 0));
-    }
-
-    /// An accept loop waiting in `accept()` on an idle listener holds a place under its
-    /// own cap only: the last global place stays free for whichever listener gets a
-    /// connection first.
-    #[test]
-    fn an_idle_listeners_place_leaves_the_global_cap_alone() {
-        let limits = Arc::new(Limits::default());
-        let (a, b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let mut idle = limits.reserve(&a, (1, 10)).expect("room on a");
-        let busy = admitted(&limits, &b, (1, 10));
-        assert_eq!(limits.reserve(&a, (1, 10)).unwrap_err(), Cap::Global);
-        assert_eq!(limits.open(), 1);
-        // A connection that reaches the idle listener now is not let past the cap.
-        assert_eq!(idle.try_admit(1).unwrap_err(), Cap::Global);
-        // Given back without a connection: only the listener's count moves.
-        drop(idle);
-        assert_eq!((limits.open(), a.load(SeqCst)), (1, 0));
-        drop(busy);
-        assert_eq!((limits.open(), b.load(SeqCst)), (0, 0));
     }
 
     // Paused time: the recheck would fire only once the runtime idles and time jumps,
@@ -310,28 +295,29 @@ mod tests {
     async fn a_waiting_loop_gets_the_room_a_close_frees() {
         let limits = Arc::new(Limits::default());
         let (a, b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let held = admitted(&limits, &a, (1, 10));
+        let held = limits.take(&a, (1, 10)).expect("room");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let waiter = {
             let (limits, b) = (Arc::clone(&limits), Arc::clone(&b));
             tokio::spawn(async move {
                 let mut full = Vec::new();
-                let place = limits
-                    .wait_for_room(&b, &|| (1, 10), &mut |c| full.push(c), async {
+                let slot = limits
+                    .admit(&b, &|| (1, 10), &mut |c| full.push(c), async {
                         let _ = rx.await;
                     })
                     .await;
-                (place.is_some(), full)
+                (slot, full)
             })
         };
         until_waiting(&limits).await;
         let woke = tokio::time::Instant::now();
         drop(held);
         let (got, full) = waiter.await.expect("no panic");
-        assert!(got, "the freed room went to the waiting loop");
+        assert!(got.is_some(), "the freed room went to the waiting loop");
         assert_eq!(full, vec![Cap::Global]);
         // Woken by the close, not by the once-a-second recheck.
         assert!(woke.elapsed() < RECHECK, "took {:?}", woke.elapsed());
+        assert_eq!((limits.open(), b.load(SeqCst)), (1, 1));
         drop(tx);
     }
 
@@ -339,7 +325,7 @@ mod tests {
     async fn a_reload_wakes_a_waiting_loop_at_once() {
         let limits = Arc::new(Limits::default());
         let l = Arc::new(AtomicUsize::new(0));
-        let _held = admitted(&limits, &l, (1, 1));
+        let _held = limits.take(&l, (10, 1)).expect("room");
         let cap = Arc::new(AtomicUsize::new(1));
         let waiter = {
             let (limits, l, cap) = (Arc::clone(&limits), Arc::clone(&l), Arc::clone(&cap));
@@ -348,7 +334,6 @@ mod tests {
                 limits
                     .wait_for_room(&l, &caps, &mut |_| {}, std::future::pending())
                     .await
-                    .is_some()
             })
         };
         until_waiting(&limits).await;
@@ -359,24 +344,33 @@ mod tests {
         assert!(raised.elapsed() < RECHECK, "took {:?}", raised.elapsed());
     }
 
-    // A loop waiting at one cap must sleep, not wake itself: each try that finds a cap
-    // full is counted, and over three rechecks' time there may be about three.
+    // A loop waiting at one cap must sleep, not wake itself, and counts one wait however
+    // often it looks again: over three rechecks' time, `full` hears of it once.
     #[tokio::test(start_paused = true)]
-    async fn a_loop_at_a_cap_waits_without_spinning() {
+    async fn a_loop_at_a_cap_waits_without_spinning_and_counts_once() {
         for caps in [(10, 1), (1, 10)] {
             let limits = Arc::new(Limits::default());
             let l = Arc::new(AtomicUsize::new(0));
-            let _held = admitted(&limits, &l, caps);
-            let tries = AtomicUsize::new(0);
-            let mut full = |_| assert!(tries.fetch_add(1, SeqCst) < 100, "spinning at {caps:?}");
-            let place = limits
-                .wait_for_room(&l, &|| caps, &mut full, tokio::time::sleep(RECHECK * 3))
+            let _held = limits.take(&l, caps).expect("room");
+            let looks = AtomicUsize::new(0);
+            let attempt = || {
+                assert!(looks.fetch_add(1, SeqCst) < 100, "spinning at {caps:?}");
+                limits.room(&l, caps)
+            };
+            let mut fulls = 0;
+            let got = limits
+                .wait(
+                    attempt,
+                    &mut |_| fulls += 1,
+                    tokio::time::sleep(RECHECK * 3),
+                )
                 .await;
-            assert!(place.is_none());
+            assert!(got.is_none());
+            assert_eq!(fulls, 1);
             assert!(
-                tries.load(SeqCst) <= 4,
-                "{} tries at {caps:?}",
-                tries.load(SeqCst)
+                looks.load(SeqCst) <= 5,
+                "{} looks at {caps:?}",
+                looks.load(SeqCst)
             );
         }
     }
@@ -385,21 +379,17 @@ mod tests {
     async fn stop_ends_the_wait() {
         let limits = Arc::new(Limits::default());
         let l = Arc::new(AtomicUsize::new(0));
-        let _held = admitted(&limits, &l, (1, 1));
-        let place = limits
-            .wait_for_room(&l, &|| (1, 1), &mut |_| {}, async {})
-            .await;
-        assert!(place.is_none());
+        let _held = limits.take(&l, (1, 1)).expect("room");
+        let slot = limits.admit(&l, &|| (1, 1), &mut |_| {}, async {}).await;
+        assert!(slot.is_none());
         assert_eq!(limits.waiting.load(SeqCst), 0);
+        assert_eq!((limits.open(), l.load(SeqCst)), (1, 1));
     }
 
     #[test]
     fn the_default_cap_leaves_a_reserve_and_halves_the_rest() {
-        assert_eq!(default_max(), usize::MAX, "no limit known yet");
-        set_open_file_limit(20_000);
-        assert_eq!(default_max(), 9_950);
-        set_open_file_limit(50);
-        assert_eq!(default_max(), 1);
-        set_open_file_limit(0);
+        assert_eq!(cap_for(20_000), 9_950);
+        assert_eq!(cap_for(1_048_576), 524_238);
+        assert_eq!(cap_for(50), 1);
     }
 }

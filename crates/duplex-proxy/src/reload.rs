@@ -202,11 +202,24 @@ impl Proxy {
                 .filter(|h| !kept(h))
                 .map(|h| h.stop.clone())
                 .collect();
-            (bind_all(fresh).map(|b| (reuse, b)), stop)
+            // A listener that keeps its name on a new address keeps its count: its
+            // connections on the old socket still hold places under its cap.
+            let carried = bind_all(fresh).map(|mut bound| {
+                for b in &mut bound {
+                    if let Some(h) = handles.iter().find(|h| h.name == b.name) {
+                        b.open = Arc::clone(&h.open);
+                    }
+                }
+                (reuse, bound)
+            });
+            (carried, stop)
         };
         let (reuse, fresh) = bound.map_err(|e| self.refused(e))?;
 
         let diff = Diff::between(&old.config, &config);
+        if diff.settings.iter().any(|s| s == "max_connections") {
+            crate::limits::check_against_open_files(config.max_connections);
+        }
         let generation = old.generation + 1;
         let table = Table::build(Arc::new(config), generation, &shared.carry(Some(&old)))
             .map_err(|e| self.refused(ProxyError::Tls(e)))?;

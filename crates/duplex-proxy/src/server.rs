@@ -174,6 +174,7 @@ impl Proxy {
         table.export_backends(&shared.metrics);
         shared.table.store(Arc::new(table));
         shared.apply_caps();
+        crate::limits::check_against_open_files(shared.table.load().config.max_connections);
         match shared.table.load().config.max_connections {
             Some(max) => tracing::info!(max, "connection cap: max_connections"),
             None => match crate::limits::default_max() {
@@ -350,12 +351,12 @@ async fn accept_loop(
         let changed = limits.changed();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let Some(room) = limits
+        if !limits
             .wait_for_room(&open, &caps, &mut full, stop.cancelled())
             .await
-        else {
+        {
             break;
-        };
+        }
         // In this order: a connection that arrived with new caps is taken in under them.
         let res = tokio::select! {
             biased;
@@ -367,7 +368,9 @@ async fn accept_loop(
             Ok((tcp, peer)) => {
                 backoff = ACCEPT_BACKOFF_START;
                 accepted.inc();
-                let admitted = limits.admit(room, &caps, &mut full, stop.cancelled());
+                // A reload that stops this loop here (a renamed listener) closes this
+                // one connection unanswered; its client may retry.
+                let admitted = limits.admit(&open, &caps, &mut full, stop.cancelled());
                 let Some(slot) = admitted.await else {
                     break;
                 };

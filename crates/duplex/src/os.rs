@@ -9,6 +9,8 @@
 #![allow(unsafe_code)]
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns (soft, hard) in force after.
+/// A raise the OS refuses (macOS refuses an unlimited hard limit) is logged, and the
+/// limits in force are returned.
 pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -25,9 +27,11 @@ pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
         };
         // SAFETY: `want` is a valid rlimit that outlives the call.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
-            return Err(std::io::Error::last_os_error());
+            let error = std::io::Error::last_os_error();
+            tracing::warn!(%error, soft = lim.rlim_cur, "could not raise the open file limit to the hard limit");
+        } else {
+            lim = want;
         }
-        lim = want;
     }
     Ok((lim.rlim_cur, lim.rlim_max))
 }

@@ -158,7 +158,13 @@ async fn the_global_cap_spans_listeners_and_counts_http_connections() {
     .await;
     unanswered(&mut held, "an upgrade on the other listener").await;
     assert_eq!(p.metric("duplex_connections_limit", &[]).await, 1.0);
-    assert_eq!(status(&p).await["connections"]["open"].as_u64(), Some(1));
+    let s = status(&p).await;
+    assert_eq!(s["connections"]["open"].as_u64(), Some(1));
+    // Held, not counted: the listeners' counts add up to the total.
+    let counts: Vec<_> = (0..2)
+        .map(|i| s["listeners"][i]["connections"].as_u64())
+        .collect();
+    assert_eq!(counts, [Some(1), Some(0)]);
 
     drop(conn);
     served(held).await;
@@ -200,4 +206,23 @@ async fn a_reload_that_raises_the_cap_lets_held_connections_in_and_one_that_lowe
     unanswered(&mut held, "one tunnel closed, one still at the cap of 1").await;
     drop(second);
     served(held).await;
+}
+
+/// A listener that keeps its name on a new address keeps its count: the tunnel still
+/// open on the old socket holds the only place under its cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_moved_to_a_new_address_keeps_its_count() {
+    let b = Backend::start("a").await;
+    let p = start(&yaml(None, Some(1), b.addr)).await;
+    let (first, _) = ws(p.addr, "/one").await;
+    let moved = yaml(None, Some(1), b.addr).replacen("bind: 127.0.0.1:0", "bind: 127.0.0.2:0", 1);
+    within("the reload", p.proxy.reload(config(&moved)))
+        .await
+        .expect("the reload applies");
+    let addr = p.proxy.listener_addr("public").expect("bound");
+    assert_eq!(addr.ip().to_string(), "127.0.0.2");
+    let mut held = upgrade_sent(addr).await;
+    unanswered(&mut held, "an upgrade on the moved listener").await;
+    close(first).await;
+    let _second = served(held).await;
 }
