@@ -120,6 +120,11 @@ pub fn check_backend_101(headers: &HeaderMap, key: &HeaderValue) -> Result<(), &
     if !has_token(headers, header::UPGRADE, "websocket") {
         return Err("no Upgrade: websocket");
     }
+    // RFC 6455 section 4.1: a client must fail the connection without it; duplex is the
+    // backend's client.
+    if !has_token(headers, header::CONNECTION, "upgrade") {
+        return Err("no Connection: upgrade");
+    }
     match headers.get("sec-websocket-accept") {
         Some(v) if v.as_bytes() == accept_for(key.as_bytes()).as_bytes() => Ok(()),
         Some(_) => Err("wrong Sec-WebSocket-Accept"),

@@ -386,3 +386,48 @@ async fn forwards_x_forwarded_and_drops_hop_by_hop_headers() {
         "Keep-Alive is hop-by-hop: {seen:?}"
     );
 }
+
+/// A 101 that is not a valid WebSocket answer (RFC 6455 section 4.1) gets the client a
+/// 502, counted as `rejected_by_backend`, and no tunnel: each case is one missing or
+/// wrong header, the rest being right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_101_gets_the_client_a_502() {
+    let cases: [(&str, fn(&str) -> String); 4] = [
+        ("wrong accept", |_| {
+            "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: AAAA\r\n".into()
+        }),
+        ("no accept", |_| {
+            "Connection: Upgrade\r\nUpgrade: websocket\r\n".into()
+        }),
+        ("no Connection", |accept| {
+            format!("Upgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n")
+        }),
+        ("no Upgrade", |accept| {
+            format!("Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n")
+        }),
+    ];
+    for (what, headers) in cases {
+        let b = RawBackend::start(move |mut tcp| async move {
+            let (head, _) = read_head(&mut tcp).await?;
+            let accept =
+                duplex_e2e::wire::accept_for(head.get("sec-websocket-key").unwrap_or_default());
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\n{}\r\n",
+                headers(&accept)
+            );
+            tcp.write_all(answer.as_bytes()).await
+        })
+        .await;
+        let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+        let req = upgrade_request("/", &p.addr.to_string(), &[]);
+        let r = raw_exchange(p.addr, req.as_bytes()).await;
+        assert_eq!(r.head.status(), 502, "{what}: {:?}", r.head);
+        let rejected = p
+            .metric(
+                "duplex_websocket_upgrades_total",
+                &[("result", "rejected_by_backend")],
+            )
+            .await;
+        assert_eq!(rejected, 1.0, "{what}");
+    }
+}
