@@ -392,7 +392,9 @@ async fn forwards_x_forwarded_and_drops_hop_by_hop_headers() {
 /// wrong header, the rest being right.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_101_gets_the_client_a_502() {
-    let cases: [(&str, fn(&str) -> String); 4] = [
+    // What went wrong, and the 101's headers given the right accept value.
+    type Case = (&'static str, fn(&str) -> String);
+    let cases: [Case; 4] = [
         ("wrong accept", |_| {
             "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: AAAA\r\n".into()
         }),
