@@ -46,7 +46,8 @@ impl Drop for Running {
 }
 
 fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("duplex-cli-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("duplex-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write");
@@ -221,7 +222,8 @@ fn run_drains_and_exits_0_on_sigterm() {
 /// writes to, standing for a hung network mount): duplex does not wait for that read.
 #[test]
 fn exits_on_sigterm_while_a_reload_is_stuck_reading_a_file() {
-    let dir = std::env::temp_dir().join(format!("duplex-cli-stuck-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("duplex-cli-stuck-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     let cert = dir.join("cert.pem");

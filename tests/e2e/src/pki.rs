@@ -65,12 +65,34 @@ impl Ca {
     }
 }
 
-/// A fresh directory for one test's files.
-pub fn temp_dir(tag: &str) -> PathBuf {
+/// A fresh directory for one test's files, removed with everything in it when dropped.
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh directory for one test's files (see [`TempDir`]).
+pub fn temp_dir(tag: &str) -> TempDir {
     let dir = std::env::temp_dir().join(format!("duplex-e2e-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create a temp dir");
-    dir
+    TempDir(dir)
 }
 
 /// Writes `text` to `dir/name` and returns the path.

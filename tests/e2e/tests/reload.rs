@@ -344,18 +344,18 @@ struct SlowCert {
     listener: String,
     feed: std::sync::mpsc::Sender<()>,
     writer: Option<std::thread::JoinHandle<std::io::Result<()>>>,
-    dir: PathBuf,
+    /// Removed, with the FIFO, once the writer is done.
+    _dir: duplex_e2e::pki::TempDir,
 }
 
 impl Drop for SlowCert {
     /// Feeds the FIFO if that has not happened (a failed test), so that no reader stays
-    /// blocked on it, then removes the files.
+    /// blocked on it; the files go with `dir` after.
     fn drop(&mut self) {
         let _ = self.feed.send(());
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -412,7 +412,7 @@ impl SlowCert {
             listener,
             feed,
             writer: Some(writer),
-            dir,
+            _dir: dir,
         }
     }
 

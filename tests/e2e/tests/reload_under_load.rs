@@ -6,7 +6,7 @@
 //! the two explicit triggers, and waits until all three proxies have applied or refused it.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -54,13 +54,6 @@ fn write_config(path: &Path, text: &str, by_rename: bool) {
     } else {
         std::fs::write(path, text).expect("write the config");
     }
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("duplex-e2e-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create a temp dir");
-    dir
 }
 
 fn errors(p: &Proxy) -> u64 {
@@ -175,7 +168,7 @@ async fn http_loop(
 async fn fifty_reloads_by_three_triggers_drop_nothing() {
     let backends = Backend::start_all(&["b0", "b1", "b2", "b3"]).await;
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let dir = temp_dir("reload");
+    let dir = duplex_e2e::pki::temp_dir("reload");
     let path = dir.join("duplex.yaml");
     let mut shape = Shape {
         backends: vec![0, 1],
