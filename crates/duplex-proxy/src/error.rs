@@ -96,6 +96,29 @@ pub fn client_side<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a
     None
 }
 
+/// Whether `err` is a connection that ended before any of the response came: closed
+/// (hyper's incomplete message) or reset. On a pooled keep-alive connection this is
+/// usually the backend closing it just as the request went out.
+pub fn closed_before_response(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    io_source(err).is_some_and(|io| {
+        matches!(
+            io.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionAborted
+        )
+    })
+}
+
 /// Displays an error with its sources: `outer: inner: root`.
 pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
 

@@ -147,7 +147,8 @@ pub fn relay(resp: Response<Incoming>, load: LoadGuard, idle: Duration) -> Respo
 }
 
 /// Proxies one plain HTTP request to the route's upstream, trying further backends on
-/// connect failure while the request is still unsent.
+/// connect failure while the request is still unsent, and sending an idempotent request
+/// without a body once more when a kept-alive connection closes before the answer.
 pub async fn forward(
     req: Request<Incoming>,
     conn: &ConnInfo,
@@ -190,7 +191,10 @@ pub async fn forward(
         resp = Some(responses::no_healthy_backend(&route.name));
     }
     let attempts = candidates.len();
-    for (attempt, backend) in candidates.into_iter().enumerate() {
+    // A request that can be sent again as it was: idempotent (RFC 9110 section 9.2.2),
+    // and no body that the first try may have used up.
+    let mut resend = end && parts.method.is_idempotent();
+    'candidates: for (attempt, backend) in candidates.into_iter().enumerate() {
         let addr = backend.state.addr;
         let load = backend.state.guard();
         let Ok(uri) = Uri::builder()
@@ -201,60 +205,73 @@ pub async fn forward(
         else {
             break;
         };
-        let mut out = Request::new(ReclaimBody {
-            slot: Arc::clone(&slot),
-            body: None,
-            end,
-            hint,
-            timer: IdleTimer::new(conn.body_timeout),
-        });
-        *out.method_mut() = parts.method.clone();
-        *out.uri_mut() = uri;
-        *out.version_mut() = Version::HTTP_11;
-        // The last attempt takes the headers; earlier ones need a copy for a retry.
-        *out.headers_mut() = if attempt + 1 == attempts {
-            std::mem::take(&mut parts.headers)
-        } else {
-            parts.headers.clone()
-        };
-        match tokio::time::timeout(up.cfg.response_timeout, up.client.request(out)).await {
-            Ok(Ok(r)) => {
-                backend.state.record_success();
-                resp = Some(relay(r, load, up.cfg.response_timeout));
-                break;
-            }
-            Ok(Err(e)) if e.is_connect() => {
-                if !crate::error::io_source(&e).is_some_and(crate::connector::is_local_exhaustion) {
-                    crate::health::passive_failure(shared, up, &backend.state);
+        loop {
+            let mut out = Request::new(ReclaimBody {
+                slot: Arc::clone(&slot),
+                body: None,
+                end,
+                hint,
+                timer: IdleTimer::new(conn.body_timeout),
+            });
+            *out.method_mut() = parts.method.clone();
+            *out.uri_mut() = uri.clone();
+            *out.version_mut() = Version::HTTP_11;
+            // The last attempt takes the headers; others keep a copy for the next one.
+            *out.headers_mut() = if attempt + 1 == attempts && !resend {
+                std::mem::take(&mut parts.headers)
+            } else {
+                parts.headers.clone()
+            };
+            match tokio::time::timeout(up.cfg.response_timeout, up.client.request(out)).await {
+                Ok(Ok(r)) => {
+                    backend.state.record_success();
+                    resp = Some(relay(r, load, up.cfg.response_timeout));
+                    break 'candidates;
                 }
-                let kind = crate::error::connect_kind(&e);
-                m.backend_connect_errors
-                    .with_label_values(&[&up.cfg.name, &addr.to_string(), kind])
-                    .inc();
-                tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "connect to backend failed");
-                let unsent = slot.lock().unwrap_or_else(|p| p.into_inner()).is_some();
-                if !unsent {
-                    break;
+                Ok(Err(e)) if e.is_connect() => {
+                    if !crate::error::io_source(&e)
+                        .is_some_and(crate::connector::is_local_exhaustion)
+                    {
+                        crate::health::passive_failure(shared, up, &backend.state);
+                    }
+                    let kind = crate::error::connect_kind(&e);
+                    m.backend_connect_errors
+                        .with_label_values(&[&up.cfg.name, &addr.to_string(), kind])
+                        .inc();
+                    tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "connect to backend failed");
+                    let unsent = slot.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+                    if !unsent {
+                        break 'candidates;
+                    }
+                    continue 'candidates;
                 }
-            }
-            Ok(Err(e)) => {
-                // The client's side of the exchange, not the backend: its body stalled or
-                // broke off while being forwarded.
-                if let Some(client) = crate::error::client_side(&e) {
-                    tracing::debug!(route = %route.name, backend = %addr, error = %client, "request body from the client failed");
-                    resp = Some(match client {
-                        ProxyError::ClientBodyStalled { .. } => responses::body_stalled(),
-                        _ => responses::body_broken(),
-                    });
-                    break;
+                Ok(Err(e)) => {
+                    // The client's side of the exchange, not the backend: its body stalled
+                    // or broke off while being forwarded.
+                    if let Some(client) = crate::error::client_side(&e) {
+                        tracing::debug!(route = %route.name, backend = %addr, error = %client, "request body from the client failed");
+                        resp = Some(match client {
+                            ProxyError::ClientBodyStalled { .. } => responses::body_stalled(),
+                            _ => responses::body_broken(),
+                        });
+                        break 'candidates;
+                    }
+                    // A pooled connection the backend closed as the request went out (its
+                    // keep-alive timeout, shorter than ours): once more to the same
+                    // backend, as nginx does, and not counted against it.
+                    if resend && crate::error::closed_before_response(&e) {
+                        resend = false;
+                        tracing::debug!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "backend closed the connection before answering; sending again");
+                        continue;
+                    }
+                    tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "backend request failed");
+                    break 'candidates;
                 }
-                tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "backend request failed");
-                break;
-            }
-            Err(_) => {
-                tracing::warn!(route = %route.name, backend = %addr, "backend response timed out");
-                resp = Some(responses::gateway_timeout(&route.name));
-                break;
+                Err(_) => {
+                    tracing::warn!(route = %route.name, backend = %addr, "backend response timed out");
+                    resp = Some(responses::gateway_timeout(&route.name));
+                    break 'candidates;
+                }
             }
         }
     }

@@ -2,18 +2,21 @@
 //! keep-alive reuse, routing misses, forwarding headers, and dead backends.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::stream;
 use http::Method;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use duplex_e2e::backend::Backend;
 use duplex_e2e::client::{get, raw_exchange, request, HttpConn};
 use duplex_e2e::proxy::{single_route, TestProxy, Upstream, LISTENER};
-use duplex_e2e::raw::dead_addr;
-use duplex_e2e::wire::upgrade_request;
+use duplex_e2e::raw::{dead_addr, RawBackend};
+use duplex_e2e::wire::{read_head, upgrade_request};
 use duplex_e2e::within;
 
 async fn one_backend(name: &str) -> (Backend, TestProxy) {
@@ -598,4 +601,58 @@ async fn a_body_that_stalls_before_the_answer_gets_408() {
         |c| duplex_e2e::proxy::sum_series(&metrics, "duplex_http_requests_total", &[("code", c)]);
     assert_eq!(code("4xx"), 1.0);
     assert_eq!(code("5xx"), 0.0);
+}
+
+/// A backend that answers the first request on each connection and closes the
+/// connection when a second one comes, as a backend whose keep-alive timeout ran out
+/// just as duplex reused the connection. Counts the requests it read.
+async fn closes_on_reuse() -> (RawBackend, Arc<AtomicUsize>) {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&seen);
+    let b = RawBackend::start(move |mut tcp| {
+        let count = Arc::clone(&count);
+        async move {
+            let (head, _) = read_head(&mut tcp).await?;
+            count.fetch_add(1, Ordering::SeqCst);
+            let len: usize = head
+                .get("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let mut body = vec![0u8; len];
+            tcp.read_exact(&mut body).await?;
+            tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+                .await?;
+            // The next request is read, then the connection closes unanswered.
+            let (_, _) = read_head(&mut tcp).await?;
+            count.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    })
+    .await;
+    (b, seen)
+}
+
+/// A GET sent on a pooled connection that the backend closes without answering is sent
+/// once more, on a new connection, and the client never sees the failure; a POST is not
+/// sent again (it may have been acted on) and gets 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_on_a_connection_the_backend_just_closed_is_sent_again() {
+    let (b, seen) = closes_on_reuse().await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let mut c = HttpConn::open(p.addr).await;
+    assert_eq!(c.get("/one", &[]).await.text(), "fresh");
+    // Reuses the pooled connection, which the backend closes: sent again on a new one.
+    let r = c.get("/two", &[]).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "fresh"));
+    assert_eq!((b.accepted(), seen.load(Ordering::SeqCst)), (2, 3));
+
+    let data = http_body_util::Full::new(Bytes::from_static(b"data")).boxed();
+    let post = request(Method::POST, p.addr, "/three", &[], data);
+    let r = c.send(post).await;
+    assert_eq!(r.status.as_u16(), 502, "{}", r.text());
+    assert_eq!(
+        (b.accepted(), seen.load(Ordering::SeqCst)),
+        (2, 4),
+        "the POST went out once"
+    );
 }
