@@ -6,6 +6,9 @@
 
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
+
+use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -78,6 +81,23 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
     pub config_last_reload_success: IntGauge,
+}
+
+/// Removes the series of `vec` labelled with `upstream` and `backend`.
+fn forget<T: MetricVecBuilder>(vec: &MetricVec<T>, upstream: &str, backend: &str) {
+    for family in vec.collect() {
+        for m in family.get_metric() {
+            let labels: HashMap<&str, &str> = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if labels.get("upstream") == Some(&upstream) && labels.get("backend") == Some(&backend)
+            {
+                let _ = vec.remove(&labels);
+            }
+        }
+    }
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -234,6 +254,16 @@ impl Metrics {
         }
     }
 
+    /// Removes every series of backend `backend` of `upstream`, whatever its other labels
+    /// (route, kind, result): for a backend that no configuration has any more.
+    pub fn forget_backend(&self, upstream: &str, backend: &str) {
+        forget(&self.tunnels_active, upstream, backend);
+        forget(&self.backend_connect_errors, upstream, backend);
+        forget(&self.backend_up, upstream, backend);
+        forget(&self.backend_health_checks, upstream, backend);
+        forget(&self.backend_ejections, upstream, backend);
+    }
+
     pub fn tunnel_series(&self, route: &str, upstream: &str, backend: &str) -> TunnelSeries {
         TunnelSeries {
             client_to_backend: self
@@ -278,6 +308,43 @@ mod tests {
             text.contains("duplex_http_requests_total{code=\"1xx\",route=\"r\",upstream=\"u\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn forgetting_a_backend_removes_all_its_series_and_no_other() {
+        let m = Metrics::new();
+        for (up, b) in [
+            ("u", "10.0.0.1:80"),
+            ("u", "10.0.0.2:80"),
+            ("v", "10.0.0.1:80"),
+        ] {
+            m.tunnels_active.with_label_values(&["r1", up, b]).inc();
+            m.tunnels_active.with_label_values(&["r2", up, b]).inc();
+            m.backend_connect_errors
+                .with_label_values(&[up, b, "refused"])
+                .inc();
+            m.backend_up.with_label_values(&[up, b]).set(1);
+            m.backend_health_checks
+                .with_label_values(&[up, b, "ok"])
+                .inc();
+            m.backend_ejections.with_label_values(&[up, b]).inc();
+        }
+        m.forget_backend("u", "10.0.0.1:80");
+        let text = m.render();
+        let gone = |up: &str, b: &str| {
+            !text.lines().any(|l| {
+                l.contains(&format!("backend=\"{b}\"")) && l.contains(&format!("upstream=\"{up}\""))
+            })
+        };
+        assert!(gone("u", "10.0.0.1:80"), "{text}");
+        assert!(!gone("u", "10.0.0.2:80"), "{text}");
+        assert!(!gone("v", "10.0.0.1:80"), "{text}");
+        // Five families with two tunnel routes: six series each for the other two.
+        let left = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains("backend=\""))
+            .count();
+        assert_eq!(left, 12, "{text}");
     }
 
     #[test]

@@ -355,12 +355,6 @@ fn drain_removed(shared: &Arc<Shared>, old: &Table, new: &Table) {
             if kept.is_some_and(|k| k.closers.contains_key(&addr)) {
                 continue;
             }
-            let routes: Vec<String> = old
-                .routes()
-                .iter()
-                .filter(|r| &r.upstream == name)
-                .map(|r| r.name.clone())
-                .collect();
             // No longer a configured backend: its up/down series goes now (a draining
             // backend is not "down", and must not page anyone); its tunnel series stay
             // until the drain ends.
@@ -387,7 +381,6 @@ fn drain_removed(shared: &Arc<Shared>, old: &Table, new: &Table) {
                 Arc::clone(&b.state),
                 up.cfg.drain_timeout,
                 name.clone(),
-                routes,
             ));
         }
     }
@@ -407,7 +400,6 @@ async fn drain(
     state: Arc<BackendState>,
     timeout: Duration,
     upstream: String,
-    routes: Vec<String>,
 ) {
     let addr = state.addr;
     let key = (upstream.clone(), addr);
@@ -441,25 +433,7 @@ async fn drain(
     }
     // Retired, not renewed: a handshake still in flight on the old table gets a closed token.
     entry.closer.retire();
-    let backend = addr.to_string();
-    let m = &shared.metrics;
-    let _ = m
-        .backend_ejections
-        .remove_label_values(&[&upstream, &backend]);
-    for result in ["ok", "fail"] {
-        let _ = m
-            .backend_health_checks
-            .remove_label_values(&[&upstream, &backend, result]);
-    }
-    for r in &routes {
-        let _ = m
-            .tunnels_active
-            .remove_label_values(&[r, &upstream, &backend]);
-    }
-    let _ = m.backend_up.remove_label_values(&[&upstream, &backend]);
-    for kind in ["refused", "timeout", "other"] {
-        let _ = m
-            .backend_connect_errors
-            .remove_label_values(&[&upstream, &backend, kind]);
-    }
+    // Whatever still runs on an old table may bring some back; the backend's `Closer`
+    // forgets them again when the last table holding it goes.
+    shared.metrics.forget_backend(&upstream, &addr.to_string());
 }

@@ -168,6 +168,7 @@ impl Proxy {
             resolved: Mutex::new(HashMap::new()),
             resolver,
             limits: Arc::default(),
+            owners: Arc::default(),
         });
         crate::discovery::resolve_all(&shared, &config).await;
         let table = Table::build(Arc::new(config), 1, &shared.carry(None))?;

@@ -55,17 +55,74 @@ impl UpstreamRt {
 
 /// Closes a backend's open tunnels on demand while new ones keep coming: every tunnel
 /// watches the current token; closing cancels it and puts a fresh one in its place.
+///
+/// One per backend, carried from table to table while the backend stays, and kept by a
+/// drain after it goes; so it lives exactly as long as something can still reach the
+/// backend through a table, and its [`Owner`] forgets the backend's metric series then.
 pub struct Closer {
     /// `Shared::closing`: cancelled at the end of shutdown, which closes every token.
     parent: CancellationToken,
     current: Mutex<CancellationToken>,
+    _owner: Option<Owner>,
+}
+
+/// How many live [`Closer`]s each backend has: usually one; two while a backend that a
+/// reload removed is back under a new one and the old one is still held.
+#[derive(Default)]
+pub struct Owners(Mutex<HashMap<(String, SocketAddr), usize>>);
+
+/// A backend's place in [`Owners`]. The last one to go removes the backend's metric
+/// series: whatever still ran on an old table (a request trying its next backend, a
+/// health check finishing) may have brought them back after its drain ended.
+struct Owner {
+    owners: Arc<Owners>,
+    metrics: Arc<Metrics>,
+    key: (String, SocketAddr),
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let last = {
+            let mut counts = crate::server::lock(&self.owners.0);
+            let n = counts.entry(self.key.clone()).or_insert(1);
+            *n -= 1;
+            let last = *n == 0;
+            if last {
+                counts.remove(&self.key);
+            }
+            last
+        };
+        if last {
+            self.metrics
+                .forget_backend(&self.key.0, &self.key.1.to_string());
+        }
+    }
 }
 
 impl Closer {
     pub fn new(parent: &CancellationToken) -> Arc<Closer> {
+        Closer::make(parent, None)
+    }
+
+    /// A closer for backend `addr` of `upstream`, counted in `owners`.
+    fn owned(carry: &Carry<'_>, upstream: &str, addr: SocketAddr) -> Arc<Closer> {
+        let key = (upstream.to_owned(), addr);
+        *crate::server::lock(&carry.owners.0)
+            .entry(key.clone())
+            .or_insert(0) += 1;
+        let owner = Owner {
+            owners: Arc::clone(carry.owners),
+            metrics: Arc::clone(carry.metrics),
+            key,
+        };
+        Closer::make(carry.closing, Some(owner))
+    }
+
+    fn make(parent: &CancellationToken, owner: Option<Owner>) -> Arc<Closer> {
         Arc::new(Closer {
             parent: parent.clone(),
             current: Mutex::new(parent.child_token()),
+            _owner: owner,
         })
     }
 
@@ -101,7 +158,9 @@ pub struct Carry<'a> {
     /// Keep the previous table's TLS settings instead of reading the files again (a DNS
     /// change is not a reload, and must not fail on a certificate).
     pub reuse_tls: bool,
-    pub metrics: &'a Metrics,
+    pub metrics: &'a Arc<Metrics>,
+    /// Which backends some table or drain still holds.
+    pub owners: &'a Arc<Owners>,
 }
 
 /// One configuration generation, immutable once built.
@@ -216,9 +275,9 @@ impl Table {
                         .remove(&(u.name.clone(), addr))
                         .map(|d| (d.state, d.closer))
                 };
-                let (state, closer) = kept
-                    .or_else(back)
-                    .unwrap_or_else(|| (BackendState::new(addr), Closer::new(carry.closing)));
+                let (state, closer) = kept.or_else(back).unwrap_or_else(|| {
+                    (BackendState::new(addr), Closer::owned(carry, &u.name, addr))
+                });
                 if u.health_check.is_none() {
                     // Without checks nothing would ever bring it back: healthy by default.
                     state.set_healthy(true);
@@ -336,6 +395,9 @@ pub struct Shared {
     pub resolver: Arc<dyn crate::discovery::Resolver>,
     /// Open client connections against `max_connections`.
     pub limits: Arc<Limits>,
+    /// Which backends some table or drain still holds (their metric series go with the
+    /// last one).
+    pub owners: Arc<Owners>,
 }
 
 impl Shared {
@@ -378,6 +440,7 @@ impl Shared {
             resolved: &self.resolved,
             reuse_tls: false,
             metrics: &self.metrics,
+            owners: &self.owners,
         }
     }
 }
@@ -388,4 +451,93 @@ pub struct Draining {
     pub state: Arc<BackendState>,
     pub closer: Arc<Closer>,
     pub since: std::time::Instant,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(backends: &[&str]) -> Arc<Config> {
+        let list: String = backends
+            .iter()
+            .map(|b| format!("      - addr: {b}\n"))
+            .collect();
+        let text = format!(
+            "listeners:\n  - name: l\n    bind: 127.0.0.1:0\nupstreams:\n  - name: u\n    backends:\n{list}"
+        );
+        Arc::new(Config::parse(&text, "t.yaml").expect("valid"))
+    }
+
+    /// The series of 127.0.0.1:9002, the backend that comes and goes below.
+    fn series(m: &Metrics) -> usize {
+        m.render()
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains("backend=\"127.0.0.1:9002\""))
+            .count()
+    }
+
+    /// What `Table::build` takes over, as `Shared` would hold it.
+    #[derive(Default)]
+    struct Parts {
+        closing: CancellationToken,
+        draining: Mutex<HashMap<(String, SocketAddr), Draining>>,
+        resolved: Mutex<Resolved>,
+        metrics: Arc<Metrics>,
+        owners: Arc<Owners>,
+    }
+
+    impl Parts {
+        fn build(&self, backends: &[&str], previous: Option<&Table>) -> Table {
+            let carry = Carry {
+                previous,
+                closing: &self.closing,
+                draining: &self.draining,
+                resolved: &self.resolved,
+                reuse_tls: false,
+                metrics: &self.metrics,
+                owners: &self.owners,
+            };
+            Table::build(config(backends), 1, &carry).expect("built")
+        }
+
+        /// What a request still running on an old table does: records a connect error
+        /// for the backend it tried.
+        fn straggler(&self) {
+            self.metrics
+                .backend_connect_errors
+                .with_label_values(&["u", "127.0.0.1:9002", "refused"])
+                .inc();
+        }
+    }
+
+    /// A backend's series go with the last table that holds it, even when something
+    /// running on an old table recorded into them after the backend was removed; not
+    /// while a newer table has the backend back.
+    #[test]
+    fn a_backends_series_go_with_the_last_table_that_holds_it() {
+        let p = Parts::default();
+        let both = ["127.0.0.1:9001", "127.0.0.1:9002"];
+        let one = p.build(&both, None);
+        let two = p.build(&both[..1], Some(&one));
+        p.straggler();
+        assert_eq!(series(&p.metrics), 1);
+        drop(one);
+        assert_eq!(
+            series(&p.metrics),
+            0,
+            "gone with the last table that held it"
+        );
+
+        // Back in `three`, gone in `four`, back in `five` under a new closer: while
+        // `five` holds it, `three` going must not take its series.
+        let three = p.build(&both, Some(&two));
+        let four = p.build(&both[..1], Some(&three));
+        let five = p.build(&both, Some(&four));
+        p.straggler();
+        drop(three);
+        assert_eq!(series(&p.metrics), 1, "kept: five has the backend");
+        drop((four, five));
+        assert_eq!(series(&p.metrics), 0);
+        drop(two);
+    }
 }
