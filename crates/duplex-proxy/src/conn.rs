@@ -27,6 +27,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Facts about a client connection, shared by its requests.
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's address as `X-Forwarded-For` carries it, rendered once.
+    pub forwarded_for: http::HeaderValue,
     /// Whether the client reached us over TLS, for `X-Forwarded-Proto`.
     pub https: bool,
     /// Plain HTTP gets a redirect to https on this port.
@@ -110,6 +112,7 @@ pub async fn serve(
     };
     let info = Arc::new(ConnInfo {
         peer,
+        forwarded_for: crate::headers::forwarded_for(peer.ip()),
         https: settings.tls.is_some(),
         redirect_https: settings.redirect_https,
         body_timeout: settings.body_timeout,

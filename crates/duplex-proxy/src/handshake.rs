@@ -92,7 +92,7 @@ pub fn check_client<B>(req: &Request<B>) -> Result<HeaderValue, BadHandshake> {
 /// an absolute-form target).
 pub fn backend_request(
     client: &Request<hyper::body::Incoming>,
-    peer: std::net::IpAddr,
+    peer: &HeaderValue,
     https: bool,
 ) -> Request<Empty<Bytes>> {
     let mut headers = client.headers().clone();

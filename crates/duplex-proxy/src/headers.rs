@@ -26,6 +26,11 @@ pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 
 /// Removes hop-by-hop headers, including any that `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none (and with no `Connection`, none is named either): one pass
+    // over the few names present costs less than a lookup per hop-by-hop name.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -38,23 +43,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto` and `-Host`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool) {
+/// A client address as `X-Forwarded-For` carries it; made once per connection, since
+/// formatting an address costs more than the rest of [`add_forwarded`].
+pub fn forwarded_for(client: IpAddr) -> HeaderValue {
+    HeaderValue::try_from(client.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// Appends the client (as [`forwarded_for`] renders it) to `X-Forwarded-For` and sets
+/// `X-Forwarded-Proto` and `-Host`.
+pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, https: bool) {
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
-    let prior: Vec<&str> = headers
-        .get_all(&XFF)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let xff = if prior.is_empty() {
-        client.to_string()
+    if headers.contains_key(&XFF) {
+        let mut all: Vec<&[u8]> = headers.get_all(&XFF).iter().map(|v| v.as_bytes()).collect();
+        all.push(client.as_bytes());
+        if let Ok(v) = HeaderValue::from_bytes(&all.join(&b", "[..])) {
+            headers.insert(XFF, v);
+        }
     } else {
-        format!("{}, {client}", prior.join(", "))
-    };
-    if let Ok(v) = HeaderValue::try_from(xff) {
-        headers.insert(XFF, v);
+        headers.insert(XFF, client.clone());
     }
     headers.insert(
         XFP,
@@ -127,8 +135,14 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
         h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
         h.insert(header::HOST, HeaderValue::from_static("chat.example.com"));
-        add_forwarded(&mut h, IpAddr::from([3, 3, 3, 3]), false);
+        let client = forwarded_for(IpAddr::from([3, 3, 3, 3]));
+        add_forwarded(&mut h, &client, false);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3");
+        let mut first = HeaderMap::new();
+        add_forwarded(&mut first, &forwarded_for("::1".parse().unwrap()), true);
+        assert_eq!(first["x-forwarded-for"], "::1");
+        assert_eq!(first["x-forwarded-proto"], "https");
+        assert!(!first.contains_key("x-forwarded-host"));
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "chat.example.com");
     }

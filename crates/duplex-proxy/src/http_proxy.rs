@@ -161,7 +161,7 @@ pub async fn forward(
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     host_from_target(&mut parts.headers, &parts.uri);
-    add_forwarded(&mut parts.headers, conn.peer.ip(), conn.https);
+    add_forwarded(&mut parts.headers, &conn.forwarded_for, conn.https);
     let (end, hint) = (body.is_end_stream(), body.size_hint());
     if !end && hint.exact().is_none() {
         // A chunked body (its Transfer-Encoding went with the hop-by-hop headers) goes on

@@ -76,7 +76,7 @@ pub async fn upgrade(
     let addr = backend.state.addr;
 
     // Forward the handshake and wait for the answer, bounded by handshake_timeout.
-    let breq = backend_request(&req, conn.peer.ip(), conn.https);
+    let breq = backend_request(&req, &conn.forwarded_for, conn.https);
     let mut resp = match tokio::time::timeout(
         up.cfg.handshake_timeout,
         send_handshake(stream, breq, shared),

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Instructions a proxy's own process executes per plain HTTP request, in user space,
+# counted by valgrind's callgrind (Debian's valgrind).
+#
+#   crates/duplex-bench/instructions.sh                  # target/release/duplex, built first
+#   crates/duplex-bench/instructions.sh /tmp/duplex-old  # any duplex binary
+#   crates/duplex-bench/instructions.sh nginx            # nginx, one process (no master)
+#
+# Timings on this machine move by 10-20% from run to run, so a change to the HTTP path
+# worth a few percent of duplex's own work cannot be seen in requests per second. An
+# instruction count can: it does not depend on what else the machine does. The proxy
+# runs under callgrind (one thread), the echo backend beside it, and a Python client
+# sends N1 and then, in a second run, N2 requests over 10 keep-alive connections; the
+# difference between the two totals, divided by N2 - N1, is the cost of one request
+# without start-up and shutdown. Kernel work and the backend are not counted. Loopback
+# only; every process is stopped at the end; a run takes about a minute.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+proxy=${1:-}
+if [ -z "$proxy" ]; then
+    cargo build --release -p duplex
+    proxy=target/release/duplex
+fi
+cargo build --release -p duplex-bench
+command -v valgrind >/dev/null || { echo "instructions.sh: needs valgrind" >&2; exit 1; }
+N1=2000
+N2=8000
+CONNS=10
+
+work=$(mktemp -d)
+pids=()
+stop() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap 'stop; rm -rf "$work"' EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+cat >"$work/client.py" <<'EOF'
+import http.client, sys, threading
+port, n, conns = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+failed = []
+def run():
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for _ in range(n // conns):
+        c.request("GET", "/")
+        r = c.getresponse()
+        r.read()
+        if r.status != 200:
+            failed.append(r.status)
+ts = [threading.Thread(target=run) for _ in range(conns)]
+for t in ts: t.start()
+for t in ts: t.join()
+sys.exit(f"{len(failed)} requests failed: {failed[:5]}" if failed else 0)
+EOF
+
+# Runs the proxy under callgrind for `n` requests; prints the instructions counted.
+count() {
+    local n=$1 backend listen admin
+    backend=$(port); listen=$(port); admin=$(port)
+    target/release/duplex-bench echo --listen "127.0.0.1:$backend" >"$work/echo.log" 2>&1 &
+    pids+=($!)
+    local run
+    if [ "$proxy" = nginx ]; then
+        target/release/duplex-bench config nginx "127.0.0.1:$listen" "127.0.0.1:$backend" \
+            --dir "$work" | sed 's/^master_process on;/master_process off;/' >"$work/nginx.conf"
+        run=(nginx -p "$work" -c "$work/nginx.conf")
+    else
+        target/release/duplex-bench config duplex "127.0.0.1:$listen" "127.0.0.1:$backend" \
+            --admin "127.0.0.1:$admin" >"$work/duplex.yaml"
+        run=("$proxy" run --threads 1 --no-watch -c "$work/duplex.yaml")
+    fi
+    valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "${run[@]}" \
+        >"$work/proxy.log" 2>&1 &
+    local proxy_pid=$!
+    pids+=("$proxy_pid")
+    for _ in $(seq 150); do
+        python3 -c "import socket; socket.create_connection(('127.0.0.1', $listen), 1)" 2>/dev/null && break
+        sleep 0.2
+    done
+    timeout 300 python3 "$work/client.py" "$listen" "$n" "$CONNS"
+    kill -TERM "$proxy_pid"
+    wait "$proxy_pid" || true
+    stop
+    pids=()
+    awk '/^summary:/{print $2}' "$work/cg.out"
+}
+
+i1=$(count $N1)
+i2=$(count $N2)
+python3 - "$i1" "$i2" "$N1" "$N2" "$proxy" <<'EOF'
+import sys
+i1, i2, n1, n2 = (int(x) for x in sys.argv[1:5])
+print(f"{sys.argv[5]}: {(i2 - i1) / (n2 - n1):,.0f} instructions per HTTP request in its user space"
+      f" ({n1} requests: {i1:,}; {n2}: {i2:,})")
+EOF
