@@ -75,10 +75,15 @@ count() {
         >"$work/proxy.log" 2>&1 &
     local proxy_pid=$!
     pids+=("$proxy_pid")
+    local up=
     for _ in $(seq 150); do
-        python3 -c "import socket; socket.create_connection(('127.0.0.1', $listen), 1)" 2>/dev/null && break
+        if python3 -c "import socket; socket.create_connection(('127.0.0.1', $listen), 1)" 2>/dev/null; then
+            up=1
+            break
+        fi
         sleep 0.2
     done
+    [ -n "$up" ] || { echo "instructions.sh: the proxy did not start:" >&2; tail -n 5 "$work/proxy.log" >&2; exit 1; }
     timeout 300 python3 "$work/client.py" "$listen" "$n" "$CONNS"
     kill -TERM "$proxy_pid"
     wait "$proxy_pid" || true
@@ -87,8 +92,12 @@ count() {
     awk '/^summary:/{print $2}' "$work/cg.out"
 }
 
-i1=$(count $N1)
-i2=$(count $N2)
+# In this shell, not a $(...) subshell: so that a failure stops the script and the
+# EXIT trap sees every process started.
+count $N1 >"$work/i1"
+count $N2 >"$work/i2"
+i1=$(cat "$work/i1")
+i2=$(cat "$work/i2")
 python3 - "$i1" "$i2" "$N1" "$N2" "$proxy" <<'EOF'
 import sys
 i1, i2, n1, n2 = (int(x) for x in sys.argv[1:5])

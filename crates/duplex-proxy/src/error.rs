@@ -96,9 +96,9 @@ pub fn client_side<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a
     None
 }
 
-/// Whether `err` is a connection that ended before any of the response came: closed
-/// (hyper's incomplete message) or reset. On a pooled keep-alive connection this is
-/// usually the backend closing it just as the request went out.
+/// Whether `err` is a connection that ended before the response head was complete:
+/// closed (hyper's incomplete message) or reset. On a pooled keep-alive connection this
+/// is usually the backend closing it just as the request went out.
 pub fn closed_before_response(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(err);
     while let Some(e) = cur {

@@ -205,6 +205,8 @@ pub async fn forward(
         else {
             break;
         };
+        // A resend shares the attempt's `response_timeout`: it never doubles the wait.
+        let tried = Instant::now();
         loop {
             let mut out = Request::new(ReclaimBody {
                 slot: Arc::clone(&slot),
@@ -222,7 +224,8 @@ pub async fn forward(
             } else {
                 parts.headers.clone()
             };
-            match tokio::time::timeout(up.cfg.response_timeout, up.client.request(out)).await {
+            let left = up.cfg.response_timeout.saturating_sub(tried.elapsed());
+            match tokio::time::timeout(left, up.client.request(out)).await {
                 Ok(Ok(r)) => {
                     backend.state.record_success();
                     resp = Some(relay(r, load, up.cfg.response_timeout));

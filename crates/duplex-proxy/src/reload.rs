@@ -433,7 +433,10 @@ async fn drain(
     }
     // Retired, not renewed: a handshake still in flight on the old table gets a closed token.
     entry.closer.retire();
-    // Whatever still runs on an old table may bring some back; the backend's `Closer`
-    // forgets them again when the last table holding it goes.
-    shared.metrics.forget_backend(&upstream, &addr.to_string());
+    // Unless a reload has the backend back already. Whatever still runs on an old table
+    // may bring some back; the backend's `Closer` forgets them again when the last table
+    // holding it goes.
+    shared
+        .owners
+        .forget_if_sole(&shared.metrics, &upstream, addr);
 }

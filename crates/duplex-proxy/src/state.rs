@@ -63,13 +63,30 @@ pub struct Closer {
     /// `Shared::closing`: cancelled at the end of shutdown, which closes every token.
     parent: CancellationToken,
     current: Mutex<CancellationToken>,
-    _owner: Option<Owner>,
+    _owner: Owner,
 }
 
 /// How many live [`Closer`]s each backend has: usually one; two while a backend that a
 /// reload removed is back under a new one and the old one is still held.
 #[derive(Default)]
 pub struct Owners(Mutex<HashMap<(String, SocketAddr), usize>>);
+
+impl Owners {
+    /// Forgets the series of backend `addr` of `upstream` unless a closer other than the
+    /// caller's holds it: at the end of a drain, a reload may already have it back. The
+    /// lock is held while forgetting, so that no new closer comes in between.
+    pub fn forget_if_sole(&self, metrics: &Metrics, upstream: &str, addr: SocketAddr) {
+        let counts = crate::server::lock(&self.0);
+        if counts
+            .get(&(upstream.to_owned(), addr))
+            .copied()
+            .unwrap_or(0)
+            <= 1
+        {
+            metrics.forget_backend(upstream, &addr.to_string());
+        }
+    }
+}
 
 /// A backend's place in [`Owners`]. The last one to go removes the backend's metric
 /// series: whatever still ran on an old table (a request trying its next backend, a
@@ -82,17 +99,13 @@ struct Owner {
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        let last = {
-            let mut counts = crate::server::lock(&self.owners.0);
-            let n = counts.entry(self.key.clone()).or_insert(1);
-            *n -= 1;
-            let last = *n == 0;
-            if last {
-                counts.remove(&self.key);
-            }
-            last
-        };
-        if last {
+        // Forgotten under the lock: a reload adding the backend back waits for it in
+        // `Closer::owned`, rather than having its new series removed.
+        let mut counts = crate::server::lock(&self.owners.0);
+        let n = counts.entry(self.key.clone()).or_insert(1);
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(&self.key);
             self.metrics
                 .forget_backend(&self.key.0, &self.key.1.to_string());
         }
@@ -100,10 +113,6 @@ impl Drop for Owner {
 }
 
 impl Closer {
-    pub fn new(parent: &CancellationToken) -> Arc<Closer> {
-        Closer::make(parent, None)
-    }
-
     /// A closer for backend `addr` of `upstream`, counted in `owners`.
     fn owned(carry: &Carry<'_>, upstream: &str, addr: SocketAddr) -> Arc<Closer> {
         let key = (upstream.to_owned(), addr);
@@ -115,10 +124,10 @@ impl Closer {
             metrics: Arc::clone(carry.metrics),
             key,
         };
-        Closer::make(carry.closing, Some(owner))
+        Closer::make(carry.closing, owner)
     }
 
-    fn make(parent: &CancellationToken, owner: Option<Owner>) -> Arc<Closer> {
+    fn make(parent: &CancellationToken, owner: Owner) -> Arc<Closer> {
         Arc::new(Closer {
             parent: parent.clone(),
             current: Mutex::new(parent.child_token()),
@@ -534,8 +543,15 @@ mod tests {
         let four = p.build(&both[..1], Some(&three));
         let five = p.build(&both, Some(&four));
         p.straggler();
+        // A drain of `three`'s closer ending now must leave `five`'s series alone.
+        let addr: SocketAddr = "127.0.0.1:9002".parse().expect("address");
+        p.owners.forget_if_sole(&p.metrics, "u", addr);
+        assert_eq!(series(&p.metrics), 1, "kept: five has the backend");
         drop(three);
         assert_eq!(series(&p.metrics), 1, "kept: five has the backend");
+        p.owners.forget_if_sole(&p.metrics, "u", addr);
+        assert_eq!(series(&p.metrics), 0, "five's is the only closer left");
+        p.straggler();
         drop((four, five));
         assert_eq!(series(&p.metrics), 0);
         drop(two);
