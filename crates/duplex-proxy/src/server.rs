@@ -1,18 +1,15 @@
 //! Starts and stops the proxy: binds listeners, runs accept loops, drains at shutdown.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use duplex_config::{Config, Listener};
 use duplex_metrics::Metrics;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::discovery::{Resolver, SystemResolver};
 use crate::error::ProxyError;
@@ -158,18 +155,7 @@ impl Proxy {
             metrics.config_reloads.with_label_values(&[result]);
         }
         metrics.config_last_reload_success.set(unix_now());
-        let shared = Arc::new(Shared {
-            table: ArcSwap::from_pointee(Table::placeholder(&config, &metrics)),
-            metrics,
-            tracker: TaskTracker::new(),
-            stopping: CancellationToken::new(),
-            closing: CancellationToken::new(),
-            draining: Mutex::new(HashMap::new()),
-            resolved: Mutex::new(HashMap::new()),
-            resolver,
-            limits: Arc::default(),
-            owners: Arc::default(),
-        });
+        let shared = Arc::new(Shared::new(&config, metrics, resolver));
         crate::discovery::resolve_all(&shared, &config).await;
         let table = Table::build(Arc::new(config), 1, &shared.carry(None))?;
         table.export_backends(&shared.metrics);

@@ -410,6 +410,26 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Shared state before the first table: `config`'s placeholder table, nothing open.
+    pub fn new(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        resolver: Arc<dyn crate::discovery::Resolver>,
+    ) -> Shared {
+        Shared {
+            table: ArcSwap::from_pointee(Table::placeholder(config, &metrics)),
+            metrics,
+            tracker: TaskTracker::new(),
+            stopping: CancellationToken::new(),
+            closing: CancellationToken::new(),
+            draining: Mutex::new(HashMap::new()),
+            resolved: Mutex::new(HashMap::new()),
+            resolver,
+            limits: Arc::default(),
+            owners: Arc::default(),
+        }
+    }
+
     /// The caps a new connection on `listener` is under as of now: (global, listener).
     pub fn caps(&self, listener: &str, bind: SocketAddr) -> (usize, usize) {
         let table = self.table.load();
@@ -485,34 +505,29 @@ mod tests {
             .count()
     }
 
-    /// What `Table::build` takes over, as `Shared` would hold it.
-    #[derive(Default)]
-    struct Parts {
-        closing: CancellationToken,
-        draining: Mutex<HashMap<(String, SocketAddr), Draining>>,
-        resolved: Mutex<Resolved>,
-        metrics: Arc<Metrics>,
-        owners: Arc<Owners>,
-    }
+    /// Shared state for building tables, as a running proxy has it.
+    struct Parts(Shared);
 
     impl Parts {
+        fn new() -> Parts {
+            let resolver = Arc::new(crate::discovery::SystemResolver);
+            let placeholder = config(&["127.0.0.1:9001"]);
+            Parts(Shared::new(
+                &placeholder,
+                Arc::new(Metrics::new()),
+                resolver,
+            ))
+        }
+
         fn build(&self, backends: &[&str], previous: Option<&Table>) -> Table {
-            let carry = Carry {
-                previous,
-                closing: &self.closing,
-                draining: &self.draining,
-                resolved: &self.resolved,
-                reuse_tls: false,
-                metrics: &self.metrics,
-                owners: &self.owners,
-            };
-            Table::build(config(backends), 1, &carry).expect("built")
+            Table::build(config(backends), 1, &self.0.carry(previous)).expect("built")
         }
 
         /// What a request still running on an old table does: records a connect error
         /// for the backend it tried.
         fn straggler(&self) {
-            self.metrics
+            self.0
+                .metrics
                 .backend_connect_errors
                 .with_label_values(&["u", "127.0.0.1:9002", "refused"])
                 .inc();
@@ -524,15 +539,15 @@ mod tests {
     /// while a newer table has the backend back.
     #[test]
     fn a_backends_series_go_with_the_last_table_that_holds_it() {
-        let p = Parts::default();
+        let p = Parts::new();
         let both = ["127.0.0.1:9001", "127.0.0.1:9002"];
         let one = p.build(&both, None);
         let two = p.build(&both[..1], Some(&one));
         p.straggler();
-        assert_eq!(series(&p.metrics), 1);
+        assert_eq!(series(&p.0.metrics), 1);
         drop(one);
         assert_eq!(
-            series(&p.metrics),
+            series(&p.0.metrics),
             0,
             "gone with the last table that held it"
         );
@@ -545,15 +560,15 @@ mod tests {
         p.straggler();
         // A drain of `three`'s closer ending now must leave `five`'s series alone.
         let addr: SocketAddr = "127.0.0.1:9002".parse().expect("address");
-        p.owners.forget_if_sole(&p.metrics, "u", addr);
-        assert_eq!(series(&p.metrics), 1, "kept: five has the backend");
+        p.0.owners.forget_if_sole(&p.0.metrics, "u", addr);
+        assert_eq!(series(&p.0.metrics), 1, "kept: five has the backend");
         drop(three);
-        assert_eq!(series(&p.metrics), 1, "kept: five has the backend");
-        p.owners.forget_if_sole(&p.metrics, "u", addr);
-        assert_eq!(series(&p.metrics), 0, "five's is the only closer left");
+        assert_eq!(series(&p.0.metrics), 1, "kept: five has the backend");
+        p.0.owners.forget_if_sole(&p.0.metrics, "u", addr);
+        assert_eq!(series(&p.0.metrics), 0, "five's is the only closer left");
         p.straggler();
         drop((four, five));
-        assert_eq!(series(&p.metrics), 0);
+        assert_eq!(series(&p.0.metrics), 0);
         drop(two);
     }
 }
