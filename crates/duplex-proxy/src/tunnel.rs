@@ -448,7 +448,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let res = Pin::new(&mut self.io).poll_read(cx, buf);
+        let res = match Pin::new(&mut self.io).poll_read(cx, buf) {
+            // A TLS peer that ends its side with a bare TCP FIN, without close_notify
+            // (rustls's UnexpectedEof): an end of stream like any other, so the tunnel
+            // half-closes and the other direction carries on, rather than both ending at
+            // once and what the other side still had to say being lost. WebSocket frames
+            // carry their own lengths, so a cut-off message is still seen as one.
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Ok(())),
+            res => res,
+        };
         let n = buf.filled().len() - before;
         if n > 0 {
             self.bytes.inc_by(n as u64);

@@ -526,3 +526,62 @@ async fn python_websockets_over_wss_verifies_the_chain() {
 async fn within_secs<F: std::future::Future>(secs: u64, f: F) -> F::Output {
     duplex_e2e::within_for(Duration::from_secs(secs), "an external client", f).await
 }
+
+/// A TLS client that ends its side with a bare TCP FIN, without TLS's `close_notify`
+/// (as abrupt clients do), half-closes the tunnel like any other end of stream: the
+/// backend sees it, and its answer, sent only after that, still reaches the client.
+#[tokio::test]
+async fn a_tls_client_closing_without_close_notify_still_gets_the_answer() {
+    use duplex_e2e::raw::RawBackend;
+    use duplex_e2e::wire::{
+        accept_upgrade, client_text, read_frame, read_head, server_text, upgrade_request,
+    };
+    use tokio::io::AsyncWriteExt;
+
+    let b = RawBackend::start(|mut tcp| async move {
+        let (_, mut buf) = accept_upgrade(&mut tcp, &[]).await?;
+        let f = read_frame(&mut tcp, &mut buf).await?;
+        // Answer only once the client's end of stream has come through.
+        let mut rest = [0u8; 64];
+        while tcp.read(&mut rest).await? > 0 {}
+        tcp.write_all(&server_text(&format!("after eof: {}", f.text())))
+            .await?;
+        tcp.shutdown().await
+    })
+    .await;
+    let ca = Ca::new("front CA");
+    let leaf = ca.leaf(&["chat.test"]);
+    let dir = temp_dir("tls-no-notify");
+    let (c, k) = (
+        write(&dir, "c.pem", &leaf.cert),
+        write(&dir, "k.pem", &leaf.key),
+    );
+    let (proxy, addr) = start(&tls_yaml(&[(&c, &k)], "", b.addr, ""), None).await;
+    let mut tls = tls_connect(addr, "chat.test", client_config(&ca.pem, None))
+        .await
+        .expect("TLS handshake");
+    let req = upgrade_request("/ws", "chat.test", &[]);
+    within("upgrade", tls.write_all(req.as_bytes()))
+        .await
+        .expect("write the upgrade");
+    let (head, mut buf) = within("the 101", read_head(&mut tls))
+        .await
+        .expect("the 101");
+    assert_eq!(head.status(), 101);
+    within("a frame", tls.write_all(&client_text("last words")))
+        .await
+        .expect("write a frame");
+    within("flush", tls.flush()).await.expect("flush");
+    // The FIN goes straight to the TCP socket, under TLS: no close_notify.
+    within("FIN", tls.get_mut().0.shutdown())
+        .await
+        .expect("shut the TCP write side");
+    let f = within(
+        "the answer after end of stream",
+        read_frame(&mut tls, &mut buf),
+    )
+    .await
+    .expect("the backend's answer reaches the client");
+    assert_eq!(f.text(), "after eof: last words");
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
