@@ -74,6 +74,14 @@ async fn tls_connect(
     .await
 }
 
+/// Writes `leaf`'s certificate and key into `dir` as `c.pem` and `k.pem`.
+fn cert_files(dir: &Path, leaf: &Leaf) -> (PathBuf, PathBuf) {
+    (
+        write(dir, "c.pem", &leaf.cert),
+        write(dir, "k.pem", &leaf.key),
+    )
+}
+
 fn der(pem: &str) -> CertificateDer<'static> {
     CertificateDer::from_pem_slice(pem.as_bytes()).expect("a PEM certificate")
 }
@@ -115,10 +123,7 @@ async fn wss_and_https_through_a_verified_chain() {
     let ca = Ca::new("front CA");
     let leaf = ca.leaf(&["chat.test"]);
     let dir = temp_dir("tls-basic");
-    let (c, k) = (
-        write(&dir, "c.pem", &leaf.cert),
-        write(&dir, "k.pem", &leaf.key),
-    );
+    let (c, k) = cert_files(&dir, &leaf);
     let b = Backend::start("plain").await;
     let (proxy, addr) = start(&tls_yaml(&[(&c, &k)], "", b.addr, ""), None).await;
     let trust = client_config(&ca.pem, None);
@@ -191,10 +196,7 @@ async fn a_certificate_changed_on_disk_serves_the_next_handshake() {
     let ca = Ca::new("front CA");
     let (old, new) = (ca.leaf(&["chat.test"]), ca.leaf(&["chat.test"]));
     let dir = temp_dir("tls-rotate");
-    let (c, k) = (
-        write(&dir, "c.pem", &old.cert),
-        write(&dir, "k.pem", &old.key),
-    );
+    let (c, k) = cert_files(&dir, &old);
     let b = Backend::start("plain").await;
     let yaml = tls_yaml(&[(&c, &k)], "", b.addr, "");
     let config_file = write(&dir, "duplex.yaml", &yaml);
@@ -230,10 +232,7 @@ async fn a_bad_certificate_at_reload_is_refused_and_the_old_one_stays() {
     let ca = Ca::new("front CA");
     let good = ca.leaf(&["chat.test"]);
     let dir = temp_dir("tls-refuse");
-    let (c, k) = (
-        write(&dir, "c.pem", &good.cert),
-        write(&dir, "k.pem", &good.key),
-    );
+    let (c, k) = cert_files(&dir, &good);
     let b = Backend::start("plain").await;
     let yaml = tls_yaml(&[(&c, &k)], "", b.addr, "");
     let config_file = write(&dir, "duplex.yaml", &yaml);
@@ -284,10 +283,7 @@ async fn client_certificates_required_and_refused() {
     let (front, clients) = (Ca::new("front CA"), Ca::new("client CA"));
     let leaf = front.leaf(&["chat.test"]);
     let dir = temp_dir("tls-mtls");
-    let (c, k) = (
-        write(&dir, "c.pem", &leaf.cert),
-        write(&dir, "k.pem", &leaf.key),
-    );
+    let (c, k) = cert_files(&dir, &leaf);
     let client_ca = write(&dir, "clients.pem", &clients.pem);
     let b = Backend::start("plain").await;
     let extra = format!(
@@ -392,10 +388,7 @@ async fn old_protocol_versions_are_refused_as_openssl_sees_it() {
     let ca = Ca::new("front CA");
     let leaf = ca.leaf(&["chat.test"]);
     let dir = temp_dir("tls-versions");
-    let (c, k) = (
-        write(&dir, "c.pem", &leaf.cert),
-        write(&dir, "k.pem", &leaf.key),
-    );
+    let (c, k) = cert_files(&dir, &leaf);
     let b = Backend::start("plain").await;
     let (proxy, addr) = start(&tls_yaml(&[(&c, &k)], "", b.addr, ""), None).await;
     let s_client = |version: &'static str| {
@@ -436,10 +429,7 @@ async fn a_silent_tls_client_is_cut_off_after_the_handshake_timeout() {
     let ca = Ca::new("front CA");
     let leaf = ca.leaf(&["chat.test"]);
     let dir = temp_dir("tls-slow");
-    let (c, k) = (
-        write(&dir, "c.pem", &leaf.cert),
-        write(&dir, "k.pem", &leaf.key),
-    );
+    let (c, k) = cert_files(&dir, &leaf);
     let b = Backend::start("plain").await;
     let (proxy, addr) = start(
         &tls_yaml(&[(&c, &k)], "      handshake_timeout: 300ms\n", b.addr, ""),
@@ -494,10 +484,7 @@ async fn python_websockets_over_wss_verifies_the_chain() {
     let ca = Ca::new("front CA");
     let leaf = ca.leaf(&["chat.test", "127.0.0.1"]);
     let dir = temp_dir("tls-python");
-    let (c, k) = (
-        write(&dir, "c.pem", &leaf.cert),
-        write(&dir, "k.pem", &leaf.key),
-    );
+    let (c, k) = cert_files(&dir, &leaf);
     let ca_file = write(&dir, "ca.pem", &ca.pem);
     let b = Backend::start("plain").await;
     let (proxy, addr) = start(&tls_yaml(&[(&c, &k)], "", b.addr, ""), None).await;
@@ -552,10 +539,7 @@ async fn a_tls_client_closing_without_close_notify_still_gets_the_answer() {
     let ca = Ca::new("front CA");
     let leaf = ca.leaf(&["chat.test"]);
     let dir = temp_dir("tls-no-notify");
-    let (c, k) = (
-        write(&dir, "c.pem", &leaf.cert),
-        write(&dir, "k.pem", &leaf.key),
-    );
+    let (c, k) = cert_files(&dir, &leaf);
     let (proxy, addr) = start(&tls_yaml(&[(&c, &k)], "", b.addr, ""), None).await;
     let mut tls = tls_connect(addr, "chat.test", client_config(&ca.pem, None))
         .await
