@@ -1,31 +1,40 @@
 #!/usr/bin/env bash
-# Instructions a proxy's own process executes per plain HTTP request, in user space,
-# counted by valgrind's callgrind (Debian's valgrind).
+# Instructions a proxy's own process executes per plain HTTP request, or per WebSocket
+# handshake cycle, in user space, counted by valgrind's callgrind (Debian's valgrind).
 #
 #   crates/duplex-bench/instructions.sh                  # target/release/duplex, built first
 #   crates/duplex-bench/instructions.sh /tmp/duplex-old  # any duplex binary
 #   crates/duplex-bench/instructions.sh nginx            # nginx, one process (no master)
+#   crates/duplex-bench/instructions.sh nginx handshakes # connect, upgrade, echo, close
+#
+# With PROFILE=FILE set, the larger run's callgrind profile is kept there, to read with
+# `callgrind_annotate --inclusive=yes FILE`.
 #
 # Timings on this machine move by 10-20% from run to run, so a change to the HTTP path
 # worth a few percent of duplex's own work cannot be seen in requests per second. An
 # instruction count can: it does not depend on what else the machine does. The proxy
 # runs under callgrind (one thread), the echo backend beside it, and a Python client
-# sends N1 and then, in a second run, N2 requests over 10 keep-alive connections; the
-# difference between the two totals, divided by N2 - N1, is the cost of one request
+# sends N1 and then, in a second run, N2 requests over 10 keep-alive connections (or
+# handshake cycles from 10 loops, as the benchmark's `handshakes` makes them); the
+# difference between the two totals, divided by N2 - N1, is the cost of one operation
 # without start-up and shutdown. Kernel work and the backend are not counted. Loopback
 # only; every process is stopped at the end; a run takes about a minute.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 proxy=${1:-}
+mode=${2:-http}
+case "$mode" in
+    http) N1=2000 N2=8000 ;;
+    handshakes) N1=500 N2=2000 ;;
+    *) echo "instructions.sh: the mode is http or handshakes, not $mode" >&2; exit 2 ;;
+esac
 if [ -z "$proxy" ]; then
     cargo build --release -p duplex
     proxy=target/release/duplex
 fi
 cargo build --release -p duplex-bench
 command -v valgrind >/dev/null || { echo "instructions.sh: needs valgrind" >&2; exit 1; }
-N1=2000
-N2=8000
 CONNS=10
 
 work=$(mktemp -d)
@@ -38,10 +47,51 @@ trap 'stop; rm -rf "$work"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 cat >"$work/client.py" <<'EOF'
-import http.client, sys, threading
-port, n, conns = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+import http.client, os, socket, sys, threading
+port, n, conns, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 failed = []
+def frame(opcode, payload):
+    # A masked client frame (mask 0, so the payload goes as it is).
+    return bytes([0x80 | opcode, 0x80 | len(payload), 0, 0, 0, 0]) + payload
+def read_exact(s, n):
+    b = b""
+    while len(b) < n:
+        got = s.recv(n - len(b))
+        if not got:
+            raise EOFError("closed early")
+        b += got
+    return b
+def cycle():
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        got = s.recv(4096)
+        if not got:
+            raise EOFError("closed during the handshake")
+        head += got
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise ValueError(head[:40])
+    rest = head.split(b"\r\n\r\n", 1)[1]
+    msg = b"handshake cycle!"
+    s.sendall(frame(2, msg))
+    echo = rest + read_exact(s, 2 + len(msg) - len(rest))
+    if echo[2:] != msg:
+        raise ValueError("wrong echo")
+    s.sendall(frame(8, (1000).to_bytes(2, "big")))
+    read_exact(s, 4)
+    while s.recv(256):
+        pass
+    s.close()
 def run():
+    if mode == "handshakes":
+        for _ in range(n // conns):
+            try:
+                cycle()
+            except Exception as e:
+                failed.append(repr(e))
+        return
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     for _ in range(n // conns):
         c.request("GET", "/")
@@ -84,7 +134,7 @@ count() {
         sleep 0.2
     done
     [ -n "$up" ] || { echo "instructions.sh: the proxy did not start:" >&2; tail -n 5 "$work/proxy.log" >&2; exit 1; }
-    timeout 300 python3 "$work/client.py" "$listen" "$n" "$CONNS"
+    timeout 300 python3 "$work/client.py" "$listen" "$n" "$CONNS" "$mode"
     kill -TERM "$proxy_pid"
     wait "$proxy_pid" || true
     stop
@@ -96,11 +146,13 @@ count() {
 # EXIT trap sees every process started.
 count $N1 >"$work/i1"
 count $N2 >"$work/i2"
+if [ -n "${PROFILE:-}" ]; then cp "$work/cg.out" "$PROFILE"; fi
 i1=$(cat "$work/i1")
 i2=$(cat "$work/i2")
-python3 - "$i1" "$i2" "$N1" "$N2" "$proxy" <<'EOF'
+python3 - "$i1" "$i2" "$N1" "$N2" "$proxy" "$mode" <<'EOF'
 import sys
 i1, i2, n1, n2 = (int(x) for x in sys.argv[1:5])
-print(f"{sys.argv[5]}: {(i2 - i1) / (n2 - n1):,.0f} instructions per HTTP request in its user space"
-      f" ({n1} requests: {i1:,}; {n2}: {i2:,})")
+what = {"http": "HTTP request", "handshakes": "handshake cycle"}[sys.argv[6]]
+print(f"{sys.argv[5]}: {(i2 - i1) / (n2 - n1):,.0f} instructions per {what} in its user space"
+      f" ({n1}: {i1:,}; {n2}: {i2:,})")
 EOF

@@ -27,6 +27,14 @@ pub enum ProxyError {
         #[source]
         source: hyper::Error,
     },
+    /// A backend broke an upgrade handshake: the connection failed or closed, or the
+    /// answer was not HTTP.
+    #[error("backend {addr}: upgrade handshake failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     /// A backend answered 101 without a valid WebSocket handshake.
     #[error("backend {addr}: invalid 101 response: {what}")]
     BadUpgrade {

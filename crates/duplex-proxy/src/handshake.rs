@@ -3,13 +3,12 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
-use http_body_util::Empty;
 use sha1::{Digest, Sha1};
 
 use crate::headers::{
-    add_forwarded, has_several_hosts, has_token, host_from_target, strip_hop_by_hop,
+    connection_named, has_several_hosts, has_token, is_hop_by_hop, proto, strip_hop_by_hop,
+    target_host, XFF, XFH, XFP,
 };
 use crate::responses::{self, Body};
 
@@ -87,32 +86,68 @@ pub fn check_client<B>(req: &Request<B>) -> Result<HeaderValue, BadHandshake> {
     }
 }
 
-/// The upgrade request to send to a backend: path and query unchanged, hop-by-hop headers
-/// replaced by the two the upgrade needs, X-Forwarded-* added, Host kept (or taken from
-/// an absolute-form target).
-pub fn backend_request(
-    client: &Request<hyper::body::Incoming>,
-    peer: &HeaderValue,
-    https: bool,
-) -> Request<Empty<Bytes>> {
-    let mut headers = client.headers().clone();
-    strip_hop_by_hop(&mut headers);
-    headers.remove(header::CONTENT_LENGTH);
-    host_from_target(&mut headers, client.uri());
-    add_forwarded(&mut headers, peer, https);
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    let mut req = Request::new(Empty::new());
-    *req.uri_mut() = client.uri().path_and_query().map_or_else(
-        || "/".parse().expect("static"),
-        |p| {
-            p.as_str()
-                .parse()
-                .unwrap_or_else(|_| "/".parse().expect("static"))
-        },
-    );
-    *req.headers_mut() = headers;
-    req
+/// The upgrade request to send to a backend, as the bytes of its head: path and query
+/// unchanged, hop-by-hop headers replaced by the two the upgrade needs, `Host` kept (or
+/// taken from an absolute-form target), `X-Forwarded-*` added. Written out directly rather
+/// than built as a header map for an HTTP client: a handshake sends one request and reads
+/// one answer on a connection of its own.
+pub fn backend_request_head<B>(client: &Request<B>, peer: &HeaderValue, https: bool) -> Vec<u8> {
+    let headers = client.headers();
+    let named = connection_named(headers);
+    let host = target_host(client.uri())
+        .map(str::as_bytes)
+        .or_else(|| headers.get(header::HOST).map(HeaderValue::as_bytes));
+    let target = client.uri().path_and_query().map_or("/", |p| p.as_str());
+    let size = 192
+        + target.len()
+        + headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(b"GET ");
+    if !target.starts_with('/') {
+        out.push(b'/');
+    }
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    // One header line; several parts are joined with ", ".
+    let mut line = |name: &[u8], value: &[&[u8]]| {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        for (i, part) in value.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(part);
+        }
+        out.extend_from_slice(b"\r\n");
+    };
+    if let Some(host) = host {
+        line(b"host", &[host]);
+    }
+    // Written above or below, or (`Content-Length`) meaningless on an upgrade.
+    let replaced = [header::HOST, header::CONTENT_LENGTH, XFF, XFP, XFH];
+    for (name, value) in headers {
+        if !replaced.contains(name) && !is_hop_by_hop(name, &named) {
+            line(name.as_str().as_bytes(), &[value.as_bytes()]);
+        }
+    }
+    let mut xff: Vec<&[u8]> = headers
+        .get_all(XFF)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    xff.push(peer.as_bytes());
+    line(XFF.as_str().as_bytes(), &xff);
+    line(XFP.as_str().as_bytes(), &[proto(https).as_bytes()]);
+    if let Some(host) = host {
+        line(XFH.as_str().as_bytes(), &[host]);
+    }
+    line(b"connection", &[b"Upgrade"]);
+    line(b"upgrade", &[b"websocket"]);
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 /// Checks a backend's 101: it must upgrade to websocket with the right accept value.
@@ -134,8 +169,7 @@ pub fn check_backend_101(headers: &HeaderMap, key: &HeaderValue) -> Result<(), &
 
 /// The 101 to send the client: the backend's headers (accept, subprotocol, extensions,
 /// cookies) without hop-by-hop ones, plus the two the upgrade needs.
-pub fn client_101(backend: &HeaderMap) -> Response<Body> {
-    let mut headers = backend.clone();
+pub fn client_101(mut headers: HeaderMap) -> Response<Body> {
     strip_hop_by_hop(&mut headers);
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -187,5 +221,45 @@ mod tests {
             .headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         assert!(check_client(&with_body).is_ok());
+    }
+
+    #[test]
+    fn the_backend_request_head_is_rewritten_for_one_hop() {
+        let mut r = Request::get("http://user@Abs.Example:8080/chat?room=1")
+            .body(())
+            .unwrap();
+        let h = r.headers_mut();
+        h.insert(header::HOST, HeaderValue::from_static("ignored.example"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, X-Hop"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("ftp"));
+        h.insert("sec-websocket-key", HeaderValue::from_static("k"));
+        let peer = HeaderValue::from_static("3.3.3.3");
+        let head = String::from_utf8(backend_request_head(&r, &peer, true)).unwrap();
+        assert_eq!(
+            head,
+            "GET /chat?room=1 HTTP/1.1\r\n\
+             host: Abs.Example:8080\r\n\
+             sec-websocket-key: k\r\n\
+             x-forwarded-for: 1.1.1.1, 2.2.2.2, 3.3.3.3\r\n\
+             x-forwarded-proto: https\r\n\
+             x-forwarded-host: Abs.Example:8080\r\n\
+             connection: Upgrade\r\n\
+             upgrade: websocket\r\n\r\n"
+        );
+        let bare = Request::get("/").body(()).unwrap();
+        let head = String::from_utf8(backend_request_head(&bare, &peer, false)).unwrap();
+        assert_eq!(
+            head,
+            "GET / HTTP/1.1\r\nx-forwarded-for: 3.3.3.3\r\nx-forwarded-proto: http\r\n\
+             connection: Upgrade\r\nupgrade: websocket\r\n\r\n"
+        );
     }
 }

@@ -13,6 +13,7 @@ mod connector;
 pub mod discovery;
 pub mod error;
 mod handshake;
+mod handshake_io;
 mod headers;
 mod health;
 mod http_proxy;

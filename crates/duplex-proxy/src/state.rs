@@ -4,6 +4,7 @@
 //! request `load()`s the table once and keeps what it needs for its whole life, so
 //! requests and tunnels never lock and never see a half-applied config.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -44,12 +45,12 @@ pub struct UpstreamRt {
 }
 
 impl UpstreamRt {
-    /// The token a new tunnel to `addr` watches.
-    pub fn closer(&self, addr: SocketAddr) -> CancellationToken {
-        self.closers
-            .get(&addr)
-            .map(|c| c.token())
-            .unwrap_or_default()
+    /// The token a new tunnel to `addr` watches, and the backend's `backend` label.
+    pub fn closer(&self, addr: SocketAddr) -> (CancellationToken, Cow<'_, str>) {
+        match self.closers.get(&addr) {
+            Some(c) => (c.token(), Cow::Borrowed(&c.owner.label)),
+            None => (CancellationToken::default(), Cow::Owned(addr.to_string())),
+        }
     }
 }
 
@@ -63,7 +64,7 @@ pub struct Closer {
     /// `Shared::closing`: cancelled at the end of shutdown, which closes every token.
     parent: CancellationToken,
     current: Mutex<CancellationToken>,
-    _owner: Owner,
+    owner: Owner,
 }
 
 /// How many live [`Closer`]s each backend has: usually one; two while a backend that a
@@ -95,6 +96,8 @@ struct Owner {
     owners: Arc<Owners>,
     metrics: Arc<Metrics>,
     key: (String, SocketAddr),
+    /// The address as metric labels carry it, rendered once rather than per tunnel.
+    label: String,
 }
 
 impl Drop for Owner {
@@ -106,8 +109,7 @@ impl Drop for Owner {
         *n = n.saturating_sub(1);
         if *n == 0 {
             counts.remove(&self.key);
-            self.metrics
-                .forget_backend(&self.key.0, &self.key.1.to_string());
+            self.metrics.forget_backend(&self.key.0, &self.label);
         }
     }
 }
@@ -123,6 +125,7 @@ impl Closer {
             owners: Arc::clone(carry.owners),
             metrics: Arc::clone(carry.metrics),
             key,
+            label: addr.to_string(),
         };
         Closer::make(carry.closing, owner)
     }
@@ -131,7 +134,7 @@ impl Closer {
         Arc::new(Closer {
             parent: parent.clone(),
             current: Mutex::new(parent.child_token()),
-            _owner: owner,
+            owner,
         })
     }
 

@@ -60,27 +60,20 @@ enum End {
     Closed,
 }
 
-/// Waits for both sides of an upgrade, then spawns the tunnel as its own lean task on
-/// `tracker`. Awaiting the upgrades happens in this short-lived future, so the long-lived
-/// task holds only what a running tunnel needs. `hold` is whatever must live as long as
+/// Waits for the client's side of an upgrade, then spawns the tunnel as its own lean task
+/// on `tracker`. Awaiting the upgrade happens in this short-lived future, so the
+/// long-lived task holds only what a running tunnel needs. `backend` is the backend's
+/// socket with the bytes it sent after its 101. `hold` is whatever must live as long as
 /// the tunnel: the backend's load mark and the client connection's bookkeeping.
 pub async fn start<H: Send + 'static>(
     client: OnUpgrade,
-    backend: OnUpgrade,
+    backend: (BackendStream, Bytes),
     settings: Settings,
     series: TunnelSeries,
     hold: H,
     tracker: TaskTracker,
 ) {
-    // The backend's side is ready as soon as its 101 was read; the client's once hyper
-    // has written our 101. Awaited one by one, a failure says which side it was.
-    let backend = match backend.await {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::debug!(error = %e, "the backend's side of the upgrade did not complete");
-            return;
-        }
-    };
+    // The client's side is ready once hyper has written our 101.
     let client = match client.await {
         Ok(c) => c,
         Err(e) => {
@@ -88,17 +81,12 @@ pub async fn start<H: Send + 'static>(
             return;
         }
     };
-    let (c, b) = match (
-        client.downcast::<TokioIo<SendTimeout<ClientStream>>>(),
-        backend.downcast::<TokioIo<BackendStream>>(),
-    ) {
-        (Ok(c), Ok(b)) => (c, b),
-        // Only the proxy's own stream types are ever upgraded.
-        _ => {
-            tracing::error!("upgraded connection of an unexpected type; closing");
-            return;
-        }
+    // Only the proxy's own stream type is ever upgraded.
+    let Ok(c) = client.downcast::<TokioIo<SendTimeout<ClientStream>>>() else {
+        tracing::error!("upgraded connection of an unexpected type; closing");
+        return;
     };
+    let (backend, backend_early) = backend;
     let (c2b, b2c) = (
         series.client_to_backend.clone(),
         series.backend_to_client.clone(),
@@ -109,19 +97,19 @@ pub async fn start<H: Send + 'static>(
         // `send_timeout`, which sits under TLS on the socket.
         tls.get_mut().0.disarm();
     }
-    match (client, b.io.into_inner()) {
+    match (client, backend) {
         (MaybeTls::Plain(client), MaybeTls::Plain(backend)) => {
             let t = Splice {
                 client,
                 backend,
                 c2b: Direction::new(c.read_buf, c2b),
-                b2c: Direction::new(b.read_buf, b2c),
+                b2c: Direction::new(backend_early, b2c),
                 active: false,
             };
             tracker.spawn(run(t, settings, series, hold));
         }
         (client, backend) => {
-            let t = Buffered::new(client, c.read_buf, c2b, backend, b.read_buf, b2c);
+            let t = Buffered::new(client, c.read_buf, c2b, backend, backend_early, b2c);
             tracker.spawn(run(t, settings, series, hold));
         }
     }

@@ -4,18 +4,16 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use duplex_balance::{Backend, LoadGuard};
 use duplex_metrics::UpgradeResult;
-use http::{Request, Response, StatusCode};
-use http_body_util::Empty;
+use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 use crate::conn::ConnInfo;
 use crate::connector::connect;
 use crate::error::{connect_kind, ProxyError};
-use crate::handshake::{backend_request, check_backend_101, check_client, client_101};
+use crate::handshake::{backend_request_head, check_backend_101, check_client, client_101};
+use crate::handshake_io::{self, Answer};
 use crate::headers::request_host;
 use crate::http_proxy::relay;
 use crate::responses::{self, Body};
@@ -76,10 +74,10 @@ pub async fn upgrade(
     let addr = backend.state.addr;
 
     // Forward the handshake and wait for the answer, bounded by handshake_timeout.
-    let breq = backend_request(&req, &conn.forwarded_for, conn.https);
-    let mut resp = match tokio::time::timeout(
+    let head = backend_request_head(&req, &conn.forwarded_for, conn.https);
+    let answer = match tokio::time::timeout(
         up.cfg.handshake_timeout,
-        send_handshake(stream, breq, shared),
+        handshake_io::exchange(stream, &head, &shared.tracker),
     )
     .await
     {
@@ -89,21 +87,28 @@ pub async fn upgrade(
             count(UpgradeResult::Timeout);
             return responses::gateway_timeout(&route.name);
         }
-        Ok(Err(e)) => {
-            tracing::warn!(route = %route.name, backend = %addr, error = %ProxyError::Backend { addr, source: e }, "upgrade failed");
+        Ok(Err(source)) => {
+            tracing::warn!(route = %route.name, error = %ProxyError::Handshake { addr, source }, "upgrade failed");
             count(UpgradeResult::ConnectError);
             return responses::bad_gateway(&route.name);
         }
-        Ok(Ok(resp)) => resp,
+        Ok(Ok(answer)) => answer,
     };
     backend.state.record_success();
 
     // Check the 101; any other answer goes to the client as a normal response.
-    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        count(UpgradeResult::RejectedByBackend);
-        return relay(resp, load, up.cfg.response_timeout);
-    }
-    if let Err(what) = check_backend_101(resp.headers(), &key) {
+    let (headers, backend_side, early) = match answer {
+        Answer::Switching {
+            headers,
+            stream,
+            early,
+        } => (headers, stream, early),
+        Answer::Other(resp) => {
+            count(UpgradeResult::RejectedByBackend);
+            return relay(resp, load, up.cfg.response_timeout);
+        }
+    };
+    if let Err(what) = check_backend_101(&headers, &key) {
         tracing::warn!(route = %route.name, error = %ProxyError::BadUpgrade { addr, what }, "refusing backend's 101");
         count(UpgradeResult::RejectedByBackend);
         return responses::bad_gateway(&route.name);
@@ -111,18 +116,18 @@ pub async fn upgrade(
 
     // Spawn the tunnel; it starts once hyper has written our 101 to the client.
     let client_side = hyper::upgrade::on(&mut req);
-    let backend_side = hyper::upgrade::on(&mut resp);
+    let (close, label) = up.closer(addr);
     let series = shared
         .metrics
-        .tunnel_series(&route.name, &up.cfg.name, &addr.to_string());
+        .tunnel_series(&route.name, &up.cfg.name, &label);
     let settings = tunnel::Settings {
         idle_timeout: up.cfg.idle_timeout,
-        close: up.closer(addr),
+        close,
     };
     let hold = (load.into_tunnel(), conn.take_active());
     shared.tracker.spawn(tunnel::start(
         client_side,
-        backend_side,
+        (backend_side, early),
         settings,
         series,
         hold,
@@ -130,7 +135,7 @@ pub async fn upgrade(
     ));
     count(UpgradeResult::Ok);
     counters.handshake.observe(start.elapsed().as_secs_f64());
-    client_101(resp.headers())
+    client_101(headers)
 }
 
 /// Connects (TCP, then TLS if the upstream has it) to the first candidate that answers
@@ -163,28 +168,4 @@ async fn connect_first<'a>(
         }
     }
     None
-}
-
-/// The largest response head a backend may answer an upgrade with (Envoy allows 60 KiB of
-/// response headers by default; nginx 4 or 8 KiB). A larger one gets the client a 502.
-const MAX_BACKEND_HEAD: usize = 64 * 1024;
-
-/// Sends the upgrade request over `stream` and returns the backend's response head.
-async fn send_handshake(
-    stream: BackendStream,
-    req: Request<Empty<Bytes>>,
-    shared: &Shared,
-) -> Result<Response<Incoming>, hyper::Error> {
-    // hyper's adaptive read buffer (8 KiB to start). An exact size would also be the most
-    // it reads: a 2 KiB one turned any 101 with a few long cookies into a 502.
-    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .max_buf_size(MAX_BACKEND_HEAD)
-        .handshake(TokioIo::new(stream))
-        .await?;
-    // The connection task ends once the 101 hands the socket over, or once a non-101
-    // response body is read and `sender` is gone.
-    shared.tracker.spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
-    sender.send_request(req).await
 }

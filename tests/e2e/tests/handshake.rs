@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use duplex_e2e::backend::Backend;
 use duplex_e2e::client::{
-    backend_of, close, empty, raw_exchange, raw_ws, request, tcp, try_ws, ws, HttpConn,
+    backend_of, close, empty, raw_exchange, raw_ws, request, tcp, try_ws, ws, HttpConn, Reply,
 };
 use duplex_e2e::proxy::{TestProxy, Upstream};
 use duplex_e2e::raw::{dead_addr, RawBackend};
@@ -154,29 +154,44 @@ async fn frame_in_the_upgrade_requests_write_reaches_the_backend() {
     assert_eq!(echo.text(), "early bird");
 }
 
-/// (b) The backend writes its 101 and an unmasked frame in one write.
+/// (b) The backend writes its 101 and an unmasked frame in one write; and the same bytes
+/// in three TCP segments, cut inside the status line and inside a header line, which the
+/// proxy reads as one head and a frame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frame_in_the_101s_write_reaches_the_client() {
-    let b = RawBackend::start(|mut tcp| async move {
-        let (head, _) = read_head(&mut tcp).await?;
-        let mut bytes = switching_protocols(&head, &[]).into_bytes();
-        bytes.extend_from_slice(&server_text("right after the 101"));
-        tcp.write_all(&bytes).await?;
-        // Hold the connection until the client goes.
-        let mut sink = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut sink).await?;
-        Ok(())
-    })
-    .await;
-    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
-    let (mut s, _, mut rest) = raw_ws(p.addr, "/", &[]).await;
-    let f = within("the frame after the 101", read_frame(&mut s, &mut rest))
-        .await
-        .expect("the frame after the 101");
-    assert_eq!(
-        (f.fin, f.opcode, f.masked, f.text().as_str()),
-        (true, OP_TEXT, false, "right after the 101")
-    );
+    for cuts in [&[][..], &[10, 60]] {
+        let b = RawBackend::start(move |mut tcp| async move {
+            tcp.set_nodelay(true)?;
+            let (head, _) = read_head(&mut tcp).await?;
+            let mut bytes = switching_protocols(&head, &[]).into_bytes();
+            bytes.extend_from_slice(&server_text("right after the 101"));
+            let mut from = 0;
+            for &cut in cuts.iter().chain([&bytes.len()]) {
+                tcp.write_all(&bytes[from..cut]).await?;
+                from = cut;
+                if cut < bytes.len() {
+                    // Separate segments, so that the proxy's reads see separate pieces.
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                }
+            }
+            // Hold the connection until the client goes.
+            let mut sink = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut sink).await?;
+            Ok(())
+        })
+        .await;
+        let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+        let (mut s, head, mut rest) = raw_ws(p.addr, "/", &[]).await;
+        assert_eq!(head.status(), 101, "cuts {cuts:?}");
+        let f = within("the frame after the 101", read_frame(&mut s, &mut rest))
+            .await
+            .expect("the frame after the 101");
+        assert_eq!(
+            (f.fin, f.opcode, f.masked, f.text().as_str()),
+            (true, OP_TEXT, false, "right after the 101"),
+            "cuts {cuts:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,27 +245,25 @@ async fn version_8_gets_426_naming_version_13() {
     );
 }
 
-/// A backend that answers 403 instead of 101: the client gets the 403 and its body.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backend_refusal_reaches_the_client() {
-    let b = Backend::start("strict").await;
-    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
-    let mut c = HttpConn::open(p.addr).await;
+/// An upgrade request sent by an HTTP client, for answers other than 101.
+async fn upgrade_over_http(proxy: std::net::SocketAddr, path: &str) -> Reply {
+    let mut c = HttpConn::open(proxy).await;
     let headers = [
         ("connection", "Upgrade"),
         ("upgrade", "websocket"),
         ("sec-websocket-version", "13"),
         ("sec-websocket-key", KEY),
     ];
-    let r = c
-        .send(request(
-            Method::GET,
-            p.addr,
-            "/forbidden",
-            &headers,
-            empty(),
-        ))
-        .await;
+    c.send(request(Method::GET, proxy, path, &headers, empty()))
+        .await
+}
+
+/// A backend that answers 403 instead of 101: the client gets the 403 and its body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_refusal_reaches_the_client() {
+    let b = Backend::start("strict").await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let r = upgrade_over_http(p.addr, "/forbidden").await;
     assert_eq!(r.status, 403, "{}", r.text());
     assert_eq!(r.text(), "backend says no");
     assert_eq!(r.backend(), "strict");
@@ -311,15 +324,36 @@ async fn silent_backend_gives_504_after_handshake_timeout() {
     assert_eq!(b.accepted(), 1, "the silent backend was connected to once");
 }
 
-/// A backend that reads the upgrade and hangs up without a word, or answers with bytes that
-/// are not HTTP, gets the client a 502 at once (not a 504 after handshake_timeout).
+/// A backend that reads the upgrade and hangs up without a word, answers with bytes that
+/// are not HTTP, or sends a head longer than 64 KiB, gets the client a 502 at once (not a
+/// 504 after handshake_timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_that_hangs_up_or_babbles_gives_502_at_once() {
-    for answer in [&b""[..], b"SSH-2.0-OpenSSH_9.2\r\n"] {
-        let b = RawBackend::start(move |mut tcp| async move {
-            let _ = read_head(&mut tcp).await?;
-            tcp.write_all(answer).await
-            // The socket closes here.
+    let long_head = [
+        &b"HTTP/1.1 101 Switching Protocols\r\nX-Long: "[..],
+        &[b'a'; 80 * 1024],
+    ]
+    .concat();
+    // What the backend writes, and whether it then holds the connection open.
+    let answers = [
+        (Vec::new(), false),
+        (b"SSH-2.0-OpenSSH_9.2\r\n".to_vec(), false),
+        // A head past the 64 KiB limit that never ends.
+        (long_head, true),
+    ];
+    for (answer, hold) in answers {
+        let shown = String::from_utf8_lossy(&answer[..answer.len().min(40)]).into_owned();
+        let b = RawBackend::start(move |mut tcp| {
+            let answer = answer.clone();
+            async move {
+                let _ = read_head(&mut tcp).await?;
+                tcp.write_all(&answer).await?;
+                if hold {
+                    let mut sink = Vec::new();
+                    tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut sink).await?;
+                }
+                Ok(())
+            }
         })
         .await;
         let up = Upstream::new("round_robin")
@@ -328,7 +362,7 @@ async fn backend_that_hangs_up_or_babbles_gives_502_at_once() {
         let p = TestProxy::single(&up).await;
         let started = Instant::now();
         let r = raw_exchange(p.addr, upgrade_request("/", "x", &[]).as_bytes()).await;
-        assert_eq!(r.head.status(), 502, "answer {answer:?}: {r:?}");
+        assert_eq!(r.head.status(), 502, "answer {shown:?}: {r:?}");
         assert!(r.body.contains("\"main\""), "names the route: {}", r.body);
         assert!(
             started.elapsed() < Duration::from_secs(3),
@@ -432,4 +466,36 @@ async fn a_malformed_101_gets_the_client_a_502() {
             .await;
         assert_eq!(rejected, 1.0, "{what}");
     }
+}
+
+/// A refusal with a chunked body, sent after a pause: the client gets the status, the
+/// headers and the whole body, and the upgrade counts as rejected by the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_refusal_reaches_the_client_whole() {
+    let b = RawBackend::start(|mut tcp| async move {
+        let _ = read_head(&mut tcp).await?;
+        tcp.write_all(
+            b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\n\
+              WWW-Authenticate: Bearer\r\n\r\n5\r\nhello\r\n",
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tcp.write_all(b"6\r\n world\r\n0\r\n\r\n").await
+    })
+    .await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let r = upgrade_over_http(p.addr, "/").await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.text(), "hello world");
+    assert_eq!(
+        r.headers.get("www-authenticate").map(|v| v.as_bytes()),
+        Some(&b"Bearer"[..])
+    );
+    let rejected = p
+        .metric(
+            "duplex_websocket_upgrades_total",
+            &[("result", "rejected_by_backend")],
+        )
+        .await;
+    assert_eq!(rejected, 1.0);
 }

@@ -1,0 +1,180 @@
+//! The backend's side of an upgrade on the wire: writes the request head, reads the
+//! answer.
+//!
+//! A handshake sends one request and reads one answer on a connection of its own, so it
+//! needs no HTTP client: a 101 is parsed here from what is usually a single read, and the
+//! socket goes straight to the tunnel. Only an answer other than 101 (a refusal, which has
+//! a body to relay in whatever framing) is handed to hyper's client to read.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_util::task::TaskTracker;
+
+use crate::tls::BackendStream;
+
+/// The largest answer head a backend may send to an upgrade (Envoy allows 60 KiB of
+/// response headers by default; nginx 4 or 8 KiB). A larger one gets the client a 502.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// The most header lines an answer may have (hyper's default too).
+const MAX_HEADERS: usize = 100;
+/// The first read's buffer: a 101 is usually 150 to 300 bytes. It grows up to
+/// [`MAX_HEAD`] for a longer head.
+const FIRST_READ: usize = 2048;
+
+/// A backend's answer to an upgrade request.
+pub enum Answer {
+    /// A 101: its headers, the socket, and whatever the backend sent after the head
+    /// (frames it wrote at once), which goes to the client first.
+    Switching {
+        headers: HeaderMap,
+        stream: BackendStream,
+        early: Bytes,
+    },
+    /// Any other answer, to relay to the client with its body.
+    Other(Response<Incoming>),
+}
+
+/// Sends `head` (a whole request head, see [`crate::handshake::backend_request_head`])
+/// and reads the answer. Errors are the backend's: it closed, broke the connection, or
+/// answered something that is not HTTP or has a head over [`MAX_HEAD`].
+pub async fn exchange(
+    mut stream: BackendStream,
+    head: &[u8],
+    tracker: &TaskTracker,
+) -> io::Result<Answer> {
+    stream.write_all(head).await?;
+    stream.flush().await?;
+    let mut buf = BytesMut::with_capacity(FIRST_READ);
+    loop {
+        if buf.len() >= MAX_HEAD {
+            return Err(bad(format!("an answer head over {MAX_HEAD} bytes")));
+        }
+        if buf.len() == buf.capacity() {
+            buf.reserve(buf.len().min(MAX_HEAD - buf.len()));
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the backend closed the connection before answering",
+            ));
+        }
+        let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut answer = httparse::Response::new(&mut lines);
+        let len = match answer.parse(&buf) {
+            Ok(httparse::Status::Partial) => continue,
+            Ok(httparse::Status::Complete(len)) => len,
+            Err(e) => return Err(bad(format!("not an HTTP answer ({e})"))),
+        };
+        if answer.code != Some(101) {
+            let replay = Replay {
+                read: buf.freeze(),
+                io: stream,
+                sent: false,
+                reader: None,
+            };
+            return read_with_hyper(replay, tracker).await.map(Answer::Other);
+        }
+        let mut headers = HeaderMap::with_capacity(answer.headers.len());
+        for h in answer.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| bad(format!("a header name that is not valid: {:?}", h.name)))?;
+            let value = HeaderValue::from_bytes(h.value)
+                .map_err(|_| bad(format!("the value of {name} is not valid")))?;
+            headers.append(name, value);
+        }
+        let early = buf.split_off(len).freeze();
+        return Ok(Answer::Switching {
+            headers,
+            stream,
+            early,
+        });
+    }
+}
+
+fn bad(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// Reads an answer other than 101, with its body, through hyper's client: a refusal can
+/// come with a body of any framing, and this is the rare path.
+async fn read_with_hyper(io: Replay, tracker: &TaskTracker) -> io::Result<Response<Incoming>> {
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(MAX_HEAD)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(io::Error::other)?;
+    // The connection task ends once the body is read: `sender` is gone by then.
+    tracker.spawn(async move {
+        let _ = conn.await;
+    });
+    // hyper writes this request (into `Replay`, which drops it: the real one went out)
+    // and then reads the answer already in hand.
+    let req = Request::get("/")
+        .body(Empty::<Bytes>::new())
+        .map_err(io::Error::other)?;
+    sender.send_request(req).await.map_err(io::Error::other)
+}
+
+/// A backend socket for hyper's client after the request went out and part of the answer
+/// was read: reads give the bytes already read, then the socket's; writes are dropped.
+struct Replay {
+    read: Bytes,
+    io: BackendStream,
+    /// Whether hyper has written its request. Until then reads wait: hyper takes bytes
+    /// that arrive before a request as an error.
+    sent: bool,
+    /// The read waiting for the request to be written.
+    reader: Option<Waker>,
+}
+
+impl AsyncRead for Replay {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.sent {
+            this.reader = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        if this.read.is_empty() {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let n = this.read.len().min(buf.remaining());
+        buf.put_slice(&this.read[..n]);
+        this.read.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Replay {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.sent = true;
+        if let Some(reader) = this.reader.take() {
+            reader.wake();
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
