@@ -7,8 +7,8 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use sha1::{Digest, Sha1};
 
 use crate::headers::{
-    connection_named, has_several_hosts, has_token, is_hop_by_hop, proto, strip_hop_by_hop,
-    target_host, XFF, XFH, XFP,
+    connection_named_in, has_several_hosts, is_hop_by_hop, list_has, proto, target_host, XFF, XFH,
+    XFP,
 };
 use crate::responses::{self, Body};
 
@@ -93,7 +93,7 @@ pub fn check_client<B>(req: &Request<B>) -> Result<HeaderValue, BadHandshake> {
 /// one answer on a connection of its own.
 pub fn backend_request_head<B>(client: &Request<B>, peer: &HeaderValue, https: bool) -> Vec<u8> {
     let headers = client.headers();
-    let named = connection_named(headers);
+    let named = connection_named_in(headers);
     let host = target_host(client.uri())
         .map(str::as_bytes)
         .or_else(|| headers.get(header::HOST).map(HeaderValue::as_bytes));
@@ -129,7 +129,7 @@ pub fn backend_request_head<B>(client: &Request<B>, peer: &HeaderValue, https: b
     // Written above or below, or (`Content-Length`) meaningless on an upgrade.
     let replaced = [header::HOST, header::CONTENT_LENGTH, XFF, XFP, XFH];
     for (name, value) in headers {
-        if !replaced.contains(name) && !is_hop_by_hop(name, &named) {
+        if !replaced.contains(name) && !is_hop_by_hop(name.as_str().as_bytes(), &named) {
             line(name.as_str().as_bytes(), &[value.as_bytes()]);
         }
     }
@@ -150,31 +150,44 @@ pub fn backend_request_head<B>(client: &Request<B>, peer: &HeaderValue, https: b
     out
 }
 
-/// Checks a backend's 101: it must upgrade to websocket with the right accept value.
-pub fn check_backend_101(headers: &HeaderMap, key: &HeaderValue) -> Result<(), &'static str> {
-    if !has_token(headers, header::UPGRADE, "websocket") {
+/// Checks a backend's 101, given its header lines as (name, value) bytes: it must upgrade
+/// to websocket with the right accept value.
+pub fn check_backend_101<'a>(
+    lines: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    key: &HeaderValue,
+) -> Result<(), &'static str> {
+    let (mut upgrade, mut connection, mut accept) = (false, false, None);
+    for (name, value) in lines {
+        if name.eq_ignore_ascii_case(b"upgrade") {
+            upgrade |= list_has(value, b"websocket");
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            connection |= list_has(value, b"upgrade");
+        } else if name.eq_ignore_ascii_case(b"sec-websocket-accept") {
+            accept = accept.or(Some(value));
+        }
+    }
+    if !upgrade {
         return Err("no Upgrade: websocket");
     }
     // RFC 6455 section 4.1: a client must fail the connection without it; duplex is the
     // backend's client.
-    if !has_token(headers, header::CONNECTION, "upgrade") {
+    if !connection {
         return Err("no Connection: upgrade");
     }
-    match headers.get("sec-websocket-accept") {
-        Some(v) if v.as_bytes() == accept_for(key.as_bytes()).as_bytes() => Ok(()),
+    match accept {
+        Some(v) if v == accept_for(key.as_bytes()).as_bytes() => Ok(()),
         Some(_) => Err("wrong Sec-WebSocket-Accept"),
         None => Err("no Sec-WebSocket-Accept"),
     }
 }
 
-/// The 101 to send the client: the backend's headers (accept, subprotocol, extensions,
-/// cookies) without hop-by-hop ones, plus the two the upgrade needs.
-pub fn client_101(mut headers: HeaderMap) -> Response<Body> {
-    strip_hop_by_hop(&mut headers);
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+/// The 101 to send the client: the backend's end-to-end headers (accept, subprotocol,
+/// extensions, cookies), plus the two the upgrade needs.
+pub fn client_101(mut end_to_end: HeaderMap) -> Response<Body> {
+    end_to_end.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    end_to_end.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     let mut r = responses::text(StatusCode::SWITCHING_PROTOCOLS, String::new());
-    *r.headers_mut() = headers;
+    *r.headers_mut() = end_to_end;
     r
 }
 

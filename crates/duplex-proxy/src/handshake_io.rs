@@ -18,6 +18,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::task::TaskTracker;
 
+use crate::handshake::check_backend_101;
+use crate::headers::{connection_named, is_hop_by_hop};
 use crate::tls::BackendStream;
 
 /// The largest answer head a backend may send to an upgrade (Envoy allows 60 KiB of
@@ -31,23 +33,28 @@ const FIRST_READ: usize = 2048;
 
 /// A backend's answer to an upgrade request.
 pub enum Answer {
-    /// A 101: its headers, the socket, and whatever the backend sent after the head
-    /// (frames it wrote at once), which goes to the client first.
+    /// A valid 101: its end-to-end headers (hop-by-hop ones left out), the socket, and
+    /// whatever the backend sent after the head (frames it wrote at once), which goes to
+    /// the client first.
     Switching {
-        headers: HeaderMap,
+        end_to_end: HeaderMap,
         stream: BackendStream,
         early: Bytes,
     },
+    /// A 101 that is not a valid WebSocket answer, and what is wrong with it.
+    Invalid(&'static str),
     /// Any other answer, to relay to the client with its body.
     Other(Response<Incoming>),
 }
 
 /// Sends `head` (a whole request head, see [`crate::handshake::backend_request_head`])
-/// and reads the answer. Errors are the backend's: it closed, broke the connection, or
-/// answered something that is not HTTP or has a head over [`MAX_HEAD`].
+/// and reads the answer, checking a 101 against the client's `key`. Errors are the
+/// backend's: it closed, broke the connection, or answered something that is not HTTP or
+/// has a head over [`MAX_HEAD`].
 pub async fn exchange(
     mut stream: BackendStream,
     head: &[u8],
+    key: &HeaderValue,
     tracker: &TaskTracker,
 ) -> io::Result<Answer> {
     stream.write_all(head).await?;
@@ -82,17 +89,26 @@ pub async fn exchange(
             };
             return read_with_hyper(replay, tracker).await.map(Answer::Other);
         }
-        let mut headers = HeaderMap::with_capacity(answer.headers.len());
-        for h in answer.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes())
-                .map_err(|_| bad(format!("a header name that is not valid: {:?}", h.name)))?;
-            let value = HeaderValue::from_bytes(h.value)
+        let lines = || answer.headers.iter().map(|h| (h.name.as_bytes(), h.value));
+        if let Err(what) = check_backend_101(lines(), key) {
+            return Ok(Answer::Invalid(what));
+        }
+        let named = connection_named(lines());
+        let mut end_to_end = HeaderMap::with_capacity(answer.headers.len());
+        for (name, value) in lines().filter(|(name, _)| !is_hop_by_hop(name, &named)) {
+            let name = HeaderName::from_bytes(name).map_err(|_| {
+                bad(format!(
+                    "a header name that is not valid: {:?}",
+                    String::from_utf8_lossy(name)
+                ))
+            })?;
+            let value = HeaderValue::from_bytes(value)
                 .map_err(|_| bad(format!("the value of {name} is not valid")))?;
-            headers.append(name, value);
+            end_to_end.append(name, value);
         }
         let early = buf.split_off(len).freeze();
         return Ok(Answer::Switching {
-            headers,
+            end_to_end,
             stream,
             early,
         });

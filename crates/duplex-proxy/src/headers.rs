@@ -23,26 +23,44 @@ pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .any(|v| list_has(v.as_bytes(), token.as_bytes()))
 }
 
-/// The header names a message's `Connection` lists, which are hop-by-hop too.
-pub fn connection_named(headers: &HeaderMap) -> Vec<&str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+/// Whether the comma-separated `list` holds `token`, compared case-insensitively.
+pub fn list_has(list: &[u8], token: &[u8]) -> bool {
+    list.split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// The header names that the `Connection` lines among `lines` list, which are hop-by-hop
+/// too.
+pub fn connection_named<'a>(lines: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<&'a [u8]> {
+    lines
+        .filter(|(name, _)| name.eq_ignore_ascii_case(b"connection"))
+        .flat_map(|(_, v)| v.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
         .collect()
 }
 
-/// Whether `name` is hop-by-hop, given what `Connection` lists (see [`connection_named`]).
-pub fn is_hop_by_hop(name: &HeaderName, named: &[&str]) -> bool {
-    HOP_BY_HOP.contains(name) || named.iter().any(|t| t.eq_ignore_ascii_case(name.as_str()))
+/// [`connection_named`] for a header map.
+pub fn connection_named_in(headers: &HeaderMap) -> Vec<&[u8]> {
+    connection_named(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .map(|v| (&b"connection"[..], v.as_bytes())),
+    )
+}
+
+/// Whether header `name` is hop-by-hop, given what `Connection` lists (see
+/// [`connection_named`]).
+pub fn is_hop_by_hop(name: &[u8], named: &[&[u8]]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .map(|h| h.as_str().as_bytes())
+        .chain(named.iter().copied())
+        .any(|h| h.eq_ignore_ascii_case(name))
 }
 
 /// Removes hop-by-hop headers, including any that `Connection` names.
@@ -52,12 +70,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = connection_named_in(headers)
+        .into_iter()
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);

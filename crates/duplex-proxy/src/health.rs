@@ -187,7 +187,11 @@ async fn probe(hc: &HealthCheck, up: &UpstreamRt, addr: SocketAddr) -> Result<()
             Err(format!("status {} (expected 101)", resp.status()))
         }
         _ => {
-            check_backend_101(resp.headers(), &key).map_err(str::to_owned)?;
+            let lines = resp
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+            check_backend_101(lines, &key).map_err(str::to_owned)?;
             let io = hyper::upgrade::on(&mut resp)
                 .await
                 .map_err(|e| e.to_string())?;

@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use crate::conn::ConnInfo;
 use crate::connector::connect;
 use crate::error::{connect_kind, ProxyError};
-use crate::handshake::{backend_request_head, check_backend_101, check_client, client_101};
+use crate::handshake::{backend_request_head, check_client, client_101};
 use crate::handshake_io::{self, Answer};
 use crate::headers::request_host;
 use crate::http_proxy::relay;
@@ -77,7 +77,7 @@ pub async fn upgrade(
     let head = backend_request_head(&req, &conn.forwarded_for, conn.https);
     let answer = match tokio::time::timeout(
         up.cfg.handshake_timeout,
-        handshake_io::exchange(stream, &head, &shared.tracker),
+        handshake_io::exchange(stream, &head, &key, &shared.tracker),
     )
     .await
     {
@@ -96,23 +96,24 @@ pub async fn upgrade(
     };
     backend.state.record_success();
 
-    // Check the 101; any other answer goes to the client as a normal response.
-    let (headers, backend_side, early) = match answer {
+    // A valid 101 opens the tunnel; any other answer goes to the client as a normal
+    // response; a 101 that is not a WebSocket handshake gets a 502.
+    let (end_to_end, backend_side, early) = match answer {
         Answer::Switching {
-            headers,
+            end_to_end,
             stream,
             early,
-        } => (headers, stream, early),
+        } => (end_to_end, stream, early),
         Answer::Other(resp) => {
             count(UpgradeResult::RejectedByBackend);
             return relay(resp, load, up.cfg.response_timeout);
         }
+        Answer::Invalid(what) => {
+            tracing::warn!(route = %route.name, error = %ProxyError::BadUpgrade { addr, what }, "refusing backend's 101");
+            count(UpgradeResult::RejectedByBackend);
+            return responses::bad_gateway(&route.name);
+        }
     };
-    if let Err(what) = check_backend_101(&headers, &key) {
-        tracing::warn!(route = %route.name, error = %ProxyError::BadUpgrade { addr, what }, "refusing backend's 101");
-        count(UpgradeResult::RejectedByBackend);
-        return responses::bad_gateway(&route.name);
-    }
 
     // Spawn the tunnel; it starts once hyper has written our 101 to the client.
     let client_side = hyper::upgrade::on(&mut req);
@@ -135,7 +136,7 @@ pub async fn upgrade(
     ));
     count(UpgradeResult::Ok);
     counters.handshake.observe(start.elapsed().as_secs_f64());
-    client_101(headers)
+    client_101(end_to_end)
 }
 
 /// Connects (TCP, then TLS if the upstream has it) to the first candidate that answers

@@ -63,7 +63,7 @@ async fn relays_the_subprotocol_choice() {
 }
 
 /// Extension negotiation is relayed verbatim both ways (raw bytes: a client library would
-/// refuse an extension it cannot run).
+/// refuse an extension it cannot run); the backend's hop-by-hop headers are not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_extension_headers() {
     const OFFER: &str = "permessage-deflate; client_max_window_bits";
@@ -71,6 +71,9 @@ async fn relays_extension_headers() {
     let (b, mut heads) = recording_backend(&[
         ("Sec-WebSocket-Extensions", ANSWER),
         ("X-Backend-Note", "kept"),
+        ("Connection", "X-Backend-Hop"),
+        ("X-Backend-Hop", "1"),
+        ("Keep-Alive", "timeout=5"),
     ])
     .await;
     let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
@@ -81,6 +84,13 @@ async fn relays_extension_headers() {
         "{head:?}"
     );
     assert_eq!(head.get("x-backend-note"), Some("kept"), "{head:?}");
+    assert_eq!(
+        head.get("x-backend-hop"),
+        None,
+        "named in Connection: {head:?}"
+    );
+    assert_eq!(head.get("keep-alive"), None, "hop-by-hop: {head:?}");
+    assert_eq!(head.all("connection"), vec!["Upgrade"], "{head:?}");
     let seen = within("the backend's request", heads.recv())
         .await
         .expect("the backend got a request");
@@ -428,7 +438,7 @@ async fn forwards_x_forwarded_and_drops_hop_by_hop_headers() {
 async fn a_malformed_101_gets_the_client_a_502() {
     // What went wrong, and the 101's headers given the right accept value.
     type Case = (&'static str, fn(&str) -> String);
-    let cases: [Case; 4] = [
+    let cases: [Case; 5] = [
         ("wrong accept", |_| {
             "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: AAAA\r\n".into()
         }),
@@ -437,6 +447,12 @@ async fn a_malformed_101_gets_the_client_a_502() {
         }),
         ("no Connection", |accept| {
             format!("Upgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n")
+        }),
+        ("Connection without upgrade", |accept| {
+            format!(
+                "Connection: keep-alive\r\nUpgrade: websocket\r\n\
+                 Sec-WebSocket-Accept: {accept}\r\n"
+            )
         }),
         ("no Upgrade", |accept| {
             format!("Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n")
