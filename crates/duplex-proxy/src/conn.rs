@@ -35,6 +35,8 @@ pub struct ConnInfo {
     pub redirect_https: Option<u16>,
     /// The listener's `client_body_timeout`.
     pub body_timeout: Duration,
+    /// The connection's place among those a full cap may close while idle.
+    pub idle: Arc<crate::reclaim::Conn>,
     /// Counts the connection in `duplex_connections_active`: while the HTTP connection
     /// lives, or, once upgraded, handed to the tunnel it became (so the tunnel does not
     /// keep this whole struct alive).
@@ -76,6 +78,10 @@ pub async fn serve(
         return;
     };
     settings.active.inc();
+    let registration = shared
+        .limits
+        .idle
+        .register(Arc::clone(slot.listener()), settings.reclaimed.clone());
     let active = ActiveGuard {
         active: settings.active.clone(),
         _slot: slot,
@@ -116,13 +122,21 @@ pub async fn serve(
         https: settings.tls.is_some(),
         redirect_https: settings.redirect_https,
         body_timeout: settings.body_timeout,
+        idle: Arc::clone(&registration.conn),
         active: Mutex::new(Some(active)),
     });
     let svc_shared = Arc::clone(&shared);
     let svc = service_fn(move |req| {
         let info = Arc::clone(&info);
         let shared = Arc::clone(&svc_shared);
-        async move { Ok::<_, Infallible>(handle(req, info, shared).await) }
+        async move {
+            // Not idle while the request is handled (if the connection goes first, so
+            // does its place in the registry).
+            info.idle.request_started();
+            let response = handle(req, &info, shared).await;
+            info.idle.request_ended();
+            Ok::<_, Infallible>(response)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -131,9 +145,12 @@ pub async fn serve(
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     tokio::pin!(conn);
+    // Asked to close, by shutdown or by a full cap wanting the room of an idle
+    // connection: an idle one closes at once, one with a request in progress after its
+    // response.
     let res = tokio::select! {
         res = conn.as_mut() => res,
-        _ = shared.stopping.cancelled() => {
+        _ = registration.conn.asked_to_close() => {
             conn.as_mut().graceful_shutdown();
             tokio::select! {
                 res = conn.as_mut() => res,
@@ -147,11 +164,7 @@ pub async fn serve(
 }
 
 /// Routes one request: a WebSocket upgrade or plain HTTP.
-async fn handle(
-    req: Request<Incoming>,
-    info: Arc<ConnInfo>,
-    shared: Arc<Shared>,
-) -> Response<Body> {
+async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: Arc<Shared>) -> Response<Body> {
     if let Some(port) = info.redirect_https {
         return to_https(&req, port);
     }
@@ -182,7 +195,7 @@ async fn handle(
     ) else {
         return responses::bad_gateway(&route.name);
     };
-    http_proxy::forward(req, &info, route, up, series, &shared).await
+    http_proxy::forward(req, info, route, up, series, &shared).await
 }
 
 /// The answer of a `redirect_https` listener: 308 to the same host and path over https.

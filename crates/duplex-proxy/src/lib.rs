@@ -19,6 +19,7 @@ mod health;
 mod http_proxy;
 mod idle;
 pub mod limits;
+mod reclaim;
 mod reload;
 mod responses;
 mod router;

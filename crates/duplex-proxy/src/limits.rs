@@ -1,10 +1,13 @@
 //! Caps the client connections open at once, over all listeners and per listener.
 //!
-//! An accept loop checks for room before it calls `accept()`. At a cap it waits, and new
-//! connections wait in the kernel's listen backlog, as under HAProxy's `maxconn`, rather
-//! than being accepted only to be refused. A [`Slot`] lives as long as its connection and
-//! the tunnel that connection may become, and wakes waiting accept loops when it goes.
-//! The admin listener takes no slot, so that metrics can be read at the cap.
+//! An accept loop takes a [`Slot`] for each connection it accepts. At a cap it holds the
+//! connection just accepted, unanswered, until there is room, and accepts no other: new
+//! connections wait in the kernel's listen backlog, rather than being accepted only to be
+//! refused. While it holds one, it asks idle keep-alive connections to close (see
+//! [`crate::reclaim`]): a client is waiting, so the room is wanted. A [`Slot`] lives as
+//! long as its connection and the tunnel that connection may become, and wakes waiting
+//! accept loops when it goes. The admin listener takes no slot, so that metrics can be
+//! read at the cap.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
@@ -12,6 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
+
+use crate::reclaim::Idle;
 
 /// Descriptors kept back from client connections when the cap comes from the open-file
 /// limit: listeners, the admin port, health checks, DNS, reading files, idle pooled
@@ -108,6 +113,8 @@ pub struct Limits {
     freed: Notify,
     /// A reload stored new caps.
     changed: Notify,
+    /// Client connections that can be asked to close at a cap.
+    pub idle: Arc<Idle>,
 }
 
 /// One client connection's place under the caps, given back on drop.
@@ -116,6 +123,13 @@ pub struct Slot {
     limits: Arc<Limits>,
     /// The open count of the listener that accepted the connection.
     listener: Arc<AtomicUsize>,
+}
+
+impl Slot {
+    /// The open count of the listener that accepted the connection.
+    pub fn listener(&self) -> &Arc<AtomicUsize> {
+        &self.listener
+    }
 }
 
 impl Drop for Slot {
@@ -140,20 +154,13 @@ impl Limits {
         self.changed.notify_waiters();
     }
 
-    /// Resolves at the next [`Limits::recheck`].
-    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
-        self.changed.notified()
-    }
-
-    /// Whether both caps leave room for one more connection now, without taking it.
-    pub fn room(&self, listener: &AtomicUsize, caps: (usize, usize)) -> Result<(), Cap> {
-        if self.open.load(SeqCst) >= caps.0 {
-            Err(Cap::Global)
-        } else if listener.load(SeqCst) >= caps.1 {
-            Err(Cap::Listener)
-        } else {
-            Ok(())
-        }
+    /// Asks idle connections that count against the full cap to close: any listener's
+    /// at the global cap, `listener`'s at its own.
+    fn reclaim(&self, cap: Cap, listener: &AtomicUsize) {
+        self.idle.reclaim(match cap {
+            Cap::Global => None,
+            Cap::Listener => Some(listener),
+        });
     }
 
     /// A slot if both caps leave room now. The global count is taken with a
@@ -177,25 +184,10 @@ impl Limits {
         })
     }
 
-    /// Waits until both caps, as `caps()` gives them at each look (global, this
-    /// listener), leave room; takes nothing. `full` is told once if a cap made it wait.
-    /// False once `stop` resolves.
-    pub async fn wait_for_room(
-        &self,
-        listener: &AtomicUsize,
-        caps: &impl Fn() -> (usize, usize),
-        full: &mut impl FnMut(Cap),
-        stop: impl Future<Output = ()>,
-    ) -> bool {
-        self.wait(|| self.room(listener, caps()), full, stop)
-            .await
-            .is_some()
-    }
-
-    /// Takes a slot for a connection just accepted, waiting for room if the other
-    /// listeners filled the global cap since [`Limits::wait_for_room`] (the connection
-    /// waits unanswered meanwhile, as it would have in the backlog: one per listener at
-    /// most). `None` once `stop` resolves.
+    /// Takes a slot for a connection just accepted, as both caps (from `caps()` at each
+    /// look: global, this listener) allow, waiting for room if they are full: the
+    /// connection waits unanswered meanwhile, as the ones behind it do in the backlog.
+    /// `full` is told once if a cap made it wait. `None` once `stop` resolves.
     pub async fn admit(
         self: &Arc<Self>,
         listener: &Arc<AtomicUsize>,
@@ -203,14 +195,17 @@ impl Limits {
         full: &mut impl FnMut(Cap),
         stop: impl Future<Output = ()>,
     ) -> Option<Slot> {
-        self.wait(|| self.take(listener, caps()), full, stop).await
+        self.wait(listener, || self.take(listener, caps()), full, stop)
+            .await
     }
 
     /// Tries `attempt` until it succeeds, sleeping between tries until a connection
     /// closes, the caps change, or [`RECHECK`] passes. `full` hears of the first refusal
-    /// only: one wait, one count. `None` once `stop` resolves.
+    /// only: one wait, one count. Each refusal asks idle keep-alive connections under the
+    /// full cap to close (see [`crate::reclaim`]). `None` once `stop` resolves.
     async fn wait<T>(
         &self,
+        listener: &AtomicUsize,
         mut attempt: impl FnMut() -> Result<T, Cap>,
         full: &mut impl FnMut(Cap),
         stop: impl Future<Output = ()>,
@@ -220,6 +215,7 @@ impl Limits {
             Err(cap) => cap,
         };
         full(first);
+        self.reclaim(first, listener);
         tokio::pin!(stop);
         loop {
             // Registered before the counts are read again, so that a close between the
@@ -230,9 +226,12 @@ impl Limits {
             freed.as_mut().enable();
             changed.as_mut().enable();
             self.waiting.fetch_add(1, SeqCst);
-            if let Ok(got) = attempt() {
-                self.waiting.fetch_sub(1, SeqCst);
-                return Some(got);
+            match attempt() {
+                Ok(got) => {
+                    self.waiting.fetch_sub(1, SeqCst);
+                    return Some(got);
+                }
+                Err(cap) => self.reclaim(cap, listener),
             }
             let stopped = tokio::select! {
                 _ = freed => false,
@@ -269,18 +268,15 @@ mod tests {
         let limits = Arc::new(Limits::default());
         let (a, b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let one = limits.take(&a, (3, 1)).expect("first on a");
-        assert_eq!(limits.room(&a, (3, 1)), Err(Cap::Listener));
         assert_eq!(limits.take(&a, (3, 1)).unwrap_err(), Cap::Listener);
         assert_eq!((limits.open(), a.load(SeqCst)), (1, 1));
         let two = limits.take(&b, (3, 5)).expect("first on b");
         let three = limits.take(&b, (3, 5)).expect("second on b");
-        assert_eq!(limits.room(&b, (3, 5)), Err(Cap::Global));
         assert_eq!(limits.take(&b, (3, 5)).unwrap_err(), Cap::Global);
         // Refused takes leave both counts as they were.
         assert_eq!((limits.open(), b.load(SeqCst)), (3, 2));
         drop(one);
         assert_eq!((limits.open(), a.load(SeqCst)), (2, 0));
-        assert_eq!(limits.room(&a, (3, 1)), Ok(()));
         let four = limits.take(&a, (3, 1)).expect("a has room again");
         drop((two, three));
         assert_eq!((limits.open(), b.load(SeqCst)), (1, 0));
@@ -321,6 +317,53 @@ mod tests {
         drop(tx);
     }
 
+    // A connection busy at the first refusal is asked to close at a later look, once
+    // idle; it holds the only place, so its close is what lets the loop in.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_goes_idle_at_a_cap_is_asked_to_close_at_the_next_look() {
+        let limits = Arc::new(Limits::default());
+        let l = Arc::new(AtomicUsize::new(0));
+        let slot = limits.take(&l, (10, 1)).expect("room");
+        let counter = duplex_metrics::Counter::new("reclaimed", "test").expect("counter");
+        let registration = limits.idle.register(Arc::clone(slot.listener()), counter);
+        registration.conn.request_started();
+        let waiter = {
+            let (limits, l) = (Arc::clone(&limits), Arc::clone(&l));
+            tokio::spawn(async move {
+                limits
+                    .admit(&l, &|| (10, 1), &mut |_| {}, std::future::pending())
+                    .await
+                    .is_some()
+            })
+        };
+        until_waiting(&limits).await;
+        {
+            let close = registration.conn.asked_to_close();
+            tokio::pin!(close);
+            assert!(
+                poll_once(close.as_mut()).await.is_pending(),
+                "busy at the first refusal: not asked"
+            );
+            registration.conn.request_ended();
+            let idle = tokio::time::Instant::now();
+            tokio::time::timeout(RECHECK * 3, close)
+                .await
+                .expect("asked to close once idle");
+            assert!(
+                idle.elapsed() <= RECHECK,
+                "asked after {:?}",
+                idle.elapsed()
+            );
+        }
+        drop((registration, slot));
+        assert!(waiter.await.expect("no panic"));
+    }
+
+    /// Polls `f` once.
+    async fn poll_once<F: Future + Unpin>(mut f: F) -> std::task::Poll<F::Output> {
+        std::future::poll_fn(|cx| std::task::Poll::Ready(std::pin::Pin::new(&mut f).poll(cx))).await
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_reload_wakes_a_waiting_loop_at_once() {
         let limits = Arc::new(Limits::default());
@@ -332,8 +375,9 @@ mod tests {
             tokio::spawn(async move {
                 let caps = || (10, cap.load(SeqCst));
                 limits
-                    .wait_for_room(&l, &caps, &mut |_| {}, std::future::pending())
+                    .admit(&l, &caps, &mut |_| {}, std::future::pending())
                     .await
+                    .is_some()
             })
         };
         until_waiting(&limits).await;
@@ -355,11 +399,12 @@ mod tests {
             let looks = AtomicUsize::new(0);
             let attempt = || {
                 assert!(looks.fetch_add(1, SeqCst) < 100, "spinning at {caps:?}");
-                limits.room(&l, caps)
+                limits.take(&l, caps)
             };
             let mut fulls = 0;
             let got = limits
                 .wait(
+                    &l,
                     attempt,
                     &mut |_| fulls += 1,
                     tokio::time::sleep(RECHECK * 3),

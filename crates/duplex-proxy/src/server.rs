@@ -253,6 +253,7 @@ impl Proxy {
     pub async fn shutdown(&self, grace: Duration) {
         let s = &self.inner.shared;
         s.stopping.cancel();
+        s.limits.idle.close_all();
         // Close the listening sockets (the accept loops hold the other references).
         lock(&self.inner.listeners).clear();
         s.tracker.close();
@@ -277,6 +278,7 @@ impl Proxy {
     pub async fn close_now(&self) {
         let s = &self.inner.shared;
         s.stopping.cancel();
+        s.limits.idle.close_all();
         lock(&self.inner.listeners).clear();
         s.tracker.close();
         s.closing.cancel();
@@ -300,8 +302,8 @@ pub(crate) fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Accepts until stopped. Below the `max_connections` caps only: at a cap the loop
-/// waits (see [`crate::limits`]). Errors (EMFILE, ENFILE,
+/// Accepts until stopped. At a `max_connections` cap the loop holds the connection it
+/// accepted last until there is room (see [`crate::limits`]). Errors (EMFILE, ENFILE,
 /// ECONNABORTED...) are logged, counted and backed off, never fatal and never a busy loop.
 async fn accept_loop(
     listener: Arc<TcpListener>,
@@ -334,29 +336,18 @@ async fn accept_loop(
     let caps = || shared.caps(&name, bind);
     let limits = &shared.limits;
     loop {
-        // Made before the caps are read, so that a reload from here on is not missed.
-        let changed = limits.changed();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        if !limits
-            .wait_for_room(&open, &caps, &mut full, stop.cancelled())
-            .await
-        {
-            break;
-        }
-        // In this order: a connection that arrived with new caps is taken in under them.
         let res = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            _ = &mut changed => continue,
             r = listener.accept() => r,
         };
         match res {
             Ok((tcp, peer)) => {
                 backoff = ACCEPT_BACKOFF_START;
                 accepted.inc();
-                // A reload that stops this loop here (a renamed listener) closes this
-                // one connection unanswered; its client may retry.
+                // At a cap the connection waits here, unanswered, and the next ones in
+                // the backlog. A reload that stops this loop meanwhile (a renamed
+                // listener) closes this one connection unanswered; its client may retry.
                 let admitted = limits.admit(&open, &caps, &mut full, stop.cancelled());
                 let Some(slot) = admitted.await else {
                     break;

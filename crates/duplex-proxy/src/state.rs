@@ -204,6 +204,8 @@ pub struct ListenerRt {
     pub body_timeout: Duration,
     /// The listener's own `max_connections`.
     pub max_connections: Option<usize>,
+    /// `duplex_connections_reclaimed_total` of this listener.
+    pub reclaimed: Counter,
 }
 
 impl Table {
@@ -241,6 +243,10 @@ impl Table {
                         send_timeouts: carry
                             .metrics
                             .client_send_timeouts
+                            .with_label_values(&[&l.name]),
+                        reclaimed: carry
+                            .metrics
+                            .connections_reclaimed
                             .with_label_values(&[&l.name]),
                     };
                     listeners.insert(l.name.clone(), Arc::new(rt));

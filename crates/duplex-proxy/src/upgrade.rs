@@ -23,7 +23,7 @@ use crate::{router, tunnel};
 
 pub async fn upgrade(
     mut req: Request<Incoming>,
-    conn: Arc<ConnInfo>,
+    conn: &ConnInfo,
     shared: &Arc<Shared>,
 ) -> Response<Body> {
     let start = Instant::now();
@@ -134,6 +134,8 @@ pub async fn upgrade(
         hold,
         shared.tracker.clone(),
     ));
+    // From here the connection is a tunnel's: never closed as an idle one at a cap.
+    conn.idle.upgraded();
     count(UpgradeResult::Ok);
     counters.handshake.observe(start.elapsed().as_secs_f64());
     client_101(end_to_end)

@@ -57,6 +57,7 @@ fn exported() -> BTreeMap<String, Family> {
         connection_limit_waits,
         tls_handshake_errors,
         client_send_timeouts,
+        connections_reclaimed,
         http_requests,
         http_request_duration,
         upgrades,
@@ -83,6 +84,7 @@ fn exported() -> BTreeMap<String, Family> {
         .with_label_values(&["l", "failed"])
         .inc();
     client_send_timeouts.with_label_values(&["l"]).inc();
+    connections_reclaimed.with_label_values(&["l"]).inc();
     http_requests.with_label_values(&["r", "u", "2xx"]).inc();
     http_request_duration.with_label_values(&["r"]).observe(0.1);
     upgrades.with_label_values(&["r", "u", "ok"]).inc();

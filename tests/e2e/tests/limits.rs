@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use duplex_config::Config;
 use duplex_e2e::backend::Backend;
-use duplex_e2e::client::{close, get, recv, tcp, ws, HttpConn};
+use duplex_e2e::client::{close, get, recv, tcp, ws};
 use duplex_e2e::health_kit::wrap;
 use duplex_e2e::proxy::TestProxy;
-use duplex_e2e::wire::{read_head, upgrade_request};
+use duplex_e2e::raw::RawBackend;
+use duplex_e2e::wire::{read_head, upgrade_request, Head};
 use duplex_e2e::{eventually, within, STEP};
 use duplex_proxy::{Metrics, Proxy};
 use futures_util::SinkExt;
@@ -98,11 +99,11 @@ async fn a_listener_at_its_cap_holds_new_connections_until_one_closes() {
     let p = start(&yaml(None, Some(2), b.addr)).await;
     let (mut first, _) = ws(p.addr, "/one").await;
     let (second, _) = ws(p.addr, "/two").await;
+    let mut held = upgrade_sent(p.addr).await;
     eventually(STEP, "the accept loop to stop at the cap", || async {
         waits(&p, "public", "listener").await >= 1.0
     })
     .await;
-    let mut held = upgrade_sent(p.addr).await;
     unanswered(&mut held, "a third upgrade on a listener capped at 2").await;
 
     // The other listener has no cap of its own, and the global one is far.
@@ -134,19 +135,11 @@ async fn a_listener_at_its_cap_holds_new_connections_until_one_closes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_global_cap_spans_listeners_and_counts_http_connections() {
+async fn the_global_cap_spans_listeners() {
     let b = Backend::start("a").await;
     let p = start(&yaml(Some(1), None, b.addr)).await;
-    // A keep-alive HTTP connection holds the only slot, between its requests too.
-    let mut conn = HttpConn::open(p.addr).await;
-    assert_eq!(conn.get("/", &[]).await.status, 200);
-    eventually(
-        STEP,
-        "the public listener to stop at the global cap",
-        || async { waits(&p, "public", "global").await >= 1.0 },
-    )
-    .await;
-    // The other listener was already waiting in accept(): it takes the connection in,
+    let (tunnel, _) = ws(p.addr, "/one").await;
+    // A tunnel on one listener fills the cap of both: the other takes a connection in,
     // and holds it unanswered until there is room.
     let other = p.proxy.listener_addr("other").expect("bound");
     let mut held = upgrade_sent(other).await;
@@ -166,8 +159,123 @@ async fn the_global_cap_spans_listeners_and_counts_http_connections() {
         .collect();
     assert_eq!(counts, [Some(1), Some(0)]);
 
-    drop(conn);
+    close(tunnel).await;
     served(held).await;
+}
+
+/// A keep-alive request on a fresh connection, its answer read whole; the connection
+/// stays open.
+async fn keep_alive_get(addr: SocketAddr) -> TcpStream {
+    let mut s = tcp(addr).await;
+    within(
+        "write a request",
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+    )
+    .await
+    .expect("write a request");
+    let (head, _) = answer(&mut s).await;
+    assert_eq!(head.status(), 200, "{head:?}");
+    s
+}
+
+/// An answer's head and its body, as long as its Content-Length says.
+async fn answer(s: &mut TcpStream) -> (Head, Vec<u8>) {
+    let (head, mut body) = within("the answer", read_head(s)).await.expect("an answer");
+    let len: usize = head
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .expect("a Content-Length");
+    while body.len() < len {
+        let mut more = [0u8; 256];
+        let n = within("the body", s.read(&mut more))
+            .await
+            .expect("read the body");
+        assert!(n > 0, "closed inside the body");
+        body.extend_from_slice(&more[..n]);
+    }
+    (head, body)
+}
+
+/// The connection is closed by the proxy: end of stream, no bytes.
+async fn closed(s: &mut TcpStream, what: &str) {
+    let mut buf = [0u8; 64];
+    let n = within(what, s.read(&mut buf))
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(n, 0, "{what}: got {:?}", String::from_utf8_lossy(&buf[..n]));
+}
+
+/// At the cap an idle keep-alive HTTP connection is closed to let a new client in; the
+/// tunnel that shares the cap is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_makes_room_at_the_cap() {
+    let b = Backend::start("a").await;
+    let p = start(&yaml(Some(2), None, b.addr)).await;
+    let (mut tunnel, _) = ws(p.addr, "/one").await;
+    let mut idle = keep_alive_get(p.addr).await;
+    // At the cap, but nobody waits: the idle connection stays.
+    unanswered(&mut idle, "an idle connection while nobody waits").await;
+
+    let held = upgrade_sent(p.addr).await;
+    let _third = served(held).await;
+    closed(&mut idle, "the idle keep-alive connection").await;
+    // Stopped when the idle connection filled the cap, and again with the third in.
+    assert!(waits(&p, "public", "global").await >= 1.0);
+    let reclaimed = p
+        .metric(
+            "duplex_connections_reclaimed_total",
+            &[("listener", "public")],
+        )
+        .await;
+    assert_eq!(reclaimed, 1.0);
+    within("send", tunnel.send(Message::text("untouched")))
+        .await
+        .expect("send");
+    assert_eq!(recv(&mut tunnel).await, Message::text("untouched"));
+}
+
+/// At the cap the idle connection is closed and the one with a request in progress is
+/// not: it gets its whole answer and stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_progress_at_the_cap_is_left_alone() {
+    // A backend that takes a while to answer.
+    let slow = RawBackend::start(|mut tcp| async move {
+        loop {
+            let _ = read_head(&mut tcp).await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow")
+                .await?;
+        }
+    })
+    .await;
+    let p = start(&yaml(Some(2), None, slow.addr)).await;
+    let mut idle = keep_alive_get(p.addr).await;
+    let mut busy = tcp(p.addr).await;
+    within(
+        "write a request",
+        busy.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+    )
+    .await
+    .expect("write a request");
+    let mut held = upgrade_sent(p.addr).await;
+    closed(&mut idle, "the idle connection").await;
+    assert_eq!(waits(&p, "public", "global").await, 1.0);
+
+    let (head, body) = answer(&mut busy).await;
+    assert_eq!((head.status(), &body[..]), (200, &b"slow"[..]), "{head:?}");
+    unanswered(&mut busy, "the connection that was busy at the cap").await;
+    let reclaimed = p
+        .metric(
+            "duplex_connections_reclaimed_total",
+            &[("listener", "public")],
+        )
+        .await;
+    assert_eq!(reclaimed, 1.0, "only the idle connection");
+    // Let in: the slow backend is not a WebSocket backend, so any answer will do.
+    let (head, _) = within("the held upgrade's answer", read_head(&mut held))
+        .await
+        .expect("an answer");
+    assert!(head.status() >= 100, "{head:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,11 +284,11 @@ async fn a_reload_that_raises_the_cap_lets_held_connections_in_and_one_that_lowe
     let b = Backend::start("a").await;
     let p = start(&yaml(None, Some(1), b.addr)).await;
     let (mut first, _) = ws(p.addr, "/one").await;
+    let mut held = upgrade_sent(p.addr).await;
     eventually(STEP, "the accept loop to stop at the cap", || async {
         waits(&p, "public", "listener").await >= 1.0
     })
     .await;
-    let mut held = upgrade_sent(p.addr).await;
     unanswered(&mut held, "a second upgrade under a cap of 1").await;
 
     // Raised: the held connection gets in while the first stays open. (Both listeners
