@@ -89,13 +89,23 @@ fn watch_new_dirs(watcher: &mut impl Watcher, watched: &mut HashSet<PathBuf>, pr
     }
 }
 
-/// Reloads the config file on every SIGHUP, for as long as the proxy runs.
-pub fn reload_on_sighup(proxy: Proxy) {
+/// Installs duplex's SIGHUP handler. Done before the proxy starts: a SIGHUP's default
+/// action ends the process, and a `systemctl reload` can come as soon as the ports are
+/// open. One that arrives before [`reload_on_sighup`] runs is kept for it.
+pub fn sighup() -> Option<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot install the SIGHUP handler: reload with POST /reload instead");
-        return;
-    };
+    match signal(SignalKind::hangup()) {
+        Ok(hup) => Some(hup),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot install the SIGHUP handler: reload with POST /reload instead");
+            None
+        }
+    }
+}
+
+/// Reloads the config file on every SIGHUP that `hup` (from [`sighup`]) receives, for as
+/// long as the proxy runs.
+pub fn reload_on_sighup(proxy: Proxy, mut hup: tokio::signal::unix::Signal) {
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP received: reloading");

@@ -217,6 +217,9 @@ pub(crate) fn serve(
                 return ExitCode::FAILURE;
             }
         };
+        let hup = source
+            .as_ref()
+            .and_then(|_| duplex_proxy::triggers::sighup());
         let path = source.as_ref().map(|(p, _)| p.clone());
         let proxy = match Proxy::start(config, path.clone(), Arc::new(metrics_registry())).await {
             Ok(p) => p,
@@ -230,7 +233,9 @@ pub(crate) fn serve(
         }
         trim::start(proxy.clone());
         if let Some((path, watch)) = source {
-            duplex_proxy::triggers::reload_on_sighup(proxy.clone());
+            if let Some(hup) = hup {
+                duplex_proxy::triggers::reload_on_sighup(proxy.clone(), hup);
+            }
             if watch {
                 duplex_proxy::triggers::watch_file(path, proxy.clone());
             }

@@ -191,7 +191,8 @@ async fn fifty_reloads_by_three_triggers_drop_nothing() {
     }
     let (watched, hupped, posted) = (&proxies[0], &proxies[1], &proxies[2]);
     duplex_proxy::triggers::watch_file(path.clone(), watched.clone());
-    duplex_proxy::triggers::reload_on_sighup(hupped.clone());
+    let hup = duplex_proxy::triggers::sighup().expect("a SIGHUP handler");
+    duplex_proxy::triggers::reload_on_sighup(hupped.clone(), hup);
     let listen: Vec<SocketAddr> = proxies
         .iter()
         .map(|p| p.listener_addr("public").expect("bound"))
