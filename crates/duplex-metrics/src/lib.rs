@@ -151,7 +151,7 @@ impl Metrics {
             connection_limit_waits: counter(&r, "duplex_connection_limit_waits_total", "Times a listener stopped accepting because client connections reached a max_connections cap, by listener and cap (global, listener); new connections wait in the listen backlog meanwhile.", &["listener", "limit"]),
             tls_handshake_errors: counter(&r, "duplex_tls_handshake_errors_total", "Client TLS handshakes that failed or timed out, by listener and reason (failed, timeout).", &["listener", "reason"]),
             client_send_timeouts: counter(&r, "duplex_client_send_timeouts_total", "Client connections closed because the client took no response bytes for the listener's send_timeout, by listener.", &["listener"]),
-            connections_reclaimed: counter(&r, "duplex_connections_reclaimed_total", "Idle keep-alive client connections closed to make room for new ones at a max_connections cap, by listener.", &["listener"]),
+            connections_reclaimed: counter(&r, "duplex_connections_reclaimed_total", "Idle keep-alive client connections closed between requests to make room for a connection waiting at a max_connections cap, by listener.", &["listener"]),
             http_requests: counter(&r, "duplex_http_requests_total", "Plain HTTP requests answered, by route, upstream and status class (1xx..5xx); no route: empty route and upstream.", &["route", "upstream", "code"]),
             http_request_duration: histogram(&r, "duplex_http_request_duration_seconds", "Time from a plain HTTP request's arrival to its response headers, by route.", &["route"], latency.clone()),
             upgrades: counter(&r, "duplex_websocket_upgrades_total", "WebSocket upgrade requests, by route, upstream and result.", &["route", "upstream", "result"]),

@@ -130,8 +130,9 @@ pub async fn serve(
         let info = Arc::clone(&info);
         let shared = Arc::clone(&svc_shared);
         async move {
-            // Not idle while the request is handled (if the connection goes first, so
-            // does its place in the registry).
+            // Not idle while the request is handled; a relayed body holds its own mark
+            // until it ends. (If the connection goes first, so does its place in the
+            // registry.)
             info.idle.request_started();
             let response = handle(req, &info, shared).await;
             info.idle.request_ended();

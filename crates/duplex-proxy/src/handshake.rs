@@ -133,11 +133,17 @@ pub fn backend_request_head<B>(client: &Request<B>, peer: &HeaderValue, https: b
             line(name.as_str().as_bytes(), &[value.as_bytes()]);
         }
     }
-    let mut xff: Vec<&[u8]> = headers
-        .get_all(XFF)
-        .iter()
-        .map(HeaderValue::as_bytes)
-        .collect();
+    // As on the HTTP path: an X-Forwarded-For that the client's Connection names is
+    // hop-by-hop, and the chain starts again with the client.
+    let mut xff: Vec<&[u8]> = if is_hop_by_hop(XFF.as_str().as_bytes(), &named) {
+        Vec::new()
+    } else {
+        headers
+            .get_all(XFF)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect()
+    };
     xff.push(peer.as_bytes());
     line(XFF.as_str().as_bytes(), &xff);
     line(XFP.as_str().as_bytes(), &[proto(https).as_bytes()]);
@@ -163,7 +169,10 @@ pub fn check_backend_101<'a>(
         } else if name.eq_ignore_ascii_case(b"connection") {
             connection |= list_has(value, b"upgrade");
         } else if name.eq_ignore_ascii_case(b"sec-websocket-accept") {
-            accept = accept.or(Some(value));
+            if accept.is_some() {
+                return Err("more than one Sec-WebSocket-Accept");
+            }
+            accept = Some(value);
         }
     }
     if !upgrade {
@@ -267,6 +276,18 @@ mod tests {
              connection: Upgrade\r\n\
              upgrade: websocket\r\n\r\n"
         );
+        // An X-Forwarded-For that Connection names is hop-by-hop: the chain starts again.
+        let mut named = Request::get("/").body(()).unwrap();
+        let h = named.headers_mut();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, X-Forwarded-For"),
+        );
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        let head = String::from_utf8(backend_request_head(&named, &peer, false)).unwrap();
+        assert!(head.contains("\r\nx-forwarded-for: 3.3.3.3\r\n"), "{head}");
+        assert!(!head.contains("6.6.6.6"), "{head}");
+
         let bare = Request::get("/").body(()).unwrap();
         let head = String::from_utf8(backend_request_head(&bare, &peer, false)).unwrap();
         assert_eq!(

@@ -60,59 +60,104 @@ pub async fn exchange(
     stream.write_all(head).await?;
     stream.flush().await?;
     let mut buf = BytesMut::with_capacity(FIRST_READ);
+    // Bytes of informational heads passed over, counted against MAX_HEAD with the rest.
+    let mut skipped = 0;
+    // Whether `buf` may hold a whole head that has not been parsed yet.
+    let mut parse = false;
     loop {
-        if buf.len() >= MAX_HEAD {
+        if parse {
+            match parse_head(&buf, key)? {
+                Head::Partial => {}
+                Head::Informational(len) => {
+                    skipped += len;
+                    buf.advance(len);
+                    continue;
+                }
+                Head::Switching(end_to_end, len) => {
+                    let early = buf.split_off(len).freeze();
+                    return Ok(Answer::Switching {
+                        end_to_end,
+                        stream,
+                        early,
+                    });
+                }
+                Head::Invalid(what) => return Ok(Answer::Invalid(what)),
+                Head::Other => {
+                    let replay = Replay {
+                        read: buf.freeze(),
+                        io: stream,
+                        sent: false,
+                        reader: None,
+                    };
+                    return read_with_hyper(replay, tracker).await.map(Answer::Other);
+                }
+            }
+        }
+        if skipped + buf.len() >= MAX_HEAD {
             return Err(bad(format!("an answer head over {MAX_HEAD} bytes")));
         }
         if buf.len() == buf.capacity() {
             buf.reserve(buf.len().min(MAX_HEAD - buf.len()));
         }
+        let before = buf.len();
         if stream.read_buf(&mut buf).await? == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the backend closed the connection before answering",
             ));
         }
-        let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut answer = httparse::Response::new(&mut lines);
-        let len = match answer.parse(&buf) {
-            Ok(httparse::Status::Partial) => continue,
-            Ok(httparse::Status::Complete(len)) => len,
-            Err(e) => return Err(bad(format!("not an HTTP answer ({e})"))),
-        };
-        if answer.code != Some(101) {
-            let replay = Replay {
-                read: buf.freeze(),
-                io: stream,
-                sent: false,
-                reader: None,
-            };
-            return read_with_hyper(replay, tracker).await.map(Answer::Other);
-        }
-        let lines = || answer.headers.iter().map(|h| (h.name.as_bytes(), h.value));
-        if let Err(what) = check_backend_101(lines(), key) {
-            return Ok(Answer::Invalid(what));
-        }
-        let named = connection_named(lines());
-        let mut end_to_end = HeaderMap::with_capacity(answer.headers.len());
-        for (name, value) in lines().filter(|(name, _)| !is_hop_by_hop(name, &named)) {
-            let name = HeaderName::from_bytes(name).map_err(|_| {
-                bad(format!(
-                    "a header name that is not valid: {:?}",
-                    String::from_utf8_lossy(name)
-                ))
-            })?;
-            let value = HeaderValue::from_bytes(value)
-                .map_err(|_| bad(format!("the value of {name} is not valid")))?;
-            end_to_end.append(name, value);
-        }
-        let early = buf.split_off(len).freeze();
-        return Ok(Answer::Switching {
-            end_to_end,
-            stream,
-            early,
-        });
+        // A head ends with a line feed: until one comes, there is nothing new to parse
+        // (a backend sending a byte at a time costs a read each, not a parse each).
+        parse = buf[before..].contains(&b'\n');
     }
+}
+
+/// What the bytes read so far hold.
+enum Head {
+    /// Not a whole head yet.
+    Partial,
+    /// A 1xx other than 101 (`100 Continue`, `103 Early Hints`) of this many bytes: the
+    /// answer follows it. hyper's client passes over them too.
+    Informational(usize),
+    /// A valid 101: its end-to-end headers and the length of its head.
+    Switching(HeaderMap, usize),
+    /// A 101 that is not a valid WebSocket answer.
+    Invalid(&'static str),
+    /// Any other final answer.
+    Other,
+}
+
+fn parse_head(buf: &[u8], key: &HeaderValue) -> io::Result<Head> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut answer = httparse::Response::new(&mut lines);
+    let len = match answer.parse(buf) {
+        Ok(httparse::Status::Partial) => return Ok(Head::Partial),
+        Ok(httparse::Status::Complete(len)) => len,
+        Err(e) => return Err(bad(format!("not an HTTP answer ({e})"))),
+    };
+    match answer.code {
+        Some(101) => {}
+        Some(100..=199) => return Ok(Head::Informational(len)),
+        _ => return Ok(Head::Other),
+    }
+    let lines = || answer.headers.iter().map(|h| (h.name.as_bytes(), h.value));
+    if let Err(what) = check_backend_101(lines(), key) {
+        return Ok(Head::Invalid(what));
+    }
+    let named = connection_named(lines());
+    let mut end_to_end = HeaderMap::with_capacity(answer.headers.len());
+    for (name, value) in lines().filter(|(name, _)| !is_hop_by_hop(name, &named)) {
+        let name = HeaderName::from_bytes(name).map_err(|_| {
+            bad(format!(
+                "a header name that is not valid: {:?}",
+                String::from_utf8_lossy(name)
+            ))
+        })?;
+        let value = HeaderValue::from_bytes(value)
+            .map_err(|_| bad(format!("the value of {name} is not valid")))?;
+        end_to_end.append(name, value);
+    }
+    Ok(Head::Switching(end_to_end, len))
 }
 
 fn bad(what: String) -> io::Error {
@@ -158,6 +203,9 @@ impl AsyncRead for Replay {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         if !this.sent {
             this.reader = Some(cx.waker().clone());
             return Poll::Pending;

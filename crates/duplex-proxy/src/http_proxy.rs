@@ -19,6 +19,7 @@ use crate::conn::ConnInfo;
 use crate::error::ProxyError;
 use crate::headers::{add_forwarded, host_from_target, strip_hop_by_hop};
 use crate::idle::IdleTimer;
+use crate::reclaim::Busy;
 use crate::responses::{self, Body, BodyError};
 use crate::state::{Shared, UpstreamRt};
 
@@ -94,12 +95,14 @@ fn poll_watched(
     }
 }
 
-/// A response body that holds the backend's load count until the body is done, and fails
-/// when the backend sends nothing for `idle` (a backend that stalls mid-body must not hold
-/// the client, the load count and the connection forever).
+/// A response body that holds the backend's load count, and keeps the client connection
+/// from counting as idle, until the body is done; it fails when the backend sends nothing
+/// for `idle` (a backend that stalls mid-body must not hold the client, the load count
+/// and the connection forever).
 struct Guarded {
     inner: Incoming,
     _load: LoadGuard,
+    _busy: Busy,
     timer: IdleTimer,
 }
 
@@ -130,9 +133,14 @@ impl HttpBody for Guarded {
     }
 }
 
-/// Relays a backend's response: hop-by-hop headers removed, load held until the body ends,
-/// the body failing if the backend goes quiet for `idle`.
-pub fn relay(resp: Response<Incoming>, load: LoadGuard, idle: Duration) -> Response<Body> {
+/// Relays a backend's response: hop-by-hop headers removed, load and `busy` held until the
+/// body ends, the body failing if the backend goes quiet for `idle`.
+pub fn relay(
+    resp: Response<Incoming>,
+    load: LoadGuard,
+    busy: Busy,
+    idle: Duration,
+) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(
@@ -140,6 +148,7 @@ pub fn relay(resp: Response<Incoming>, load: LoadGuard, idle: Duration) -> Respo
         Guarded {
             inner: body,
             _load: load,
+            _busy: busy,
             timer: IdleTimer::new(idle),
         }
         .boxed(),
@@ -228,7 +237,8 @@ pub async fn forward(
             match tokio::time::timeout(left, up.client.request(out)).await {
                 Ok(Ok(r)) => {
                     backend.state.record_success();
-                    resp = Some(relay(r, load, up.cfg.response_timeout));
+                    let busy = conn.idle.busy();
+                    resp = Some(relay(r, load, busy, up.cfg.response_timeout));
                     break 'candidates;
                 }
                 Ok(Err(e)) if e.is_connect() => {

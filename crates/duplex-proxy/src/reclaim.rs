@@ -3,10 +3,13 @@
 //! idle keep-alive connections the same way).
 //!
 //! Every plain HTTP client connection is registered here while it lives, and marks when
-//! a request starts and ends. At a cap, the waiting accept loop asks the connections idle
-//! longest to close: hyper's graceful shutdown closes an idle one at once, and lets one
-//! that has just begun a request finish it first. A WebSocket tunnel is never asked: its
-//! connection leaves the registry when it upgrades.
+//! a request starts and when its response has been sent whole. At a cap, the accept loop
+//! holding a new connection asks the connections idle longest to close: hyper's graceful
+//! shutdown closes an idle one at once, and lets one that has just begun a request finish
+//! it first. Only a connection that has been answered at least once is asked: a new one
+//! is on its way to its first request (a connection that never sends one is cut off by
+//! the header read timeout). A WebSocket tunnel is never asked: its connection leaves the
+//! registry when it upgrades.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -18,14 +21,17 @@ use tokio::sync::Notify;
 
 use crate::server::lock;
 
-/// The most connections asked to close per refusal at a cap (nginx closes up to 32 idle
-/// keep-alive connections each time it runs short).
+/// The most connections asked to close and not closed yet (nginx closes up to 32 idle
+/// keep-alive connections each time it runs short). Loops that find the cap full again
+/// before those have closed ask no more.
 pub const BATCH: usize = 32;
 
 /// The connections that could be asked to close.
 #[derive(Debug, Default)]
 pub struct Idle {
     registry: Mutex<Registry>,
+    /// Connections asked to close by a full cap that have not closed yet.
+    outstanding: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -44,12 +50,18 @@ pub struct Conn {
     /// The accepting listener's open count: which listener's cap the connection counts
     /// against (compared by address).
     listener: Arc<AtomicUsize>,
-    /// Requests being handled; an upgrade that succeeded stays counted.
+    /// Requests in progress, from their head to the end of their response body; an
+    /// upgrade that succeeded stays counted.
     busy: AtomicUsize,
+    /// Whether a response has been sent whole: before that the connection is not idle,
+    /// only new.
+    served: AtomicBool,
     /// When the connection last had nothing in progress, in ms since [`epoch`].
     idle_since: AtomicU64,
-    /// Set once the connection has been asked to close, so that it is asked only once.
+    /// Asked to close, by a full cap or by shutdown: asked only once.
     asked: AtomicBool,
+    /// Asked by a full cap: counted in `reclaimed` and `outstanding` until it closes.
+    reclaimed_by_cap: AtomicBool,
     close: Notify,
     /// `duplex_connections_reclaimed_total` of the listener.
     reclaimed: Counter,
@@ -62,6 +74,11 @@ pub struct Registration {
     id: usize,
     pub conn: Arc<Conn>,
 }
+
+/// A request in progress until its response body is sent whole (or dropped): the
+/// connection is idle again, if nothing else is in progress, when this drops.
+#[derive(Debug)]
+pub struct Busy(Arc<Conn>);
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -83,8 +100,10 @@ impl Idle {
         let conn = Arc::new(Conn {
             listener,
             busy: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
             idle_since: AtomicU64::new(now_ms()),
             asked: AtomicBool::new(false),
+            reclaimed_by_cap: AtomicBool::new(false),
             close: Notify::new(),
             reclaimed,
         });
@@ -111,34 +130,43 @@ impl Idle {
         }
     }
 
-    /// Asks up to [`BATCH`] of the connections idle longest, on the listener whose open
-    /// count is `listener` or on any listener, to close. Returns how many were asked.
+    /// Asks the connections idle longest, on the listener whose open count is `listener`
+    /// or on any listener, to close: as many as leaves at most [`BATCH`] asked and not
+    /// closed yet. Returns how many were asked.
     pub fn reclaim(&self, listener: Option<&AtomicUsize>) -> usize {
+        let room = BATCH.saturating_sub(self.outstanding.load(SeqCst));
+        if room == 0 {
+            return 0;
+        }
         let mut idle: Vec<(u64, Arc<Conn>)> = lock(&self.registry)
             .conns
             .iter()
             .flatten()
-            .filter(|c| c.busy.load(SeqCst) == 0 && !c.asked.load(SeqCst))
-            .filter(|c| listener.is_none_or(|l| std::ptr::eq(l, &*c.listener)))
+            .filter(|c| c.is_idle() && listener.is_none_or(|l| std::ptr::eq(l, &*c.listener)))
             .map(|c| (c.idle_since.load(SeqCst), Arc::clone(c)))
             .collect();
-        if idle.len() > BATCH {
-            idle.select_nth_unstable_by_key(BATCH - 1, |(since, _)| *since);
-            idle.truncate(BATCH);
+        if idle.len() > room {
+            idle.select_nth_unstable_by_key(room - 1, |(since, _)| *since);
+            idle.truncate(room);
         }
+        let mut asked = 0;
         for (_, c) in &idle {
-            c.asked.store(true, SeqCst);
-            c.reclaimed.inc();
-            // A permit is kept if the connection is not waiting for it at this instant.
-            c.close.notify_one();
+            // Once only, even when two loops picked it at the same time.
+            if !c.asked.swap(true, SeqCst) {
+                c.reclaimed_by_cap.store(true, SeqCst);
+                self.outstanding.fetch_add(1, SeqCst);
+                // A permit is kept if the connection is not waiting for it at this instant.
+                c.close.notify_one();
+                asked += 1;
+            }
         }
-        if !idle.is_empty() {
+        if asked > 0 {
             tracing::debug!(
-                closed = idle.len(),
+                asked,
                 "max_connections reached: closing idle keep-alive connections"
             );
         }
-        idle.len()
+        asked
     }
 
     /// Asks every connection to close, now and as they come: shutdown began.
@@ -157,19 +185,37 @@ impl Drop for Registration {
         let mut registry = lock(&self.idle.registry);
         registry.conns[self.id] = None;
         registry.free.push(self.id);
+        drop(registry);
+        if self.conn.reclaimed_by_cap.load(SeqCst) {
+            self.conn.reclaimed.inc();
+            self.idle.outstanding.fetch_sub(1, SeqCst);
+        }
     }
 }
 
 impl Conn {
-    /// A request is being handled: the connection is not idle.
+    fn is_idle(&self) -> bool {
+        self.served.load(SeqCst) && self.busy.load(SeqCst) == 0 && !self.asked.load(SeqCst)
+    }
+
+    /// A request's head has arrived: the connection is not idle until the matching
+    /// [`Conn::request_ended`].
     pub fn request_started(&self) {
         self.busy.fetch_add(1, SeqCst);
     }
 
-    /// The request's response is ready: idle again once none is left.
+    /// The request has been answered and its response body sent whole.
     pub fn request_ended(&self) {
         self.idle_since.store(now_ms(), SeqCst);
+        self.served.store(true, SeqCst);
         self.busy.fetch_sub(1, SeqCst);
+    }
+
+    /// Keeps the connection busy until the returned guard drops: for a response body
+    /// that is still being sent after the request's handler has returned.
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.request_started();
+        Busy(Arc::clone(self))
     }
 
     /// Keeps the connection busy for good: it became a tunnel, which is never asked to
@@ -184,6 +230,12 @@ impl Conn {
     }
 }
 
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,44 +244,76 @@ mod tests {
         Counter::new("reclaimed", "test").expect("counter")
     }
 
+    /// A connection that has been answered once and is idle now.
+    fn served(r: &Registration) {
+        r.conn.request_started();
+        r.conn.request_ended();
+    }
+
     #[test]
     fn asks_the_idle_connections_of_the_full_listener_longest_idle_first() {
         let idle = Arc::new(Idle::default());
         let (a, b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let on_a: Vec<Registration> = (0..BATCH + 2)
+        let mut on_a: Vec<Registration> = (0..BATCH + 3)
             .map(|_| idle.register(Arc::clone(&a), counter()))
             .collect();
         let on_b = idle.register(Arc::clone(&b), counter());
-        // The first one is the most recently idle; the second is busy.
+        on_a.iter().chain([&on_b]).for_each(served);
+        // Idle longest: on_b, then on_a[2], on_a[3]... The first is the most recently
+        // idle; the second is busy; `new` has not been answered yet.
+        for (i, r) in on_a.iter().enumerate() {
+            r.conn.idle_since.store(1000 + i as u64, SeqCst);
+        }
+        on_b.conn.idle_since.store(0, SeqCst);
         on_a[0].conn.idle_since.store(u64::MAX, SeqCst);
-        on_a[1].conn.request_started();
+        let busy = on_a[1].conn.busy();
+        let new = idle.register(Arc::clone(&a), counter());
 
-        assert_eq!(idle.reclaim(Some(&a)), BATCH, "one batch at a time");
         let asked = |r: &Registration| r.conn.asked.load(SeqCst);
+        assert_eq!(idle.reclaim(Some(&a)), BATCH, "one batch at a time");
+        assert!(on_a[2..BATCH + 2].iter().all(asked), "the longest idle");
+        assert!(!asked(&on_a[BATCH + 2]), "past the batch");
         assert!(!asked(&on_a[0]), "the one idle the shortest time is left");
         assert!(!asked(&on_a[1]), "a busy connection is never asked");
-        assert!(on_a[2..].iter().all(asked));
+        assert!(!asked(&new), "nor one not yet answered");
         assert!(!asked(&on_b), "another listener's connection is left");
-        assert_eq!(on_a[2].conn.reclaimed.get(), 1);
+        assert_eq!(idle.reclaim(None), 0, "no more while a batch is still open");
 
-        // Asked once only; the rest go on the next refusal, busy or not any more.
-        on_a[1].conn.request_ended();
-        assert_eq!(idle.reclaim(Some(&a)), 2);
-        assert_eq!(idle.reclaim(None), 1, "at the global cap, any listener's");
+        // Counted once closed, which also gives its batch place back.
+        let closed = on_a.remove(2);
+        let reclaimed = closed.conn.reclaimed.clone();
+        drop(closed);
+        assert_eq!(reclaimed.get(), 1);
+        drop(busy);
+        assert_eq!(idle.reclaim(Some(&a)), 1, "one batch place came free");
+        assert!(asked(&on_a[1]), "idle once its response was sent whole");
+        on_a.truncate(2);
+        assert_eq!(idle.outstanding.load(SeqCst), 1);
+        assert_eq!(idle.reclaim(None), 2, "at the global cap, any listener's");
+        assert!(asked(&on_b) && asked(&on_a[0]));
         assert_eq!(idle.reclaim(None), 0);
 
         let upgraded = idle.register(Arc::clone(&a), counter());
+        served(&upgraded);
         upgraded.conn.upgraded();
         assert_eq!(idle.reclaim(None), 0, "a tunnel is never asked");
-
-        drop(on_a);
-        let left = lock(&idle.registry).conns.iter().flatten().count();
-        assert_eq!(left, 2, "registrations leave on drop");
 
         // Shutdown asks everyone, later ones too, without counting them as reclaimed.
         idle.close_all();
         let late = idle.register(Arc::clone(&b), counter());
-        assert!(asked(&on_b) && asked(&upgraded) && asked(&late));
-        assert_eq!(on_b.conn.reclaimed.get(), 1);
+        assert!(asked(&new) && asked(&upgraded) && asked(&late));
+        let counts = [&new, &late, &upgraded].map(|r| r.conn.reclaimed.clone());
+        drop((new, late, upgraded));
+        assert!(counts.iter().all(|c| c.get() == 0));
+
+        drop((on_a, on_b));
+        let registry = lock(&idle.registry);
+        assert_eq!(
+            registry.conns.iter().flatten().count(),
+            0,
+            "all gone on drop"
+        );
+        drop(registry);
+        assert_eq!(idle.outstanding.load(SeqCst), 0);
     }
 }

@@ -330,7 +330,7 @@ async fn accept_loop(
             warned = Some(Instant::now());
             let (global, own) = shared.caps(&name, bind);
             let max = if cap == Cap::Global { global } else { own };
-            tracing::warn!(listener = %name, limit = cap.label(), max, "max_connections reached: not accepting until a connection closes; new ones wait in the listen backlog");
+            tracing::warn!(listener = %name, limit = cap.label(), max, "max_connections reached: not accepting until a connection closes (idle keep-alive connections are closed to make room); new ones wait in the listen backlog");
         }
     };
     let caps = || shared.caps(&name, bind);

@@ -154,6 +154,33 @@ fn between(line: &str, start: &str, end: char) -> String {
         .to_owned()
 }
 
+/// Reads one answer on a keep-alive connection, its body as long as its Content-Length
+/// says; returns the head.
+fn keep_alive_answer(s: &mut std::net::TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).into_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_owned())
+                })
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return head;
+            }
+        }
+        let n = s.read(&mut chunk).expect("read an answer");
+        assert!(n > 0, "closed before the whole answer");
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
@@ -291,8 +318,18 @@ fn the_default_connection_cap_follows_the_open_file_limit() {
     let addr = between(&err.wait_for("\"listening\""), "\"addr\":\"", '"');
     let admin = between(&err.wait_for("admin listening"), "\"addr\":\"", '"');
 
+    // Twenty keep-alive connections, each answered once (a 404: no routes) and idle.
     let open: Vec<_> = (0..20)
-        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            use std::io::Write;
+            write!(s, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+            let head = keep_alive_answer(&mut s);
+            assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+            s
+        })
         .collect();
     let start = Instant::now();
     loop {
@@ -313,7 +350,7 @@ fn the_default_connection_cap_follows_the_open_file_limit() {
     );
 
     // The 21st is let in: at the cap duplex closes up to 32 of the connections idle
-    // longest, and all 20 sent nothing.
+    // longest, and all 20 are idle.
     use std::io::Write;
     let mut next = std::net::TcpStream::connect(&addr).expect("the kernel's backlog takes it");
     write!(

@@ -438,7 +438,7 @@ async fn forwards_x_forwarded_and_drops_hop_by_hop_headers() {
 async fn a_malformed_101_gets_the_client_a_502() {
     // What went wrong, and the 101's headers given the right accept value.
     type Case = (&'static str, fn(&str) -> String);
-    let cases: [Case; 5] = [
+    let cases: [Case; 6] = [
         ("wrong accept", |_| {
             "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: AAAA\r\n".into()
         }),
@@ -447,6 +447,12 @@ async fn a_malformed_101_gets_the_client_a_502() {
         }),
         ("no Connection", |accept| {
             format!("Upgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n")
+        }),
+        ("two accepts", |accept| {
+            format!(
+                "Connection: Upgrade\r\nUpgrade: websocket\r\n\
+                 Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Accept: {accept}\r\n"
+            )
         }),
         ("Connection without upgrade", |accept| {
             format!(
@@ -514,4 +520,27 @@ async fn a_chunked_refusal_reaches_the_client_whole() {
         )
         .await;
     assert_eq!(rejected, 1.0);
+}
+
+/// An informational answer (here `100 Continue`) before the 101 is passed over: the client
+/// gets the 101 and a working tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_informational_answer_before_the_101_is_passed_over() {
+    let b = RawBackend::start(|mut tcp| async move {
+        let (head, mut buf) = read_head(&mut tcp).await?;
+        tcp.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+        tcp.write_all(switching_protocols(&head, &[("X-After", "100")]).as_bytes())
+            .await?;
+        let f = read_frame(&mut tcp, &mut buf).await?;
+        tcp.write_all(&server_text(&f.text())).await
+    })
+    .await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let (mut s, head, mut rest) = raw_ws(p.addr, "/", &[]).await;
+    assert_eq!(head.get("x-after"), Some("100"), "{head:?}");
+    s.write_all(&client_text("after a 100")).await.unwrap();
+    let f = within("the echo", read_frame(&mut s, &mut rest))
+        .await
+        .expect("the echo");
+    assert_eq!(f.text(), "after a 100");
 }

@@ -64,8 +64,13 @@ async fn upgrade_sent(addr: SocketAddr) -> TcpStream {
 
 /// The connection gets nothing, neither bytes nor a close, for [`HELD`].
 async fn unanswered(s: &mut TcpStream, what: &str) {
+    silent_for(s, HELD, what).await;
+}
+
+/// The connection gets nothing, neither bytes nor a close, for `how_long`.
+async fn silent_for(s: &mut TcpStream, how_long: Duration, what: &str) {
     let mut buf = [0u8; 256];
-    if let Ok(r) = tokio::time::timeout(HELD, s.read(&mut buf)).await {
+    if let Ok(r) = tokio::time::timeout(how_long, s.read(&mut buf)).await {
         let got = r.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
         panic!("{what}: expected no answer at the cap, got {got:?}");
     }
@@ -167,15 +172,18 @@ async fn the_global_cap_spans_listeners() {
 /// stays open.
 async fn keep_alive_get(addr: SocketAddr) -> TcpStream {
     let mut s = tcp(addr).await;
-    within(
-        "write a request",
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
-    )
-    .await
-    .expect("write a request");
+    send_get(&mut s, "/").await;
     let (head, _) = answer(&mut s).await;
     assert_eq!(head.status(), 200, "{head:?}");
     s
+}
+
+/// Sends a keep-alive GET of `path`.
+async fn send_get(s: &mut TcpStream, path: &str) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    within("write a request", s.write_all(req.as_bytes()))
+        .await
+        .expect("write a request");
 }
 
 /// An answer's head and its body, as long as its Content-Length says.
@@ -251,12 +259,7 @@ async fn a_request_in_progress_at_the_cap_is_left_alone() {
     let p = start(&yaml(Some(2), None, slow.addr)).await;
     let mut idle = keep_alive_get(p.addr).await;
     let mut busy = tcp(p.addr).await;
-    within(
-        "write a request",
-        busy.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
-    )
-    .await
-    .expect("write a request");
+    send_get(&mut busy, "/").await;
     let mut held = upgrade_sent(p.addr).await;
     closed(&mut idle, "the idle connection").await;
     assert_eq!(waits(&p, "public", "global").await, 1.0);
@@ -276,6 +279,102 @@ async fn a_request_in_progress_at_the_cap_is_left_alone() {
         .await
         .expect("an answer");
     assert!(head.status() >= 100, "{head:?}");
+}
+
+/// A connection that has not been answered yet is not idle, only new: at a cap it is
+/// never closed to let the next one in, so one freed place cannot empty the backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_is_not_closed_for_the_next_one() {
+    let b = Backend::start("a").await;
+    let p = start(&yaml(Some(1), None, b.addr)).await;
+    let (tunnel, _) = ws(p.addr, "/one").await;
+    // Two clients that connect and have not sent their requests yet.
+    let mut first = tcp(p.addr).await;
+    eventually(STEP, "the first to be held at the cap", || async {
+        waits(&p, "public", "global").await >= 1.0
+    })
+    .await;
+    let mut second = tcp(p.addr).await;
+    // The tunnel's place goes to the first; the loop then holds the second.
+    close(tunnel).await;
+    eventually(STEP, "the second to be held", || async {
+        waits(&p, "public", "global").await >= 2.0
+    })
+    .await;
+    // Longer than the held loop's once-a-second look, which finds the first registered.
+    let looks = Duration::from_millis(1500);
+    silent_for(
+        &mut first,
+        looks,
+        "the first, let in and not yet asked anything",
+    )
+    .await;
+    unanswered(&mut second, "the second, held").await;
+    send_get(&mut first, "/").await;
+    let (head, _) = answer(&mut first).await;
+    assert_eq!(head.status(), 200, "{head:?}");
+    // Not asked to close before its request (hyper would have answered it with
+    // `connection: close`).
+    assert_eq!(head.get("connection"), None, "{head:?}");
+    // Answered and idle now: closed for the second.
+    closed(&mut first, "the first once answered").await;
+    send_get(&mut second, "/").await;
+    assert_eq!(answer(&mut second).await.0.status(), 200);
+}
+
+/// A response body still being sent keeps its connection from counting as idle: at the
+/// cap the idle connection is closed, and the streaming one finishes its body and stays
+/// open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_still_streaming_is_not_idle() {
+    // `/stream` sends a chunked body in two parts a second apart; anything else `fast`.
+    let backend = RawBackend::start(|mut tcp| async move {
+        loop {
+            let (head, _) = read_head(&mut tcp).await?;
+            if head.first_line.starts_with("GET /stream") {
+                tcp.write_all(
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+                )
+                .await?;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                tcp.write_all(b"4\r\nlast\r\n0\r\n\r\n").await?;
+            } else {
+                tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nfast")
+                    .await?;
+            }
+        }
+    })
+    .await;
+    let p = start(&yaml(Some(2), None, backend.addr)).await;
+    let mut idle = keep_alive_get(p.addr).await;
+    let mut streaming = tcp(p.addr).await;
+    send_get(&mut streaming, "/stream").await;
+    let (head, mut body) = within("the streaming head", read_head(&mut streaming))
+        .await
+        .expect("a head");
+    assert_eq!(head.status(), 200, "{head:?}");
+    assert_eq!(head.get("connection"), None, "kept alive: {head:?}");
+
+    // Mid-body: a third client is held, and only the idle connection is closed.
+    let mut held = upgrade_sent(p.addr).await;
+    closed(&mut idle, "the idle connection").await;
+    while !body.windows(5).any(|w| w == b"0\r\n\r\n") {
+        let mut more = [0u8; 256];
+        let n = within("the rest of the body", streaming.read(&mut more))
+            .await
+            .expect("read the body");
+        assert!(n > 0, "closed inside the body");
+        body.extend_from_slice(&more[..n]);
+    }
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("first") && text.contains("last"), "{text}");
+    // Nobody waits now (the third took the idle one's place): the streaming connection,
+    // never asked, stays open.
+    unanswered(&mut streaming, "the connection whose body was streaming").await;
+    let (head, _) = within("the held one's answer", read_head(&mut held))
+        .await
+        .expect("an answer");
+    assert_eq!(head.status(), 200, "{head:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
