@@ -159,6 +159,9 @@ pub async fn serve(
             }
         }
     };
+    // Out of the registry before the connection's slot wakes a waiting accept loop, so
+    // that the loop does not find it there, idle, and ask it to close.
+    drop(registration);
     if let Err(e) = res {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }

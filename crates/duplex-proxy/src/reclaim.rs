@@ -138,20 +138,25 @@ impl Idle {
         if room == 0 {
             return 0;
         }
-        let mut idle: Vec<(u64, Arc<Conn>)> = lock(&self.registry)
+        // Chosen and asked under the lock that `Registration::drop` takes to leave: a
+        // connection asked is still registered, and its drop counts it out again.
+        let registry = lock(&self.registry);
+        let mut idle: Vec<(u64, usize)> = registry
             .conns
             .iter()
-            .flatten()
-            .filter(|c| c.is_idle() && listener.is_none_or(|l| std::ptr::eq(l, &*c.listener)))
-            .map(|c| (c.idle_since.load(SeqCst), Arc::clone(c)))
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let c = c.as_ref()?;
+                let here = listener.is_none_or(|l| std::ptr::eq(l, &*c.listener));
+                (here && c.is_idle()).then(|| (c.idle_since.load(SeqCst), i))
+            })
             .collect();
         if idle.len() > room {
             idle.select_nth_unstable_by_key(room - 1, |(since, _)| *since);
             idle.truncate(room);
         }
         let mut asked = 0;
-        for (_, c) in &idle {
-            // Once only, even when two loops picked it at the same time.
+        for c in idle.iter().filter_map(|&(_, i)| registry.conns[i].as_ref()) {
             if !c.asked.swap(true, SeqCst) {
                 c.reclaimed_by_cap.store(true, SeqCst);
                 self.outstanding.fetch_add(1, SeqCst);
@@ -160,6 +165,7 @@ impl Idle {
                 asked += 1;
             }
         }
+        drop(registry);
         if asked > 0 {
             tracing::debug!(
                 asked,
@@ -185,8 +191,10 @@ impl Drop for Registration {
         let mut registry = lock(&self.idle.registry);
         registry.conns[self.id] = None;
         registry.free.push(self.id);
+        // Read under the lock `reclaim` asks under: asked before this, or never.
+        let by_cap = self.conn.reclaimed_by_cap.load(SeqCst);
         drop(registry);
-        if self.conn.reclaimed_by_cap.load(SeqCst) {
+        if by_cap {
             self.conn.reclaimed.inc();
             self.idle.outstanding.fetch_sub(1, SeqCst);
         }
