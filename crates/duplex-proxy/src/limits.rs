@@ -202,7 +202,8 @@ impl Limits {
     /// Tries `attempt` until it succeeds, sleeping between tries until a connection
     /// closes, the caps change, or [`RECHECK`] passes. `full` hears of the first refusal
     /// only: one wait, one count. Each refusal asks idle keep-alive connections under the
-    /// full cap to close (see [`crate::reclaim`]). `None` once `stop` resolves.
+    /// full cap to close (see [`crate::reclaim`]), unless `stop` has resolved. `None` once
+    /// `stop` resolves.
     async fn wait<T>(
         &self,
         listener: &AtomicUsize,
@@ -215,8 +216,13 @@ impl Limits {
             Err(cap) => cap,
         };
         full(first);
-        self.reclaim(first, listener);
         tokio::pin!(stop);
+        // Stopped already (a held client that gave up in the backlog, say): no reason to
+        // close anyone's connection.
+        if poll_once(stop.as_mut()).await.is_ready() {
+            return None;
+        }
+        self.reclaim(first, listener);
         loop {
             // Registered before the counts are read again, so that a close between the
             // two still wakes this loop (see `Slot::drop`).
@@ -245,6 +251,11 @@ impl Limits {
             }
         }
     }
+}
+
+/// Polls `f` once, in the calling task.
+async fn poll_once<F: Future + Unpin>(mut f: F) -> std::task::Poll<F::Output> {
+    std::future::poll_fn(|cx| std::task::Poll::Ready(std::pin::Pin::new(&mut f).poll(cx))).await
 }
 
 #[cfg(test)]
@@ -317,15 +328,24 @@ mod tests {
         drop(tx);
     }
 
+    /// A connection in its slot, registered among those a full cap may ask to close.
+    fn registered(
+        limits: &Arc<Limits>,
+        l: &Arc<AtomicUsize>,
+        caps: (usize, usize),
+    ) -> (Slot, crate::reclaim::Registration) {
+        let slot = limits.take(l, caps).expect("room");
+        let counter = duplex_metrics::Counter::new("reclaimed", "test").expect("counter");
+        let registration = limits.idle.register(Arc::clone(slot.listener()), counter);
+        (slot, registration)
+    }
+
     // A connection busy at the first refusal is asked to close at a later look, once
     // idle; it holds the only place, so its close is what lets the loop in.
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_goes_idle_at_a_cap_is_asked_to_close_at_the_next_look() {
-        let limits = Arc::new(Limits::default());
-        let l = Arc::new(AtomicUsize::new(0));
-        let slot = limits.take(&l, (10, 1)).expect("room");
-        let counter = duplex_metrics::Counter::new("reclaimed", "test").expect("counter");
-        let registration = limits.idle.register(Arc::clone(slot.listener()), counter);
+        let (limits, l) = (Arc::new(Limits::default()), Arc::new(AtomicUsize::new(0)));
+        let (slot, registration) = registered(&limits, &l, (10, 1));
         registration.conn.request_started();
         let waiter = {
             let (limits, l) = (Arc::clone(&limits), Arc::clone(&l));
@@ -359,9 +379,24 @@ mod tests {
         assert!(waiter.await.expect("no panic"));
     }
 
-    /// Polls `f` once.
-    async fn poll_once<F: Future + Unpin>(mut f: F) -> std::task::Poll<F::Output> {
-        std::future::poll_fn(|cx| std::task::Poll::Ready(std::pin::Pin::new(&mut f).poll(cx))).await
+    // A wait that is over before it starts (the held client has gone) closes nobody.
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_stopped_already_asks_no_connection_to_close() {
+        let (limits, l) = (Arc::new(Limits::default()), Arc::new(AtomicUsize::new(0)));
+        let (_slot, registration) = registered(&limits, &l, (1, 10));
+        registration.conn.request_started();
+        registration.conn.request_ended();
+        let mut fulls = 0;
+        let got = limits
+            .admit(&l, &|| (1, 10), &mut |_| fulls += 1, async {})
+            .await;
+        assert!(got.is_none());
+        assert_eq!(fulls, 1, "the wait is counted");
+        assert_eq!(
+            limits.idle.reclaim(None),
+            1,
+            "the idle one was not asked before"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use duplex_config::{Config, Listener};
 use duplex_metrics::Metrics;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::discovery::{Resolver, SystemResolver};
@@ -302,6 +302,15 @@ pub(crate) fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// Resolves once a client held at a cap has closed its side or reset: it gave up
+/// waiting. Never while it is there, quiet or sending.
+async fn gone(tcp: &TcpStream) {
+    let mut byte = [0u8; 1];
+    if let Ok(1..) = tcp.peek(&mut byte).await {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Accepts until stopped. At a `max_connections` cap the loop holds the connection it
 /// accepted last until there is room (see [`crate::limits`]). Errors (EMFILE, ENFILE,
 /// ECONNABORTED...) are logged, counted and backed off, never fatal and never a busy loop.
@@ -348,9 +357,20 @@ async fn accept_loop(
                 // At a cap the connection waits here, unanswered, and the next ones in
                 // the backlog. A reload that stops this loop meanwhile (a renamed
                 // listener) closes this one connection unanswered; its client may retry.
-                let admitted = limits.admit(&open, &caps, &mut full, stop.cancelled());
+                // A client that gives up waiting is let go, and the next one taken.
+                let stop_or_gone = async {
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = gone(&tcp) => {}
+                    }
+                };
+                let admitted = limits.admit(&open, &caps, &mut full, stop_or_gone);
                 let Some(slot) = admitted.await else {
-                    break;
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                    tracing::debug!(listener = %name, %peer, "a client held at a connection cap went away");
+                    continue;
                 };
                 shared.tracker.spawn(conn::serve(
                     tcp,

@@ -93,6 +93,15 @@ async fn waits(p: &TestProxy, listener: &str, limit: &str) -> f64 {
     .await
 }
 
+/// `duplex_connections_reclaimed_total` of listener `public`.
+async fn reclaimed(p: &TestProxy) -> f64 {
+    p.metric(
+        "duplex_connections_reclaimed_total",
+        &[("listener", "public")],
+    )
+    .await
+}
+
 async fn status(p: &TestProxy) -> Value {
     let r = get(p.admin, "/status", &[]).await;
     serde_json::from_str(&r.text()).expect("/status is JSON")
@@ -229,12 +238,7 @@ async fn an_idle_keep_alive_connection_makes_room_at_the_cap() {
     closed(&mut idle, "the idle keep-alive connection").await;
     // Stopped when the idle connection filled the cap, and again with the third in.
     assert!(waits(&p, "public", "global").await >= 1.0);
-    let reclaimed = p
-        .metric(
-            "duplex_connections_reclaimed_total",
-            &[("listener", "public")],
-        )
-        .await;
+    let reclaimed = reclaimed(&p).await;
     assert_eq!(reclaimed, 1.0);
     within("send", tunnel.send(Message::text("untouched")))
         .await
@@ -267,12 +271,7 @@ async fn a_request_in_progress_at_the_cap_is_left_alone() {
     let (head, body) = answer(&mut busy).await;
     assert_eq!((head.status(), &body[..]), (200, &b"slow"[..]), "{head:?}");
     unanswered(&mut busy, "the connection that was busy at the cap").await;
-    let reclaimed = p
-        .metric(
-            "duplex_connections_reclaimed_total",
-            &[("listener", "public")],
-        )
-        .await;
+    let reclaimed = reclaimed(&p).await;
     assert_eq!(reclaimed, 1.0, "only the idle connection");
     // Let in: the slow backend is not a WebSocket backend, so any answer will do.
     let (head, _) = within("the held upgrade's answer", read_head(&mut held))
@@ -375,6 +374,35 @@ async fn a_response_still_streaming_is_not_idle() {
         .await
         .expect("an answer");
     assert_eq!(head.status(), 200, "{head:?}");
+}
+
+/// A client that gives up while waiting in the backlog is let go when its turn comes,
+/// without closing anyone's idle connection for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_gave_up_waiting_closes_nobody() {
+    let b = Backend::start("a").await;
+    let p = start(&yaml(Some(2), None, b.addr)).await;
+    let (tunnel, _) = ws(p.addr, "/one").await;
+    let (_other, _) = ws(p.addr, "/two").await;
+    // Held at the cap: a client that has not sent its request yet.
+    let mut held = tcp(p.addr).await;
+    eventually(STEP, "the first to be held at the cap", || async {
+        waits(&p, "public", "global").await >= 1.0
+    })
+    .await;
+    // Behind it in the backlog, one that gives up: connects, then closes.
+    let quitter = tcp(p.addr).await;
+    drop(quitter);
+
+    // Room for the held one; then the quitter's turn, while the held one is not yet
+    // answered (not idle), then answered and idle.
+    close(tunnel).await;
+    send_get(&mut held, "/").await;
+    assert_eq!(answer(&mut held).await.0.status(), 200);
+    // Longer than the once-a-second look a loop still waiting for the quitter would make.
+    silent_for(&mut held, Duration::from_millis(1500), "the idle one").await;
+    let reclaimed = reclaimed(&p).await;
+    assert_eq!(reclaimed, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
