@@ -20,13 +20,6 @@ pub enum ProxyError {
         #[source]
         source: io::Error,
     },
-    /// A backend broke the HTTP exchange.
-    #[error("backend {addr}: {source}")]
-    Backend {
-        addr: SocketAddr,
-        #[source]
-        source: hyper::Error,
-    },
     /// A backend broke an upgrade handshake: the connection failed or closed, or the
     /// answer was not HTTP.
     #[error("backend {addr}: upgrade handshake failed: {source}")]

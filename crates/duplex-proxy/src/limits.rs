@@ -149,7 +149,7 @@ impl Limits {
         self.open.load(SeqCst)
     }
 
-    /// Tells accept loops, waiting or accepting, that the caps changed (a reload).
+    /// Tells accept loops holding a connection at a cap that the caps changed (a reload).
     pub fn recheck(&self) {
         self.changed.notify_waiters();
     }
