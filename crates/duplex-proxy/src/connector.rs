@@ -1,16 +1,10 @@
 //! Opens connections to backends: TCP within `connect_timeout`, then TLS when the
-//! upstream asks for it. Used by the upgrade path directly and by the pooled HTTP client.
+//! upstream asks for it. Used by the upgrade path and by the HTTP connection pool.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::tls::{BackendStream, Connector, MaybeTls};
@@ -80,41 +74,6 @@ pub fn tune_accepted(tcp: &TcpStream) {
 pub fn is_local_exhaustion(e: &io::Error) -> bool {
     // Linux errno values: ENFILE 23, EMFILE 24, ENOBUFS 105.
     e.kind() == io::ErrorKind::AddrNotAvailable || matches!(e.raw_os_error(), Some(23 | 24 | 105))
-}
-
-/// The pooled HTTP client's connector: the URI's authority is the backend's address.
-#[derive(Clone)]
-pub struct BackendConnector {
-    pub timeout: Duration,
-    pub tls: Option<Arc<Connector>>,
-}
-
-impl tower_service::Service<Uri> for BackendConnector {
-    type Response = TokioIo<BackendStream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let me = self.clone();
-        Box::pin(async move {
-            let addr: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("not a backend address: {uri}"),
-                    )
-                })?;
-            connect(addr, me.timeout, me.tls.as_deref())
-                .await
-                .map(TokioIo::new)
-        })
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Forwards plain HTTP requests over pooled keep-alive connections, bodies streamed both ways.
 
+use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -9,8 +10,8 @@ use bytes::Bytes;
 use duplex_balance::LoadGuard;
 use duplex_config::Route;
 use duplex_metrics::RouteSeries;
-use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Response, Uri, Version};
+use http::header::HOST;
+use http::{HeaderValue, Request, Response, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -18,30 +19,41 @@ use hyper::body::Incoming;
 use crate::conn::ConnInfo;
 use crate::error::ProxyError;
 use crate::headers::{add_forwarded, host_from_target, strip_hop_by_hop};
+use crate::http_pool::Lease;
 use crate::idle::IdleTimer;
 use crate::reclaim::Busy;
 use crate::responses::{self, Body, BodyError};
 use crate::state::{Shared, UpstreamRt};
 
-/// A request body that can be handed to another backend as long as nobody has read it.
-///
-/// The pooled client drops the request when a connect fails. The body itself waits in a
-/// shared slot until the client first polls it, which happens only once a connection is
-/// up; if the slot is still full after a failure, nothing was sent and a retry may take it.
+/// A client's request body on its way to a backend.
 ///
 /// The body fails when the client sends nothing of it for the listener's
 /// `client_body_timeout`: once the backend has answered, no other timer covers a client
 /// that trickles a body, and it would hold the backend connection for as long as it likes.
-pub struct ReclaimBody {
-    slot: Arc<Mutex<Option<Incoming>>>,
+pub struct ClientBody {
+    /// `None` for a request sent again without a body.
     body: Option<Incoming>,
-    /// Read from the original body before it went into the slot.
-    end: bool,
-    hint: SizeHint,
     timer: IdleTimer,
 }
 
-impl HttpBody for ReclaimBody {
+impl ClientBody {
+    fn new(body: Incoming, idle: Duration) -> ClientBody {
+        ClientBody {
+            body: Some(body),
+            timer: IdleTimer::new(idle),
+        }
+    }
+
+    /// No body at all.
+    pub fn empty() -> ClientBody {
+        ClientBody {
+            body: None,
+            timer: IdleTimer::new(Duration::ZERO),
+        }
+    }
+}
+
+impl HttpBody for ClientBody {
     type Data = Bytes;
     type Error = BodyError;
 
@@ -50,9 +62,6 @@ impl HttpBody for ReclaimBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        if this.body.is_none() {
-            this.body = this.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-        }
         match this.body.as_mut() {
             Some(body) => poll_watched(
                 body,
@@ -66,13 +75,13 @@ impl HttpBody for ReclaimBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.as_ref().map_or(self.end, |b| b.is_end_stream())
+        self.body.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         self.body
             .as_ref()
-            .map_or_else(|| self.hint, |b| b.size_hint())
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
     }
 }
 
@@ -95,15 +104,18 @@ fn poll_watched(
     }
 }
 
-/// A response body that holds the backend's load count, and keeps the client connection
-/// from counting as idle, until the body is done; it fails when the backend sends nothing
-/// for `idle` (a backend that stalls mid-body must not hold the client, the load count
-/// and the connection forever).
+/// A response body that holds the backend's load count and its connection, and keeps the
+/// client connection from counting as idle, until the body is done; it fails when the
+/// backend sends nothing for `idle` (a backend that stalls mid-body must not hold the
+/// client, the load count and the connection forever).
 struct Guarded {
     inner: Incoming,
     _load: LoadGuard,
     _busy: Busy,
     timer: IdleTimer,
+    /// The pooled connection, back to the pool when the body is done with (none for a
+    /// refused upgrade, read over a connection of its own).
+    _lease: Option<Lease>,
 }
 
 impl HttpBody for Guarded {
@@ -133,13 +145,15 @@ impl HttpBody for Guarded {
     }
 }
 
-/// Relays a backend's response: hop-by-hop headers removed, load and `busy` held until the
-/// body ends, the body failing if the backend goes quiet for `idle`.
+/// Relays a backend's response: hop-by-hop headers removed, load, `busy` and the
+/// connection held until the body ends, the body failing if the backend goes quiet for
+/// `idle`.
 pub fn relay(
     resp: Response<Incoming>,
     load: LoadGuard,
     busy: Busy,
     idle: Duration,
+    lease: Option<Lease>,
 ) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -150,14 +164,68 @@ pub fn relay(
             _load: load,
             _busy: busy,
             timer: IdleTimer::new(idle),
+            _lease: lease,
         }
         .boxed(),
     )
 }
 
-/// Proxies one plain HTTP request to the route's upstream, trying further backends on
-/// connect failure while the request is still unsent, and sending an idempotent request
-/// without a body once more when a kept-alive connection closes before the answer.
+/// How one try at a backend ended.
+enum Attempt {
+    Answered(Response<Incoming>, Lease),
+    /// No connection: the request comes back unsent.
+    ConnectFailed(io::Error, Request<ClientBody>),
+    /// The connection closed before any of the request went out; `reused` says whether
+    /// it came from the pool.
+    Unsent {
+        error: hyper::Error,
+        req: Request<ClientBody>,
+        reused: bool,
+    },
+    /// The request went out (some of it at least) and failed.
+    Failed(hyper::Error),
+    TimedOut,
+}
+
+/// Sends `req` to `addr` over an idle pooled connection (unless `fresh`) or a new one,
+/// and waits at most `left` for the response head.
+async fn attempt(
+    up: &UpstreamRt,
+    addr: SocketAddr,
+    req: Request<ClientBody>,
+    fresh: bool,
+    left: Duration,
+) -> Attempt {
+    let exchange = async {
+        let pooled = if fresh { None } else { up.http.take(addr) };
+        let mut lease = match pooled {
+            Some(l) => l,
+            None => match up.http.connect(addr).await {
+                Ok(l) => l,
+                Err(e) => return Attempt::ConnectFailed(e, req),
+            },
+        };
+        match lease.send(req).await {
+            Ok(resp) => Attempt::Answered(resp, lease),
+            Err(mut e) => match e.take_message() {
+                Some(req) => Attempt::Unsent {
+                    error: e.into_error(),
+                    req,
+                    reused: lease.reused(),
+                },
+                None => Attempt::Failed(e.into_error()),
+            },
+        }
+    };
+    tokio::time::timeout(left, exchange)
+        .await
+        .unwrap_or(Attempt::TimedOut)
+}
+
+/// Proxies one plain HTTP request to the route's upstream, trying further backends while
+/// the request is still unsent (a failed connect, a pooled connection found closed), and
+/// sending an idempotent request without a body once more when a kept-alive connection
+/// closes before the answer.
 pub async fn forward(
     req: Request<Incoming>,
     conn: &ConnInfo,
@@ -171,8 +239,8 @@ pub async fn forward(
     strip_hop_by_hop(&mut parts.headers);
     host_from_target(&mut parts.headers, &parts.uri);
     add_forwarded(&mut parts.headers, &conn.forwarded_for, conn.https);
-    let (end, hint) = (body.is_end_stream(), body.size_hint());
-    if !end && hint.exact().is_none() {
+    let end = body.is_end_stream();
+    if !end && body.size_hint().exact().is_none() {
         // A chunked body (its Transfer-Encoding went with the hop-by-hop headers) goes on
         // chunked: hyper's client would otherwise send a GET or HEAD of unknown length
         // with no body at all.
@@ -181,84 +249,75 @@ pub async fn forward(
             http::HeaderValue::from_static("chunked"),
         );
     }
-    let slot = Arc::new(Mutex::new(Some(body)));
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let ctx = duplex_balance::Context {
-        client_ip: conn.peer.ip(),
-        headers: &parts.headers,
-        query: parts.uri.query(),
-    };
+    // A request without Host (HTTP/1.0) gets the backend's address, as the target it is
+    // sent to.
+    let has_host = parts.headers.contains_key(HOST);
     let m = &shared.metrics;
     let mut resp = None;
-    let candidates = up.pool.candidates(&ctx, up.cfg.retries as usize + 1);
+    let candidates = {
+        let ctx = duplex_balance::Context {
+            client_ip: conn.peer.ip(),
+            headers: &parts.headers,
+            query: parts.uri.query(),
+        };
+        up.pool.candidates(&ctx, up.cfg.retries as usize + 1)
+    };
     if candidates.is_empty() {
         // Every backend is out of service and panic_mode is closed.
         resp = Some(responses::no_healthy_backend(&route.name));
     }
-    let attempts = candidates.len();
     // A request that can be sent again as it was: idempotent (RFC 9110 section 9.2.2),
-    // and no body that the first try may have used up.
-    let mut resend = end && parts.method.is_idempotent();
-    'candidates: for (attempt, backend) in candidates.into_iter().enumerate() {
+    // and no body that the first try may have used up. Its copy is kept for that.
+    let mut again = (end && parts.method.is_idempotent()).then(|| parts.clone());
+    parts.uri = origin_form(&parts.uri);
+    parts.version = Version::HTTP_11;
+    let mut out = Request::from_parts(parts, ClientBody::new(body, conn.body_timeout));
+    'candidates: for backend in candidates {
         let addr = backend.state.addr;
         let load = backend.state.guard();
-        let Ok(uri) = Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(backend.state.authority.clone())
-            .path_and_query(path.clone())
-            .build()
-        else {
-            break;
-        };
+        if !has_host {
+            if let Ok(v) = HeaderValue::from_str(backend.state.authority.as_str()) {
+                out.headers_mut().insert(HOST, v);
+            }
+        }
         // A resend shares the attempt's `response_timeout`: it never doubles the wait.
         let tried = Instant::now();
+        // After a pooled connection turned out closed: a new one.
+        let mut fresh = false;
         loop {
-            let mut out = Request::new(ReclaimBody {
-                slot: Arc::clone(&slot),
-                body: None,
-                end,
-                hint,
-                timer: IdleTimer::new(conn.body_timeout),
-            });
-            *out.method_mut() = parts.method.clone();
-            *out.uri_mut() = uri.clone();
-            *out.version_mut() = Version::HTTP_11;
-            // The last attempt takes the headers; others keep a copy for the next one.
-            *out.headers_mut() = if attempt + 1 == attempts && !resend {
-                std::mem::take(&mut parts.headers)
-            } else {
-                parts.headers.clone()
-            };
             let left = up.cfg.response_timeout.saturating_sub(tried.elapsed());
-            match tokio::time::timeout(left, up.client.request(out)).await {
-                Ok(Ok(r)) => {
+            match attempt(up, addr, out, fresh, left).await {
+                Attempt::Answered(r, lease) => {
                     backend.state.record_success();
                     let busy = conn.idle.busy();
-                    resp = Some(relay(r, load, busy, up.cfg.response_timeout));
+                    resp = Some(relay(r, load, busy, up.cfg.response_timeout, Some(lease)));
                     break 'candidates;
                 }
-                Ok(Err(e)) if e.is_connect() => {
-                    if !crate::error::io_source(&e)
-                        .is_some_and(crate::connector::is_local_exhaustion)
-                    {
+                Attempt::ConnectFailed(e, req) => {
+                    if !crate::connector::is_local_exhaustion(&e) {
                         crate::health::passive_failure(shared, up, &backend.state);
                     }
                     let kind = crate::error::connect_kind(&e);
                     m.backend_connect_errors
                         .with_label_values(&[&up.cfg.name, &addr.to_string(), kind])
                         .inc();
-                    tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "connect to backend failed");
-                    let unsent = slot.lock().unwrap_or_else(|p| p.into_inner()).is_some();
-                    if !unsent {
-                        break 'candidates;
-                    }
+                    tracing::warn!(route = %route.name, backend = %addr, error = %e, "connect to backend failed");
+                    out = req;
                     continue 'candidates;
                 }
-                Ok(Err(e)) => {
+                Attempt::Unsent { error, req, reused } => {
+                    out = req;
+                    if reused && !fresh {
+                        // The backend closed it while it sat idle: a new connection, and
+                        // nothing counted against the backend.
+                        tracing::debug!(route = %route.name, backend = %addr, error = %crate::error::Chain(&error), "pooled connection closed before the request went out");
+                        fresh = true;
+                        continue;
+                    }
+                    tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&error), "backend connection closed before the request went out");
+                    continue 'candidates;
+                }
+                Attempt::Failed(e) => {
                     // The client's side of the exchange, not the backend: its body stalled
                     // or broke off while being forwarded.
                     if let Some(client) = crate::error::client_side(&e) {
@@ -272,15 +331,17 @@ pub async fn forward(
                     // A pooled connection the backend closed as the request went out (its
                     // keep-alive timeout, shorter than ours): once more to the same
                     // backend, as nginx does, and not counted against it.
-                    if resend && crate::error::closed_before_response(&e) {
-                        resend = false;
-                        tracing::debug!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "backend closed the connection before answering; sending again");
-                        continue;
+                    if crate::error::closed_before_response(&e) {
+                        if let Some(p) = again.take() {
+                            tracing::debug!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "backend closed the connection before answering; sending again");
+                            out = resend(p, has_host, backend.state.authority.as_str());
+                            continue;
+                        }
                     }
                     tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "backend request failed");
                     break 'candidates;
                 }
-                Err(_) => {
+                Attempt::TimedOut => {
                     tracing::warn!(route = %route.name, backend = %addr, "backend response timed out");
                     resp = Some(responses::gateway_timeout(&route.name));
                     break 'candidates;
@@ -292,4 +353,25 @@ pub async fn forward(
     series.http(resp.status().as_u16()).inc();
     series.http_duration.observe(start.elapsed().as_secs_f64());
     resp
+}
+
+/// The request target as a backend gets it: path and query only (origin-form).
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(_) if uri.scheme().is_none() && uri.authority().is_none() => uri.clone(),
+        Some(p) => Uri::from(p.clone()),
+        None => Uri::from_static("/"),
+    }
+}
+
+/// The request once more, from the copy kept of its head, without a body.
+fn resend(mut parts: http::request::Parts, has_host: bool, authority: &str) -> Request<ClientBody> {
+    parts.uri = origin_form(&parts.uri);
+    parts.version = Version::HTTP_11;
+    if !has_host {
+        if let Ok(v) = HeaderValue::from_str(authority) {
+            parts.headers.insert(HOST, v);
+        }
+    }
+    Request::from_parts(parts, ClientBody::empty())
 }

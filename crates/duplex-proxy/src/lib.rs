@@ -16,6 +16,7 @@ mod handshake;
 mod handshake_io;
 mod headers;
 mod health;
+mod http_pool;
 mod http_proxy;
 mod idle;
 pub mod limits;

@@ -14,29 +14,19 @@ use arc_swap::ArcSwap;
 use duplex_balance::{Backend, BackendState, Pool};
 use duplex_config::{Config, Route, Upstream};
 use duplex_metrics::{Counter, Gauge, Metrics, RouteSeries, NONE};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::connector::BackendConnector;
-use crate::http_proxy::ReclaimBody;
+use crate::http_pool::HttpPool;
 use crate::limits::Limits;
 use crate::tls::{self, Acceptor, Connector, TlsError};
-
-/// How long an idle pooled connection to a backend is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Idle pooled connections kept per backend.
-const POOL_MAX_IDLE_PER_BACKEND: usize = 128;
-
-pub type HttpClient = Client<BackendConnector, ReclaimBody>;
 
 /// An upstream as one generation runs it.
 pub struct UpstreamRt {
     pub cfg: Upstream,
     pub pool: Pool,
-    /// Keep-alive pools for plain HTTP, one per backend address inside the client.
-    pub client: HttpClient,
+    /// Keep-alive connections for plain HTTP, by backend address.
+    pub http: Arc<HttpPool>,
     /// TLS toward the backends, when the upstream has `tls`.
     pub tls: Option<Arc<Connector>>,
     /// Per backend: closes its tunnels when a reload's drain ends, when a check takes it
@@ -304,24 +294,21 @@ impl Table {
                 closers.insert(addr, closer);
             }
             let tls = connectors.remove(&u.name).flatten();
-            let client = match old {
+            let http = match old {
                 // TLS settings may read changed files: only plain upstreams keep their pools.
                 Some(o)
                     if o.cfg.connect_timeout == u.connect_timeout
                         && o.tls.is_none()
                         && tls.is_none() =>
                 {
-                    o.client.clone()
+                    Arc::clone(&o.http)
                 }
-                _ => http_client(BackendConnector {
-                    timeout: u.connect_timeout,
-                    tls: tls.clone(),
-                }),
+                _ => HttpPool::new(u.connect_timeout, tls.clone()),
             };
             let rt = UpstreamRt {
                 pool: Pool::new(u.balancer, u.hash_key.as_ref(), u.panic_mode, backends),
                 cfg: u.clone(),
-                client,
+                http,
                 tls,
                 closers,
             };
@@ -385,15 +372,6 @@ impl Table {
             }
         }
     }
-}
-
-fn http_client(connector: BackendConnector) -> HttpClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_BACKEND)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
 }
 
 /// What every listener, request and tunnel shares.

@@ -402,12 +402,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     }
 }
 
-impl hyper_util::client::legacy::connect::Connection for BackendStream {
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        hyper_util::client::legacy::connect::Connected::new()
-    }
-}
-
 /// Reads and checks every TLS file `config` names, as a start or reload would.
 pub fn check(config: &duplex_config::Config) -> Result<(), TlsError> {
     for l in &config.listeners {

@@ -106,7 +106,7 @@ pub async fn upgrade(
         } => (end_to_end, stream, early),
         Answer::Other(resp) => {
             count(UpgradeResult::RejectedByBackend);
-            return relay(resp, load, conn.idle.busy(), up.cfg.response_timeout);
+            return relay(resp, load, conn.idle.busy(), up.cfg.response_timeout, None);
         }
         Answer::Invalid(what) => {
             tracing::warn!(route = %route.name, error = %ProxyError::BadUpgrade { addr, what }, "refusing backend's 101");

@@ -193,6 +193,51 @@ async fn dead_backend_is_skipped() {
     );
 }
 
+/// A failed connect gives the request back unsent: a POST goes on to the next backend
+/// with its whole body.
+#[tokio::test]
+async fn a_post_goes_on_whole_after_a_failed_connect() {
+    let live = Backend::start("live").await;
+    let dead = dead_addr();
+    let p = TestProxy::single(
+        &Upstream::new("round_robin")
+            .backend(dead)
+            .backend(live.addr),
+    )
+    .await;
+    // Round robin: one of two requests tries the dead backend first.
+    for i in 0..2 {
+        let body = http_body_util::Full::new(Bytes::from(vec![7u8; 1000])).boxed();
+        let r = HttpConn::open(p.addr)
+            .await
+            .send(request(Method::POST, p.addr, "/count", &[], body))
+            .await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(r.text(), "bytes=1000 sum=7000", "request {i}");
+    }
+    let errors = p
+        .metric(
+            "duplex_backend_connect_errors_total",
+            &[("backend", &dead.to_string())],
+        )
+        .await;
+    assert_eq!(errors, 1.0, "the dead backend was tried once");
+}
+
+/// An HTTP/1.0 request without `Host` reaches the backend with the backend's address as
+/// its `Host`, the target it was sent to.
+#[tokio::test]
+async fn a_request_without_host_gets_the_backends_address() {
+    let (b, p) = one_backend("named").await;
+    let r = raw_exchange(p.addr, b"GET /plain HTTP/1.0\r\n\r\n").await;
+    assert!(r.head.first_line.contains(" 200 "), "{}", r.head.first_line);
+    assert_eq!(r.body, "named");
+    let seen = b.requests();
+    let last = seen.last().expect("the backend saw the request");
+    assert_eq!(last.uri, "/plain");
+    assert_eq!(last.header("host"), Some(b.addr.to_string().as_str()));
+}
+
 /// A proxy in front of `backend` with `response_timeout: 300ms`, and the head of a GET
 /// through it (asserted 200); the proxy is returned so that it outlives the body.
 async fn head_with_300ms_response_timeout(

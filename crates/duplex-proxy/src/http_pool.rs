@@ -1,0 +1,428 @@
+//! Keeps idle keep-alive HTTP/1.1 connections to an upstream's backends for the next
+//! request, and opens a new one when none is idle.
+//!
+//! A request takes a connection as a [`Lease`]; the lease goes back when the response is
+//! over (its body read to the end or dropped). A connection comes back into the pool only
+//! once hyper says it is ready for another request; one that closed, or that cannot get
+//! ready within [`READY_WAIT`], is let go. Idle connections are kept at most
+//! [`IDLE_TIMEOUT`] and [`MAX_IDLE_PER_BACKEND`] per backend, newest first, so the ones
+//! left to age out are the ones a backend would close first anyway.
+//!
+//! Owning this rather than using hyper-util's pooled client saves a keyed lookup (a
+//! SipHash of the backend's authority) twice per request and a larger per-request future,
+//! and gives unsent requests back whole, so no shared slot is needed to retry them.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::TrySendError;
+use hyper_util::rt::TokioIo;
+use tokio::task::AbortHandle;
+
+use crate::connector::connect;
+use crate::http_proxy::ClientBody;
+use crate::tls::Connector;
+
+/// How long an idle connection to a backend is kept.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per backend; one more coming free closes the oldest.
+pub const MAX_IDLE_PER_BACKEND: usize = 128;
+/// How long a connection whose response is over may take to be ready for the next
+/// request (hyper finishing a request body the backend answered early, say) before it is
+/// closed instead.
+const READY_WAIT: Duration = Duration::from_secs(10);
+
+/// One upstream's keep-alive connections, by backend address.
+pub struct HttpPool {
+    /// Bounds each connect, TLS included.
+    connect_timeout: Duration,
+    tls: Option<Arc<Connector>>,
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    /// Whether the task that closes connections idle past [`IDLE_TIMEOUT`] is running;
+    /// started with the first connection that comes back, so a pool that never keeps one
+    /// (a TLS upstream's, replaced at each reload) costs no task.
+    reaper: AtomicBool,
+}
+
+/// A connection to a backend and the task that drives it.
+struct Conn {
+    sender: SendRequest<ClientBody>,
+    /// Ends the connection's task when it cannot get ready for reuse.
+    task: AbortHandle,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// A connection taken for one request; it goes back to the pool on drop.
+pub struct Lease {
+    pool: Arc<HttpPool>,
+    addr: SocketAddr,
+    conn: Option<Conn>,
+    /// Taken from the pool rather than opened for this request: the backend may have
+    /// closed it meanwhile.
+    reused: bool,
+}
+
+impl HttpPool {
+    pub fn new(connect_timeout: Duration, tls: Option<Arc<Connector>>) -> Arc<HttpPool> {
+        Arc::new(HttpPool {
+            connect_timeout,
+            tls,
+            idle: Mutex::new(HashMap::new()),
+            reaper: AtomicBool::new(false),
+        })
+    }
+
+    /// The newest idle connection to `addr` that is ready for a request, if any.
+    pub fn take(self: &Arc<Self>, addr: SocketAddr) -> Option<Lease> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(&addr)?;
+        while let Some(c) = list.pop() {
+            if c.since.elapsed() >= IDLE_TIMEOUT {
+                // Everything below is older still.
+                list.clear();
+                break;
+            }
+            if c.conn.sender.is_ready() {
+                return Some(Lease {
+                    pool: Arc::clone(self),
+                    addr,
+                    conn: Some(c.conn),
+                    reused: true,
+                });
+            }
+            // Closed by the backend while idle: dropping it ends its task.
+        }
+        None
+    }
+
+    /// Opens a new connection to `addr` (TCP, then TLS when the upstream has it).
+    pub async fn connect(self: &Arc<Self>, addr: SocketAddr) -> io::Result<Lease> {
+        let stream = connect(addr, self.connect_timeout, self.tls.as_deref()).await?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        let task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(backend = %addr, error = %e, "backend connection ended with an error");
+            }
+        })
+        .abort_handle();
+        Ok(Lease {
+            pool: Arc::clone(self),
+            addr,
+            conn: Some(Conn { sender, task }),
+            reused: false,
+        })
+    }
+
+    /// Keeps `conn`, ready for its next request, as the newest idle one to `addr`.
+    fn keep(self: &Arc<Self>, addr: SocketAddr, conn: Conn) {
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let list = idle.entry(addr).or_default();
+            if list.len() >= MAX_IDLE_PER_BACKEND {
+                list.remove(0);
+            }
+            list.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+        if !self.reaper.load(Ordering::Relaxed) {
+            // Outside a runtime (a response dropped as the runtime goes away) nothing is
+            // left to reap for.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                if !self.reaper.swap(true, Ordering::Relaxed) {
+                    rt.spawn(reap(Arc::downgrade(self)));
+                }
+            }
+        }
+    }
+
+    /// Drops idle connections past [`IDLE_TIMEOUT`], and those the backend closed.
+    fn sweep(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|_, list| {
+            list.retain(|c| c.since.elapsed() < IDLE_TIMEOUT && !c.conn.sender.is_closed());
+            !list.is_empty()
+        });
+    }
+
+    /// Idle connections kept now, over every backend.
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.values().map(Vec::len).sum()
+    }
+}
+
+/// Closes connections idle past [`IDLE_TIMEOUT`] while the pool lives, looking every
+/// half of it: a connection is closed between 90 and 135 s after its last response.
+async fn reap(pool: Weak<HttpPool>) {
+    loop {
+        tokio::time::sleep(IDLE_TIMEOUT / 2).await;
+        match pool.upgrade() {
+            Some(p) => p.sweep(),
+            None => return,
+        }
+    }
+}
+
+impl Lease {
+    /// Sends `req` on this connection. An error that gives the request back means none of
+    /// it was sent.
+    pub async fn send(
+        &mut self,
+        req: Request<ClientBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<ClientBody>>> {
+        match self.conn.as_mut() {
+            Some(c) => c.sender.try_send_request(req).await,
+            // Never: the connection leaves only when the lease is dropped.
+            None => unreachable!("a lease holds its connection until dropped"),
+        }
+    }
+
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if conn.sender.is_ready() {
+            self.pool.keep(self.addr, conn);
+        } else if !conn.sender.is_closed() {
+            // Still finishing this exchange (the other thread's task has not caught up, or
+            // a request body is still going out): wait for it, boundedly.
+            let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            let (pool, addr) = (Arc::clone(&self.pool), self.addr);
+            rt.spawn(async move {
+                match tokio::time::timeout(READY_WAIT, conn.sender.ready()).await {
+                    Ok(Ok(())) => pool.keep(addr, conn),
+                    Ok(Err(_)) => {}
+                    Err(_) => conn.task.abort(),
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A backend that answers every request on a connection with `body`, and counts
+    /// the connections it accepted.
+    async fn backend(body: &'static str) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut have = Vec::new();
+                    loop {
+                        let Ok(n) = s.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        have.extend_from_slice(&buf[..n]);
+                        while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+                            have.drain(..end + 4);
+                            let resp = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            if s.write_all(resp.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn get() -> Request<ClientBody> {
+        Request::builder()
+            .uri("/")
+            .header(http::header::HOST, "test")
+            .body(ClientBody::empty())
+            .expect("request")
+    }
+
+    /// Sends one GET through `lease`; the body as text.
+    async fn exchange(lease: &mut Lease) -> String {
+        let Ok(resp) = lease.send(get()).await else {
+            panic!("no response")
+        };
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_response_is_read() {
+        let (addr, accepted) = backend("hello").await;
+        let pool = HttpPool::new(Duration::from_secs(1), None);
+        assert!(pool.take(addr).is_none(), "nothing is idle yet");
+        let mut lease = pool.connect(addr).await.expect("connect");
+        assert!(!lease.reused());
+        assert_eq!(exchange(&mut lease).await, "hello");
+        drop(lease);
+        assert_eq!(pool.idle_count(), 1);
+        let mut again = pool.take(addr).expect("the same connection, kept");
+        assert!(again.reused());
+        assert_eq!(exchange(&mut again).await, "hello");
+        drop(again);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection served both"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_busy_comes_back_once_its_response_is_done() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            // The head at once, the body only when told to.
+            if let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+                    .await;
+                let _ = wait.await;
+                let _ = s.write_all(b"hello").await;
+                let _ = s.read(&mut buf).await;
+            }
+        });
+        let pool = HttpPool::new(Duration::from_secs(1), None);
+        let mut lease = pool.connect(addr).await.expect("connect");
+        let Ok(resp) = lease.send(get()).await else {
+            panic!("no response")
+        };
+        // Its body has not come yet: the connection is not ready for another request.
+        drop(lease);
+        assert_eq!(
+            pool.idle_count(),
+            0,
+            "kept while its response was still open"
+        );
+        let _ = go.send(());
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], b"hello");
+        let mut kept = false;
+        for _ in 0..200 {
+            if pool.idle_count() == 1 {
+                kept = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(kept, "the connection came back once its response was done");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_backend_closed_is_not_taken() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            // Answers one request, then closes.
+            if let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            }
+        });
+        let pool = HttpPool::new(Duration::from_secs(1), None);
+        let mut lease = pool.connect(addr).await.expect("connect");
+        assert_eq!(exchange(&mut lease).await, "ok");
+        drop(lease);
+        let mut gone = false;
+        for _ in 0..200 {
+            if pool.take(addr).is_none() {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(gone, "a closed connection is not handed out");
+        pool.sweep();
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn at_most_max_idle_are_kept_per_backend() {
+        let (addr, _) = backend("x").await;
+        let pool = HttpPool::new(Duration::from_secs(1), None);
+        let mut leases = Vec::new();
+        for _ in 0..MAX_IDLE_PER_BACKEND + 2 {
+            let mut l = pool.connect(addr).await.expect("connect");
+            assert_eq!(exchange(&mut l).await, "x");
+            leases.push(l);
+        }
+        drop(leases);
+        assert_eq!(pool.idle_count(), MAX_IDLE_PER_BACKEND);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_age_out() {
+        let (addr, _) = backend("x").await;
+        let pool = HttpPool::new(Duration::from_secs(1), None);
+        let age = |pool: &HttpPool| {
+            // By hand rather than waiting 90 s.
+            let mut idle = pool.idle.lock().expect("lock");
+            for list in idle.values_mut() {
+                for c in list.iter_mut() {
+                    c.since -= IDLE_TIMEOUT;
+                }
+            }
+        };
+        let mut l = pool.connect(addr).await.expect("connect");
+        assert_eq!(exchange(&mut l).await, "x");
+        drop(l);
+        assert_eq!(pool.idle_count(), 1);
+        age(&pool);
+        pool.sweep();
+        assert_eq!(pool.idle_count(), 0, "the sweep closed an aged connection");
+        let mut l = pool.connect(addr).await.expect("connect");
+        assert_eq!(exchange(&mut l).await, "x");
+        drop(l);
+        age(&pool);
+        assert!(
+            pool.take(addr).is_none(),
+            "an aged connection is not handed out"
+        );
+        assert_eq!(pool.idle_count(), 0);
+    }
+}
