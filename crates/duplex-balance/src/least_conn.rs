@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::{lighter, Backend, Balancer, Context};
+use crate::{Backend, Balancer, Context};
 
 #[derive(Default)]
 pub struct LeastConn {
@@ -27,11 +27,19 @@ pub(crate) fn order_by_load(backends: &[Backend], rotate: usize, max: usize, out
     if n == 0 {
         return;
     }
-    let start = out.len();
-    out.extend((0..n).map(|k| (rotate + k) % n));
-    // A stable sort keeps the rotated order among ties.
-    out[start..].sort_by(|&a, &b| lighter(&backends[a], &backends[b]));
-    out.truncate(start + max.min(n));
+    // Each load is read once: other threads change them meanwhile, and a sort whose
+    // comparison reads them afresh can see an inconsistent order (and panic).
+    let mut keyed: Vec<(u64, u64, usize)> = (0..n)
+        .map(|k| {
+            let i = (rotate + k) % n;
+            let b = &backends[i];
+            (b.state.load() as u64, u64::from(b.weight), i)
+        })
+        .collect();
+    // Load per weight, compared without division; a stable sort keeps the rotated order
+    // among ties.
+    keyed.sort_by(|a, b| (a.0 * b.1).cmp(&(b.0 * a.1)));
+    out.extend(keyed.iter().take(max).map(|k| k.2));
 }
 
 #[cfg(test)]
@@ -51,6 +59,39 @@ mod tests {
         let mut out = Vec::new();
         LeastConn::default().pick(&b, &ctx(&h), 3, &mut out);
         assert_eq!(out, vec![1, 2, 0]);
+    }
+
+    /// Loads change under the sort when other threads open and close connections; the
+    /// order must come from one reading of each load, or the sort may find its comparison
+    /// inconsistent and panic (it checks on slices longer than 20).
+    #[test]
+    fn loads_changing_under_the_pick_do_not_break_it() {
+        let b = std::sync::Arc::new(backends(&[1; 64]));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn = {
+            let (b, stop) = (b.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) && i < 50_000_000 {
+                    held.push(b[i * 7 % 64].state.guard());
+                    if held.len() > 40 {
+                        held.drain(..20);
+                    }
+                    i += 1;
+                }
+            })
+        };
+        let h = http::HeaderMap::new();
+        let lc = LeastConn::default();
+        let mut out = Vec::new();
+        for _ in 0..20_000 {
+            out.clear();
+            lc.pick(&b, &ctx(&h), 64, &mut out);
+            assert_eq!(out.len(), 64);
+        }
+        stop.store(true, Ordering::Relaxed);
+        churn.join().expect("the churning thread");
     }
 
     #[test]
