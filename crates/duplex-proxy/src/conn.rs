@@ -13,7 +13,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::headers::{has_several_hosts, has_token, request_host};
+use crate::headers::{has_several_hosts, has_token, other_transfer_coding, request_host};
 use crate::limits::Slot;
 use crate::responses::{self, Body};
 use crate::send_timeout::SendTimeout;
@@ -181,6 +181,24 @@ async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: Arc<Shared>) ->
         return responses::text(
             StatusCode::BAD_REQUEST,
             "duplex: only one Host header is allowed\n".into(),
+        );
+    }
+    // RFC 9112 section 3.2: an HTTP/1.1 request must name its host.
+    if req.version() == http::Version::HTTP_11
+        && req.uri().authority().is_none()
+        && !req.headers().contains_key(http::header::HOST)
+    {
+        table.no_route.http(400).inc();
+        return responses::text(
+            StatusCode::BAD_REQUEST,
+            "duplex: a Host header is required\n".into(),
+        );
+    }
+    if other_transfer_coding(req.headers()) {
+        table.no_route.http(501).inc();
+        return responses::text(
+            StatusCode::NOT_IMPLEMENTED,
+            "duplex: no transfer coding but chunked is supported\n".into(),
         );
     }
     let host = request_host(req.headers(), req.uri());

@@ -63,6 +63,18 @@ pub fn is_hop_by_hop(name: &[u8], named: &[&[u8]]) -> bool {
         .any(|h| h.eq_ignore_ascii_case(name))
 }
 
+/// Whether `headers` name a transfer coding other than one `chunked` (`gzip, chunked`,
+/// say). hyper takes off only the chunked framing, and `Transfer-Encoding` is hop-by-hop:
+/// the other codings would reach the next hop unnamed, so such a message is refused.
+pub fn other_transfer_coding(headers: &HeaderMap) -> bool {
+    let mut all = headers.get_all(http::header::TRANSFER_ENCODING).iter();
+    match (all.next(), all.next()) {
+        (None, _) => false,
+        (Some(v), None) => !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"),
+        _ => true,
+    }
+}
+
 /// Removes hop-by-hop headers, including any that `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none (and with no `Connection`, none is named either): one pass
@@ -177,6 +189,23 @@ pub fn request_host(headers: &HeaderMap, uri: &http::Uri) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_lone_chunked_is_a_known_transfer_coding() {
+        let with = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(http::header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+            }
+            other_transfer_coding(&h)
+        };
+        assert!(!with(&[]));
+        assert!(!with(&["chunked"]));
+        assert!(!with(&[" Chunked "]));
+        assert!(with(&["gzip, chunked"]));
+        assert!(with(&["gzip"]));
+        assert!(with(&["gzip", "chunked"]));
+    }
 
     #[test]
     fn strips_listed_and_named_headers() {

@@ -2,7 +2,9 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -18,7 +20,7 @@ use hyper::body::Incoming;
 
 use crate::conn::ConnInfo;
 use crate::error::ProxyError;
-use crate::headers::{add_forwarded, host_from_target, strip_hop_by_hop};
+use crate::headers::{add_forwarded, host_from_target, other_transfer_coding, strip_hop_by_hop};
 use crate::http_pool::Lease;
 use crate::idle::IdleTimer;
 use crate::reclaim::Busy;
@@ -34,13 +36,22 @@ pub struct ClientBody {
     /// `None` for a request sent again without a body.
     body: Option<Incoming>,
     timer: IdleTimer,
+    /// For a body still to come: when it last gave bytes to the backend.
+    uploaded: Option<Arc<Uploaded>>,
 }
 
 impl ClientBody {
     fn new(body: Incoming, idle: Duration) -> ClientBody {
+        let uploaded = (!body.is_end_stream()).then(|| {
+            Arc::new(Uploaded {
+                start: tokio::time::Instant::now(),
+                last: AtomicU64::new(0),
+            })
+        });
         ClientBody {
             body: Some(body),
             timer: IdleTimer::new(idle),
+            uploaded,
         }
     }
 
@@ -49,7 +60,28 @@ impl ClientBody {
         ClientBody {
             body: None,
             timer: IdleTimer::new(Duration::ZERO),
+            uploaded: None,
         }
+    }
+}
+
+/// When a request body last gave bytes to its backend. The wait for the response counts
+/// from then (or from the attempt's start, if later), so `response_timeout` does not cut
+/// off a slow but steady upload, while a backend that stops reading one is still timed.
+struct Uploaded {
+    start: tokio::time::Instant,
+    /// Nanoseconds from `start` to the last frame handed over.
+    last: AtomicU64,
+}
+
+impl Uploaded {
+    fn mark(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed))
     }
 }
 
@@ -62,16 +94,20 @@ impl HttpBody for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        match this.body.as_mut() {
-            Some(body) => poll_watched(
-                body,
-                &mut this.timer,
-                cx,
-                |e| ProxyError::Client(e).into(),
-                |idle| ProxyError::ClientBodyStalled { idle },
-            ),
-            None => Poll::Ready(None),
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = poll_watched(
+            body,
+            &mut this.timer,
+            cx,
+            |e| ProxyError::Client(e).into(),
+            |idle| ProxyError::ClientBodyStalled { idle },
+        );
+        if let (Poll::Ready(Some(Ok(_))), Some(u)) = (&frame, &this.uploaded) {
+            u.mark();
         }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -147,17 +183,26 @@ impl HttpBody for Guarded {
 
 /// Relays a backend's response: hop-by-hop headers removed, load, `busy` and the
 /// connection held until the body ends, the body failing if the backend goes quiet for
-/// `idle`.
+/// `idle`. `None` for a response that cannot be passed on as it was meant: one with a
+/// transfer coding other than chunked.
 pub fn relay(
     resp: Response<Incoming>,
     load: LoadGuard,
     busy: Busy,
     idle: Duration,
     lease: Option<Lease>,
-) -> Response<Body> {
+) -> Option<Response<Body>> {
     let (mut parts, body) = resp.into_parts();
+    if parts.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        if other_transfer_coding(&parts.headers) {
+            return None;
+        }
+        // RFC 9112 section 6.3: the chunked framing wins over a Content-Length sent
+        // beside it, which must not be passed on (the client would frame the body by it).
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(
+    Some(Response::from_parts(
         parts,
         Guarded {
             inner: body,
@@ -167,7 +212,7 @@ pub fn relay(
             _lease: lease,
         }
         .boxed(),
-    )
+    ))
 }
 
 /// How one try at a backend ended.
@@ -188,14 +233,16 @@ enum Attempt {
 }
 
 /// Sends `req` to `addr` over an idle pooled connection (unless `fresh`) or a new one,
-/// and waits at most `left` for the response head.
+/// and waits for the response head until the upstream's `response_timeout` after
+/// `tried` or after the request body's last bytes, whichever is later.
 async fn attempt(
     up: &UpstreamRt,
     addr: SocketAddr,
     req: Request<ClientBody>,
     fresh: bool,
-    left: Duration,
+    tried: tokio::time::Instant,
 ) -> Attempt {
+    let uploaded = req.body().uploaded.clone();
     let exchange = async {
         let pooled = if fresh { None } else { up.http.take(addr) };
         let mut lease = match pooled {
@@ -217,9 +264,19 @@ async fn attempt(
             },
         }
     };
-    tokio::time::timeout(left, exchange)
-        .await
-        .unwrap_or(Attempt::TimedOut)
+    let wait = up.cfg.response_timeout;
+    let mut exchange = pin!(exchange);
+    let mut deadline = tried + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, &mut exchange).await {
+            Ok(done) => return done,
+            // Body bytes went out since the deadline was set: the wait restarts from them.
+            Err(_) => match uploaded.as_deref().map(Uploaded::last) {
+                Some(last) if last + wait > deadline => deadline = last + wait,
+                _ => return Attempt::TimedOut,
+            },
+        }
+    }
 }
 
 /// Proxies one plain HTTP request to the route's upstream, trying further backends while
@@ -281,16 +338,18 @@ pub async fn forward(
             }
         }
         // A resend shares the attempt's `response_timeout`: it never doubles the wait.
-        let tried = Instant::now();
+        let tried = tokio::time::Instant::now();
         // After a pooled connection turned out closed: a new one.
         let mut fresh = false;
         loop {
-            let left = up.cfg.response_timeout.saturating_sub(tried.elapsed());
-            match attempt(up, addr, out, fresh, left).await {
+            match attempt(up, addr, out, fresh, tried).await {
                 Attempt::Answered(r, lease) => {
                     backend.state.record_success();
                     let busy = conn.idle.busy();
-                    resp = Some(relay(r, load, busy, up.cfg.response_timeout, Some(lease)));
+                    resp = relay(r, load, busy, up.cfg.response_timeout, Some(lease));
+                    if resp.is_none() {
+                        tracing::warn!(route = %route.name, backend = %addr, "backend answered with a transfer coding other than chunked");
+                    }
                     break 'candidates;
                 }
                 Attempt::ConnectFailed(e, req) => {

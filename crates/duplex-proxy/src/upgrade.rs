@@ -106,7 +106,8 @@ pub async fn upgrade(
         } => (end_to_end, stream, early),
         Answer::Other(resp) => {
             count(UpgradeResult::RejectedByBackend);
-            return relay(resp, load, conn.idle.busy(), up.cfg.response_timeout, None);
+            return relay(resp, load, conn.idle.busy(), up.cfg.response_timeout, None)
+                .unwrap_or_else(|| responses::bad_gateway(&route.name));
         }
         Answer::Invalid(what) => {
             tracing::warn!(route = %route.name, error = %ProxyError::BadUpgrade { addr, what }, "refusing backend's 101");

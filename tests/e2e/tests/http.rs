@@ -281,6 +281,57 @@ async fn a_slow_but_steady_body_is_not_cut_off() {
     assert_eq!(body.len(), 100);
 }
 
+/// An upload that takes longer in all than `response_timeout` but never pauses that long
+/// is not cut off: the wait for the answer counts from the body's last bytes. A backend
+/// that then says nothing still gets 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_upload_is_not_cut_off() {
+    let (b, p) = {
+        let b = Backend::start("sink").await;
+        let p = TestProxy::single(
+            &Upstream::new("round_robin")
+                .option("response_timeout", "300ms")
+                .backend(b.addr),
+        )
+        .await;
+        (b, p)
+    };
+    // Ten 10-byte chunks 100 ms apart: about 1 s, over three times the timeout.
+    let body = StreamBody::new(stream::unfold(0u8, |i| async move {
+        if i == 10 {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        Some((
+            Ok::<_, Infallible>(Frame::data(Bytes::from(vec![1u8; 10]))),
+            i + 1,
+        ))
+    }))
+    .boxed();
+    let r = HttpConn::open(p.addr)
+        .await
+        .send(request(Method::POST, p.addr, "/count", &[], body))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "bytes=100 sum=100");
+    drop(b);
+
+    // The body all sent at once to a backend that never answers: 504 after the timeout.
+    let silent = RawBackend::silent().await;
+    let p = TestProxy::single(
+        &Upstream::new("round_robin")
+            .option("response_timeout", "300ms")
+            .backend(silent.addr),
+    )
+    .await;
+    let body = http_body_util::Full::new(Bytes::from_static(b"data")).boxed();
+    let r = HttpConn::open(p.addr)
+        .await
+        .send(request(Method::POST, p.addr, "/count", &[], body))
+        .await;
+    assert_eq!(r.status, 504, "{}", r.text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_stalls_mid_body_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
