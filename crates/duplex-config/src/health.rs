@@ -42,6 +42,7 @@ pub(crate) fn check(i: usize, h: &RawHealthCheck) -> Result<HealthCheck, Violati
         );
     }
     let interval = duration("interval", &h.interval, defaults::HEALTH_INTERVAL)?;
+    at_least_min_interval(at("interval"), interval)?;
     let timeout = duration("timeout", &h.timeout, defaults::HEALTH_TIMEOUT)?;
     if timeout > interval {
         return fail(
@@ -125,10 +126,28 @@ pub(crate) fn dns_backend(
         Some(s) => parse_duration(at("resolve_interval"), s)?,
         None => defaults::RESOLVE_INTERVAL,
     };
+    at_least_min_interval(at("resolve_interval"), interval)?;
     Ok(DnsBackend {
         host: host.to_ascii_lowercase(),
         port,
         weight,
         interval,
     })
+}
+
+/// The shortest health check and DNS interval: below it a typo (`1ms` for `1m`) would
+/// probe a backend or query the resolver a thousand times a second, forever.
+pub(crate) const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+fn at_least_min_interval(
+    path: Vec<crate::locate::Seg<'static>>,
+    interval: Duration,
+) -> Result<(), Violation> {
+    if interval < MIN_INTERVAL {
+        return fail(
+            path,
+            format!("must be at least {MIN_INTERVAL:?}, got {interval:?}"),
+        );
+    }
+    Ok(())
 }

@@ -149,6 +149,16 @@ fn refuses_bad_files_and_points_at_the_value() {
             "host: 'a b'",
             "f:9:13: invalid host",
         ),
+        (
+            "    retries: 2",
+            "    retries: 2\n    health_check:\n      kind: tcp\n      interval: 1ms\n      timeout: 1ms",
+            "f:25:17: must be at least 100ms, got 1ms",
+        ),
+        (
+            "addr: 127.0.0.1:9002",
+            "addr: chat.test:9002\n        resolve: dns\n        resolve_interval: 1ms",
+            "f:28:27: must be at least 100ms, got 1ms",
+        ),
     ];
     let mut wrong = Vec::new();
     for (from, to, want) in cases {
