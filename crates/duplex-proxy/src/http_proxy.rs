@@ -3,7 +3,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -21,7 +20,7 @@ use hyper::body::Incoming;
 use crate::conn::ConnInfo;
 use crate::error::ProxyError;
 use crate::headers::{add_forwarded, host_from_target, other_transfer_coding, strip_hop_by_hop};
-use crate::http_pool::Lease;
+use crate::http_pool::{Lease, Uploaded};
 use crate::idle::IdleTimer;
 use crate::reclaim::Busy;
 use crate::responses::{self, Body, BodyError};
@@ -42,12 +41,7 @@ pub struct ClientBody {
 
 impl ClientBody {
     fn new(body: Incoming, idle: Duration) -> ClientBody {
-        let uploaded = (!body.is_end_stream()).then(|| {
-            Arc::new(Uploaded {
-                start: tokio::time::Instant::now(),
-                last: AtomicU64::new(0),
-            })
-        });
+        let uploaded = (!body.is_end_stream()).then(|| Arc::new(Uploaded::new()));
         ClientBody {
             body: Some(body),
             timer: IdleTimer::new(idle),
@@ -62,26 +56,6 @@ impl ClientBody {
             timer: IdleTimer::new(Duration::ZERO),
             uploaded: None,
         }
-    }
-}
-
-/// When a request body last gave bytes to its backend. The wait for the response counts
-/// from then (or from the attempt's start, if later), so `response_timeout` does not cut
-/// off a slow but steady upload, while a backend that stops reading one is still timed.
-struct Uploaded {
-    start: tokio::time::Instant,
-    /// Nanoseconds from `start` to the last frame handed over.
-    last: AtomicU64,
-}
-
-impl Uploaded {
-    fn mark(&self) {
-        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last.store(nanos, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> tokio::time::Instant {
-        self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed))
     }
 }
 
@@ -183,7 +157,7 @@ impl HttpBody for Guarded {
 
 /// Relays a backend's response: hop-by-hop headers removed, load, `busy` and the
 /// connection held until the body ends, the body failing if the backend goes quiet for
-/// `idle`. `None` for a response that cannot be passed on as it was meant: one with a
+/// `idle`. `None` for a response that cannot be passed on as it was meant: a body in a
 /// transfer coding other than chunked.
 pub fn relay(
     resp: Response<Incoming>,
@@ -194,7 +168,8 @@ pub fn relay(
 ) -> Option<Response<Body>> {
     let (mut parts, body) = resp.into_parts();
     if parts.headers.contains_key(http::header::TRANSFER_ENCODING) {
-        if other_transfer_coding(&parts.headers) {
+        // A response without a body (to HEAD, a 204, a 304) has nothing to decode.
+        if !body.is_end_stream() && other_transfer_coding(&parts.headers) {
             return None;
         }
         // RFC 9112 section 6.3: the chunked framing wins over a Content-Length sent
@@ -252,6 +227,7 @@ async fn attempt(
                 Err(e) => return Attempt::ConnectFailed(e, req),
             },
         };
+        lease.uploading(req.body().uploaded.clone(), up.cfg.response_timeout);
         match lease.send(req).await {
             Ok(resp) => Attempt::Answered(resp, lease),
             Err(mut e) => match e.take_message() {
@@ -344,10 +320,12 @@ pub async fn forward(
         loop {
             match attempt(up, addr, out, fresh, tried).await {
                 Attempt::Answered(r, lease) => {
-                    backend.state.record_success();
                     let busy = conn.idle.busy();
                     resp = relay(r, load, busy, up.cfg.response_timeout, Some(lease));
-                    if resp.is_none() {
+                    if resp.is_some() {
+                        backend.state.record_success();
+                    } else {
+                        crate::health::passive_failure(shared, up, &backend.state);
                         tracing::warn!(route = %route.name, backend = %addr, "backend answered with a transfer coding other than chunked");
                     }
                     break 'candidates;
@@ -373,7 +351,13 @@ pub async fn forward(
                         fresh = true;
                         continue;
                     }
-                    tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&error), "backend connection closed before the request went out");
+                    // A new connection the backend closed at once: a failed connection,
+                    // counted as one; the request is still unsent, so the next backend.
+                    crate::health::passive_failure(shared, up, &backend.state);
+                    m.backend_connect_errors
+                        .with_label_values(&[&up.cfg.name, &addr.to_string(), "other"])
+                        .inc();
+                    tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&error), "backend closed a new connection before the request went out");
                     continue 'candidates;
                 }
                 Attempt::Failed(e) => {
@@ -394,6 +378,8 @@ pub async fn forward(
                         if let Some(p) = again.take() {
                             tracing::debug!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "backend closed the connection before answering; sending again");
                             out = resend(p, has_host, backend.state.authority.as_str());
+                            // Its other idle connections may have timed out alike.
+                            fresh = true;
                             continue;
                         }
                     }

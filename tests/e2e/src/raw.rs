@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A backend that hands each accepted connection to a test-written handler.
@@ -50,6 +50,34 @@ impl RawBackend {
             let mut sink = [0u8; 1024];
             while tcp.read(&mut sink).await? > 0 {}
             Ok(())
+        })
+        .await
+    }
+
+    /// Answers `202 Accepted` as soon as a request's head is in, then reads its body until
+    /// `len` bytes have come or the connection ends, and reports how many came on
+    /// `report`: an ingest endpoint that answers before it has read what it is sent.
+    pub async fn answers_early(
+        len: usize,
+        report: tokio::sync::mpsc::UnboundedSender<usize>,
+    ) -> RawBackend {
+        RawBackend::start(move |mut tcp| {
+            let report = report.clone();
+            async move {
+                let (_, rest) = crate::wire::read_head(&mut tcp).await?;
+                tcp.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+                    .await?;
+                let mut body = rest.len();
+                let mut buf = [0u8; 4096];
+                while body < len {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => body += n,
+                    }
+                }
+                let _ = report.send(body);
+                Ok(())
+            }
         })
         .await
     }

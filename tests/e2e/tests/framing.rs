@@ -81,3 +81,13 @@ async fn an_http_11_request_without_host_gets_400() {
     let r = raw_exchange(p.addr, b"GET / HTTP/1.0\r\n\r\n").await;
     assert!(r.head.first_line.contains(" 200 "), "{}", r.head.first_line);
 }
+
+/// A response without a body (to HEAD) has nothing to decode: its transfer coding, of
+/// whatever kind, is no reason to refuse it.
+#[tokio::test]
+async fn a_head_response_with_another_transfer_coding_is_relayed() {
+    let b = answers(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let r = raw_exchange(p.addr, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(r.head.first_line.contains(" 200 "), "{}", r.head.first_line);
+}

@@ -538,29 +538,11 @@ async fn stalled_upload(
 /// covers that), and the backend connection carrying the body is closed with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stalls_its_request_body_is_cut_off() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     // Answers 202 as soon as the head is in, then reads the body to its end and reports
     // how many body bytes came before the connection ended.
     let (tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
-    let b = duplex_e2e::raw::RawBackend::start(move |mut tcp| {
-        let tx = tx.clone();
-        async move {
-            let (_, rest) = duplex_e2e::wire::read_head(&mut tcp).await?;
-            tcp.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
-                .await?;
-            let mut body = rest.len();
-            let mut buf = [0u8; 4096];
-            loop {
-                match tcp.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => body += n,
-                }
-            }
-            let _ = tx.send(body);
-            Ok(())
-        }
-    })
-    .await;
+    let b = RawBackend::answers_early(usize::MAX, tx).await;
     let (_p, mut client, reply) = stalled_upload(b.addr, "/upload").await;
     assert!(
         reply.first_line.starts_with("HTTP/1.1 202"),
