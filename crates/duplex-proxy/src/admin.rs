@@ -21,6 +21,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Admin connections served at once; more are closed on arrival.
 const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// The longest `POST /reload` waits for its reload (a file on a hung mount can hold one,
+/// and the one after it, forever); then it answers 503 and frees its connection's place.
+const RELOAD_WAIT: Duration = Duration::from_secs(30);
 
 pub(crate) async fn serve(listener: TcpListener, proxy: Proxy) {
     let closing = proxy.inner.shared.closing.clone();
@@ -79,10 +82,23 @@ async fn handle(req: Request<Incoming>, proxy: &Proxy) -> Response<Body> {
             }
         }
         (&Method::GET, "/status") => json_response(StatusCode::OK, status(proxy)),
-        (&Method::POST, "/reload") => match proxy.reload_from_file().await {
-            Ok(generation) => json_response(StatusCode::OK, json!({ "generation": generation })),
-            Err(e) => json_response(StatusCode::BAD_REQUEST, json!({ "error": e.to_string() })),
-        },
+        (&Method::POST, "/reload") => {
+            match tokio::time::timeout(RELOAD_WAIT, proxy.reload_from_file()).await {
+                Ok(Ok(generation)) => {
+                    json_response(StatusCode::OK, json!({ "generation": generation }))
+                }
+                Ok(Err(e)) => {
+                    json_response(StatusCode::BAD_REQUEST, json!({ "error": e.to_string() }))
+                }
+                Err(_) => json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({ "error": format!(
+                        "no answer within {RELOAD_WAIT:?}: a reload is stuck (reading a file, \
+                         say); GET /status shows when one ends"
+                    ) }),
+                ),
+            }
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: try GET /metrics, /healthz, /readyz, /status or POST /reload\n".into(),

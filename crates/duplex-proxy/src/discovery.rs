@@ -85,6 +85,23 @@ pub async fn resolve_all(shared: &Shared, config: &Config) {
     }
 }
 
+/// Resolves the DNS backends of `config` that have no answer yet (a name a reload adds or
+/// renames), so that its table starts with their addresses rather than none until the
+/// name's watch first answers. Each is bounded by [`RESOLVE_TIMEOUT`].
+pub async fn resolve_new(shared: &Shared, config: &Config) {
+    for u in &config.upstreams {
+        for d in &u.discovered {
+            let k = key(&u.name, d);
+            if lock(&shared.resolved).contains_key(&k) {
+                continue;
+            }
+            if let Some(addrs) = resolve_once(shared, &u.name, d).await {
+                lock(&shared.resolved).insert(k, addrs);
+            }
+        }
+    }
+}
+
 /// Starts one task per DNS backend of `table`; cancelling the token stops them.
 pub fn spawn(proxy: &Proxy, table: &Table) -> CancellationToken {
     let stop = proxy.inner.shared.closing.child_token();

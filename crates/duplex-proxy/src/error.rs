@@ -43,6 +43,9 @@ pub enum ProxyError {
     /// A client took none of a response's bytes for its listener's `send_timeout`.
     #[error("client: took no response bytes for {timeout:?}")]
     ClientSendTimeout { timeout: std::time::Duration },
+    /// A reload was asked for while duplex shuts down.
+    #[error("duplex is shutting down: no reload")]
+    ShuttingDown,
     /// A reload was asked for, but the proxy was started from no file.
     #[error("no configuration file to reload from")]
     NoConfigFile,

@@ -1,4 +1,5 @@
-//! Backend health: active checks (one task per upstream) and passive ejection.
+//! Backend health: active checks (a scheduling task per upstream, a task per probe) and
+//! passive ejection.
 //!
 //! Verdicts live in each backend's shared state, so balancers skip unhealthy or ejected
 //! backends without asking anyone, and the state survives reloads with the backend.
@@ -56,6 +57,11 @@ pub fn spawn_checks(shared: &Arc<Shared>, table: &Table) -> CancellationToken {
 }
 
 /// Checks each backend of one upstream in turn, spread over the interval with jitter.
+///
+/// Each probe runs as a task of its own, so a backend that lets its probes time out
+/// (dropped SYNs, a hung process) delays nobody else's: every backend is checked once
+/// per interval however many are slow. A backend whose previous probe is still running
+/// (possible when `timeout` is close to `interval`) skips a turn.
 async fn run(shared: Arc<Shared>, up: Arc<UpstreamRt>, hc: HealthCheck, stop: CancellationToken) {
     let backends: Vec<Arc<BackendState>> = up
         .pool
@@ -66,35 +72,62 @@ async fn run(shared: Arc<Shared>, up: Arc<UpstreamRt>, hc: HealthCheck, stop: Ca
     if backends.is_empty() {
         return;
     }
-    let slot = hc.interval / backends.len() as u32;
-    // Replicas and upstreams start at different moments within the first slot.
+    let n = backends.len();
+    let hc = Arc::new(hc);
+    let slot = hc.interval / n as u32;
+    // Replicas and upstreams start at different moments within the first slot, and at
+    // different backends: a table replaced more often than once per interval (reloads,
+    // DNS changes) still gets every backend checked over time.
     let mut pause = slot.mul_f64(fastrand::f64());
+    let first = fastrand::usize(..n);
+    // Dropped with this task (a reload, shutdown): its probes end with it.
+    let mut probes = tokio::task::JoinSet::new();
+    let mut running: Vec<Option<tokio::task::AbortHandle>> = vec![None; n];
     loop {
-        for state in &backends {
+        for k in 0..n {
+            let i = (first + k) % n;
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = stop.cancelled() => return,
             }
-            let started = tokio::time::Instant::now();
-            let outcome = tokio::time::timeout(hc.timeout, probe(&hc, &up, state.addr)).await;
-            let result = outcome.unwrap_or_else(|_| Err("timed out".to_owned()));
-            if let Err(e) = &result {
-                tracing::debug!(upstream = %up.cfg.name, backend = %state.addr, error = %e, "health check failed");
-            }
-            if stop.is_cancelled() {
-                // A reload replaced this generation's checks while the probe ran.
-                return;
-            }
-            // A local failure (out of file descriptors) is not the backend's fault: no
-            // verdict this round, but the same pause, so that it cannot become a tight loop.
-            if !matches!(&result, Err(e) if e.starts_with(LOCAL)) {
-                verdict(&shared, &up, &hc, state, result.is_ok());
-            }
             // Jitter of +-10% keeps replicas from checking in lockstep.
-            pause = slot
-                .mul_f64(0.9 + 0.2 * fastrand::f64())
-                .saturating_sub(started.elapsed());
+            pause = slot.mul_f64(0.9 + 0.2 * fastrand::f64());
+            while probes.try_join_next().is_some() {}
+            if running[i].as_ref().is_some_and(|h| !h.is_finished()) {
+                continue;
+            }
+            let check = check_once(
+                Arc::clone(&shared),
+                Arc::clone(&up),
+                Arc::clone(&hc),
+                Arc::clone(&backends[i]),
+                stop.clone(),
+            );
+            running[i] = Some(probes.spawn(check));
         }
+    }
+}
+
+/// One probe of one backend, and its verdict.
+async fn check_once(
+    shared: Arc<Shared>,
+    up: Arc<UpstreamRt>,
+    hc: Arc<HealthCheck>,
+    state: Arc<BackendState>,
+    stop: CancellationToken,
+) {
+    let outcome = tokio::time::timeout(hc.timeout, probe(&hc, &up, state.addr)).await;
+    let result = outcome.unwrap_or_else(|_| Err("timed out".to_owned()));
+    if let Err(e) = &result {
+        tracing::debug!(upstream = %up.cfg.name, backend = %state.addr, error = %e, "health check failed");
+    }
+    if stop.is_cancelled() {
+        // A reload replaced this generation's checks while the probe ran.
+        return;
+    }
+    // A local failure (out of file descriptors) is not the backend's fault: no verdict.
+    if !matches!(&result, Err(e) if e.starts_with(LOCAL)) {
+        verdict(&shared, &up, &hc, &state, result.is_ok());
     }
 }
 

@@ -72,11 +72,14 @@ impl Proxy {
         let Some(path) = &self.inner.source else {
             return Err(ProxyError::NoConfigFile);
         };
-        if !path.exists() {
-            tracing::debug!(file = %path.display(), "config file missing for now; waiting for it");
-            return Ok(None);
-        }
-        let (src, hash) = self.read_source().await?;
+        let (src, hash) = match self.read_file().await {
+            Ok(pair) => pair,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::debug!(file = %path.display(), "config file missing for now; waiting for it");
+                return Ok(None);
+            }
+            Err(source) => return Err(self.read_refused(source)),
+        };
         if Some(hash) == *lock(&self.inner.applied) || Some(hash) == *lock(&self.inner.refused) {
             return Ok(None);
         }
@@ -91,24 +94,32 @@ impl Proxy {
     }
 
     async fn read_source(&self) -> Result<(String, u64), ProxyError> {
-        let Some(path) = &self.inner.source else {
+        if self.inner.source.is_none() {
             return Err(ProxyError::NoConfigFile);
+        }
+        self.read_file().await.map_err(|e| self.read_refused(e))
+    }
+
+    /// Reads the config file and hashes it with the certificate files it names, on the
+    /// blocking pool (a hung mount must not stall a runtime thread).
+    async fn read_file(&self) -> std::io::Result<(String, u64)> {
+        let Some(path) = &self.inner.source else {
+            return Err(std::io::Error::other(ProxyError::NoConfigFile));
         };
         let p = path.clone();
-        let read = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let src = std::fs::read_to_string(&p)?;
             let hash = source_hash(&src, &p.display().to_string());
             Ok::<_, std::io::Error>((src, hash))
         })
         .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        match read {
-            Ok(pair) => Ok(pair),
-            Err(source) => Err(self.refused(ProxyError::Config(ConfigError::Read {
-                path: path.clone(),
-                source,
-            }))),
-        }
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+
+    /// Records a config file that could not be read as a refused reload.
+    fn read_refused(&self, source: std::io::Error) -> ProxyError {
+        let path = self.inner.source.clone().unwrap_or_default();
+        self.refused(ProxyError::Config(ConfigError::Read { path, source }))
     }
 
     fn apply_source(&self, src: &str, hash: u64) -> Result<u64, ProxyError> {
@@ -166,6 +177,11 @@ impl Proxy {
     /// The reload itself; the caller holds the reload lock.
     fn apply(&self, config: Config) -> Result<u64, ProxyError> {
         let shared = &self.inner.shared;
+        if shared.stopping.is_cancelled() {
+            // Listeners bound now would never accept: clients would wait on them unanswered
+            // instead of being refused and trying elsewhere.
+            return Err(self.refused(ProxyError::ShuttingDown));
+        }
         let old = shared.table.load_full();
         if config.admin != old.config.admin {
             tracing::warn!("admin.bind changed: the admin listener moves only on restart");
@@ -219,6 +235,12 @@ impl Proxy {
         let diff = Diff::between(&old.config, &config);
         if diff.settings.iter().any(|s| s == "max_connections") {
             crate::limits::check_against_open_files(config.max_connections);
+        }
+        // A DNS name new to this config is resolved first (this runs on the blocking
+        // pool, where waiting is allowed); a failed lookup leaves it for its watch, as at
+        // start.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.block_on(crate::discovery::resolve_new(shared, &config));
         }
         let generation = old.generation + 1;
         let table = Table::build(Arc::new(config), generation, &shared.carry(Some(&old)))

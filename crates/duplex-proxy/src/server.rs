@@ -196,6 +196,11 @@ impl Proxy {
     pub(crate) fn start_accepting(&self, bound: Vec<Bound>) {
         let shared = &self.inner.shared;
         let mut handles = lock(&self.inner.listeners);
+        // Shutdown cancels `stopping` before it takes this lock to close the listeners:
+        // seen here, the sockets just bound are closed rather than kept unserved.
+        if shared.stopping.is_cancelled() {
+            return;
+        }
         for b in bound {
             let addr = b.listener.local_addr().unwrap_or(b.bind);
             let stop = shared.stopping.child_token();

@@ -5,7 +5,8 @@
 //! one and renaming it over the old, and Kubernetes ConfigMap volumes swap a `..data`
 //! symlink; a watch on the old inode would miss both. Any event in the directory starts a
 //! short quiet period (debounce); then the file is read, and only a content that differs
-//! from the one in force reloads.
+//! from the one in force reloads. Every 30 s the file is read and hashed anyway, for the
+//! changes no event reports.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -41,7 +42,7 @@ pub fn watch_file(path: PathBuf, proxy: Proxy) {
         }
     };
     let mut watched = HashSet::new();
-    watch_new_dirs(&mut watcher, &mut watched, &proxy);
+    watch_new_dirs(&mut watcher, &mut watched, proxy.watched_dirs());
     tracing::info!(file = %path.display(), "watching the config file for changes");
     tokio::spawn(async move {
         let mut resync = tokio::time::interval(RESYNC);
@@ -64,17 +65,37 @@ pub fn watch_file(path: PathBuf, proxy: Proxy) {
                         tracing::info!(file = %path.display(), generation, "config or certificate files changed: reloaded");
                     }
                 }
-                _ = resync.tick() => {}
+                _ = resync.tick() => {
+                    // Events can be lost: a watched directory replaced as a whole (a
+                    // symlinked release directory switched, `mv certs.new certs`) or a
+                    // network file system sends none. A read and a hash catch up.
+                    if let Ok(Some(generation)) = proxy.reload_if_changed().await {
+                        tracing::info!(file = %path.display(), generation, "config or certificate files changed (found by the periodic check): reloaded");
+                    }
+                }
             }
             // Any reload (this one, SIGHUP, POST /reload) may name certificates in
             // directories not watched yet, and a directory missing before may exist now.
-            watch_new_dirs(&mut watcher, &mut watched, &proxy);
+            // Adding a watch reads the file system: off the runtime's threads.
+            let dirs = proxy.watched_dirs();
+            let joined = tokio::task::spawn_blocking(move || {
+                watch_new_dirs(&mut watcher, &mut watched, dirs);
+                (watcher, watched)
+            })
+            .await;
+            match joined {
+                Ok(back) => (watcher, watched) = back,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the config file watch stopped; reload with SIGHUP or POST /reload");
+                    return;
+                }
+            }
         }
     });
 }
 
-fn watch_new_dirs(watcher: &mut impl Watcher, watched: &mut HashSet<PathBuf>, proxy: &Proxy) {
-    for dir in proxy.watched_dirs() {
+fn watch_new_dirs(watcher: &mut impl Watcher, watched: &mut HashSet<PathBuf>, dirs: Vec<PathBuf>) {
+    for dir in dirs {
         if watched.contains(&dir) {
             continue;
         }

@@ -37,7 +37,9 @@ impl Resolver for TestResolver {
         host: &'a str,
         port: u16,
     ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
-        let answer = if host != "chat.test" {
+        // `chat2.test` is the same name under another host, answered slowly.
+        let slow = host == "chat2.test";
+        let answer = if host != "chat.test" && !slow {
             Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("{host}: NXDOMAIN"),
@@ -51,7 +53,12 @@ impl Resolver for TestResolver {
                 .map(|a| SocketAddr::new(a.ip(), port))
                 .collect())
         };
-        Box::pin(async move { answer })
+        Box::pin(async move {
+            if slow {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            answer
+        })
     }
 }
 
@@ -188,6 +195,28 @@ async fn dns_discovery_recovers_from_a_failure_at_start() {
         }
     })
     .await;
+    p.shutdown().await;
+}
+
+/// A reload that renames a DNS backend's host resolves the new name before it applies:
+/// the upstream is not left empty (503) until the new name's watch first answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_resolves_a_renamed_host_before_it_applies() {
+    let (_a, _b, resolver, dns) = chat_test();
+    let p = start_resolving(&yaml_with("", &dns), Arc::new(resolver.clone())).await;
+    assert_eq!(land(&p, 2).await.get("a"), Some(&2));
+    let renamed = dns.replace("chat.test", "chat2.test");
+    let generation = p
+        .proxy
+        .reload(config(&yaml_with("", &renamed)))
+        .await
+        .expect("the reload applies");
+    assert_eq!(generation, 2);
+    // At once, not eventually: the table in force already has the new name's address.
+    match try_ws(p.addr, "/", &[], &[]).await {
+        Ok((_ws, r)) => assert_eq!(backend_of(&r), "a"),
+        Err(e) => panic!("no backend right after the reload: {e}"),
+    }
     p.shutdown().await;
 }
 

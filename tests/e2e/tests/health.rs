@@ -250,3 +250,30 @@ async fn a_reload_that_removes_the_health_check_puts_unhealthy_backends_back() {
     assert_available(&p, &b[1], true).await;
     p.shutdown().await;
 }
+
+/// Probes run side by side: backends that let their probes time out (a hung process,
+/// dropped SYNs) do not delay the checks of the others. With five such backends and
+/// probes awaited one by one, a round would take five timeouts (500 ms) instead of the
+/// 150 ms interval, and the healthy backend would be checked about three times a second
+/// instead of six or seven.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_backends_do_not_delay_the_others_checks() {
+    let names = ["s1", "s2", "s3", "s4", "s5", "good"];
+    let b = FlakyBackend::start_all(&names).await;
+    for slow in &b[..5] {
+        slow.set(Mode::Silent).await;
+    }
+    let refs: Vec<&FlakyBackend> = b.iter().collect();
+    let p = start(&yaml(&check("http"), &refs)).await;
+    let good = &b[5];
+    let checks = || backend_metric(&p, CHECKS, good, &[]);
+    let before = checks().await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let done = checks().await - before;
+    assert!(
+        done >= 8.0,
+        "the healthy backend was checked {done} times in 2 s at a 150 ms interval"
+    );
+    assert!(flag(&p, good, "healthy").await);
+    p.shutdown().await;
+}

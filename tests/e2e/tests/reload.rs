@@ -196,6 +196,38 @@ async fn listeners_come_and_go_without_touching_live_tunnels() {
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }
 
+/// A reload that comes while shutdown waits for open connections is refused: a
+/// listener it bound would never accept, leaving its clients unanswered.
+#[tokio::test]
+async fn a_reload_during_shutdown_is_refused() {
+    let b = Backend::start("solo").await;
+    let one = [("public", "127.0.0.1:0")];
+    let proxy = start(&yaml(&one, "least_conn", "", &[b.addr]), None).await;
+    let first = proxy.listener_addr("public").expect("bound");
+    // An open tunnel keeps shutdown in its grace period.
+    let (mut ws, _) = client::ws(first, "/").await;
+    let stopping = {
+        let p = proxy.clone();
+        tokio::spawn(async move { p.shutdown(Duration::from_secs(5)).await })
+    };
+    let p = proxy.clone();
+    eventually(Duration::from_secs(5), "shutdown to begin", || {
+        let p = p.clone();
+        async move { p.is_stopping() }
+    })
+    .await;
+    let two = [("public", "127.0.0.1:0"), ("extra", "127.0.0.2:0")];
+    let err = proxy
+        .reload(config(&yaml(&two, "least_conn", "", &[b.addr])))
+        .await
+        .expect_err("a reload during shutdown");
+    assert!(err.to_string().contains("shutting down"), "{err}");
+    assert_eq!(proxy.listener_addr("extra"), None, "nothing was bound");
+    echo_ok(&mut ws, "still served while draining").await;
+    drop(ws);
+    within("shutdown", stopping).await.expect("shutdown task");
+}
+
 #[tokio::test]
 async fn a_bad_file_changes_nothing_and_shows_in_status() {
     let b = Backend::start_all(&["a", "b"]).await;
