@@ -14,11 +14,23 @@ pub(crate) fn check(i: usize, h: &RawHealthCheck) -> Result<HealthCheck, Violati
         None => Ok(d),
     };
     let path = h.path.clone().unwrap_or_else(|| "/".to_owned());
-    if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_whitespace()) {
+    if !path.starts_with('/') || !path.bytes().all(is_target_byte) {
         return fail(
             at("path"),
-            format!("invalid health check path {path:?}: must start with '/'"),
+            format!(
+                "invalid health check path {path:?}: must start with '/' and hold only \
+                 URL path and query characters (others percent-encoded)"
+            ),
         );
+    }
+    if let Some(host) = &h.host {
+        let ok = !host.is_empty()
+            && host
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"-._:[]".contains(&c));
+        if !ok {
+            return fail(at("host"), format!("invalid health check host {host:?}"));
+        }
     }
     if h.kind == HealthKind::Tcp
         && (h.path.is_some() || h.expect_status.is_some() || h.host.is_some())
@@ -150,4 +162,10 @@ fn at_least_min_interval(
         );
     }
     Ok(())
+}
+
+/// A byte allowed in a request target's path and query (RFC 3986: unreserved,
+/// percent-encoded, sub-delimiters, `:`, `@`, `/` and `?`).
+fn is_target_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:@/?".contains(&c)
 }

@@ -302,7 +302,16 @@ fn matcher(i: usize, m: &RawMatch) -> Result<Matcher, Violation> {
         if name.is_empty() || !name.bytes().all(is_token_byte) {
             return fail(at("headers"), format!("invalid header name {name:?}"));
         }
-        headers.push((name.to_ascii_lowercase(), value.clone()));
+        let name = name.to_ascii_lowercase();
+        // Two keys for one header (`X-Tenant` and `x-tenant`) would ask it to hold two
+        // values at once: a route that never matches.
+        if headers.iter().any(|(n, _)| *n == name) {
+            return fail(
+                at("headers"),
+                format!("header {name:?} is named twice (header names ignore case)"),
+            );
+        }
+        headers.push((name, value.clone()));
     }
     Ok((host, path, headers))
 }

@@ -155,6 +155,21 @@ fn refuses_bad_files_and_points_at_the_value() {
             "f:25:17: must be at least 100ms, got 1ms",
         ),
         (
+            "    retries: 2",
+            "    retries: 2\n    health_check:\n      kind: http\n      path: /health<x>",
+            "f:25:13: invalid health check path",
+        ),
+        (
+            "    retries: 2",
+            "    retries: 2\n    health_check:\n      kind: http\n      host: 'a b'",
+            "f:25:13: invalid health check host",
+        ),
+        (
+            "headers: { X-Tenant: acme }",
+            "headers: { X-Tenant: acme, x-tenant: other }",
+            "f:11:16: header \"x-tenant\" is named twice",
+        ),
+        (
             "addr: 127.0.0.1:9002",
             "addr: chat.test:9002\n        resolve: dns\n        resolve_interval: 1ms",
             "f:28:27: must be at least 100ms, got 1ms",
