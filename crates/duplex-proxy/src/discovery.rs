@@ -126,16 +126,8 @@ async fn watch(proxy: Proxy, upstream: String, d: DnsBackend, stop: Cancellation
             let changed = lock(&shared.resolved).get(&k) != Some(&addrs);
             if changed {
                 tracing::info!(%upstream, host = %d.host, ?addrs, "DNS answer changed");
-                let before = lock(&shared.resolved).insert(k.clone(), addrs);
-                if !proxy.rediscover().await {
-                    // Put the set in force back, so that the next answer counts as a
-                    // change and is tried again.
-                    let mut resolved = lock(&shared.resolved);
-                    match before {
-                        Some(b) => resolved.insert(k.clone(), b),
-                        None => resolved.remove(&k),
-                    };
-                }
+                lock(&shared.resolved).insert(k.clone(), addrs);
+                proxy.rediscover().await;
             }
         }
         tokio::select! {

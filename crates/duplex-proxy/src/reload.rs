@@ -16,7 +16,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ProxyError;
 use crate::server::{bind_all, lock, unix_now, Bound, ListenerHandle, Proxy};
-use crate::state::{Draining, Shared, Table};
+use crate::state::{Draining, Shared, Table, TlsSettings};
+
+/// A reload's config with what was slow to get for it (see [`Proxy::prepare`]).
+struct Prepared {
+    config: Config,
+    tls: TlsSettings,
+    /// When it was asked for, among reloads (see `reload_tickets`).
+    ticket: u64,
+}
 
 /// About a century: what a duration too large for the clock means.
 fn far_future() -> tokio::time::Instant {
@@ -47,20 +55,36 @@ impl Proxy {
     /// Reads the config file again and applies it if it (or a certificate file it names)
     /// changed (SIGHUP, `POST /reload`); returns the generation in force after.
     pub async fn reload_from_file(&self) -> Result<u64, ProxyError> {
-        let one_at_a_time = self.reload_lock().await;
-        let (src, hash) = self.read_source().await?;
-        if Some(hash) == *lock(&self.inner.applied) {
-            // Nothing changed (the file watch may have applied it already): a no-op, so a
-            // flood of reload requests costs a read and a hash each.
-            let generation = self.generation();
-            tracing::info!(
-                generation,
-                "reload asked for; the config and certificate files are unchanged"
-            );
-            return Ok(generation);
+        if self.inner.source.is_none() {
+            return Err(ProxyError::NoConfigFile);
         }
-        self.off_thread(one_at_a_time, move |p| p.apply_source(&src, hash))
-            .await
+        self.off_thread(move |p, ticket| {
+            let (src, hash) = p.read_file().map_err(|e| p.read_refused(e))?;
+            if Some(hash) == *lock(&p.inner.applied) {
+                // Nothing changed (the file watch may have applied it already): a no-op,
+                // so a flood of reload requests costs a read and a hash each.
+                let generation = p.generation();
+                tracing::info!(
+                    generation,
+                    "reload asked for; the config and certificate files are unchanged"
+                );
+                return Ok(generation);
+            }
+            let prepared = p.prepare(p.parse(&src)?, ticket)?;
+            let _one_at_a_time = p.one_at_a_time();
+            if Some(hash) == *lock(&p.inner.applied) {
+                // Another reload applied the same content meanwhile.
+                return Ok(p.generation());
+            }
+            match p.apply(prepared)? {
+                Some(generation) => {
+                    *lock(&p.inner.applied) = Some(hash);
+                    Ok(generation)
+                }
+                None => Ok(p.generation()),
+            }
+        })
+        .await
     }
 
     /// Applies the config file if its content differs from the last one applied (the file
@@ -68,52 +92,51 @@ impl Proxy {
     /// A file that is missing for a moment (an editor saving) is not an error here, and a
     /// content already refused is not refused (and counted) again.
     pub(crate) async fn reload_if_changed(&self) -> Result<Option<u64>, ProxyError> {
-        let one_at_a_time = self.reload_lock().await;
-        let Some(path) = &self.inner.source else {
-            return Err(ProxyError::NoConfigFile);
-        };
-        let (src, hash) = match self.read_file().await {
-            Ok(pair) => pair,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                tracing::debug!(file = %path.display(), "config file missing for now; waiting for it");
-                return Ok(None);
-            }
-            Err(source) => return Err(self.read_refused(source)),
-        };
-        if Some(hash) == *lock(&self.inner.applied) || Some(hash) == *lock(&self.inner.refused) {
-            return Ok(None);
-        }
-        self.off_thread(one_at_a_time, move |p| {
-            let result = p.apply_source(&src, hash);
-            if result.is_err() {
-                *lock(&p.inner.refused) = Some(hash);
-            }
-            result.map(Some)
-        })
-        .await
-    }
-
-    async fn read_source(&self) -> Result<(String, u64), ProxyError> {
         if self.inner.source.is_none() {
             return Err(ProxyError::NoConfigFile);
         }
-        self.read_file().await.map_err(|e| self.read_refused(e))
+        self.off_thread(move |p, ticket| {
+            let (src, hash) = match p.read_file() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let file = p.inner.source.as_deref().map(std::path::Path::display);
+                    tracing::debug!(file = ?file.map(|f| f.to_string()), "config file missing for now; waiting for it");
+                    return Ok(None);
+                }
+                Err(source) => return Err(p.read_refused(source)),
+            };
+            if Some(hash) == *lock(&p.inner.applied) || Some(hash) == *lock(&p.inner.refused) {
+                return Ok(None);
+            }
+            let result = p.parse(&src).and_then(|config| {
+                let prepared = p.prepare(config, ticket)?;
+                let _one_at_a_time = p.one_at_a_time();
+                if Some(hash) == *lock(&p.inner.applied) {
+                    return Ok(None);
+                }
+                let applied = p.apply(prepared)?;
+                if applied.is_some() {
+                    *lock(&p.inner.applied) = Some(hash);
+                }
+                Ok(applied)
+            });
+            if result.is_err() {
+                *lock(&p.inner.refused) = Some(hash);
+            }
+            result
+        })
+        .await
     }
 
-    /// Reads the config file and hashes it with the certificate files it names, on the
-    /// blocking pool (a hung mount must not stall a runtime thread).
-    async fn read_file(&self) -> std::io::Result<(String, u64)> {
+    /// Reads the config file and hashes it with the certificate files it names. On the
+    /// blocking pool only: a file on a hung mount can take forever.
+    fn read_file(&self) -> std::io::Result<(String, u64)> {
         let Some(path) = &self.inner.source else {
             return Err(std::io::Error::other(ProxyError::NoConfigFile));
         };
-        let p = path.clone();
-        tokio::task::spawn_blocking(move || {
-            let src = std::fs::read_to_string(&p)?;
-            let hash = source_hash(&src, &p.display().to_string());
-            Ok::<_, std::io::Error>((src, hash))
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        let src = std::fs::read_to_string(path)?;
+        let hash = source_hash(&src, &path.display().to_string());
+        Ok((src, hash))
     }
 
     /// Records a config file that could not be read as a refused reload.
@@ -122,65 +145,102 @@ impl Proxy {
         self.refused(ProxyError::Config(ConfigError::Read { path, source }))
     }
 
-    fn apply_source(&self, src: &str, hash: u64) -> Result<u64, ProxyError> {
+    /// Parses the config file's content `src`.
+    fn parse(&self, src: &str) -> Result<Config, ProxyError> {
         let file = self
             .inner
             .source
             .as_ref()
             .map_or_else(String::new, |p| p.display().to_string());
-        let config = Config::parse(src, &file).map_err(|e| self.refused(ProxyError::Config(e)))?;
-        let generation = self.apply(config)?;
-        *lock(&self.inner.applied) = Some(hash);
-        Ok(generation)
+        Config::parse(src, &file).map_err(|e| self.refused(ProxyError::Config(e)))
     }
 
     /// Applies `config`; on error nothing changes and the error is counted and kept for
     /// the admin status.
     pub async fn reload(&self, config: Config) -> Result<u64, ProxyError> {
-        let one_at_a_time = self.reload_lock().await;
-        self.off_thread(one_at_a_time, move |p| p.apply(config))
-            .await
+        self.off_thread(move |p, ticket| {
+            let prepared = p.prepare(config, ticket)?;
+            let _one_at_a_time = p.one_at_a_time();
+            Ok(p.apply(prepared)?.unwrap_or_else(|| p.generation()))
+        })
+        .await
     }
 
-    /// Whether a reload is running now.
+    /// Whether a reload is running now (reading files, or applying).
     pub fn reload_in_progress(&self) -> bool {
-        self.inner.reload.try_lock().is_err()
+        self.inner.reloading.load(Ordering::SeqCst) > 0
     }
 
-    /// Waits for the reload lock.
-    async fn reload_lock(&self) -> OwnedMutexGuard<()> {
-        Arc::clone(&self.inner.reload).lock_owned().await
+    /// What may be slow before a reload applies: the certificate, key and CA files its
+    /// config names, and DNS names new to it (each bounded by 5 s). Done before the reload
+    /// lock is taken, so a file on a hung mount holds up neither other reloads nor DNS
+    /// changes. Runs on the blocking pool, where waiting is allowed.
+    fn prepare(&self, config: Config, ticket: u64) -> Result<Prepared, ProxyError> {
+        let tls = TlsSettings::read(&config).map_err(|e| self.refused(ProxyError::Tls(e)))?;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.block_on(crate::discovery::resolve_new(&self.inner.shared, &config));
+        }
+        Ok(Prepared {
+            config,
+            tls,
+            ticket,
+        })
+    }
+
+    /// Takes the reload lock, from the blocking pool: reloads apply one at a time.
+    fn one_at_a_time(&self) -> OwnedMutexGuard<()> {
+        Arc::clone(&self.inner.reload).blocking_lock_owned()
     }
 
     /// Runs a reload's work on the blocking pool: it reads and parses certificate and key
     /// files and builds the whole table, which must not hold up the connections served
     /// on a runtime thread (with `--threads 1`, all of them) for as long as a slow disk
-    /// takes. The work keeps the reload lock until it is done, even if the caller is
-    /// dropped meanwhile (an admin client that hangs up): it still runs to its end, and
-    /// the next reload waits for it.
+    /// takes. The work runs to its end even if the caller is dropped meanwhile (an admin
+    /// client that hangs up), and counts as in progress until then.
     async fn off_thread<T: Send + 'static>(
         &self,
-        lock: OwnedMutexGuard<()>,
-        work: impl FnOnce(&Proxy) -> Result<T, ProxyError> + Send + 'static,
+        work: impl FnOnce(&Proxy, u64) -> Result<T, ProxyError> + Send + 'static,
     ) -> Result<T, ProxyError> {
-        let me = self.clone();
-        let run = move || {
-            let _one_at_a_time = lock;
-            work(&me)
-        };
+        let ticket = self.inner.reload_tickets.fetch_add(1, Ordering::SeqCst) + 1;
+        /// Counts a reload as under way while it lives (a panic included).
+        struct Underway(Proxy);
+        impl Drop for Underway {
+            fn drop(&mut self) {
+                self.0.inner.reloading.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.inner.reloading.fetch_add(1, Ordering::SeqCst);
+        let underway = Underway(self.clone());
+        let run = move || work(&underway.0, ticket);
         match tokio::task::spawn_blocking(run).await {
             Ok(result) => result,
             Err(e) => Err(self.refused(ProxyError::ReloadAborted(e))),
         }
     }
 
-    /// The reload itself; the caller holds the reload lock.
-    fn apply(&self, config: Config) -> Result<u64, ProxyError> {
+    /// The reload itself; the caller holds the reload lock. `None` when a reload asked for
+    /// later is in force already, and this one is not applied.
+    fn apply(&self, prepared: Prepared) -> Result<Option<u64>, ProxyError> {
+        let Prepared {
+            config,
+            tls,
+            ticket,
+        } = prepared;
         let shared = &self.inner.shared;
         if shared.stopping.is_cancelled() {
             // Listeners bound now would never accept: clients would wait on them unanswered
             // instead of being refused and trying elsewhere.
             return Err(self.refused(ProxyError::ShuttingDown));
+        }
+        if ticket < self.inner.reload_in_force.load(Ordering::SeqCst) {
+            // A reload asked for later applied first (this one was slow to read its
+            // files): the later one stands.
+            let generation = self.generation();
+            tracing::info!(
+                generation,
+                "a reload asked for later is already in force; this one is not applied"
+            );
+            return Ok(None);
         }
         let old = shared.table.load_full();
         if config.admin != old.config.admin {
@@ -236,17 +296,11 @@ impl Proxy {
         if diff.settings.iter().any(|s| s == "max_connections") {
             crate::limits::check_against_open_files(config.max_connections);
         }
-        // A DNS name new to this config is resolved first (this runs on the blocking
-        // pool, where waiting is allowed); a failed lookup leaves it for its watch, as at
-        // start.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.block_on(crate::discovery::resolve_new(shared, &config));
-        }
         let generation = old.generation + 1;
-        let table = Table::build(Arc::new(config), generation, &shared.carry(Some(&old)))
-            .map_err(|e| self.refused(ProxyError::Tls(e)))?;
+        let table = Table::build(Arc::new(config), generation, &shared.carry(Some(&old)), tls);
         let table = Arc::new(table);
         self.install(&old, Arc::clone(&table));
+        self.inner.reload_in_force.store(ticket, Ordering::SeqCst);
 
         for t in &to_stop {
             t.cancel();
@@ -265,7 +319,7 @@ impl Proxy {
         m.config_last_reload_success.set(unix_now());
         *lock(&self.inner.status) = ReloadStatus::started();
         tracing::info!(generation, changes = %diff, "configuration reloaded");
-        Ok(generation)
+        Ok(Some(generation))
     }
 
     /// Puts `table` in force after `old`: one store, then drains for the backends it lost,
@@ -292,26 +346,20 @@ impl Proxy {
         }
     }
 
-    /// Rebuilds the table in force after DNS discovery found other addresses; false when
-    /// that failed and the table in force stays.
-    pub(crate) async fn rediscover(&self) -> bool {
+    /// Rebuilds the table in force after DNS discovery found other addresses.
+    pub(crate) async fn rediscover(&self) {
         let _one_at_a_time = self.inner.reload.lock().await;
         let shared = &self.inner.shared;
         let old = shared.table.load_full();
         // A DNS change is not a reload: the TLS settings in force stay, rather than the
         // certificate files being read again (they may be mid-rotation, or gone).
-        let mut carry = shared.carry(Some(&old));
-        carry.reuse_tls = true;
-        match Table::build(Arc::clone(&old.config), old.generation, &carry) {
-            Ok(table) => {
-                self.install(&old, Arc::new(table));
-                true
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot apply DNS changes");
-                false
-            }
-        }
+        let table = Table::build(
+            Arc::clone(&old.config),
+            old.generation,
+            &shared.carry(Some(&old)),
+            TlsSettings::of(&old),
+        );
+        self.install(&old, Arc::new(table));
     }
 
     /// Records a refused reload and hands the error back.

@@ -45,6 +45,14 @@ pub(crate) struct Inner {
     /// endpoint and DNS discovery apply one at a time. Owned guards: a reload's work on
     /// the blocking pool keeps holding it even if whoever asked has gone away.
     pub reload: Arc<tokio::sync::Mutex<()>>,
+    /// Reloads under way, from their start (reading files, resolving new names) to their
+    /// end, for the admin status.
+    pub reloading: std::sync::atomic::AtomicUsize,
+    /// Reloads asked for so far: each takes the next number when asked for, so that one
+    /// slow to read its files cannot apply over a later one that applied first.
+    pub reload_tickets: std::sync::atomic::AtomicU64,
+    /// The number of the reload in force (under the reload lock).
+    pub reload_in_force: std::sync::atomic::AtomicU64,
     /// The last reload's outcome, for the admin status.
     pub status: Mutex<ReloadStatus>,
     /// Hash of the config file content in force, so the file watch skips what is applied.
@@ -157,7 +165,8 @@ impl Proxy {
         metrics.config_last_reload_success.set(unix_now());
         let shared = Arc::new(Shared::new(&config, metrics, resolver));
         crate::discovery::resolve_all(&shared, &config).await;
-        let table = Table::build(Arc::new(config), 1, &shared.carry(None))?;
+        let tls = crate::state::TlsSettings::read(&config)?;
+        let table = Table::build(Arc::new(config), 1, &shared.carry(None), tls);
         table.export_backends(&shared.metrics);
         shared.table.store(Arc::new(table));
         shared.apply_caps();
@@ -177,6 +186,9 @@ impl Proxy {
                 source,
                 listeners: Mutex::new(Vec::new()),
                 reload: Arc::new(tokio::sync::Mutex::new(())),
+                reloading: std::sync::atomic::AtomicUsize::new(0),
+                reload_tickets: std::sync::atomic::AtomicU64::new(0),
+                reload_in_force: std::sync::atomic::AtomicU64::new(0),
                 status: Mutex::new(ReloadStatus::started()),
                 applied: Mutex::new(applied),
                 refused: Mutex::new(None),

@@ -157,12 +157,56 @@ pub struct Carry<'a> {
     pub draining: &'a Mutex<HashMap<(String, SocketAddr), Draining>>,
     /// What DNS discovery last found, by (upstream, host, port).
     pub resolved: &'a Mutex<Resolved>,
-    /// Keep the previous table's TLS settings instead of reading the files again (a DNS
-    /// change is not a reload, and must not fail on a certificate).
-    pub reuse_tls: bool,
     pub metrics: &'a Arc<Metrics>,
     /// Which backends some table or drain still holds.
     pub owners: &'a Arc<Owners>,
+}
+
+/// The TLS settings of a config's listeners and upstreams, by name: read from the files
+/// it names before a reload takes the reload lock (a file on a slow or hung mount then
+/// holds up nothing else), or taken over from the table in force (a DNS change is not a
+/// reload, and must not fail on a certificate).
+pub struct TlsSettings {
+    listeners: HashMap<String, Option<Acceptor>>,
+    upstreams: HashMap<String, Option<Arc<Connector>>>,
+}
+
+impl TlsSettings {
+    /// Reads every certificate, key and CA file `config` names.
+    pub fn read(config: &Config) -> Result<TlsSettings, TlsError> {
+        let mut listeners = HashMap::new();
+        for l in &config.listeners {
+            listeners.insert(
+                l.name.clone(),
+                l.tls.as_ref().map(tls::acceptor).transpose()?,
+            );
+        }
+        let mut upstreams = HashMap::new();
+        for u in &config.upstreams {
+            let c = u.tls.as_ref().map(tls::connector).transpose()?;
+            upstreams.insert(u.name.clone(), c.map(Arc::new));
+        }
+        Ok(TlsSettings {
+            listeners,
+            upstreams,
+        })
+    }
+
+    /// The settings `table` runs with.
+    pub fn of(table: &Table) -> TlsSettings {
+        TlsSettings {
+            listeners: table
+                .listeners
+                .iter()
+                .map(|(name, l)| (name.clone(), l.tls.clone()))
+                .collect(),
+            upstreams: table
+                .upstreams
+                .iter()
+                .map(|(name, u)| (name.clone(), u.tls.clone()))
+                .collect(),
+        }
+    }
 }
 
 /// One configuration generation, immutable once built.
@@ -199,7 +243,8 @@ pub struct ListenerRt {
 }
 
 impl Table {
-    /// Builds the table for `config`. Backends that stay keep their load counter, health
+    /// Builds the table for `config` with its TLS settings (read beforehand, since that can
+    /// fail or take long; nothing here can). Backends that stay keep their load counter, health
     /// and close token (from the previous table, or from `draining` when a reload brings a
     /// removed backend back, which ends its drain); upstreams keep their HTTP pools.
     /// Backends found by DNS join the static ones.
@@ -207,51 +252,34 @@ impl Table {
         config: Arc<Config>,
         generation: u64,
         carry: &Carry<'_>,
-    ) -> Result<Table, TlsError> {
-        // Everything that can fail comes first, before a drain is taken back below.
+        tls: TlsSettings,
+    ) -> Table {
+        let TlsSettings {
+            listeners: mut acceptors,
+            upstreams: mut connectors,
+        } = tls;
         let mut listeners = HashMap::new();
-        let mut connectors = HashMap::new();
-        match carry.previous.filter(|_| carry.reuse_tls) {
-            Some(old) => {
-                listeners = old.listeners.clone();
-                for (name, up) in &old.upstreams {
-                    connectors.insert(name.clone(), up.tls.clone());
-                }
-            }
-            None => {
-                for l in &config.listeners {
-                    let rt = ListenerRt {
-                        tls: l.tls.as_ref().map(tls::acceptor).transpose()?,
-                        redirect_https: l.redirect_https,
-                        active: carry
-                            .metrics
-                            .connections_active
-                            .with_label_values(&[&l.name]),
-                        send_timeout: l.send_timeout,
-                        body_timeout: l.client_body_timeout,
-                        max_connections: l.max_connections,
-                        send_timeouts: carry
-                            .metrics
-                            .client_send_timeouts
-                            .with_label_values(&[&l.name]),
-                        reclaimed: carry
-                            .metrics
-                            .connections_reclaimed
-                            .with_label_values(&[&l.name]),
-                    };
-                    listeners.insert(l.name.clone(), Arc::new(rt));
-                }
-                for u in &config.upstreams {
-                    connectors.insert(
-                        u.name.clone(),
-                        u.tls
-                            .as_ref()
-                            .map(tls::connector)
-                            .transpose()?
-                            .map(Arc::new),
-                    );
-                }
-            }
+        for l in &config.listeners {
+            let rt = ListenerRt {
+                tls: acceptors.remove(&l.name).flatten(),
+                redirect_https: l.redirect_https,
+                active: carry
+                    .metrics
+                    .connections_active
+                    .with_label_values(&[&l.name]),
+                send_timeout: l.send_timeout,
+                body_timeout: l.client_body_timeout,
+                max_connections: l.max_connections,
+                send_timeouts: carry
+                    .metrics
+                    .client_send_timeouts
+                    .with_label_values(&[&l.name]),
+                reclaimed: carry
+                    .metrics
+                    .connections_reclaimed
+                    .with_label_values(&[&l.name]),
+            };
+            listeners.insert(l.name.clone(), Arc::new(rt));
         }
         let mut upstreams = HashMap::new();
         let resolved = crate::server::lock(carry.resolved).clone();
@@ -319,14 +347,14 @@ impl Table {
             .iter()
             .map(|r| carry.metrics.route_series(&r.name, &r.upstream))
             .collect();
-        Ok(Table {
+        Table {
             generation,
             upstreams,
             listeners,
             route_series,
             no_route: carry.metrics.route_series(NONE, NONE),
             config,
-        })
+        }
     }
 
     /// A table with no listeners and no upstreams, in force only while the first real one
@@ -454,7 +482,6 @@ impl Shared {
             closing: &self.closing,
             draining: &self.draining,
             resolved: &self.resolved,
-            reuse_tls: false,
             metrics: &self.metrics,
             owners: &self.owners,
         }
@@ -507,7 +534,9 @@ mod tests {
         }
 
         fn build(&self, backends: &[&str], previous: Option<&Table>) -> Table {
-            Table::build(config(backends), 1, &self.0.carry(previous)).expect("built")
+            let config = config(backends);
+            let tls = TlsSettings::read(&config).expect("no TLS files to read");
+            Table::build(config, 1, &self.0.carry(previous), tls)
         }
 
         /// What a request still running on an old table does: records a connect error

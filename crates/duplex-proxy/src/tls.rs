@@ -174,6 +174,7 @@ impl ResolvesServerCert for BySni {
 }
 
 /// The TLS settings of a listener, built from its files.
+#[derive(Clone)]
 pub struct Acceptor {
     pub config: Arc<ServerConfig>,
     pub handshake_timeout: Duration,
