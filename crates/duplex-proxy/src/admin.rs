@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::error::ProxyError;
 use crate::responses::{text, Body};
 use crate::server::Proxy;
 
@@ -88,7 +89,14 @@ async fn handle(req: Request<Incoming>, proxy: &Proxy) -> Response<Body> {
                     json_response(StatusCode::OK, json!({ "generation": generation }))
                 }
                 Ok(Err(e)) => {
-                    json_response(StatusCode::BAD_REQUEST, json!({ "error": e.to_string() }))
+                    let status = match e {
+                        // Not this file's fault: the config in force came from a reload
+                        // asked for later, or earlier reloads still read their files.
+                        ProxyError::Superseded { .. } => StatusCode::CONFLICT,
+                        ProxyError::ReloadBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
+                        _ => StatusCode::BAD_REQUEST,
+                    };
+                    json_response(status, json!({ "error": e.to_string() }))
                 }
                 Err(_) => json_response(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -43,7 +43,7 @@ impl Resolver for SystemResolver {
     }
 }
 
-type Key = (String, String, u16);
+pub type Key = (String, String, u16);
 
 fn key(upstream: &str, d: &DnsBackend) -> Key {
     (upstream.to_owned(), d.host.clone(), d.port)
@@ -85,20 +85,38 @@ pub async fn resolve_all(shared: &Shared, config: &Config) {
     }
 }
 
-/// Resolves the DNS backends of `config` that have no answer yet (a name a reload adds or
-/// renames), so that its table starts with their addresses rather than none until the
-/// name's watch first answers. Each is bounded by [`RESOLVE_TIMEOUT`].
-pub async fn resolve_new(shared: &Shared, config: &Config) {
+/// Resolves, side by side, the DNS backends of `config` that have no answer yet (names a
+/// reload adds or renames), each bounded by [`RESOLVE_TIMEOUT`]: the answers a reload's
+/// table starts with, rather than none until each name's watch first answers.
+pub async fn resolve_new(shared: &Arc<Shared>, config: &Config) -> Vec<(Key, Vec<SocketAddr>)> {
+    let mut lookups = tokio::task::JoinSet::new();
     for u in &config.upstreams {
         for d in &u.discovered {
             let k = key(&u.name, d);
             if lock(&shared.resolved).contains_key(&k) {
                 continue;
             }
-            if let Some(addrs) = resolve_once(shared, &u.name, d).await {
-                lock(&shared.resolved).insert(k, addrs);
-            }
+            let (shared, upstream, d) = (Arc::clone(shared), u.name.clone(), d.clone());
+            lookups.spawn(async move {
+                let addrs = resolve_once(&shared, &upstream, &d).await;
+                addrs.map(|a| (k, a))
+            });
         }
+    }
+    let mut found = Vec::new();
+    while let Some(done) = lookups.join_next().await {
+        if let Ok(Some(answer)) = done {
+            found.push(answer);
+        }
+    }
+    found
+}
+
+/// Puts answers found by [`resolve_new`] in force, unless a watch answered meanwhile.
+pub fn adopt(shared: &Shared, answers: Vec<(Key, Vec<SocketAddr>)>) {
+    let mut resolved = lock(&shared.resolved);
+    for (k, addrs) in answers {
+        resolved.entry(k).or_insert(addrs);
     }
 }
 

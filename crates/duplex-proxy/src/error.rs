@@ -43,6 +43,14 @@ pub enum ProxyError {
     /// A client took none of a response's bytes for its listener's `send_timeout`.
     #[error("client: took no response bytes for {timeout:?}")]
     ClientSendTimeout { timeout: std::time::Duration },
+    /// A reload read its files after one asked for later had applied: the later one stays.
+    #[error(
+        "a reload asked for later is in force (generation {generation}); this one was not applied"
+    )]
+    Superseded { generation: u64 },
+    /// Too many reloads are still reading their files (a hung mount, say).
+    #[error("{0} reloads are still reading their files; try again once they end")]
+    ReloadBusy(usize),
     /// A reload was asked for while duplex shuts down.
     #[error("duplex is shutting down: no reload")]
     ShuttingDown,

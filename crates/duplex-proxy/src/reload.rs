@@ -22,6 +22,8 @@ use crate::state::{Draining, Shared, Table, TlsSettings};
 struct Prepared {
     config: Config,
     tls: TlsSettings,
+    /// Answers for DNS names new to the config, put in force with it.
+    dns: Vec<(crate::discovery::Key, Vec<SocketAddr>)>,
     /// When it was asked for, among reloads (see `reload_tickets`).
     ticket: u64,
 }
@@ -33,6 +35,8 @@ fn far_future() -> tokio::time::Instant {
 
 /// How often a draining backend is checked for its last tunnel.
 const DRAIN_POLL: Duration = Duration::from_secs(1);
+/// Reloads that may read files at once; more are refused until one ends.
+pub(crate) const MAX_READERS: usize = 4;
 
 /// The outcome of the last reload, shown by the admin status.
 #[derive(Debug, Clone)]
@@ -81,7 +85,9 @@ impl Proxy {
                     *lock(&p.inner.applied) = Some(hash);
                     Ok(generation)
                 }
-                None => Ok(p.generation()),
+                None => Err(ProxyError::Superseded {
+                    generation: p.generation(),
+                }),
             }
         })
         .await
@@ -91,19 +97,43 @@ impl Proxy {
     /// watch: an event alone proves nothing, and SIGHUP may have applied it already).
     /// A file that is missing for a moment (an editor saving) is not an error here, and a
     /// content already refused is not refused (and counted) again.
-    pub(crate) async fn reload_if_changed(&self) -> Result<Option<u64>, ProxyError> {
-        if self.inner.source.is_none() {
+    ///
+    /// With `settled`, a file modified less than that long ago is left for a later look:
+    /// the periodic check has no event to debounce, and must not read a file half written.
+    pub(crate) async fn reload_if_changed(
+        &self,
+        settled: Option<Duration>,
+    ) -> Result<Option<u64>, ProxyError> {
+        let Some(path) = self.inner.source.clone() else {
             return Err(ProxyError::NoConfigFile);
-        }
-        self.off_thread(move |p, ticket| {
-            let (src, hash) = match p.read_file() {
-                Ok(pair) => pair,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    let file = p.inner.source.as_deref().map(std::path::Path::display);
-                    tracing::debug!(file = ?file.map(|f| f.to_string()), "config file missing for now; waiting for it");
+        };
+        let work = self.off_thread(move |p, ticket| {
+            if let Some(settled) = settled {
+                let age = std::fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| SystemTime::now().duration_since(t).ok());
+                if age.is_some_and(|age| age < settled) {
                     return Ok(None);
                 }
-                Err(source) => return Err(p.read_refused(source)),
+            }
+            let (src, hash) = match p.read_file() {
+                Ok(pair) => {
+                    *lock(&p.inner.read_error) = None;
+                    pair
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::debug!(file = %path.display(), "config file missing for now; waiting for it");
+                    return Ok(None);
+                }
+                Err(e) if Some(e.kind()) == *lock(&p.inner.read_error) => {
+                    // Refused, logged and counted already.
+                    return Ok(None);
+                }
+                Err(source) => {
+                    *lock(&p.inner.read_error) = Some(source.kind());
+                    return Err(p.read_refused(source));
+                }
             };
             if Some(hash) == *lock(&p.inner.applied) || Some(hash) == *lock(&p.inner.refused) {
                 return Ok(None);
@@ -124,8 +154,12 @@ impl Proxy {
                 *lock(&p.inner.refused) = Some(hash);
             }
             result
-        })
-        .await
+        });
+        match work.await {
+            // Reloads still reading files: this look is left for the next one.
+            Err(ProxyError::ReloadBusy(_)) => Ok(None),
+            other => other,
+        }
     }
 
     /// Reads the config file and hashes it with the certificate files it names. On the
@@ -156,12 +190,16 @@ impl Proxy {
     }
 
     /// Applies `config`; on error nothing changes and the error is counted and kept for
-    /// the admin status.
+    /// the admin status. [`ProxyError::Superseded`] when a reload asked for later applied
+    /// first (this one was slow to read its files), [`ProxyError::ReloadBusy`] when too
+    /// many reloads are still reading files; neither is counted as refused.
     pub async fn reload(&self, config: Config) -> Result<u64, ProxyError> {
         self.off_thread(move |p, ticket| {
             let prepared = p.prepare(config, ticket)?;
             let _one_at_a_time = p.one_at_a_time();
-            Ok(p.apply(prepared)?.unwrap_or_else(|| p.generation()))
+            p.apply(prepared)?.ok_or_else(|| ProxyError::Superseded {
+                generation: p.generation(),
+            })
         })
         .await
     }
@@ -177,12 +215,14 @@ impl Proxy {
     /// changes. Runs on the blocking pool, where waiting is allowed.
     fn prepare(&self, config: Config, ticket: u64) -> Result<Prepared, ProxyError> {
         let tls = TlsSettings::read(&config).map_err(|e| self.refused(ProxyError::Tls(e)))?;
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.block_on(crate::discovery::resolve_new(&self.inner.shared, &config));
-        }
+        let dns = match tokio::runtime::Handle::try_current() {
+            Ok(rt) => rt.block_on(crate::discovery::resolve_new(&self.inner.shared, &config)),
+            Err(_) => Vec::new(),
+        };
         Ok(Prepared {
             config,
             tls,
+            dns,
             ticket,
         })
     }
@@ -201,6 +241,13 @@ impl Proxy {
         &self,
         work: impl FnOnce(&Proxy, u64) -> Result<T, ProxyError> + Send + 'static,
     ) -> Result<T, ProxyError> {
+        let Ok(reader) = Arc::clone(&self.inner.readers).try_acquire_owned() else {
+            tracing::warn!(
+                readers = MAX_READERS,
+                "reload not started: earlier ones are still reading their files"
+            );
+            return Err(ProxyError::ReloadBusy(MAX_READERS));
+        };
         let ticket = self.inner.reload_tickets.fetch_add(1, Ordering::SeqCst) + 1;
         /// Counts a reload as under way while it lives (a panic included).
         struct Underway(Proxy);
@@ -211,7 +258,10 @@ impl Proxy {
         }
         self.inner.reloading.fetch_add(1, Ordering::SeqCst);
         let underway = Underway(self.clone());
-        let run = move || work(&underway.0, ticket);
+        let run = move || {
+            let _reader = reader;
+            work(&underway.0, ticket)
+        };
         match tokio::task::spawn_blocking(run).await {
             Ok(result) => result,
             Err(e) => Err(self.refused(ProxyError::ReloadAborted(e))),
@@ -224,6 +274,7 @@ impl Proxy {
         let Prepared {
             config,
             tls,
+            dns,
             ticket,
         } = prepared;
         let shared = &self.inner.shared;
@@ -296,6 +347,9 @@ impl Proxy {
         if diff.settings.iter().any(|s| s == "max_connections") {
             crate::limits::check_against_open_files(config.max_connections);
         }
+        // Under the lock: an install in between (a DNS change) keeps only the names its
+        // own config has, and would have dropped these.
+        crate::discovery::adopt(shared, dns);
         let generation = old.generation + 1;
         let table = Table::build(Arc::new(config), generation, &shared.carry(Some(&old)), tls);
         let table = Arc::new(table);

@@ -59,6 +59,12 @@ pub(crate) struct Inner {
     pub applied: Mutex<Option<u64>>,
     /// Hash of the last content the file watch saw refused, so it is not refused again.
     pub refused: Mutex<Option<u64>>,
+    /// The last error the file watch met reading the file, so it is not counted again
+    /// every time it looks.
+    pub read_error: Mutex<Option<std::io::ErrorKind>>,
+    /// Places for reloads reading files at once: a file on a hung mount keeps each
+    /// reader's blocking thread forever, and repeated reloads must not pile them up.
+    pub readers: Arc<tokio::sync::Semaphore>,
     /// Stops the active health checks of the generation in force.
     pub health: Mutex<CancellationToken>,
     /// Stops the DNS watches of the generation in force.
@@ -192,6 +198,8 @@ impl Proxy {
                 status: Mutex::new(ReloadStatus::started()),
                 applied: Mutex::new(applied),
                 refused: Mutex::new(None),
+                read_error: Mutex::new(None),
+                readers: Arc::new(tokio::sync::Semaphore::new(crate::reload::MAX_READERS)),
                 health: Mutex::new(health),
                 discovery: Mutex::new(CancellationToken::new()),
             }),

@@ -21,8 +21,12 @@ use crate::Proxy;
 const DEBOUNCE: Duration = Duration::from_millis(300);
 /// The longest a burst of events can delay a reload.
 const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
-/// How often the set of watched directories is brought up to date with the config.
+/// How often the set of watched directories is brought up to date with the config, and
+/// the file compared with the content in force without an event.
 const RESYNC: Duration = Duration::from_secs(30);
+/// The periodic comparison leaves alone a file modified less than this long ago: it may
+/// be half written, and its events will bring it in once done.
+const SETTLED: Duration = Duration::from_secs(2);
 
 /// Watches `path`, and the certificate files its config names, and reloads `proxy` when
 /// their content changes.
@@ -61,7 +65,7 @@ pub fn watch_file(path: PathBuf, proxy: Proxy) {
                         }
                     }
                     // Errors are logged, counted and shown in /status by the reload itself.
-                    if let Ok(Some(generation)) = proxy.reload_if_changed().await {
+                    if let Ok(Some(generation)) = proxy.reload_if_changed(None).await {
                         tracing::info!(file = %path.display(), generation, "config or certificate files changed: reloaded");
                     }
                 }
@@ -69,7 +73,7 @@ pub fn watch_file(path: PathBuf, proxy: Proxy) {
                     // Events can be lost: a watched directory replaced as a whole (a
                     // symlinked release directory switched, `mv certs.new certs`) or a
                     // network file system sends none. A read and a hash catch up.
-                    if let Ok(Some(generation)) = proxy.reload_if_changed().await {
+                    if let Ok(Some(generation)) = proxy.reload_if_changed(Some(SETTLED)).await {
                         tracing::info!(file = %path.display(), generation, "config or certificate files changed (found by the periodic check): reloaded");
                     }
                 }
