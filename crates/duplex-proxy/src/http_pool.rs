@@ -4,9 +4,10 @@
 //! A request takes a connection as a [`Lease`]; the lease goes back when the response is
 //! over (its body read to the end or dropped). A connection comes back into the pool only
 //! once hyper says it is ready for another request; one that closed, or that neither gets
-//! ready nor moves its request body for the upstream's `response_timeout`, is let go. Idle connections are kept at most
-//! [`IDLE_TIMEOUT`] and [`MAX_IDLE_PER_BACKEND`] per backend, newest first, so the ones
-//! left to age out are the ones a backend would close first anyway.
+//! ready nor moves its request body for the upstream's `response_timeout`, is let go.
+//! Idle connections are kept at most [`IDLE_TIMEOUT`] and [`MAX_IDLE_PER_BACKEND`] per
+//! backend, newest first, so the ones left to age out are the ones a backend would close
+//! first anyway.
 //!
 //! Owning this rather than using hyper-util's pooled client saves about 6,000
 //! instructions per request (its pool hashed a scheme-and-authority key with its strings,
