@@ -27,6 +27,8 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 const LIMIT_WARN_EVERY: Duration = Duration::from_secs(10);
 /// After the grace period, how long to wait for closed tasks to wind down.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// How long shutdown waits for a reload that is applying (not reading files) to finish.
+const STOP_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// A running proxy; cheap to clone, every clone controls the same proxy.
 #[derive(Clone)]
@@ -277,7 +279,13 @@ impl Proxy {
     /// rest, and returns once every tracked task has ended (or a short bound has passed).
     pub async fn shutdown(&self, grace: Duration) {
         let s = &self.inner.shared;
-        s.stopping.cancel();
+        {
+            // A reload applying now finishes first (applying is quick: its files were read
+            // before it took the lock), so none is half applied when `stopping` is set,
+            // and every later one sees it. Bounded all the same.
+            let _applying = tokio::time::timeout(STOP_LOCK_WAIT, self.inner.reload.lock()).await;
+            s.stopping.cancel();
+        }
         s.limits.idle.close_all();
         // Close the listening sockets (the accept loops hold the other references).
         lock(&self.inner.listeners).clear();
