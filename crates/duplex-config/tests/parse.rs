@@ -166,6 +166,11 @@ fn refuses_bad_files_and_points_at_the_value() {
         ),
         (
             "headers: { X-Tenant: acme }",
+            "headers: { X-Tenant: acme, X-Tenant: other }",
+            "f:11:16: routes[0].match.headers: header \"X-Tenant\" is named twice",
+        ),
+        (
+            "headers: { X-Tenant: acme }",
             "headers: { X-Tenant: acme, x-tenant: other }",
             "f:11:16: header \"x-tenant\" is named twice",
         ),
