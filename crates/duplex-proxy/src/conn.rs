@@ -198,7 +198,7 @@ async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: Arc<Shared>) ->
         table.no_route.http(501).inc();
         return responses::text(
             StatusCode::NOT_IMPLEMENTED,
-            "duplex: no transfer coding but chunked is supported\n".into(),
+            "duplex: of the transfer codings, only chunked is supported\n".into(),
         );
     }
     let host = request_host(req.headers(), req.uri());

@@ -326,6 +326,17 @@ mod tests {
         (addr, accepted)
     }
 
+    /// Waits up to 1 s, checking every 5 ms, for `done`; fails the test after that.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..200 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
     fn get() -> Request<ClientBody> {
         Request::builder()
             .uri("/")
@@ -397,15 +408,11 @@ mod tests {
         let _ = go.send(());
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         assert_eq!(&body[..], b"hello");
-        let mut kept = false;
-        for _ in 0..200 {
-            if pool.idle_count() == 1 {
-                kept = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert!(kept, "the connection came back once its response was done");
+        until(
+            "the connection to come back once its response was done",
+            || pool.idle_count() == 1,
+        )
+        .await;
     }
 
     #[tokio::test]
@@ -426,15 +433,10 @@ mod tests {
         let mut lease = pool.connect(addr).await.expect("connect");
         assert_eq!(exchange(&mut lease).await, "ok");
         drop(lease);
-        let mut gone = false;
-        for _ in 0..200 {
-            if pool.take(addr).is_none() {
-                gone = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert!(gone, "a closed connection is not handed out");
+        until("a closed connection to stop being handed out", || {
+            pool.take(addr).is_none()
+        })
+        .await;
         pool.sweep();
         assert_eq!(pool.idle_count(), 0);
     }
