@@ -6,15 +6,17 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+mod scope;
 
-use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
+use std::sync::Arc;
+
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub use prometheus::{Histogram as HistogramHandle, IntCounter as Counter, IntGauge as Gauge};
+pub use scope::{Hold, Holds, Scope};
 
 /// Outcome of a WebSocket upgrade, the `result` label of `duplex_websocket_upgrades_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,23 +84,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
     pub config_last_reload_success: IntGauge,
-}
-
-/// Removes the series of `vec` labelled with `upstream` and `backend`.
-fn forget<T: MetricVecBuilder>(vec: &MetricVec<T>, upstream: &str, backend: &str) {
-    for family in vec.collect() {
-        for m in family.get_metric() {
-            let labels: HashMap<&str, &str> = m
-                .get_label()
-                .iter()
-                .map(|l| (l.name(), l.value()))
-                .collect();
-            if labels.get("upstream") == Some(&upstream) && labels.get("backend") == Some(&backend)
-            {
-                let _ = vec.remove(&labels);
-            }
-        }
-    }
+    /// Which listeners, routes and upstreams something still records into (not a metric).
+    pub holds: Holds,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -176,6 +163,7 @@ impl Metrics {
                 g
             },
             registry: r,
+            holds: Holds::default(),
         }
     }
 
@@ -197,6 +185,11 @@ impl Default for Metrics {
 /// The series of one route, resolved once per configuration generation so that a request
 /// or handshake pays an atomic add, not a label lookup (which takes a lock in `prometheus`).
 pub struct RouteSeries {
+    route: String,
+    upstream: String,
+    /// Keeps the route's series exported; each tunnel of the route shares it, so that a
+    /// route a reload removed keeps them while its tunnels are open.
+    holds: Arc<[Hold; 2]>,
     upgrades: Vec<IntCounter>,
     pub handshake: Histogram,
     /// By status class, 1xx to 5xx.
@@ -222,6 +215,8 @@ pub struct TunnelSeries {
     pub backend_to_client: IntCounter,
     pub active: IntGauge,
     pub duration: Histogram,
+    /// The route's holds: its series stay while the tunnel is open.
+    _holds: Arc<[Hold; 2]>,
 }
 
 impl Metrics {
@@ -237,9 +232,18 @@ impl Metrics {
             .sum()
     }
 
-    /// A route's series; `route` and `upstream` are empty for requests no route matched.
-    pub fn route_series(&self, route: &str, upstream: &str) -> RouteSeries {
+    /// A route's series, held while the result lives; `route` and `upstream` are empty for
+    /// requests no route matched.
+    pub fn route_series(self: &Arc<Self>, route: &str, upstream: &str) -> RouteSeries {
+        // Held before they are resolved: see `scope`.
+        let holds = Arc::new([
+            self.hold(Scope::Route(route.to_owned())),
+            self.hold(Scope::RouteUpstream(route.to_owned(), upstream.to_owned())),
+        ]);
         RouteSeries {
+            route: route.to_owned(),
+            upstream: upstream.to_owned(),
+            holds,
             upgrades: UpgradeResult::ALL
                 .iter()
                 .map(|r| {
@@ -259,15 +263,19 @@ impl Metrics {
     /// Removes every series of backend `backend` of `upstream`, whatever its other labels
     /// (route, kind, result): for a backend that no configuration has any more.
     pub fn forget_backend(&self, upstream: &str, backend: &str) {
-        forget(&self.tunnels_active, upstream, backend);
-        forget(&self.backend_connect_errors, upstream, backend);
-        forget(&self.backend_up, upstream, backend);
-        forget(&self.backend_health_checks, upstream, backend);
-        forget(&self.backend_ejections, upstream, backend);
+        let pair = [("upstream", upstream), ("backend", backend)];
+        scope::forget_where(&self.tunnels_active, &pair);
+        scope::forget_where(&self.backend_connect_errors, &pair);
+        scope::forget_where(&self.backend_up, &pair);
+        scope::forget_where(&self.backend_health_checks, &pair);
+        scope::forget_where(&self.backend_ejections, &pair);
     }
 
-    pub fn tunnel_series(&self, route: &str, upstream: &str, backend: &str) -> TunnelSeries {
+    /// The series of a tunnel of route `of` to `backend`.
+    pub fn tunnel_series(&self, of: &RouteSeries, backend: &str) -> TunnelSeries {
+        let (route, upstream) = (of.route.as_str(), of.upstream.as_str());
         TunnelSeries {
+            _holds: Arc::clone(&of.holds),
             client_to_backend: self
                 .tunnel_bytes
                 .with_label_values(&[route, "client_to_backend"]),
@@ -288,7 +296,7 @@ mod tests {
 
     #[test]
     fn route_series_index_by_result_and_class() {
-        let m = Metrics::new();
+        let m = Arc::new(Metrics::new());
         let s = m.route_series("r", "u");
         for r in UpgradeResult::ALL {
             s.upgrade(r).inc();

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use duplex_metrics::Gauge;
+use duplex_metrics::{Gauge, Hold};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -54,6 +54,9 @@ impl ConnInfo {
 /// `max_connections` caps, both given back on drop.
 pub struct ActiveGuard {
     active: Gauge,
+    /// Keeps the listener's series exported while the connection is open, even after a
+    /// reload removed the listener.
+    _listener: Arc<Hold>,
     _slot: Slot,
 }
 
@@ -84,6 +87,7 @@ pub async fn serve(
         .register(Arc::clone(slot.listener()), settings.reclaimed.clone());
     let active = ActiveGuard {
         active: settings.active.clone(),
+        _listener: Arc::clone(&settings.hold),
         _slot: slot,
     };
     // The write timeout sits on the socket: under TLS for a TLS client.
@@ -99,7 +103,7 @@ pub async fn serve(
                     shared
                         .metrics
                         .tls_handshake_errors
-                        .with_label_values(&[&listener, "failed"])
+                        .with_label_values(&[&settings.name, "failed"])
                         .inc();
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return;
@@ -108,7 +112,7 @@ pub async fn serve(
                     shared
                         .metrics
                         .tls_handshake_errors
-                        .with_label_values(&[&listener, "timeout"])
+                        .with_label_values(&[&settings.name, "timeout"])
                         .inc();
                     tracing::debug!(%peer, "TLS handshake timed out");
                     return;

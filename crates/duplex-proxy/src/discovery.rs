@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use duplex_config::{Config, DnsBackend};
+use duplex_metrics::{Hold, Scope};
 use tokio_util::sync::CancellationToken;
 
 use crate::server::{lock, Proxy};
@@ -74,28 +75,36 @@ async fn resolve_once(shared: &Shared, upstream: &str, d: &DnsBackend) -> Option
     }
 }
 
-/// Resolves every DNS backend of `config` once, before its first table is built.
-pub async fn resolve_all(shared: &Shared, config: &Config) {
+/// Resolves every DNS backend of `config` once, before its first table is built. Returns
+/// holds on the upstreams' series, to be kept until that table holds them.
+pub async fn resolve_all(shared: &Shared, config: &Config) -> Vec<Hold> {
+    let mut holds = Vec::new();
     for u in &config.upstreams {
+        if !u.discovered.is_empty() {
+            holds.push(shared.metrics.hold(Scope::Upstream(u.name.clone())));
+        }
         for d in &u.discovered {
             if let Some(addrs) = resolve_once(shared, &u.name, d).await {
                 lock(&shared.resolved).insert(key(&u.name, d), addrs);
             }
         }
     }
+    holds
 }
 
 /// Resolves, side by side, the DNS backends of `config` that have no answer yet (names a
 /// reload adds or renames), each bounded by [`RESOLVE_TIMEOUT`]: the answers a reload's
 /// table starts with, rather than none until each name's watch first answers.
-pub async fn resolve_new(shared: &Arc<Shared>, config: &Config) -> Vec<(Key, Vec<SocketAddr>)> {
+pub async fn resolve_new(shared: &Arc<Shared>, config: &Config) -> NewAnswers {
     let mut lookups = tokio::task::JoinSet::new();
+    let mut holds = Vec::new();
     for u in &config.upstreams {
         for d in &u.discovered {
             let k = key(&u.name, d);
             if lock(&shared.resolved).contains_key(&k) {
                 continue;
             }
+            holds.push(shared.metrics.hold(Scope::Upstream(u.name.clone())));
             let (shared, upstream, d) = (Arc::clone(shared), u.name.clone(), d.clone());
             lookups.spawn(async move {
                 let addrs = resolve_once(&shared, &upstream, &d).await;
@@ -109,14 +118,27 @@ pub async fn resolve_new(shared: &Arc<Shared>, config: &Config) -> Vec<(Key, Vec
             found.push(answer);
         }
     }
-    found
+    NewAnswers {
+        found,
+        _holds: holds,
+    }
+}
+
+/// What [`resolve_new`] found for a reload.
+#[derive(Default)]
+pub struct NewAnswers {
+    found: Vec<(Key, Vec<SocketAddr>)>,
+    /// The series of the upstreams looked up, counted already, which the reload's table
+    /// will hold; a reload that is refused drops them with these.
+    _holds: Vec<Hold>,
 }
 
 /// Puts answers found by [`resolve_new`] in force, unless a watch answered meanwhile.
-pub fn adopt(shared: &Shared, answers: Vec<(Key, Vec<SocketAddr>)>) {
+/// The caller keeps `answers` until the reload's table is built.
+pub fn adopt(shared: &Shared, answers: &NewAnswers) {
     let mut resolved = lock(&shared.resolved);
-    for (k, addrs) in answers {
-        resolved.entry(k).or_insert(addrs);
+    for (k, addrs) in &answers.found {
+        resolved.entry(k.clone()).or_insert_with(|| addrs.clone());
     }
 }
 
@@ -125,18 +147,32 @@ pub fn spawn(proxy: &Proxy, table: &Table) -> CancellationToken {
     let stop = proxy.inner.shared.closing.child_token();
     for u in &table.config.upstreams {
         for d in &u.discovered {
+            // Taken now, not when the task first runs: the old watch may end first.
+            let hold = proxy
+                .inner
+                .shared
+                .metrics
+                .hold(Scope::Upstream(u.name.clone()));
             tokio::spawn(watch(
                 proxy.clone(),
                 u.name.clone(),
                 d.clone(),
                 stop.clone(),
+                hold,
             ));
         }
     }
     stop
 }
 
-async fn watch(proxy: Proxy, upstream: String, d: DnsBackend, stop: CancellationToken) {
+/// `_hold` keeps the upstream's series while the watch may still count into them.
+async fn watch(
+    proxy: Proxy,
+    upstream: String,
+    d: DnsBackend,
+    stop: CancellationToken,
+    _hold: Hold,
+) {
     let shared = Arc::clone(&proxy.inner.shared);
     let k = key(&upstream, &d);
     loop {

@@ -23,7 +23,7 @@ struct Prepared {
     config: Config,
     tls: TlsSettings,
     /// Answers for DNS names new to the config, put in force with it.
-    dns: Vec<(crate::discovery::Key, Vec<SocketAddr>)>,
+    dns: crate::discovery::NewAnswers,
     /// When it was asked for, among reloads (see `reload_tickets`).
     ticket: u64,
 }
@@ -217,7 +217,7 @@ impl Proxy {
         let tls = TlsSettings::read(&config).map_err(|e| self.refused(ProxyError::Tls(e)))?;
         let dns = match tokio::runtime::Handle::try_current() {
             Ok(rt) => rt.block_on(crate::discovery::resolve_new(&self.inner.shared, &config)),
-            Err(_) => Vec::new(),
+            Err(_) => crate::discovery::NewAnswers::default(),
         };
         Ok(Prepared {
             config,
@@ -349,7 +349,7 @@ impl Proxy {
         }
         // Under the lock: an install in between (a DNS change) keeps only the names its
         // own config has, and would have dropped these.
-        crate::discovery::adopt(shared, dns);
+        crate::discovery::adopt(shared, &dns);
         let generation = old.generation + 1;
         let table = Table::build(Arc::new(config), generation, &shared.carry(Some(&old)), tls);
         let table = Arc::new(table);

@@ -172,7 +172,8 @@ impl Proxy {
         }
         metrics.config_last_reload_success.set(unix_now());
         let shared = Arc::new(Shared::new(&config, metrics, resolver));
-        crate::discovery::resolve_all(&shared, &config).await;
+        // Held until the first table holds them: see `duplex_metrics::Scope`.
+        let _dns_series = crate::discovery::resolve_all(&shared, &config).await;
         let tls = crate::state::TlsSettings::read(&config)?;
         let table = Table::build(Arc::new(config), 1, &shared.carry(None), tls);
         table.export_backends(&shared.metrics);
@@ -355,6 +356,10 @@ async fn accept_loop(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    // The loop's series stay while it runs, even once a reload has removed its listener.
+    let _hold = shared
+        .metrics
+        .hold(duplex_metrics::Scope::Listener(name.to_string()));
     let accepted = shared
         .metrics
         .connections_accepted

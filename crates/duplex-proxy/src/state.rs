@@ -13,7 +13,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use duplex_balance::{Backend, BackendState, Pool};
 use duplex_config::{Config, Route, Upstream};
-use duplex_metrics::{Counter, Gauge, Metrics, RouteSeries, NONE};
+use duplex_metrics::{Counter, Gauge, Hold, Metrics, RouteSeries, Scope, NONE};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -32,6 +32,8 @@ pub struct UpstreamRt {
     /// Per backend: closes its tunnels when a reload's drain ends, when a check takes it
     /// out (with `close_tunnels_on_unhealthy`), or at the end of shutdown.
     pub closers: HashMap<SocketAddr, Arc<Closer>>,
+    /// Keeps the upstream's own series (DNS resolutions) while a table has it.
+    _series: Hold,
 }
 
 impl UpstreamRt {
@@ -224,6 +226,12 @@ pub struct Table {
 
 /// A listener's settings for new connections; swapped by a reload without rebinding.
 pub struct ListenerRt {
+    /// The listener's name in this config: the `listener` label of its connections (a
+    /// connection accepted just before a reload renamed its listener counts under the
+    /// new name, which `hold` keeps).
+    pub name: String,
+    /// Keeps the listener's series exported while a table or a connection has it.
+    pub hold: Arc<Hold>,
     /// TLS termination, with the certificates read at load.
     pub tls: Option<Acceptor>,
     /// Redirect plain HTTP to https on this port.
@@ -260,7 +268,11 @@ impl Table {
         } = tls;
         let mut listeners = HashMap::new();
         for l in &config.listeners {
+            // Held before its series are resolved: see `duplex_metrics::Scope`.
+            let hold = Arc::new(carry.metrics.hold(Scope::Listener(l.name.clone())));
             let rt = ListenerRt {
+                name: l.name.clone(),
+                hold,
                 tls: acceptors.remove(&l.name).flatten(),
                 redirect_https: l.redirect_https,
                 active: carry
@@ -334,6 +346,7 @@ impl Table {
                 _ => HttpPool::new(u.connect_timeout, tls.clone()),
             };
             let rt = UpstreamRt {
+                _series: carry.metrics.hold(Scope::Upstream(u.name.clone())),
                 pool: Pool::new(u.balancer, u.hash_key.as_ref(), u.panic_mode, backends),
                 cfg: u.clone(),
                 http,
@@ -359,7 +372,7 @@ impl Table {
 
     /// A table with no listeners and no upstreams, in force only while the first real one
     /// is built at start.
-    pub fn placeholder(config: &Config, metrics: &Metrics) -> Table {
+    pub fn placeholder(config: &Config, metrics: &Arc<Metrics>) -> Table {
         Table {
             generation: 0,
             config: Arc::new(config.clone()),

@@ -485,8 +485,8 @@ mod tests {
             .await
             .expect("connect");
         let (b, _) = l.accept().await.expect("accept");
-        let m = duplex_metrics::Metrics::new();
-        let series = m.tunnel_series("r", "u", "b");
+        let m = std::sync::Arc::new(duplex_metrics::Metrics::new());
+        let series = m.tunnel_series(&m.route_series("r", "u"), "b");
         let t = Splice {
             client: a,
             backend: b,

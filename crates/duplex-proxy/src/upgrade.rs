@@ -119,9 +119,7 @@ pub async fn upgrade(
     // Spawn the tunnel; it starts once hyper has written our 101 to the client.
     let client_side = hyper::upgrade::on(&mut req);
     let (close, label) = up.closer(addr);
-    let series = shared
-        .metrics
-        .tunnel_series(&route.name, &up.cfg.name, &label);
+    let series = shared.metrics.tunnel_series(counters, &label);
     let settings = tunnel::Settings {
         idle_timeout: up.cfg.idle_timeout,
         close,

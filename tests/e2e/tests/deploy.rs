@@ -73,6 +73,7 @@ fn exported() -> BTreeMap<String, Family> {
         config_reloads,
         config_generation: _,
         config_last_reload_success: _,
+        holds: _,
     } = &m;
     connections_accepted.with_label_values(&["l"]).inc();
     connections_active.with_label_values(&["l"]).inc();

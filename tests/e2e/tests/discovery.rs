@@ -220,6 +220,39 @@ async fn a_reload_resolves_a_renamed_host_before_it_applies() {
     p.shutdown().await;
 }
 
+/// An upstream a reload renames takes its DNS counts' series with it: the old name's go
+/// once its watch has stopped, the new name's are there from the reload on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_upstreams_dns_series_go_with_its_old_name() {
+    let (_a, _b, resolver, dns) = chat_test();
+    let p = start_resolving(&yaml_with("", &dns), Arc::new(resolver.clone())).await;
+    let ok = |upstream: &'static str| {
+        let p = &p;
+        async move {
+            p.metric(
+                "duplex_dns_resolutions_total",
+                &[("upstream", upstream), ("result", "ok")],
+            )
+            .await
+        }
+    };
+    assert!(ok("main").await >= 1.0);
+    let renamed = yaml_with("", &dns)
+        .replace("upstream: main", "upstream: renamed")
+        .replace(
+            "- name: main\n    balancer",
+            "- name: renamed\n    balancer",
+        );
+    assert_eq!(p.proxy.reload(config(&renamed)).await.expect("reload"), 2);
+    // Resolved before the reload applied, and counted under the new name at once.
+    assert!(ok("renamed").await >= 1.0);
+    eventually(WAIT, "the old name's series to go", || async {
+        !p.metrics().await.contains("upstream=\"main\"")
+    })
+    .await;
+    p.shutdown().await;
+}
+
 /// Addresses found by DNS are checked like static ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_discovered_backends_are_health_checked() {

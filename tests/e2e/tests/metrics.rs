@@ -272,6 +272,107 @@ upstreams:
     p.shutdown().await;
 }
 
+/// Whether any series of `/metrics` has all of `labels`, whatever its name.
+fn any_series(s: &Scrape, labels: &[(&str, &str)]) -> bool {
+    s.samples
+        .iter()
+        .any(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_of_removed_names_stay_while_used_then_go() {
+    let b = Backend::start("b1").await;
+    let p = TestProxy::start(&format!(
+        "routes:
+  - {{name: old, match: {{path_prefix: /old}}, upstream: u1}}
+  - {{name: kept, upstream: u1}}
+upstreams:
+  - {{name: u1, backends: [{{addr: \"{0}\"}}]}}
+",
+        b.addr
+    ))
+    .await;
+    // A tunnel on the route the reload removes, and a request on the one it keeps.
+    let (mut ws, _) = client::ws(p.addr, "/old/room").await;
+    within("send", ws.send(Message::text("before")))
+        .await
+        .expect("send");
+    assert_eq!(recv(&mut ws).await, Message::text("before"));
+    assert_eq!(client::get(p.addr, "/page", &[]).await.status, 200);
+
+    // The reload renames the listener, drops route `old` and points `kept` elsewhere.
+    let reload = format!(
+        "listeners:\n  - name: front\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: \"127.0.0.1:0\"\n\
+         routes:\n  - name: kept\n    upstream: u2\nupstreams:\n  - name: u2\n    backends: [{{addr: \"{}\"}}]\n",
+        b.addr
+    );
+    let config = duplex_config::Config::parse(&reload, "reload.yaml").expect("valid");
+    assert_eq!(p.proxy.reload(config).await.expect("reload"), 2);
+    let front = p.proxy.listener_addr("front").expect("front is bound");
+    assert_eq!(client::get(front, "/page", &[]).await.status, 200);
+
+    // While the tunnel is open its route's and its listener's series stay, and move.
+    within("send", ws.send(Message::text("after")))
+        .await
+        .expect("send");
+    assert_eq!(recv(&mut ws).await, Message::text("after"));
+    let s = scrape(&p).await;
+    let old = [("route", "old"), ("upstream", "u1")];
+    assert_eq!(value(&s, "duplex_websocket_tunnels_active", &old), 1.0);
+    assert_eq!(
+        value(
+            &s,
+            "duplex_tunnel_bytes_total",
+            &[("route", "old"), ("direction", "client_to_backend")]
+        ),
+        // Two text frames from the client, masked: 6 + 6 bytes of header, 6 + 5 of text.
+        23.0
+    );
+    assert_eq!(
+        value(&s, "duplex_connections_active", &[("listener", "public")]),
+        1.0
+    );
+    // What nothing uses any more goes at once: the old pair of the kept route.
+    eventually(
+        Duration::from_secs(5),
+        "the kept route's old pair to go",
+        || {
+            let p = &p;
+            async move { !any_series(&scrape(p).await, &[("route", "kept"), ("upstream", "u1")]) }
+        },
+    )
+    .await;
+    assert_eq!(
+        value(
+            &s,
+            "duplex_http_requests_total",
+            &[("route", "kept"), ("upstream", "u2"), ("code", "2xx")]
+        ),
+        1.0
+    );
+
+    // Once it closes, nothing of route `old`, upstream `u1` or listener `public` is left.
+    client::close(ws).await;
+    eventually(
+        Duration::from_secs(5),
+        "the removed names' series to go",
+        || {
+            let p = &p;
+            async move {
+                let s = scrape(p).await;
+                !any_series(&s, &[("route", "old")])
+                    && !any_series(&s, &[("upstream", "u1")])
+                    && !any_series(&s, &[("listener", "public")])
+            }
+        },
+    )
+    .await;
+    let s = scrape(&p).await;
+    assert!(any_series(&s, &[("listener", "front")]));
+    assert!(any_series(&s, &[("route", "kept"), ("upstream", "u2")]));
+    p.shutdown().await;
+}
+
 #[tokio::test]
 async fn readyz_turns_503_when_shutdown_begins() {
     let b = Backend::start("b1").await;
