@@ -215,8 +215,16 @@ impl Proxy {
     /// changes. Runs on the blocking pool, where waiting is allowed.
     fn prepare(&self, config: Config, ticket: u64) -> Result<Prepared, ProxyError> {
         let tls = TlsSettings::read(&config).map_err(|e| self.refused(ProxyError::Tls(e)))?;
+        let shared = &self.inner.shared;
         let dns = match tokio::runtime::Handle::try_current() {
-            Ok(rt) => rt.block_on(crate::discovery::resolve_new(&self.inner.shared, &config)),
+            // Given up once shutdown begins (the reload will be refused): a lookup still
+            // waiting when the runtime stops would find its timer gone.
+            Ok(rt) => rt.block_on(async {
+                tokio::select! {
+                    answers = crate::discovery::resolve_new(shared, &config) => answers,
+                    _ = shared.stopping.cancelled() => crate::discovery::NewAnswers::default(),
+                }
+            }),
             Err(_) => crate::discovery::NewAnswers::default(),
         };
         Ok(Prepared {

@@ -7,13 +7,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use duplex_e2e::client::{backend_of, try_ws, ws};
-use duplex_e2e::eventually;
 use duplex_e2e::flaky::{FlakyBackend, Mode};
 use duplex_e2e::health_kit::*;
 use duplex_e2e::pki;
 use duplex_e2e::proxy::TestProxy;
+use duplex_e2e::{eventually, within_for};
 use duplex_proxy::discovery::Resolver;
 use tokio_tungstenite::tungstenite;
 
@@ -23,6 +24,8 @@ use tokio_tungstenite::tungstenite;
 struct TestResolver {
     addrs: Arc<Mutex<Vec<SocketAddr>>>,
     fail: Arc<AtomicBool>,
+    /// Set once `hang.test` has been asked for: it answers only after a minute.
+    hang_asked: Arc<AtomicBool>,
 }
 
 impl TestResolver {
@@ -39,6 +42,13 @@ impl Resolver for TestResolver {
     ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
         // `chat2.test` is the same name under another host, answered slowly.
         let slow = host == "chat2.test";
+        if host == "hang.test" {
+            self.hang_asked.store(true, Ordering::SeqCst);
+            return Box::pin(async {
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                Err(io::Error::other("hang.test: no answer"))
+            });
+        }
         let answer = if host != "chat.test" && !slow {
             Err(io::Error::new(
                 io::ErrorKind::NotFound,
@@ -251,6 +261,35 @@ async fn a_renamed_upstreams_dns_series_go_with_its_old_name() {
     })
     .await;
     p.shutdown().await;
+}
+
+/// A reload waiting on a slow lookup of a new name gives up when shutdown begins, rather
+/// than after the lookup's 5 s bound (and is refused): at exit the lookup's timer would
+/// be gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_waiting_on_dns_gives_up_at_shutdown() {
+    let (_a, _b, resolver, dns) = chat_test();
+    let p = start_resolving(&yaml_with("", &dns), Arc::new(resolver.clone())).await;
+    let reload = {
+        let proxy = p.proxy.clone();
+        let hung = config(&yaml_with("", &dns.replace("chat.test", "hang.test")));
+        tokio::spawn(async move { proxy.reload(hung).await })
+    };
+    eventually(WAIT, "the reload to look hang.test up", || async {
+        resolver.hang_asked.load(Ordering::SeqCst)
+    })
+    .await;
+    let proxy = p.proxy.clone();
+    let stopping = tokio::spawn(async move { proxy.shutdown(Duration::from_secs(1)).await });
+    // Well under the lookup's own 5 s bound.
+    let refused = within_for(Duration::from_secs(3), "the reload to give up", reload)
+        .await
+        .expect("the reload task")
+        .expect_err("a reload during shutdown");
+    assert!(refused.to_string().contains("shutting down"), "{refused}");
+    within_for(WAIT, "shutdown", stopping)
+        .await
+        .expect("shutdown task");
 }
 
 /// Addresses found by DNS are checked like static ones.
