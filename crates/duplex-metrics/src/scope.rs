@@ -5,16 +5,22 @@
 //! stuck where they were. With configs generated from a service registry that churn is
 //! unbounded. So each group of series is held, by a [`Hold`], by whatever records into it:
 //! the config tables that name it, the accept loop of a listener, a client connection, a
-//! WebSocket tunnel. The last [`Hold`] to go removes the group. A tunnel still open on a
-//! route that a reload removed keeps that route's series (its `tunnels_active` among
-//! them) until it closes.
+//! WebSocket tunnel, a DNS watch. A tunnel still open on a route that a reload removed
+//! keeps that route's series (its `tunnels_active` among them) until it closes.
 //!
-//! Holds are counted under one lock, and a group is removed under it: a hold taken for a
-//! name that comes back waits for the removal to finish rather than seeing its new series
-//! removed. Whoever records into a group takes its hold first and resolves the series
-//! after, so a group is never removed while it is being resolved.
+//! When the last [`Hold`] of a group goes, the group is only noted: removing series means
+//! reading every series of several families, and the last hold often goes on a request's
+//! path (the end of the last request on an old table). The next scrape removes every
+//! noted group that is still unheld, in one pass per family ([`Metrics::sweep`]), before
+//! it renders. A group held again before that (a reload brought the name back) is not
+//! removed, and keeps counting from where it was.
+//!
+//! Holds are counted, and groups removed, under one lock: a hold taken for a name while
+//! its group is being removed waits, and then resolves new series. Whoever records into a
+//! group takes its hold first and resolves the series after, so a group is never removed
+//! while it is being resolved.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
@@ -36,9 +42,16 @@ pub enum Scope {
     Upstream(String),
 }
 
-/// How many [`Hold`]s each scope has.
+/// How many [`Hold`]s each scope has, and the scopes left without one since the last
+/// sweep.
 #[derive(Debug, Default)]
-pub struct Holds(Mutex<HashMap<Scope, usize>>);
+pub struct Holds(Mutex<Counts>);
+
+#[derive(Debug, Default)]
+struct Counts {
+    held: HashMap<Scope, usize>,
+    unheld: HashSet<Scope>,
+}
 
 /// Keeps a scope's series exported while it lives; see the module's documentation.
 pub struct Hold {
@@ -52,89 +65,118 @@ impl std::fmt::Debug for Hold {
     }
 }
 
+impl Holds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 impl Metrics {
     /// Holds `scope`'s series until the returned [`Hold`] drops. Take it before resolving
     /// them.
     pub fn hold(self: &Arc<Self>, scope: Scope) -> Hold {
-        let mut counts = self.holds.0.lock().unwrap_or_else(PoisonError::into_inner);
-        *counts.entry(scope.clone()).or_insert(0) += 1;
+        let mut counts = self.holds.lock();
+        counts.unheld.remove(&scope);
+        *counts.held.entry(scope.clone()).or_insert(0) += 1;
         Hold {
             metrics: Arc::clone(self),
             scope,
         }
     }
 
-    /// How many holds `scope` has (for tests and the status page).
+    /// How many holds `scope` has.
     pub fn holders(&self, scope: &Scope) -> usize {
-        let counts = self.holds.0.lock().unwrap_or_else(PoisonError::into_inner);
-        counts.get(scope).copied().unwrap_or(0)
+        self.holds.lock().held.get(scope).copied().unwrap_or(0)
     }
 
-    /// Removes every series of `scope`.
-    fn forget_scope(&self, scope: &Scope) {
-        match scope {
-            Scope::Listener(l) => {
-                let only = [("listener", l.as_str())];
-                forget_where(&self.connections_accepted, &only);
-                forget_where(&self.connections_active, &only);
-                forget_where(&self.accept_errors, &only);
-                forget_where(&self.connection_limit_waits, &only);
-                forget_where(&self.tls_handshake_errors, &only);
-                forget_where(&self.client_send_timeouts, &only);
-                forget_where(&self.connections_reclaimed, &only);
-            }
-            Scope::Route(r) => {
-                let only = [("route", r.as_str())];
-                forget_where(&self.handshake_duration, &only);
-                forget_where(&self.http_request_duration, &only);
-                forget_where(&self.tunnel_duration, &only);
-                forget_where(&self.tunnel_bytes, &only);
-            }
-            Scope::RouteUpstream(r, u) => {
-                let pair = [("route", r.as_str()), ("upstream", u.as_str())];
-                forget_where(&self.upgrades, &pair);
-                forget_where(&self.http_requests, &pair);
-                forget_where(&self.tunnels_active, &pair);
-            }
-            Scope::Upstream(u) => {
-                forget_where(&self.dns_resolutions, &[("upstream", u.as_str())]);
-            }
+    /// Removes the series of every scope left without a hold since the last sweep, in one
+    /// pass over each family concerned. [`Metrics::render`] sweeps first.
+    pub fn sweep(&self) {
+        let mut counts = self.holds.lock();
+        if counts.unheld.is_empty() {
+            return;
+        }
+        let gone = std::mem::take(&mut counts.unheld);
+        let mut listeners = HashSet::new();
+        let mut routes = HashSet::new();
+        let mut pairs = HashSet::new();
+        let mut upstreams = HashSet::new();
+        for scope in &gone {
+            match scope {
+                Scope::Listener(l) => listeners.insert(l.as_str()),
+                Scope::Route(r) => routes.insert(r.as_str()),
+                Scope::RouteUpstream(r, u) => pairs.insert((r.as_str(), u.as_str())),
+                Scope::Upstream(u) => upstreams.insert(u.as_str()),
+            };
+        }
+        // Under the lock: see the module's documentation.
+        if !listeners.is_empty() {
+            let of = |l: &Labels| l.get("listener").is_some_and(|v| listeners.contains(v));
+            forget_if(&self.connections_accepted, of);
+            forget_if(&self.connections_active, of);
+            forget_if(&self.accept_errors, of);
+            forget_if(&self.connection_limit_waits, of);
+            forget_if(&self.tls_handshake_errors, of);
+            forget_if(&self.client_send_timeouts, of);
+            forget_if(&self.connections_reclaimed, of);
+        }
+        if !routes.is_empty() {
+            let of = |l: &Labels| l.get("route").is_some_and(|v| routes.contains(v));
+            forget_if(&self.handshake_duration, of);
+            forget_if(&self.http_request_duration, of);
+            forget_if(&self.tunnel_duration, of);
+            forget_if(&self.tunnel_bytes, of);
+        }
+        if !pairs.is_empty() {
+            let of = |l: &Labels| match (l.get("route"), l.get("upstream")) {
+                (Some(r), Some(u)) => pairs.contains(&(*r, *u)),
+                _ => false,
+            };
+            forget_if(&self.upgrades, of);
+            forget_if(&self.http_requests, of);
+            forget_if(&self.tunnels_active, of);
+        }
+        if !upstreams.is_empty() {
+            let of = |l: &Labels| l.get("upstream").is_some_and(|v| upstreams.contains(v));
+            forget_if(&self.dns_resolutions, of);
         }
     }
 }
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        let mut counts = self
-            .metrics
-            .holds
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let n = counts.entry(self.scope.clone()).or_insert(1);
+        let mut counts = self.metrics.holds.lock();
+        let n = counts.held.entry(self.scope.clone()).or_insert(1);
         *n = n.saturating_sub(1);
         if *n == 0 {
-            counts.remove(&self.scope);
-            // Under the lock: see the module's documentation.
-            self.metrics.forget_scope(&self.scope);
+            counts.held.remove(&self.scope);
+            counts.unheld.insert(self.scope.clone());
+        }
+    }
+}
+
+/// A series' labels, by name.
+type Labels<'a> = HashMap<&'a str, &'a str>;
+
+/// Removes the series of `vec` whose labels `pick` chooses.
+fn forget_if<T: MetricVecBuilder>(vec: &MetricVec<T>, pick: impl Fn(&Labels) -> bool) {
+    for family in vec.collect() {
+        for m in family.get_metric() {
+            let labels: Labels = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if pick(&labels) {
+                let _ = vec.remove(&labels);
+            }
         }
     }
 }
 
 /// Removes the series of `vec` whose labels include every pair of `labels`.
 pub(crate) fn forget_where<T: MetricVecBuilder>(vec: &MetricVec<T>, labels: &[(&str, &str)]) {
-    for family in vec.collect() {
-        for m in family.get_metric() {
-            let all: HashMap<&str, &str> = m
-                .get_label()
-                .iter()
-                .map(|l| (l.name(), l.value()))
-                .collect();
-            if labels.iter().all(|(k, v)| all.get(k) == Some(v)) {
-                let _ = vec.remove(&all);
-            }
-        }
-    }
+    forget_if(vec, |all| labels.iter().all(|(k, v)| all.get(k) == Some(v)));
 }
 
 #[cfg(test)]
@@ -170,6 +212,21 @@ mod tests {
         assert_eq!(m.holders(&Scope::Listener("a".into())), 0);
         drop(b);
         assert_eq!(series(&m, "listener=\"b\""), 0);
+    }
+
+    #[test]
+    fn a_scope_held_again_before_the_sweep_keeps_its_series() {
+        let m = Arc::new(Metrics::new());
+        let first = m.hold(Scope::Route("r".into()));
+        m.tunnel_duration.with_label_values(&["r"]).observe(1.0);
+        drop(first);
+        let again = m.hold(Scope::Route("r".into()));
+        m.tunnel_duration.with_label_values(&["r"]).observe(1.0);
+        assert!(m
+            .render()
+            .contains("duplex_websocket_tunnel_duration_seconds_count{route=\"r\"} 2"));
+        drop(again);
+        assert_eq!(series(&m, "route=\"r\""), 0);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use duplex_config::{Config, Listener};
-use duplex_metrics::Metrics;
+use duplex_metrics::{Hold, Metrics, Scope};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -229,7 +229,11 @@ impl Proxy {
             let stop = shared.stopping.child_token();
             tracing::info!(listener = %b.name, %addr, "listening");
             let name: Arc<str> = b.name.as_str().into();
+            // Taken now: the loop's series stay while it runs, even once a reload has
+            // removed its listener (and are not resolved again after they went).
+            let hold = shared.metrics.hold(Scope::Listener(b.name.clone()));
             tokio::spawn(accept_loop(
+                hold,
                 Arc::clone(&b.listener),
                 Arc::clone(&b.open),
                 name,
@@ -349,6 +353,7 @@ async fn gone(tcp: &TcpStream) {
 /// accepted last until there is room (see [`crate::limits`]). Errors (EMFILE, ENFILE,
 /// ECONNABORTED...) are logged, counted and backed off, never fatal and never a busy loop.
 async fn accept_loop(
+    _hold: Hold,
     listener: Arc<TcpListener>,
     open: Arc<AtomicUsize>,
     name: Arc<str>,
@@ -356,10 +361,6 @@ async fn accept_loop(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
-    // The loop's series stay while it runs, even once a reload has removed its listener.
-    let _hold = shared
-        .metrics
-        .hold(duplex_metrics::Scope::Listener(name.to_string()));
     let accepted = shared
         .metrics
         .connections_accepted

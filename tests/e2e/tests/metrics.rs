@@ -328,10 +328,19 @@ upstreams:
         // Two text frames from the client, masked: 6 + 6 bytes of header, 6 + 5 of text.
         23.0
     );
-    assert_eq!(
-        value(&s, "duplex_connections_active", &[("listener", "public")]),
-        1.0
-    );
+    // The tunnel's connection; the GET's may take a moment to be counted closed.
+    eventually(
+        Duration::from_secs(5),
+        "the old listener to count the tunnel's connection alone",
+        || {
+            let p = &p;
+            async move {
+                let s = scrape(p).await;
+                value(&s, "duplex_connections_active", &[("listener", "public")]) == 1.0
+            }
+        },
+    )
+    .await;
     // What nothing uses any more goes at once: the old pair of the kept route.
     eventually(
         Duration::from_secs(5),
@@ -370,6 +379,71 @@ upstreams:
     let s = scrape(&p).await;
     assert!(any_series(&s, &[("listener", "front")]));
     assert!(any_series(&s, &[("route", "kept"), ("upstream", "u2")]));
+    p.shutdown().await;
+}
+
+/// A route removed and brought back while a tunnel on it stays open never loses its
+/// series: they go on counting from where they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_brought_back_keeps_counting() {
+    let b = Backend::start("b1").await;
+    let routes = |with_old: bool| {
+        let old = if with_old {
+            "  - {name: old, match: {path_prefix: /old}, upstream: u1}\n"
+        } else {
+            ""
+        };
+        format!(
+            "routes:\n{old}  - {{name: kept, upstream: u1}}\n\
+             upstreams:\n  - {{name: u1, backends: [{{addr: \"{}\"}}]}}\n",
+            b.addr
+        )
+    };
+    let p = TestProxy::start(&routes(true)).await;
+    let reload = |with_old: bool| {
+        let yaml = format!(
+            "listeners:\n  - name: public\n    bind: \"127.0.0.1:0\"\nadmin:\n  bind: \"127.0.0.1:0\"\n{}",
+            routes(with_old)
+        );
+        duplex_config::Config::parse(&yaml, "reload.yaml").expect("valid")
+    };
+    let (ws, _) = client::ws(p.addr, "/old/a").await;
+    assert_eq!(p.proxy.reload(reload(false)).await.expect("reload"), 2);
+    // A scrape in between: nothing of `old` is unheld while its tunnel is open.
+    let ok = [("route", "old"), ("upstream", "u1"), ("result", "ok")];
+    assert_eq!(
+        value(&scrape(&p).await, "duplex_websocket_upgrades_total", &ok),
+        1.0
+    );
+    assert_eq!(p.proxy.reload(reload(true)).await.expect("reload"), 3);
+    client::close(ws).await;
+    eventually(Duration::from_secs(5), "the first tunnel to close", || {
+        let p = &p;
+        async move {
+            value(
+                &scrape(p).await,
+                "duplex_websocket_tunnels_active",
+                &[("route", "old")],
+            ) == 0.0
+        }
+    })
+    .await;
+    let (mut ws, _) = client::ws(p.addr, "/old/b").await;
+    within("send", ws.send(Message::text("x")))
+        .await
+        .expect("send");
+    assert_eq!(recv(&mut ws).await, Message::text("x"));
+    let s = scrape(&p).await;
+    assert_eq!(value(&s, "duplex_websocket_upgrades_total", &ok), 2.0);
+    assert_eq!(
+        value(
+            &s,
+            "duplex_websocket_tunnel_duration_seconds_count",
+            &[("route", "old")]
+        ),
+        1.0
+    );
+    client::close(ws).await;
     p.shutdown().await;
 }
 
