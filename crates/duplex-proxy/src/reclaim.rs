@@ -134,13 +134,16 @@ impl Idle {
     /// or on any listener, to close: as many as leaves at most [`BATCH`] asked and not
     /// closed yet. Returns how many were asked.
     pub fn reclaim(&self, listener: Option<&AtomicUsize>) -> usize {
-        let room = BATCH.saturating_sub(self.outstanding.load(SeqCst));
-        if room == 0 {
-            return 0;
-        }
         // Chosen and asked under the lock that `Registration::drop` takes to leave: a
         // connection asked is still registered, and its drop counts it out again.
         let registry = lock(&self.registry);
+        let mut room = BATCH.saturating_sub(self.outstanding.load(SeqCst));
+        if room == 0 {
+            room = self.release_busy(&registry);
+            if room == 0 {
+                return 0;
+            }
+        }
         let mut idle: Vec<(u64, usize)> = registry
             .conns
             .iter()
@@ -175,6 +178,20 @@ impl Idle {
         asked
     }
 
+    /// Gives back the batch places of connections asked just as they began a request:
+    /// they close once it ends, which for a long poll may take any time, and meanwhile
+    /// they would keep others from being asked. Counted reclaimed now (they will close).
+    /// Returns the room there is then.
+    fn release_busy(&self, registry: &Registry) -> usize {
+        for c in registry.conns.iter().flatten() {
+            if c.busy.load(SeqCst) > 0 && c.reclaimed_by_cap.swap(false, SeqCst) {
+                c.reclaimed.inc();
+                self.outstanding.fetch_sub(1, SeqCst);
+            }
+        }
+        BATCH.saturating_sub(self.outstanding.load(SeqCst))
+    }
+
     /// Asks every connection to close, now and as they come: shutdown began.
     pub fn close_all(&self) {
         let mut registry = lock(&self.registry);
@@ -191,8 +208,9 @@ impl Drop for Registration {
         let mut registry = lock(&self.idle.registry);
         registry.conns[self.id] = None;
         registry.free.push(self.id);
-        // Read under the lock `reclaim` asks under: asked before this, or never.
-        let by_cap = self.conn.reclaimed_by_cap.load(SeqCst);
+        // Read under the lock `reclaim` asks (and gives places back) under: asked before
+        // this, or never; its place given back already, or not.
+        let by_cap = self.conn.reclaimed_by_cap.swap(false, SeqCst);
         drop(registry);
         if by_cap {
             self.conn.reclaimed.inc();
@@ -322,6 +340,30 @@ mod tests {
             "all gone on drop"
         );
         drop(registry);
+        assert_eq!(idle.outstanding.load(SeqCst), 0);
+    }
+
+    #[test]
+    fn a_connection_asked_as_it_began_a_request_gives_its_place_back() {
+        let idle = Arc::new(Idle::default());
+        let l = Arc::new(AtomicUsize::new(0));
+        let conns: Vec<Registration> = (0..BATCH + 1)
+            .map(|_| idle.register(Arc::clone(&l), counter()))
+            .collect();
+        conns.iter().for_each(served);
+        conns[BATCH].conn.idle_since.store(u64::MAX, SeqCst);
+        assert_eq!(idle.reclaim(None), BATCH);
+        // The batch began requests (long polls, say) just as they were asked.
+        let polls: Vec<Busy> = conns[..BATCH].iter().map(|r| r.conn.busy()).collect();
+        assert_eq!(idle.reclaim(None), 1, "their places came back");
+        assert!(conns[BATCH].conn.asked.load(SeqCst));
+        assert_eq!(idle.outstanding.load(SeqCst), 1);
+        let counts: Vec<Counter> = conns.iter().map(|r| r.conn.reclaimed.clone()).collect();
+        assert!(counts[..BATCH].iter().all(|c| c.get() == 1));
+        // Their close later neither counts them again nor gives a place back twice.
+        drop(polls);
+        drop(conns);
+        assert!(counts.iter().all(|c| c.get() == 1));
         assert_eq!(idle.outstanding.load(SeqCst), 0);
     }
 }
