@@ -34,6 +34,8 @@ pub enum BadHandshake {
     Body,
     /// More than one `Host`.
     Host,
+    /// No `Host` (and no host in the request target): RFC 6455 section 4.1 requires one.
+    NoHost,
 }
 
 impl BadHandshake {
@@ -45,6 +47,7 @@ impl BadHandshake {
             BadHandshake::WebSocketVersion => responses::upgrade_required(),
             BadHandshake::Body => responses::bad_handshake("an upgrade request carries no body"),
             BadHandshake::Host => responses::bad_handshake("only one Host header is allowed"),
+            BadHandshake::NoHost => responses::bad_handshake("a Host header is required"),
             BadHandshake::Key => responses::bad_handshake(
                 "exactly one Sec-WebSocket-Key, the base64 of 16 bytes, is required",
             ),
@@ -64,6 +67,9 @@ pub fn check_client<B>(req: &Request<B>) -> Result<HeaderValue, BadHandshake> {
         return Err(BadHandshake::Host);
     }
     let h = req.headers();
+    if req.uri().authority().is_none() && !h.contains_key(header::HOST) {
+        return Err(BadHandshake::NoHost);
+    }
     // An upgrade request has no body; one that claims a body would leave the backend
     // waiting for bytes that never come.
     let empty = h
@@ -220,6 +226,8 @@ mod tests {
         );
         r.headers_mut()
             .insert("sec-websocket-key", HeaderValue::from_str(key).unwrap());
+        r.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("chat.example"));
         *r.version_mut() = Version::HTTP_11;
         r
     }
@@ -243,6 +251,14 @@ mod tests {
             .headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         assert!(check_client(&with_body).is_ok());
+        let mut no_host = req("13", "dGhlIHNhbXBsZSBub25jZQ==");
+        no_host.headers_mut().remove(header::HOST);
+        assert_eq!(check_client(&no_host).unwrap_err(), BadHandshake::NoHost);
+        *no_host.uri_mut() = "http://chat.example/ws".parse().unwrap();
+        assert!(
+            check_client(&no_host).is_ok(),
+            "the host in the target will do"
+        );
     }
 
     #[test]

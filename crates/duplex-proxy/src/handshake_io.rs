@@ -47,15 +47,41 @@ pub enum Answer {
     Other(Response<Incoming>),
 }
 
+/// Why an exchange failed: the backend closed or broke the connection, or answered
+/// something that is not HTTP or has a head over [`MAX_HEAD`].
+#[derive(Debug)]
+pub struct Failed {
+    pub source: io::Error,
+    /// Whether not one byte of an answer came before: the backend closed or broke the
+    /// connection unanswered (at its own connection limit, say), so the request may go to
+    /// another backend; the client has seen nothing yet.
+    pub unanswered: bool,
+}
+
 /// Sends `head` (a whole request head, see [`crate::handshake::backend_request_head`])
-/// and reads the answer, checking a 101 against the client's `key`. Errors are the
-/// backend's: it closed, broke the connection, or answered something that is not HTTP or
-/// has a head over [`MAX_HEAD`].
+/// and reads the answer, checking a 101 against the client's `key`.
 pub async fn exchange(
+    stream: BackendStream,
+    head: &[u8],
+    key: &HeaderValue,
+    tracker: &TaskTracker,
+) -> Result<Answer, Failed> {
+    let mut answered = false;
+    exchange_inner(stream, head, key, tracker, &mut answered)
+        .await
+        .map_err(|source| Failed {
+            source,
+            unanswered: !answered,
+        })
+}
+
+/// [`exchange`], setting `answered` once a byte of the answer has been read.
+async fn exchange_inner(
     mut stream: BackendStream,
     head: &[u8],
     key: &HeaderValue,
     tracker: &TaskTracker,
+    answered: &mut bool,
 ) -> io::Result<Answer> {
     stream.write_all(head).await?;
     stream.flush().await?;
@@ -106,6 +132,7 @@ pub async fn exchange(
                 "the backend closed the connection before answering",
             ));
         }
+        *answered = true;
         // A head ends with a line feed: until one comes, there is nothing new to parse
         // (a backend sending a byte at a time costs a read each, not a parse each).
         parse = buf[before..].contains(&b'\n');

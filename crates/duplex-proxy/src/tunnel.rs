@@ -50,6 +50,15 @@ pub struct Settings {
     pub close: CancellationToken,
 }
 
+/// How long a half-closed tunnel (one side has ended its sending, the other has not) may
+/// stay without a byte moving before it is closed: a WebSocket peer that has received its
+/// peer's end closes its own side at once, so one that stays silent is gone or stuck (a
+/// frozen client after the backend closed on a deploy). Without a bound such a tunnel
+/// would hold its backend's load mark, a drain and a connection slot for good. HAProxy's
+/// `timeout client-fin` and `server-fin` play this part; nginx's `proxy_read_timeout`
+/// (60 s) bounds every tunnel this way.
+pub const HALF_CLOSED_IDLE: Duration = Duration::from_secs(60);
+
 /// How a tunnel ended.
 #[derive(Debug)]
 enum End {
@@ -57,6 +66,8 @@ enum End {
     Done,
     Error(io::Error),
     Idle,
+    /// Half-closed and quiet for [`HALF_CLOSED_IDLE`].
+    HalfClosedIdle,
     Closed,
 }
 
@@ -134,12 +145,15 @@ fn run<P: Pump, H>(
     };
     async move {
         state.series.active.inc();
-        let end = drive(&mut state.t, &state.settings).await;
+        let end = drive(&mut state.t, &state.settings, &HALF_CLOSED_IDLE).await;
         // The one place a tunnel's end is known; its sockets close with `state` below.
         match &end {
             End::Done => tracing::debug!("tunnel closed by both sides"),
             End::Error(e) => tracing::debug!(error = %e, "tunnel ended by an error"),
             End::Idle => tracing::debug!("tunnel closed after idle_timeout"),
+            End::HalfClosedIdle => tracing::debug!(
+                "tunnel closed: one side ended and the other stayed quiet for {HALF_CLOSED_IDLE:?}"
+            ),
             End::Closed => tracing::debug!("tunnel closed by duplex"),
         }
         let Running {
@@ -179,12 +193,19 @@ trait Pump {
     fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     /// Whether any byte moved since the last call.
     fn take_active(&mut self) -> bool;
+    /// Whether one side's end of sending has been passed on to the other.
+    fn half_closed(&self) -> bool;
 }
 
-async fn drive(t: &mut impl Pump, settings: &Settings) -> End {
-    let tick = settings.idle_timeout.map(|d| d / IDLE_TICKS);
+/// Runs both directions until the tunnel ends; `half_closed_idle` is
+/// [`HALF_CLOSED_IDLE`] (tests shorten it; a reference, as the future holds it per tunnel).
+async fn drive(t: &mut impl Pump, settings: &Settings, half_closed_idle: &'static Duration) -> End {
+    let mut tick = settings.idle_timeout.map(|d| d / IDLE_TICKS);
     let mut quiet_ticks = 0;
-    // Only tunnels with an idle timeout carry a timer (boxed, so the others pay nothing).
+    // Whether the tunnel is half-closed, and whether its shorter bound is the one in force.
+    let (mut half, mut half_bound) = (false, false);
+    // Only tunnels with an idle timeout, or half-closed, carry a timer (boxed, so the
+    // others pay nothing).
     let mut sleep = tick.map(|t| Box::pin(tokio::time::sleep(t)));
     let close = settings.close.cancelled();
     tokio::pin!(close);
@@ -197,11 +218,29 @@ async fn drive(t: &mut impl Pump, settings: &Settings) -> End {
         if close.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::Closed);
         }
+        if !half && t.half_closed() {
+            half = true;
+            if *half_closed_idle < settings.idle_timeout.unwrap_or(Duration::MAX) {
+                half_bound = true;
+                let next = *half_closed_idle / IDLE_TICKS;
+                tick = Some(next);
+                quiet_ticks = 0;
+                let at = tokio::time::Instant::now() + next;
+                match sleep.as_mut() {
+                    Some(s) => s.as_mut().reset(at),
+                    None => sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+                }
+            }
+        }
         if let (Some(tick), Some(sleep)) = (tick, sleep.as_mut()) {
             while sleep.as_mut().poll(cx).is_ready() {
                 quiet_ticks = if t.take_active() { 0 } else { quiet_ticks + 1 };
                 if quiet_ticks >= IDLE_TICKS {
-                    return Poll::Ready(End::Idle);
+                    return Poll::Ready(if half_bound {
+                        End::HalfClosedIdle
+                    } else {
+                        End::Idle
+                    });
                 }
                 sleep.as_mut().reset(tokio::time::Instant::now() + tick);
             }
@@ -251,6 +290,10 @@ impl Direction {
 impl Pump for Splice {
     fn take_active(&mut self) -> bool {
         std::mem::take(&mut self.active)
+    }
+
+    fn half_closed(&self) -> bool {
+        self.c2b.finished() || self.b2c.finished()
     }
 
     fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -364,7 +407,16 @@ const TLS_BUFFER: usize = 16 * 1024;
 /// wrapped to count bytes as they are read.
 struct Buffered {
     copy: Pin<Box<dyn Future<Output = io::Result<()>> + Send>>,
-    active: Arc<AtomicBool>,
+    flags: Arc<Flags>,
+}
+
+/// What a [`Buffered`] tunnel's two sides tell the timers.
+#[derive(Default)]
+struct Flags {
+    /// Set by any byte read or written; cleared by the idle timer.
+    active: AtomicBool,
+    /// Set once either side has been shut down for writing: an end passed on.
+    half_closed: AtomicBool,
 }
 
 impl Buffered {
@@ -376,18 +428,18 @@ impl Buffered {
         backend_early: Bytes,
         b2c: Counter,
     ) -> Buffered {
-        let active = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&active);
+        let flags = Arc::new(Flags::default());
+        let shared = Arc::clone(&flags);
         let copy = async move {
             let mut client = Counting {
                 io: client,
                 bytes: c2b,
-                active: Arc::clone(&flag),
+                flags: Arc::clone(&shared),
             };
             let mut backend = Counting {
                 io: backend,
                 bytes: b2c,
-                active: flag,
+                flags: shared,
             };
             // Bytes that arrived with the handshakes go first.
             client.bytes.inc_by(client_early.len() as u64);
@@ -407,7 +459,7 @@ impl Buffered {
         };
         Buffered {
             copy: Box::pin(copy),
-            active,
+            flags,
         }
     }
 }
@@ -418,7 +470,11 @@ impl Pump for Buffered {
     }
 
     fn take_active(&mut self) -> bool {
-        self.active.swap(false, Ordering::Relaxed)
+        self.flags.active.swap(false, Ordering::Relaxed)
+    }
+
+    fn half_closed(&self) -> bool {
+        self.flags.half_closed.load(Ordering::Relaxed)
     }
 }
 
@@ -426,7 +482,7 @@ impl Pump for Buffered {
 struct Counting<S> {
     io: S,
     bytes: Counter,
-    active: Arc<AtomicBool>,
+    flags: Arc<Flags>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
@@ -448,7 +504,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
         let n = buf.filled().len() - before;
         if n > 0 {
             self.bytes.inc_by(n as u64);
-            self.active.store(true, Ordering::Relaxed);
+            self.flags.active.store(true, Ordering::Relaxed);
         }
         res
     }
@@ -460,7 +516,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let res = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(1..)) = res {
+            // A backlog draining slowly is not an idle tunnel.
+            self.flags.active.store(true, Ordering::Relaxed);
+        }
+        res
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -468,16 +529,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let res = Pin::new(&mut self.io).poll_shutdown(cx);
+        if res.is_ready() {
+            self.flags.half_closed.store(true, Ordering::Relaxed);
+        }
+        res
     }
 }
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// An idle tunnel's task is most of its memory; this keeps it from growing unnoticed.
-    #[tokio::test]
-    async fn an_idle_tunnel_stays_small() {
+    /// A connected pair of loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -485,6 +549,47 @@ mod tests {
             .await
             .expect("connect");
         let (b, _) = l.accept().await.expect("accept");
+        (a, b)
+    }
+
+    /// The backend ends its side and the client stays silent: without `idle_timeout`,
+    /// the tunnel still ends once it has been half-closed and quiet for the bound.
+    #[tokio::test]
+    async fn a_quiet_half_closed_tunnel_ends() {
+        use tokio::io::AsyncReadExt;
+        let (mut user, client) = pair().await;
+        let (backend, mut server) = pair().await;
+        let m = Arc::new(duplex_metrics::Metrics::new());
+        let series = m.tunnel_series(&m.route_series("r", "u"), "b");
+        let mut t = Splice {
+            client,
+            backend,
+            c2b: Direction::new(Bytes::new(), series.client_to_backend.clone()),
+            b2c: Direction::new(Bytes::new(), series.backend_to_client.clone()),
+            active: false,
+        };
+        let settings = Settings {
+            idle_timeout: None,
+            close: CancellationToken::new(),
+        };
+        server.write_all(b"bye").await.expect("write");
+        server.shutdown().await.expect("shutdown");
+        static SHORT: Duration = Duration::from_millis(200);
+        let drive = drive(&mut t, &settings, &SHORT);
+        let end = tokio::time::timeout(Duration::from_secs(10), drive)
+            .await
+            .expect("a quiet half-closed tunnel ends");
+        assert!(matches!(end, End::HalfClosedIdle), "{end:?}");
+        // What came before the end, and the end itself, reached the client.
+        let mut got = Vec::new();
+        user.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"bye");
+    }
+
+    /// An idle tunnel's task is most of its memory; this keeps it from growing unnoticed.
+    #[tokio::test]
+    async fn an_idle_tunnel_stays_small() {
+        let (a, b) = pair().await;
         let m = std::sync::Arc::new(duplex_metrics::Metrics::new());
         let series = m.tunnel_series(&m.route_series("r", "u"), "b");
         let t = Splice {

@@ -67,33 +67,61 @@ pub async fn upgrade(
         count(UpgradeResult::NoBackend);
         return responses::no_healthy_backend(&route.name);
     }
-    let Some((stream, backend, load)) = connect_first(&candidates, up, shared).await else {
-        count(UpgradeResult::ConnectError);
-        return responses::bad_gateway(&route.name);
-    };
-    let addr = backend.state.addr;
-
-    // Forward the handshake and wait for the answer, bounded by handshake_timeout.
+    // Forward the handshake and wait for the answer, bounded by handshake_timeout. A
+    // backend that closes the connection unanswered counts as one that refused it: the
+    // handshake goes to the next candidate.
     let head = backend_request_head(&req, &conn.forwarded_for, conn.https);
-    let answer = match tokio::time::timeout(
-        up.cfg.handshake_timeout,
-        handshake_io::exchange(stream, &head, &key, &shared.tracker),
-    )
-    .await
-    {
-        Err(_) => {
-            tracing::warn!(route = %route.name, backend = %addr, "backend did not answer the upgrade in time");
-            crate::health::passive_failure(shared, up, &backend.state);
-            count(UpgradeResult::Timeout);
-            return responses::gateway_timeout(&route.name);
-        }
-        Ok(Err(source)) => {
-            tracing::warn!(route = %route.name, error = %ProxyError::Handshake { addr, source }, "upgrade failed");
+    let mut rest = &candidates[..];
+    let (answer, backend, load) = loop {
+        let Some((stream, backend, load, tried)) = connect_first(rest, up, shared).await else {
             count(UpgradeResult::ConnectError);
             return responses::bad_gateway(&route.name);
+        };
+        rest = &rest[tried..];
+        let addr = backend.state.addr;
+        match tokio::time::timeout(
+            up.cfg.handshake_timeout,
+            handshake_io::exchange(stream, &head, &key, &shared.tracker),
+        )
+        .await
+        {
+            Err(_) => {
+                tracing::warn!(route = %route.name, backend = %addr, "backend did not answer the upgrade in time");
+                crate::health::passive_failure(shared, up, &backend.state);
+                count(UpgradeResult::Timeout);
+                return responses::gateway_timeout(&route.name);
+            }
+            Ok(Err(failed)) if failed.unanswered => {
+                let err = ProxyError::Handshake {
+                    addr,
+                    source: failed.source,
+                };
+                shared
+                    .metrics
+                    .backend_connect_errors
+                    .with_label_values(&[&up.cfg.name, &addr.to_string(), "other"])
+                    .inc();
+                crate::health::passive_failure(shared, up, &backend.state);
+                if rest.is_empty() {
+                    tracing::warn!(route = %route.name, error = %err, "upgrade failed");
+                    count(UpgradeResult::ConnectError);
+                    return responses::bad_gateway(&route.name);
+                }
+                tracing::warn!(upstream = %up.cfg.name, error = %err, "trying the next backend");
+            }
+            Ok(Err(failed)) => {
+                let err = ProxyError::Handshake {
+                    addr,
+                    source: failed.source,
+                };
+                tracing::warn!(route = %route.name, error = %err, "upgrade failed");
+                count(UpgradeResult::ConnectError);
+                return responses::bad_gateway(&route.name);
+            }
+            Ok(Ok(answer)) => break (answer, backend, load),
         }
-        Ok(Ok(answer)) => answer,
     };
+    let addr = backend.state.addr;
     backend.state.record_success();
 
     // A valid 101 opens the tunnel; any other answer goes to the client as a normal
@@ -141,18 +169,18 @@ pub async fn upgrade(
 }
 
 /// Connects (TCP, then TLS if the upstream has it) to the first candidate that answers
-/// within `connect_timeout`; counts the load
-/// on a backend from the moment it is chosen, so concurrent handshakes spread out.
+/// within `connect_timeout`, and says how many candidates it went through; counts the
+/// load on a backend from the moment it is chosen, so concurrent handshakes spread out.
 async fn connect_first<'a>(
     candidates: &[&'a Backend],
     up: &UpstreamRt,
     shared: &Shared,
-) -> Option<(BackendStream, &'a Backend, LoadGuard)> {
-    for &b in candidates {
+) -> Option<(BackendStream, &'a Backend, LoadGuard, usize)> {
+    for (i, &b) in candidates.iter().enumerate() {
         let load = b.state.guard();
         let addr = b.state.addr;
         match connect(addr, up.cfg.connect_timeout, up.tls.as_deref()).await {
-            Ok(stream) => return Some((stream, b, load)),
+            Ok(stream) => return Some((stream, b, load, i + 1)),
             Err(source) => {
                 let local = crate::connector::is_local_exhaustion(&source);
                 let kind = connect_kind(&source);

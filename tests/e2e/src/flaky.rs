@@ -44,6 +44,9 @@ pub enum Mode {
     Http500,
     RefuseUpgrade,
     Silent,
+    /// Accepts connections and closes them at once, unread (a server at its own
+    /// connection limit).
+    Hangup,
     Down,
 }
 
@@ -220,7 +223,7 @@ async fn connection(tcp: TcpStream, inner: Arc<Inner>) {
     let mut rx = inner.state.subscribe();
     let at_start = *rx.borrow_and_update();
     match at_start.mode {
-        Mode::Down => return,
+        Mode::Down | Mode::Hangup => return,
         Mode::Silent => {
             // Hold the socket, unread, until the mode changes.
             let _ = rx.wait_for(|s| s.changes != at_start.changes).await;
@@ -266,7 +269,7 @@ async fn answer(
         .filter(|_| req.headers().contains_key(header::UPGRADE))
         .cloned();
     match (now.mode, key) {
-        (Mode::Silent | Mode::Down, _) => {
+        (Mode::Silent | Mode::Down | Mode::Hangup, _) => {
             // Never answer; once the mode changes, drop the connection instead.
             let _ = rx.wait_for(|s| s.changes != now.changes).await;
             Err(io::Error::other("the backend was silent"))

@@ -160,6 +160,38 @@ async fn connect_failures_are_retried_elsewhere_and_eject_a_down_backend() {
     p.shutdown().await;
 }
 
+/// A backend that accepts connections and closes them unanswered fails like one that
+/// refuses them: the handshake goes to the next backend, and after `max_fails` the
+/// hanging-up one is ejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_closing_upgrades_unanswered_is_skipped_and_ejected() {
+    let a = FlakyBackend::start("a").await;
+    let h = FlakyBackend::start("h").await;
+    let extra = "    max_fails: 2\n    fail_timeout: 5s\n";
+    let p = start(&yaml(extra, &[&a, &h])).await;
+    h.set(Mode::Hangup).await;
+
+    let landed = land(&p, 6).await;
+    assert_eq!(
+        landed.get("a"),
+        Some(&6),
+        "every client reached a: {landed:?}"
+    );
+    assert_eq!(h.connections(), 2, "h was tried until ejected");
+    assert_eq!(
+        backend_metric(
+            &p,
+            "duplex_backend_connect_errors_total",
+            &h,
+            &[("kind", "other")]
+        )
+        .await,
+        2.0
+    );
+    assert!(flag(&p, &h, "ejected").await);
+    p.shutdown().await;
+}
+
 /// Plain HTTP's connect failures count the same way: the unsent request is retried on the
 /// next backend, and the refusing one is ejected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

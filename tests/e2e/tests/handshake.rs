@@ -255,6 +255,24 @@ async fn version_8_gets_426_naming_version_13() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_without_host_gets_400() {
+    let b = RawBackend::silent().await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let req = format!(
+        "GET /chat HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\r\n"
+    );
+    let r = raw_exchange(p.addr, req.as_bytes()).await;
+    assert_eq!(r.head.status(), 400, "{r:?}");
+    assert!(r.body.contains("Host"), "{}", r.body);
+    assert_eq!(
+        b.accepted(),
+        0,
+        "a refused handshake must not reach a backend"
+    );
+}
+
 /// An upgrade request sent by an HTTP client, for answers other than 101.
 async fn upgrade_over_http(proxy: std::net::SocketAddr, path: &str) -> Reply {
     let mut c = HttpConn::open(proxy).await;
