@@ -26,12 +26,19 @@ use crate::server::lock;
 /// before those have closed ask no more.
 pub const BATCH: usize = 32;
 
+/// How often, at most, a full batch looks for connections that began a request after
+/// being asked (see [`Idle::release_busy`]).
+const RELEASE_EVERY_MS: u64 = 1000;
+
 /// The connections that could be asked to close.
 #[derive(Debug, Default)]
 pub struct Idle {
     registry: Mutex<Registry>,
     /// Connections asked to close by a full cap that have not closed yet.
     outstanding: AtomicUsize,
+    /// When [`Idle::release_busy`] last looked, in ms since [`epoch`] plus one (0: never):
+    /// at a full cap it would otherwise scan every connection on every wake-up.
+    released_at: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -139,6 +146,11 @@ impl Idle {
         let registry = lock(&self.registry);
         let mut room = BATCH.saturating_sub(self.outstanding.load(SeqCst));
         if room == 0 {
+            let (now, last) = (now_ms() + 1, self.released_at.load(SeqCst));
+            if last != 0 && now.saturating_sub(last) < RELEASE_EVERY_MS {
+                return 0;
+            }
+            self.released_at.store(now, SeqCst);
             room = self.release_busy(&registry);
             if room == 0 {
                 return 0;

@@ -188,6 +188,10 @@ impl Proxy {
             },
         }
         let health = crate::health::spawn_checks(&shared, &shared.table.load());
+        tokio::spawn(sweep_series(
+            Arc::clone(&shared.metrics),
+            shared.stopping.clone(),
+        ));
         let proxy = Proxy {
             inner: Arc::new(Inner {
                 shared,
@@ -338,6 +342,23 @@ pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// How often the series of names nothing uses any more are removed, for when no scrape
+/// (which removes them first) comes: see `duplex_metrics::Scope`.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Removes unused series every [`SWEEP_EVERY`] until shutdown, on the blocking pool (it
+/// reads every series of the families concerned).
+async fn sweep_series(metrics: Arc<Metrics>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+            _ = stop.cancelled() => return,
+        }
+        let m = Arc::clone(&metrics);
+        let _ = tokio::task::spawn_blocking(move || m.sweep()).await;
+    }
 }
 
 /// Resolves once a client held at a cap has closed its side or reset: it gave up

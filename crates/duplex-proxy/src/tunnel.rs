@@ -223,8 +223,14 @@ async fn drive(t: &mut impl Pump, settings: &Settings, half_closed_idle: &'stati
             if *half_closed_idle < settings.idle_timeout.unwrap_or(Duration::MAX) {
                 half_bound = true;
                 let next = *half_closed_idle / IDLE_TICKS;
+                // The quiet time counted so far still counts, in the shorter ticks: the
+                // tunnel closes no later than idle_timeout would have closed it.
+                quiet_ticks = tick.map_or(0, |old| {
+                    let quiet = old * quiet_ticks;
+                    let ticks = quiet.as_nanos() / next.as_nanos().max(1);
+                    u32::try_from(ticks).unwrap_or(u32::MAX).min(IDLE_TICKS - 1)
+                });
                 tick = Some(next);
-                quiet_ticks = 0;
                 let at = tokio::time::Instant::now() + next;
                 match sleep.as_mut() {
                     Some(s) => s.as_mut().reset(at),
@@ -584,6 +590,37 @@ mod tests {
         let mut got = Vec::new();
         user.read_to_end(&mut got).await.expect("read");
         assert_eq!(got, b"bye");
+    }
+
+    /// Quiet time before a half-close still counts after it: with `idle_timeout` 80 s, a
+    /// tunnel quiet for 55 s and then half-closed ends by about 60 s (the half-closed bound
+    /// of 40 s in ticks of 5 s, with the 50 s counted so far), not 40 s after the FIN.
+    #[tokio::test(start_paused = true)]
+    async fn a_half_close_keeps_the_quiet_time_counted_so_far() {
+        let (_user, client) = pair().await;
+        let (backend, mut server) = pair().await;
+        let m = Arc::new(duplex_metrics::Metrics::new());
+        let series = m.tunnel_series(&m.route_series("r", "u"), "b");
+        let mut t = Splice {
+            client,
+            backend,
+            c2b: Direction::new(Bytes::new(), series.client_to_backend.clone()),
+            b2c: Direction::new(Bytes::new(), series.backend_to_client.clone()),
+            active: false,
+        };
+        let settings = Settings {
+            idle_timeout: Some(Duration::from_secs(80)),
+            close: CancellationToken::new(),
+        };
+        static HALF: Duration = Duration::from_secs(40);
+        let start = tokio::time::Instant::now();
+        let run = tokio::spawn(async move { drive(&mut t, &settings, &HALF).await });
+        tokio::time::sleep(Duration::from_secs(55)).await;
+        server.shutdown().await.expect("shutdown");
+        let end = run.await.expect("the tunnel task");
+        assert!(matches!(end, End::HalfClosedIdle), "{end:?}");
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(66), "ended after {took:?}");
     }
 
     /// An idle tunnel's task is most of its memory; this keeps it from growing unnoticed.

@@ -68,8 +68,11 @@ pub async fn upgrade(
         return responses::no_healthy_backend(&route.name);
     }
     // Forward the handshake and wait for the answer, bounded by handshake_timeout. A
-    // backend that closes the connection unanswered counts as one that refused it: the
-    // handshake goes to the next candidate.
+    // backend that closes the connection unanswered (at its own connection limit, say)
+    // gets the handshake sent to the next candidate: the client has seen nothing yet. It
+    // is counted, but not against the backend's health: a backend may also close on a
+    // request it refuses (failed authentication), and clients must not be able to get
+    // backends ejected that way.
     let head = backend_request_head(&req, &conn.forwarded_for, conn.https);
     let mut rest = &candidates[..];
     let (answer, backend, load) = loop {
@@ -101,7 +104,6 @@ pub async fn upgrade(
                     .backend_connect_errors
                     .with_label_values(&[&up.cfg.name, &addr.to_string(), "other"])
                     .inc();
-                crate::health::passive_failure(shared, up, &backend.state);
                 if rest.is_empty() {
                     tracing::warn!(route = %route.name, error = %err, "upgrade failed");
                     count(UpgradeResult::ConnectError);

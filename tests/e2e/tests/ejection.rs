@@ -160,11 +160,12 @@ async fn connect_failures_are_retried_elsewhere_and_eject_a_down_backend() {
     p.shutdown().await;
 }
 
-/// A backend that accepts connections and closes them unanswered fails like one that
-/// refuses them: the handshake goes to the next backend, and after `max_fails` the
-/// hanging-up one is ejected.
+/// A backend that accepts connections and closes them unanswered: the handshake goes to
+/// the next backend, as after a refused connect, and each hangup is counted, but not
+/// against the backend's health (a backend may hang up on a request it refuses, and
+/// clients must not be able to get backends ejected).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backend_closing_upgrades_unanswered_is_skipped_and_ejected() {
+async fn a_backend_closing_upgrades_unanswered_is_skipped_not_ejected() {
     let a = FlakyBackend::start("a").await;
     let h = FlakyBackend::start("h").await;
     let extra = "    max_fails: 2\n    fail_timeout: 5s\n";
@@ -177,7 +178,8 @@ async fn a_backend_closing_upgrades_unanswered_is_skipped_and_ejected() {
         Some(&6),
         "every client reached a: {landed:?}"
     );
-    assert_eq!(h.connections(), 2, "h was tried until ejected");
+    let tried = h.connections();
+    assert!(tried >= 3, "round robin kept trying h: {tried}");
     assert_eq!(
         backend_metric(
             &p,
@@ -186,9 +188,9 @@ async fn a_backend_closing_upgrades_unanswered_is_skipped_and_ejected() {
             &[("kind", "other")]
         )
         .await,
-        2.0
+        tried as f64
     );
-    assert!(flag(&p, &h, "ejected").await);
+    assert!(!flag(&p, &h, "ejected").await);
     p.shutdown().await;
 }
 
