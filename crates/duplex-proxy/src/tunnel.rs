@@ -558,6 +558,19 @@ mod tests {
         (a, b)
     }
 
+    /// A tunnel between two sockets, with nothing early and counters of its own.
+    fn splice(client: TcpStream, backend: TcpStream) -> Splice {
+        let m = Arc::new(duplex_metrics::Metrics::new());
+        let series = m.tunnel_series(&m.route_series("r", "u"), "b");
+        Splice {
+            client,
+            backend,
+            c2b: Direction::new(Bytes::new(), series.client_to_backend.clone()),
+            b2c: Direction::new(Bytes::new(), series.backend_to_client.clone()),
+            active: false,
+        }
+    }
+
     /// The backend ends its side and the client stays silent: without `idle_timeout`,
     /// the tunnel still ends once it has been half-closed and quiet for the bound.
     #[tokio::test]
@@ -565,15 +578,7 @@ mod tests {
         use tokio::io::AsyncReadExt;
         let (mut user, client) = pair().await;
         let (backend, mut server) = pair().await;
-        let m = Arc::new(duplex_metrics::Metrics::new());
-        let series = m.tunnel_series(&m.route_series("r", "u"), "b");
-        let mut t = Splice {
-            client,
-            backend,
-            c2b: Direction::new(Bytes::new(), series.client_to_backend.clone()),
-            b2c: Direction::new(Bytes::new(), series.backend_to_client.clone()),
-            active: false,
-        };
+        let mut t = splice(client, backend);
         let settings = Settings {
             idle_timeout: None,
             close: CancellationToken::new(),
@@ -599,15 +604,7 @@ mod tests {
     async fn a_half_close_keeps_the_quiet_time_counted_so_far() {
         let (_user, client) = pair().await;
         let (backend, mut server) = pair().await;
-        let m = Arc::new(duplex_metrics::Metrics::new());
-        let series = m.tunnel_series(&m.route_series("r", "u"), "b");
-        let mut t = Splice {
-            client,
-            backend,
-            c2b: Direction::new(Bytes::new(), series.client_to_backend.clone()),
-            b2c: Direction::new(Bytes::new(), series.backend_to_client.clone()),
-            active: false,
-        };
+        let mut t = splice(client, backend);
         let settings = Settings {
             idle_timeout: Some(Duration::from_secs(80)),
             close: CancellationToken::new(),
