@@ -88,11 +88,22 @@ pub(crate) fn check(i: usize, h: &RawHealthCheck) -> Result<HealthCheck, Violati
 
 pub(crate) fn passive(i: usize, u: &RawUpstream) -> Result<PassiveHealth, Violation> {
     let fail_timeout = match &u.fail_timeout {
-        Some(s) => parse_duration(vec![Key("upstreams"), Index(i), Key("fail_timeout")], s)?,
+        Some(s) => crate::validate::parse_duration_min(
+            vec![Key("upstreams"), Index(i), Key("fail_timeout")],
+            s,
+            crate::validate::MIN_TIMEOUT,
+        )?,
         None => defaults::FAIL_TIMEOUT,
     };
+    let max_fails = u.max_fails.unwrap_or(defaults::MAX_FAILS);
+    if max_fails > MAX_FAILS_LIMIT {
+        return fail(
+            vec![Key("upstreams"), Index(i), Key("max_fails")],
+            format!("max_fails must be between 0 (off) and {MAX_FAILS_LIMIT}, got {max_fails}"),
+        );
+    }
     Ok(PassiveHealth {
-        max_fails: u.max_fails.unwrap_or(defaults::MAX_FAILS),
+        max_fails,
         fail_timeout,
         max_fail_timeout: defaults::MAX_FAIL_TIMEOUT.max(fail_timeout),
     })
@@ -146,6 +157,10 @@ pub(crate) fn dns_backend(
         interval,
     })
 }
+
+/// The most failures in a row `max_fails` may ask for (as many as the active checks'
+/// thresholds allow); more is passive health turned off without saying so.
+const MAX_FAILS_LIMIT: u32 = 100;
 
 /// The shortest health check and DNS interval: below it a typo (`1ms` for `1m`) would
 /// probe a backend or query the resolver a thousand times a second, forever.

@@ -14,12 +14,15 @@ use crate::{BalancerKind, HashKey, HealthKind, PanicMode};
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConfig {
     pub listeners: Vec<RawListener>,
+    #[serde(default, deserialize_with = "present")]
     pub admin: Option<RawAdmin>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub upstreams: Vec<RawUpstream>,
+    #[serde(default, deserialize_with = "present")]
     pub shutdown_timeout: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub max_connections: Option<u64>,
 }
 
@@ -28,11 +31,17 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawListener {
     pub name: String,
     pub bind: String,
+    #[serde(default, deserialize_with = "present")]
     pub tls: Option<RawListenerTls>,
+    #[serde(default, deserialize_with = "present")]
     pub redirect_https: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
     pub https_port: Option<u16>,
+    #[serde(default, deserialize_with = "present")]
     pub send_timeout: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub client_body_timeout: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub max_connections: Option<u64>,
 }
 
@@ -40,9 +49,13 @@ pub(crate) struct RawListener {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawListenerTls {
     pub certificates: Vec<RawCertificate>,
+    #[serde(default, deserialize_with = "present")]
     pub min_version: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub alpn: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
     pub client_auth: Option<RawClientAuth>,
+    #[serde(default, deserialize_with = "present")]
     pub handshake_timeout: Option<String>,
 }
 
@@ -57,16 +70,22 @@ pub(crate) struct RawCertificate {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawClientAuth {
     pub ca: String,
+    #[serde(default, deserialize_with = "present")]
     pub required: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawUpstreamTls {
+    #[serde(default, deserialize_with = "present")]
     pub server_name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub ca: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub client_cert: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub client_key: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub insecure_skip_verify: Option<bool>,
 }
 
@@ -88,11 +107,26 @@ pub(crate) struct RawRoute {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawMatch {
+    #[serde(default, deserialize_with = "present")]
     pub host: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub path_prefix: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub path: Option<String>,
     #[serde(default, deserialize_with = "unique_keys")]
     pub headers: BTreeMap<String, String>,
+}
+
+/// An optional key that, when written, must have a value: YAML reads `key:` with nothing
+/// after it (every line under it commented out, say) as null, which serde would take for
+/// "not set", and `client_auth:` emptied that way would turn client certificates off.
+/// Here it is an error that names the key, as a missing value of any other type is.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// A map whose keys must differ: YAML allows a key twice, and the last would silently win.
@@ -133,17 +167,29 @@ pub(crate) struct RawUpstream {
     pub name: String,
     #[serde(default)]
     pub balancer: BalancerKind,
+    #[serde(default, deserialize_with = "present")]
     pub hash_key: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub connect_timeout: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub handshake_timeout: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub response_timeout: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub idle_timeout: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub drain_timeout: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub retries: Option<u32>,
+    #[serde(default, deserialize_with = "present")]
     pub tls: Option<RawUpstreamTls>,
+    #[serde(default, deserialize_with = "present")]
     pub health_check: Option<RawHealthCheck>,
+    #[serde(default, deserialize_with = "present")]
     pub max_fails: Option<u32>,
+    #[serde(default, deserialize_with = "present")]
     pub fail_timeout: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub close_tunnels_on_unhealthy: Option<bool>,
     #[serde(default)]
     pub panic_mode: PanicMode,
@@ -154,8 +200,11 @@ pub(crate) struct RawUpstream {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBackend {
     pub addr: String,
+    #[serde(default, deserialize_with = "present")]
     pub weight: Option<u32>,
+    #[serde(default, deserialize_with = "present")]
     pub resolve: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub resolve_interval: Option<String>,
 }
 
@@ -163,12 +212,19 @@ pub(crate) struct RawBackend {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawHealthCheck {
     pub kind: HealthKind,
+    #[serde(default, deserialize_with = "present")]
     pub path: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub expect_status: Option<u16>,
+    #[serde(default, deserialize_with = "present")]
     pub host: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub interval: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub timeout: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub healthy_threshold: Option<u32>,
+    #[serde(default, deserialize_with = "present")]
     pub unhealthy_threshold: Option<u32>,
 }
 
@@ -194,8 +250,17 @@ impl std::str::FromStr for HashKey {
                 }
                 Ok(HashKey::Header(name.to_ascii_lowercase()))
             }
-            "cookie" => Ok(HashKey::Cookie(name.to_owned())),
-            "query" => Ok(HashKey::Query(name.to_owned())),
+            // A name no request could carry would send every request to the fallback.
+            "cookie" if name.bytes().all(is_token_byte) => Ok(HashKey::Cookie(name.to_owned())),
+            "cookie" => Err(format!("invalid cookie name {name:?} in hash_key")),
+            "query"
+                if !name
+                    .bytes()
+                    .any(|b| b"&=# ".contains(&b) || b.is_ascii_control()) =>
+            {
+                Ok(HashKey::Query(name.to_owned()))
+            }
+            "query" => Err(format!("invalid query parameter name {name:?} in hash_key")),
             _ => Err(bad()),
         }
     }

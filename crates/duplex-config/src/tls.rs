@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::locate::Seg::{self, Index, Key};
 use crate::raw::{RawListenerTls, RawUpstreamTls};
-use crate::validate::{fail, parse_duration, Violation};
+use crate::validate::{fail, Violation};
 use crate::{defaults, CertificateFiles, ClientAuth, ListenerTls, TlsVersion, UpstreamTls};
 
 /// A file path from the config: relative paths are taken from the config file's directory.
@@ -88,7 +88,11 @@ pub(crate) fn listener(
         }),
     };
     let handshake_timeout = match &t.handshake_timeout {
-        Some(d) => parse_duration(at("handshake_timeout"), d)?,
+        Some(d) => crate::validate::parse_duration_min(
+            at("handshake_timeout"),
+            d,
+            crate::validate::MIN_TIMEOUT,
+        )?,
         None => defaults::TLS_HANDSHAKE_TIMEOUT,
     };
     Ok(ListenerTls {

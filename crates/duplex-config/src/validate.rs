@@ -79,6 +79,30 @@ pub(crate) fn parse_duration(path: Vec<Seg<'static>>, s: &str) -> Result<Duratio
     }
 }
 
+/// The shortest timeout a client or backend gets: below it a typo (`1ms` for `1m`) would
+/// cut every connection, tunnel or ejection short.
+pub(crate) const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// The shortest connect, handshake and response timeout toward a backend (a backend on
+/// the same host answers in well under a millisecond).
+pub(crate) const MIN_BACKEND_WAIT: Duration = Duration::from_millis(10);
+
+/// [`parse_duration`], refusing anything shorter than `min`.
+pub(crate) fn parse_duration_min(
+    path: Vec<Seg<'static>>,
+    s: &str,
+    min: Duration,
+) -> Result<Duration, Violation> {
+    let d = parse_duration(path.clone(), s)?;
+    if d < min {
+        return fail(
+            path,
+            format!("duration {s:?} is shorter than the minimum of {min:?}"),
+        );
+    }
+    Ok(d)
+}
+
 fn check_unique<'a>(
     seen: &mut HashSet<&'a str>,
     path: Vec<Seg<'static>>,
@@ -139,11 +163,11 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
             _ => None,
         };
         let send_timeout = match &l.send_timeout {
-            Some(d) => parse_duration(at("send_timeout"), d)?,
+            Some(d) => parse_duration_min(at("send_timeout"), d, MIN_TIMEOUT)?,
             None => defaults::SEND_TIMEOUT,
         };
         let client_body_timeout = match &l.client_body_timeout {
-            Some(d) => parse_duration(at("client_body_timeout"), d)?,
+            Some(d) => parse_duration_min(at("client_body_timeout"), d, MIN_TIMEOUT)?,
             None => defaults::CLIENT_BODY_TIMEOUT,
         };
         listeners.push(Listener {
@@ -259,7 +283,10 @@ fn matcher(i: usize, m: &RawMatch) -> Result<Matcher, Violation> {
                 Some(rest) => (true, rest),
                 None => (false, h.as_str()),
             };
+            // A fully qualified name's final dot: requests are matched without it.
+            let rest = rest.strip_suffix('.').unwrap_or(rest);
             let ok = !rest.is_empty()
+                && rest.split('.').all(|label| !label.is_empty())
                 && rest
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
@@ -337,6 +364,7 @@ fn upstream(i: usize, u: &RawUpstream, base: &Path) -> Result<Upstream, Violatio
         );
     }
     let mut seen = HashSet::new();
+    let mut seen_names = HashSet::new();
     let mut backends = Vec::new();
     let mut discovered = Vec::new();
     for (j, b) in u.backends.iter().enumerate() {
@@ -349,7 +377,17 @@ fn upstream(i: usize, u: &RawUpstream, base: &Path) -> Result<Upstream, Violatio
             );
         }
         if b.resolve.is_some() {
-            discovered.push(crate::health::dns_backend(i, j, b, weight)?);
+            let d = crate::health::dns_backend(i, j, b, weight)?;
+            if !seen_names.insert((d.host.clone(), d.port)) {
+                return fail(
+                    at("addr"),
+                    format!(
+                        "backend {}:{} is listed twice in upstream {:?}",
+                        d.host, d.port, u.name
+                    ),
+                );
+            }
+            discovered.push(d);
             continue;
         }
         if b.resolve_interval.is_some() {
@@ -389,6 +427,10 @@ fn upstream(i: usize, u: &RawUpstream, base: &Path) -> Result<Upstream, Violatio
         Some(d) => parse_duration(at(k), d),
         None => Ok(default),
     };
+    let wait = |k: &'static str, d: &Option<String>, default| match d {
+        Some(d) => parse_duration_min(at(k), d, MIN_BACKEND_WAIT),
+        None => Ok(default),
+    };
     let retries = u.retries.unwrap_or(defaults::RETRIES);
     if retries > 100 {
         return fail(
@@ -400,23 +442,23 @@ fn upstream(i: usize, u: &RawUpstream, base: &Path) -> Result<Upstream, Violatio
         name: u.name.clone(),
         balancer: u.balancer,
         hash_key,
-        connect_timeout: duration(
+        connect_timeout: wait(
             "connect_timeout",
             &u.connect_timeout,
             defaults::CONNECT_TIMEOUT,
         )?,
-        handshake_timeout: duration(
+        handshake_timeout: wait(
             "handshake_timeout",
             &u.handshake_timeout,
             defaults::HANDSHAKE_TIMEOUT,
         )?,
-        response_timeout: duration(
+        response_timeout: wait(
             "response_timeout",
             &u.response_timeout,
             defaults::RESPONSE_TIMEOUT,
         )?,
         idle_timeout: match &u.idle_timeout {
-            Some(d) => Some(parse_duration(at("idle_timeout"), d)?),
+            Some(d) => Some(parse_duration_min(at("idle_timeout"), d, MIN_TIMEOUT)?),
             None => None,
         },
         drain_timeout: duration("drain_timeout", &u.drain_timeout, defaults::DRAIN_TIMEOUT)?,

@@ -179,6 +179,46 @@ fn refuses_bad_files_and_points_at_the_value() {
             "addr: chat.test:9002\n        resolve: dns\n        resolve_interval: 1ms",
             "f:28:27: must be at least 100ms, got 1ms",
         ),
+        (
+            "host: chat.example.com",
+            "host: 'a..b'",
+            "f:9:13: invalid host",
+        ),
+        (
+            "hash_key: header:X-User-Id",
+            "hash_key: 'cookie:session id'",
+            "f:18:15: invalid cookie name",
+        ),
+        (
+            "hash_key: header:X-User-Id",
+            "hash_key: 'query:a=b'",
+            "f:18:15: invalid query parameter name",
+        ),
+        (
+            "idle_timeout: 1h",
+            "idle_timeout: 1ms",
+            "f:21:19: duration \"1ms\" is shorter than the minimum of 100ms",
+        ),
+        (
+            "connect_timeout: 2s",
+            "connect_timeout: 1ns",
+            "f:19:22: duration \"1ns\" is shorter than the minimum of 10ms",
+        ),
+        (
+            "idle_timeout: 1h",
+            "idle_timeout:",
+            "f:21:5: invalid duration \"\" (value was empty)",
+        ),
+        (
+            "    retries: 2",
+            "    retries: 2\n    max_fails: 101",
+            "f:23:16: max_fails must be between 0 (off) and 100, got 101",
+        ),
+        (
+            "addr: 127.0.0.1:9002",
+            "addr: chat.test:9002\n        resolve: dns\n      - addr: chat.test:9002\n        resolve: dns",
+            "f:28:15: backend chat.test:9002 is listed twice in upstream \"chat\"",
+        ),
     ];
     let mut wrong = Vec::new();
     for (from, to, want) in cases {
@@ -212,4 +252,50 @@ fn segment_aware_prefix_and_wildcard_hosts() {
     let h = HostMatch::Suffix(".example.com".into());
     assert!(h.matches("a.example.com") && h.matches("a.b.example.com"));
     assert!(!h.matches("example.com") && !h.matches("aexample.com"));
+}
+
+/// `client_auth:` with every line under it commented out is an error, not "no client
+/// certificates": read as "not set", it would let every client in.
+#[test]
+fn an_emptied_section_is_refused_not_taken_as_unset() {
+    let src = "\
+listeners:
+  - name: public
+    bind: 127.0.0.1:8443
+    tls:
+      certificates:
+        - {cert: c.pem, key: k.pem}
+      client_auth:
+      #  ca: clients.pem
+upstreams: [{name: u, backends: [{addr: '127.0.0.1:2'}]}]
+";
+    let err = Config::parse(src, "f")
+        .expect_err("emptied client_auth")
+        .to_string();
+    assert!(err.starts_with("f:7:"), "{err}");
+    assert!(err.contains("client_auth") || err.contains("ca"), "{err}");
+    let fine = src.replace("      client_auth:\n      #  ca: clients.pem\n", "");
+    let c = Config::parse(&fine, "f").expect("without the key");
+    assert!(c.listeners[0]
+        .tls
+        .as_ref()
+        .expect("tls")
+        .client_auth
+        .is_none());
+    // An upstream's `tls:` with nothing under it is TLS with every default (verified
+    // against the system's roots), never plain text.
+    let plain = "listeners: [{name: a, bind: '127.0.0.1:1'}]\nupstreams:\n  - name: u\n    tls:\n    backends: [{addr: '127.0.0.1:2'}]\n";
+    let c = Config::parse(plain, "f").expect("tls with defaults");
+    let tls = c.upstreams[0].tls.as_ref().expect("TLS on");
+    assert!(!tls.insecure_skip_verify);
+}
+
+#[test]
+fn a_host_with_a_final_dot_matches_as_without_it() {
+    let src = FULL.replacen("host: chat.example.com", "host: chat.example.com.", 1);
+    let c = Config::parse(&src, "f").expect("a fully qualified name");
+    assert_eq!(
+        c.routes[0].host,
+        Some(HostMatch::Exact("chat.example.com".into()))
+    );
 }
