@@ -211,10 +211,16 @@ impl RouteSeries {
     }
 }
 
-/// The series one WebSocket tunnel writes to, resolved once when it starts.
+/// The series one WebSocket tunnel writes to, resolved once when it starts. The byte
+/// counters go to the tunnel's two directions; the rest is kept for its end.
 pub struct TunnelSeries {
     pub client_to_backend: IntCounter,
     pub backend_to_client: IntCounter,
+    pub life: TunnelLife,
+}
+
+/// What a tunnel records when it opens and closes, and what keeps its route's series.
+pub struct TunnelLife {
     pub active: IntGauge,
     pub duration: Histogram,
     /// The route's holds: its series stay while the tunnel is open.
@@ -277,17 +283,19 @@ impl Metrics {
     pub fn tunnel_series(&self, of: &RouteSeries, backend: &str) -> TunnelSeries {
         let (route, upstream) = (of.route.as_str(), of.upstream.as_str());
         TunnelSeries {
-            _holds: Arc::clone(&of.holds),
             client_to_backend: self
                 .tunnel_bytes
                 .with_label_values(&[route, "client_to_backend"]),
             backend_to_client: self
                 .tunnel_bytes
                 .with_label_values(&[route, "backend_to_client"]),
-            active: self
-                .tunnels_active
-                .with_label_values(&[route, upstream, backend]),
-            duration: self.tunnel_duration.with_label_values(&[route]),
+            life: TunnelLife {
+                active: self
+                    .tunnels_active
+                    .with_label_values(&[route, upstream, backend]),
+                duration: self.tunnel_duration.with_label_values(&[route]),
+                _holds: Arc::clone(&of.holds),
+            },
         }
     }
 }

@@ -22,6 +22,10 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Admin connections served at once; more are closed on arrival.
 const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// How long an admin client may leave an answer unread before its connection is closed:
+/// otherwise 64 clients that never read would hold every admin place, `/healthz` among
+/// them, for good (hyper's header read timeout does not run while an answer is written).
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest `POST /reload` waits for its reload (a file on a hung mount can hold one,
 /// and the one after it, forever); then it answers 503 and frees its connection's place.
 const RELOAD_WAIT: Duration = Duration::from_secs(30);
@@ -46,6 +50,10 @@ pub(crate) async fn serve(listener: TcpListener, proxy: Proxy) {
             continue;
         };
         let proxy = proxy.clone();
+        // Not a listener's: admin stalls are not counted in its metrics.
+        let stalled = duplex_metrics::Counter::new("admin_send_timeouts", "unexported")
+            .expect("a valid counter");
+        let io = crate::send_timeout::SendTimeout::new(tcp, SEND_TIMEOUT, stalled);
         tokio::spawn(async move {
             let _slot = slot;
             let svc = service_fn(|req| {
@@ -55,7 +63,7 @@ pub(crate) async fn serve(listener: TcpListener, proxy: Proxy) {
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), svc)
+                .serve_connection(TokioIo::new(io), svc)
                 .await;
         });
     }
@@ -64,7 +72,8 @@ pub(crate) async fn serve(listener: TcpListener, proxy: Proxy) {
 async fn handle(req: Request<Incoming>, proxy: &Proxy) -> Response<Body> {
     let shared = &proxy.inner.shared;
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => {
+        // HEAD answers as GET without the body (hyper leaves it out).
+        (&Method::GET | &Method::HEAD, "/metrics") => {
             // Ejections end with time, not with an event: read backend state as of now.
             shared.table.load().export_backends(&shared.metrics);
             let mut r = text(StatusCode::OK, shared.metrics.render());
@@ -74,15 +83,15 @@ async fn handle(req: Request<Incoming>, proxy: &Proxy) -> Response<Body> {
             );
             r
         }
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
-        (&Method::GET, "/readyz") => {
+        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+        (&Method::GET | &Method::HEAD, "/readyz") => {
             if proxy.is_stopping() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into())
             } else {
                 text(StatusCode::OK, "ready\n".into())
             }
         }
-        (&Method::GET, "/status") => json_response(StatusCode::OK, status(proxy)),
+        (&Method::GET | &Method::HEAD, "/status") => json_response(StatusCode::OK, status(proxy)),
         (&Method::POST, "/reload") => {
             match tokio::time::timeout(RELOAD_WAIT, proxy.reload_from_file()).await {
                 Ok(Ok(generation)) => {
@@ -93,7 +102,9 @@ async fn handle(req: Request<Incoming>, proxy: &Proxy) -> Response<Body> {
                         // Not this file's fault: the config in force came from a reload
                         // asked for later, or earlier reloads still read their files.
                         ProxyError::Superseded { .. } => StatusCode::CONFLICT,
-                        ProxyError::ReloadBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
+                        ProxyError::ReloadBusy(_) | ProxyError::ShuttingDown => {
+                            StatusCode::SERVICE_UNAVAILABLE
+                        }
                         _ => StatusCode::BAD_REQUEST,
                     };
                     json_response(status, json!({ "error": e.to_string() }))

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use duplex_metrics::{Gauge, Hold};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -17,7 +16,7 @@ use crate::headers::{has_several_hosts, has_token, other_transfer_coding, reques
 use crate::limits::Slot;
 use crate::responses::{self, Body};
 use crate::send_timeout::SendTimeout;
-use crate::state::Shared;
+use crate::state::{OpenGauge, Shared};
 use crate::tls::MaybeTls;
 use crate::{http_proxy, router, upgrade};
 
@@ -53,16 +52,15 @@ impl ConnInfo {
 /// A connection's count in `duplex_connections_active` and its slot under the
 /// `max_connections` caps, both given back on drop.
 pub struct ActiveGuard {
-    active: Gauge,
-    /// Keeps the listener's series exported while the connection is open, even after a
-    /// reload removed the listener.
-    _listener: Arc<Hold>,
+    /// Also keeps the listener's series exported while the connection is open, even
+    /// after a reload removed the listener.
+    open: Arc<OpenGauge>,
     _slot: Slot,
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.active.dec();
+        self.open.active.dec();
     }
 }
 
@@ -80,14 +78,13 @@ pub async fn serve(
     let Some(settings) = shared.table.load().listener_settings(&listener, bind) else {
         return;
     };
-    settings.active.inc();
+    settings.open.active.inc();
     let registration = shared
         .limits
         .idle
         .register(Arc::clone(slot.listener()), settings.reclaimed.clone());
     let active = ActiveGuard {
-        active: settings.active.clone(),
-        _listener: Arc::clone(&settings.hold),
+        open: Arc::clone(&settings.open),
         _slot: slot,
     };
     // The write timeout sits on the socket: under TLS for a TLS client.

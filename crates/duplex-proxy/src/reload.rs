@@ -59,6 +59,10 @@ impl Proxy {
     /// Reads the config file again and applies it if it (or a certificate file it names)
     /// changed (SIGHUP, `POST /reload`); returns the generation in force after.
     pub async fn reload_from_file(&self) -> Result<u64, ProxyError> {
+        if self.is_stopping() {
+            // Said at once, even for an unchanged file: nothing will be applied now.
+            return Err(self.refused(ProxyError::ShuttingDown));
+        }
         if self.inner.source.is_none() {
             return Err(ProxyError::NoConfigFile);
         }

@@ -224,20 +224,26 @@ pub struct Table {
     pub no_route: RouteSeries,
 }
 
+/// A listener's `duplex_connections_active`, and the hold on its series: one pointer for
+/// each open connection and tunnel to keep.
+pub struct OpenGauge {
+    pub active: Gauge,
+    _hold: Hold,
+}
+
 /// A listener's settings for new connections; swapped by a reload without rebinding.
 pub struct ListenerRt {
     /// The listener's name in this config: the `listener` label of its connections (a
     /// connection accepted just before a reload renamed its listener counts under the
-    /// new name, which `hold` keeps).
+    /// new name, which `open` holds).
     pub name: String,
-    /// Keeps the listener's series exported while a table or a connection has it.
-    pub hold: Arc<Hold>,
+    /// `duplex_connections_active` of this listener, with what keeps its series
+    /// exported while a table or a connection has it.
+    pub open: Arc<OpenGauge>,
     /// TLS termination, with the certificates read at load.
     pub tls: Option<Acceptor>,
     /// Redirect plain HTTP to https on this port.
     pub redirect_https: Option<u16>,
-    /// `duplex_connections_active` of this listener.
-    pub active: Gauge,
     /// How long a client may leave a response unread; see [`crate::send_timeout`].
     pub send_timeout: Duration,
     /// `duplex_client_send_timeouts_total` of this listener.
@@ -269,16 +275,19 @@ impl Table {
         let mut listeners = HashMap::new();
         for l in &config.listeners {
             // Held before its series are resolved: see `duplex_metrics::Scope`.
-            let hold = Arc::new(carry.metrics.hold(Scope::Listener(l.name.clone())));
-            let rt = ListenerRt {
-                name: l.name.clone(),
-                hold,
-                tls: acceptors.remove(&l.name).flatten(),
-                redirect_https: l.redirect_https,
+            let hold = carry.metrics.hold(Scope::Listener(l.name.clone()));
+            let open = Arc::new(OpenGauge {
                 active: carry
                     .metrics
                     .connections_active
                     .with_label_values(&[&l.name]),
+                _hold: hold,
+            });
+            let rt = ListenerRt {
+                name: l.name.clone(),
+                open,
+                tls: acceptors.remove(&l.name).flatten(),
+                redirect_https: l.redirect_https,
                 send_timeout: l.send_timeout,
                 body_timeout: l.client_body_timeout,
                 max_connections: l.max_connections,

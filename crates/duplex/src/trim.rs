@@ -69,6 +69,9 @@ impl Policy {
     /// Whether to trim now: no accepts since the last look, a burst since the last trim,
     /// and the last trim far enough back.
     fn tick(&mut self, accepted: u64, now: Instant) -> bool {
+        // The count goes down when a listener a reload removed has its series removed:
+        // measure bursts from there, or none would be seen until it made up the loss.
+        self.trimmed_at = self.trimmed_at.min(accepted);
         let quiet = accepted == self.seen;
         self.seen = accepted;
         let burst = accepted.saturating_sub(self.trimmed_at) >= BURST;
@@ -113,6 +116,18 @@ mod tests {
             let n = s / 2;
             assert!(!q.tick(n, at(s)));
         }
+    }
+
+    #[test]
+    fn a_count_that_goes_down_still_shows_the_next_burst() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut p = Policy::new(50_000);
+        // A removed listener's accepts leave the total: 50,000 down to 1,000.
+        assert!(!p.tick(1_000, at(1)));
+        // A burst from there, then quiet: trimmed, without first making up the 49,000.
+        assert!(!p.tick(4_000, at(2)));
+        assert!(p.tick(4_000, at(3)));
     }
 
     #[test]

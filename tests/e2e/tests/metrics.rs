@@ -447,14 +447,113 @@ async fn a_route_brought_back_keeps_counting() {
     p.shutdown().await;
 }
 
-#[tokio::test]
-async fn readyz_turns_503_when_shutdown_begins() {
-    let b = Backend::start("b1").await;
-    let p = TestProxy::start(&format!(
+/// A proxy with one catch-all route to backend `b`.
+async fn catch_all(b: &Backend) -> TestProxy {
+    TestProxy::start(&format!(
         "routes:\n  - name: all\n    upstream: u\nupstreams:\n  - name: u\n    backends: [{{addr: \"{}\"}}]\n",
         b.addr
     ))
+    .await
+}
+
+/// Whether the admin port answers `GET /healthz` with 200 on a new connection, within 2 s.
+async fn healthz_answers(admin: std::net::SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.ok()?;
+        Some(got.starts_with(b"HTTP/1.1 200"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), exchange).await,
+        Ok(Some(true))
+    )
+}
+
+/// Admin clients that never read their answers cannot hold the admin port for good: once
+/// an answer has waited 10 s unread, its connection is closed, and `/healthz` (a liveness
+/// probe) answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_clients_that_never_read_are_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let b = Backend::start("b1").await;
+    let p = catch_all(&b).await;
+    assert!(healthz_answers(p.admin).await);
+    // The admin port's 64 places, each with answers piling up unread.
+    let mut stalled = Vec::new();
+    let requests = "GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n".repeat(300);
+    for _ in 0..64 {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let mut s = within("connect", sock.connect(p.admin))
+            .await
+            .expect("connect");
+        within("send", s.write_all(requests.as_bytes()))
+            .await
+            .expect("send");
+        stalled.push(s);
+    }
+    eventually(
+        Duration::from_secs(5),
+        "the admin places to be taken",
+        || async { !healthz_answers(p.admin).await },
+    )
     .await;
+    eventually(
+        Duration::from_secs(30),
+        "/healthz to answer again once the stalled clients are cut off",
+        || async { healthz_answers(p.admin).await },
+    )
+    .await;
+    drop(stalled);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn head_and_reload_during_shutdown_on_the_admin_port() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = Backend::start("b1").await;
+    let p = catch_all(&b).await;
+    // HEAD answers as GET, without a body.
+    let mut s = tokio::net::TcpStream::connect(p.admin)
+        .await
+        .expect("connect");
+    s.write_all(b"HEAD /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut got = Vec::new();
+    within("the answer", s.read_to_end(&mut got))
+        .await
+        .expect("read");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("\r\n\r\n"), "no body: {text}");
+    // A reload asked for once shutdown has begun: 503, not a refused file (400).
+    let (mut ws, _) = client::ws(p.addr, "/").await;
+    let proxy = p.proxy.clone();
+    let stopping = tokio::spawn(async move { proxy.shutdown(Duration::from_secs(3)).await });
+    eventually(Duration::from_secs(5), "shutdown to begin", || async {
+        p.proxy.is_stopping()
+    })
+    .await;
+    let r = client::post(p.admin, "/reload").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    within("send", ws.send(Message::text("x")))
+        .await
+        .expect("send");
+    assert_eq!(recv(&mut ws).await, Message::text("x"));
+    client::close(ws).await;
+    within("shutdown", stopping).await.expect("shutdown task");
+}
+
+#[tokio::test]
+async fn readyz_turns_503_when_shutdown_begins() {
+    let b = Backend::start("b1").await;
+    let p = catch_all(&b).await;
     assert_eq!(client::get(p.admin, "/readyz", &[]).await.status, 200);
     assert_eq!(client::get(p.admin, "/healthz", &[]).await.status, 200);
     // An open tunnel holds the shutdown in its grace period.
