@@ -55,7 +55,14 @@ pub(crate) fn check(i: usize, h: &RawHealthCheck) -> Result<HealthCheck, Violati
     }
     let interval = duration("interval", &h.interval, defaults::HEALTH_INTERVAL)?;
     at_least_min_interval(at("interval"), interval)?;
-    let timeout = duration("timeout", &h.timeout, defaults::HEALTH_TIMEOUT)?;
+    let timeout = match &h.timeout {
+        Some(s) => crate::validate::parse_duration_min(
+            at("timeout"),
+            s,
+            crate::validate::MIN_BACKEND_WAIT,
+        )?,
+        None => defaults::HEALTH_TIMEOUT,
+    };
     if timeout > interval {
         return fail(
             at("timeout"),

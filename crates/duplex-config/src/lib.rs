@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod diff;
+mod empty;
 mod health;
 mod locate;
 mod raw;
@@ -344,6 +345,14 @@ impl Config {
 
     /// Parses and validates `src`; `file` names it in errors.
     pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
+        if let Some((line, col, key)) = empty::first_empty_key(src) {
+            return Err(ConfigError::Invalid {
+                file: file.to_owned(),
+                line,
+                col,
+                message: format!("{key}: a value is needed here; to leave the key unset, omit it"),
+            });
+        }
         let raw: raw::RawConfig = serde_yaml::from_str(src).map_err(|e| {
             let (line, col) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
             let text = e.to_string();

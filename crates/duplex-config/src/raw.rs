@@ -118,15 +118,41 @@ pub(crate) struct RawMatch {
 }
 
 /// An optional key that, when written, must have a value: YAML reads `key:` with nothing
-/// after it (every line under it commented out, say) as null, which serde would take for
-/// "not set", and `client_auth:` emptied that way would turn client certificates off.
-/// Here it is an error that names the key, as a missing value of any other type is.
+/// after it (every line under it commented out, say), `key: ~` and `key: null` as null,
+/// which serde would take for "not set", and `client_auth:` emptied that way would turn
+/// client certificates off. Here it is an error that names the key. (Reading the value
+/// as `T` directly would not do: serde_yaml reads a bare `null` as the string "null".)
 fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,
 {
-    T::deserialize(d).map(Some)
+    // Refused inside the visitor, so that the reader puts the value's position and path
+    // on the error.
+    struct Present<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Present<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a value")
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<T, E> {
+            Err(E::custom(
+                "a value is needed here; to leave the key unset, omit it",
+            ))
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<T, E> {
+            self.visit_none()
+        }
+
+        fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<T, D2::Error> {
+            T::deserialize(d)
+        }
+    }
+    d.deserialize_option(Present(std::marker::PhantomData))
+        .map(Some)
 }
 
 /// A map whose keys must differ: YAML allows a key twice, and the last would silently win.

@@ -250,7 +250,7 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
         routes,
         upstreams,
         shutdown_timeout: match &raw.shutdown_timeout {
-            Some(d) => parse_duration(vec![Key("shutdown_timeout")], d)?,
+            Some(d) => parse_duration_min(vec![Key("shutdown_timeout")], d, MIN_TIMEOUT)?,
             None => defaults::SHUTDOWN_TIMEOUT,
         },
         max_connections: raw
@@ -423,10 +423,6 @@ fn upstream(i: usize, u: &RawUpstream, base: &Path) -> Result<Upstream, Violatio
         }
         (_, None) => None,
     };
-    let duration = |k: &'static str, d: &Option<String>, default| match d {
-        Some(d) => parse_duration(at(k), d),
-        None => Ok(default),
-    };
     let wait = |k: &'static str, d: &Option<String>, default| match d {
         Some(d) => parse_duration_min(at(k), d, MIN_BACKEND_WAIT),
         None => Ok(default),
@@ -461,7 +457,10 @@ fn upstream(i: usize, u: &RawUpstream, base: &Path) -> Result<Upstream, Violatio
             Some(d) => Some(parse_duration_min(at("idle_timeout"), d, MIN_TIMEOUT)?),
             None => None,
         },
-        drain_timeout: duration("drain_timeout", &u.drain_timeout, defaults::DRAIN_TIMEOUT)?,
+        drain_timeout: match &u.drain_timeout {
+            Some(d) => parse_duration_min(at("drain_timeout"), d, MIN_TIMEOUT)?,
+            None => defaults::DRAIN_TIMEOUT,
+        },
         retries,
         tls: u
             .tls

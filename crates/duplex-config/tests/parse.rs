@@ -207,7 +207,7 @@ fn refuses_bad_files_and_points_at_the_value() {
         (
             "idle_timeout: 1h",
             "idle_timeout:",
-            "f:21:5: invalid duration \"\" (value was empty)",
+            "f:21:5: upstreams[0].idle_timeout: a value is needed here",
         ),
         (
             "    retries: 2",
@@ -282,12 +282,20 @@ upstreams: [{name: u, backends: [{addr: '127.0.0.1:2'}]}]
         .expect("tls")
         .client_auth
         .is_none());
-    // An upstream's `tls:` with nothing under it is TLS with every default (verified
-    // against the system's roots), never plain text.
-    let plain = "listeners: [{name: a, bind: '127.0.0.1:1'}]\nupstreams:\n  - name: u\n    tls:\n    backends: [{addr: '127.0.0.1:2'}]\n";
-    let c = Config::parse(plain, "f").expect("tls with defaults");
-    let tls = c.upstreams[0].tls.as_ref().expect("TLS on");
-    assert!(!tls.insecure_skip_verify);
+    // Nor is an upstream's emptied `tls:`, or a bare `null` (which would otherwise be
+    // read as the host name "null").
+    let base = "listeners: [{name: a, bind: '127.0.0.1:1'}]\nupstreams:\n  - name: u\n    KEY\n    backends: [{addr: '127.0.0.1:2'}]\n";
+    for key in [
+        "tls:",
+        "tls: ~",
+        "tls: {server_name: null}",
+        "idle_timeout: null",
+    ] {
+        let err = Config::parse(&base.replace("KEY", key), "f")
+            .expect_err(key)
+            .to_string();
+        assert!(err.contains("a value is needed here"), "{key}: {err}");
+    }
 }
 
 #[test]

@@ -33,6 +33,9 @@ const RELOAD_WAIT: Duration = Duration::from_secs(30);
 pub(crate) async fn serve(listener: TcpListener, proxy: Proxy) {
     let closing = proxy.inner.shared.closing.clone();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    // Not a listener's: admin stalls are not counted in its metrics.
+    let stalled =
+        duplex_metrics::Counter::new("admin_send_timeouts", "unexported").expect("a valid counter");
     loop {
         let (tcp, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -50,10 +53,7 @@ pub(crate) async fn serve(listener: TcpListener, proxy: Proxy) {
             continue;
         };
         let proxy = proxy.clone();
-        // Not a listener's: admin stalls are not counted in its metrics.
-        let stalled = duplex_metrics::Counter::new("admin_send_timeouts", "unexported")
-            .expect("a valid counter");
-        let io = crate::send_timeout::SendTimeout::new(tcp, SEND_TIMEOUT, stalled);
+        let io = crate::send_timeout::SendTimeout::new(tcp, SEND_TIMEOUT, stalled.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let svc = service_fn(|req| {

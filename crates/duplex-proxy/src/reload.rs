@@ -60,8 +60,9 @@ impl Proxy {
     /// changed (SIGHUP, `POST /reload`); returns the generation in force after.
     pub async fn reload_from_file(&self) -> Result<u64, ProxyError> {
         if self.is_stopping() {
-            // Said at once, even for an unchanged file: nothing will be applied now.
-            return Err(self.refused(ProxyError::ShuttingDown));
+            // Said at once, even for an unchanged file: nothing will be applied now. Not
+            // counted as a refused file: the file is not at fault.
+            return Err(ProxyError::ShuttingDown);
         }
         if self.inner.source.is_none() {
             return Err(ProxyError::NoConfigFile);

@@ -672,7 +672,6 @@ mod tests {
         };
         let fut = run(t, settings, series.life, (0u64, 0u64));
         let size = std::mem::size_of_val(&fut);
-        eprintln!("TUNNEL FUTURE SIZE {size}");
         // The task's allocation grows in steps of 128 bytes (tokio aligns it so): a few
         // bytes more here can cost 128 per tunnel.
         assert!(size <= 384, "the tunnel future grew to {size} bytes");

@@ -1,6 +1,7 @@
 //! The WebSocket upgrade path, in one function: detect, pick, forward the handshake, check
 //! the 101, spawn the tunnel and register it with the task tracker.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -94,28 +95,19 @@ pub async fn upgrade(
                 count(UpgradeResult::Timeout);
                 return responses::gateway_timeout(&route.name);
             }
-            Ok(Err(failed)) if failed.unanswered => {
-                let err = ProxyError::Handshake {
-                    addr,
-                    source: failed.source,
-                };
-                shared
-                    .metrics
-                    .backend_connect_errors
-                    .with_label_values(&[&up.cfg.name, &addr.to_string(), "other"])
-                    .inc();
-                if rest.is_empty() {
-                    tracing::warn!(route = %route.name, error = %err, "upgrade failed");
-                    count(UpgradeResult::ConnectError);
-                    return responses::bad_gateway(&route.name);
-                }
-                tracing::warn!(upstream = %up.cfg.name, error = %err, "trying the next backend");
-            }
             Ok(Err(failed)) => {
+                let unanswered = failed.unanswered;
                 let err = ProxyError::Handshake {
                     addr,
                     source: failed.source,
                 };
+                if unanswered {
+                    count_connect_error(shared, up, addr, "other");
+                    if !rest.is_empty() {
+                        tracing::warn!(upstream = %up.cfg.name, error = %err, "trying the next backend");
+                        continue;
+                    }
+                }
                 tracing::warn!(route = %route.name, error = %err, "upgrade failed");
                 count(UpgradeResult::ConnectError);
                 return responses::bad_gateway(&route.name);
@@ -187,11 +179,7 @@ async fn connect_first<'a>(
                 let local = crate::connector::is_local_exhaustion(&source);
                 let kind = connect_kind(&source);
                 let err = ProxyError::Connect { addr, source };
-                shared
-                    .metrics
-                    .backend_connect_errors
-                    .with_label_values(&[&up.cfg.name, &addr.to_string(), kind])
-                    .inc();
+                count_connect_error(shared, up, addr, kind);
                 tracing::warn!(upstream = %up.cfg.name, error = %err, "trying the next backend");
                 if !local {
                     crate::health::passive_failure(shared, up, &b.state);
@@ -200,4 +188,13 @@ async fn connect_first<'a>(
         }
     }
     None
+}
+
+/// Counts a failed connection to backend `addr` in `duplex_backend_connect_errors_total`.
+fn count_connect_error(shared: &Shared, up: &UpstreamRt, addr: SocketAddr, kind: &str) {
+    shared
+        .metrics
+        .backend_connect_errors
+        .with_label_values(&[&up.cfg.name, &addr.to_string(), kind])
+        .inc();
 }
