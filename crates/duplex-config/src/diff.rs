@@ -190,7 +190,7 @@ upstreams:
             ("bind: '127.0.0.1:8080'}", "bind: '127.0.0.1:8080'}\n  - {name: tls, bind: '127.0.0.1:8443'}", "listeners +tls"),
             (
                 "  - {name: chat, match: {path_prefix: /ws}, upstream: chat}\n  - {name: rest, upstream: chat}\n",
-                "  - {name: rest, upstream: chat}\n  - {name: chat, match: {path_prefix: /ws}, upstream: chat}\n",
+                "  - {name: rest, match: {path_prefix: /api}, upstream: chat}\n  - {name: chat, match: {path_prefix: /ws}, upstream: chat}\n",
                 "routes ~rest ~chat",
             ),
         ];

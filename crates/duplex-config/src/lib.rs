@@ -12,6 +12,7 @@ mod empty;
 mod health;
 mod locate;
 mod raw;
+mod shadow;
 mod tls;
 mod validate;
 

@@ -243,6 +243,16 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
             upstream: r.upstream.clone(),
         });
     }
+    if let Some((i, j)) = crate::shadow::first_shadowed(&routes) {
+        return fail(
+            vec![Key("routes"), Index(i), Key("name")],
+            format!(
+                "route {:?} can never match: route {:?} before it takes every request it would \
+                 (routes are tried in order; put the more specific one first)",
+                routes[i].name, routes[j].name
+            ),
+        );
+    }
 
     Ok(Config {
         listeners,

@@ -307,3 +307,48 @@ fn a_host_with_a_final_dot_matches_as_without_it() {
         Some(HostMatch::Exact("chat.example.com".into()))
     );
 }
+
+/// Routes are tried in order: one that an earlier route takes every request of is dead,
+/// and refused; the same routes the other way round are fine.
+#[test]
+fn a_route_an_earlier_one_shadows_is_refused() {
+    let file = |routes: &str| {
+        format!(
+            "listeners: [{{name: l, bind: '127.0.0.1:1'}}]\nroutes:\n{routes}\
+             upstreams: [{{name: u, backends: [{{addr: '127.0.0.1:2'}}]}}]\n"
+        )
+    };
+    let dead = [
+        ("  - {name: all, upstream: u}\n  - {name: ws, match: {path_prefix: /ws}, upstream: u}\n", "\"ws\"", "\"all\""),
+        ("  - {name: root, match: {path_prefix: /}, upstream: u}\n  - {name: ws, match: {host: a.b, path: /ws}, upstream: u}\n", "\"ws\"", "\"root\""),
+        ("  - {name: ws, match: {path_prefix: /ws}, upstream: u}\n  - {name: room, match: {path_prefix: /ws/room/}, upstream: u}\n", "\"room\"", "\"ws\""),
+        ("  - {name: any, match: {host: '*.example.com'}, upstream: u}\n  - {name: a, match: {host: a.example.com, path: /x}, upstream: u}\n", "\"a\"", "\"any\""),
+        ("  - {name: any, match: {host: '*.example.com'}, upstream: u}\n  - {name: deep, match: {host: '*.a.example.com'}, upstream: u}\n", "\"deep\"", "\"any\""),
+        ("  - {name: t, match: {headers: {X-T: a}}, upstream: u}\n  - {name: tv, match: {path: /v, headers: {X-T: a, X-V: b}}, upstream: u}\n", "\"tv\"", "\"t\""),
+        ("  - {name: one, match: {path: /x}, upstream: u}\n  - {name: two, match: {path: /x}, upstream: u}\n", "\"two\"", "\"one\""),
+    ];
+    for (routes, later, earlier) in dead {
+        let err = Config::parse(&file(routes), "f")
+            .expect_err(routes)
+            .to_string();
+        assert!(
+            err.starts_with("f:4:")
+                && err.contains(&format!("route {later} can never match: route {earlier}")),
+            "{routes}: {err}"
+        );
+    }
+    let fine = [
+        "  - {name: ws, match: {path_prefix: /ws}, upstream: u}\n  - {name: all, upstream: u}\n",
+        "  - {name: room, match: {path_prefix: /ws/room}, upstream: u}\n  - {name: ws, match: {path_prefix: /ws}, upstream: u}\n",
+        "  - {name: ws, match: {path_prefix: /ws}, upstream: u}\n  - {name: wsx, match: {path_prefix: /wsx}, upstream: u}\n",
+        "  - {name: a, match: {host: a.example.com}, upstream: u}\n  - {name: any, match: {host: '*.example.com'}, upstream: u}\n",
+        "  - {name: any, match: {host: '*.example.com'}, upstream: u}\n  - {name: bare, match: {host: example.com}, upstream: u}\n",
+        "  - {name: h, match: {host: a.b}, upstream: u}\n  - {name: nohost, match: {path: /x}, upstream: u}\n",
+        "  - {name: exact, match: {path: /ws}, upstream: u}\n  - {name: prefix, match: {path_prefix: /ws}, upstream: u}\n",
+        "  - {name: tv, match: {headers: {X-T: a, X-V: b}}, upstream: u}\n  - {name: t, match: {headers: {X-T: a}}, upstream: u}\n",
+        "  - {name: ta, match: {headers: {X-T: a}}, upstream: u}\n  - {name: tb, match: {headers: {X-T: b}}, upstream: u}\n",
+    ];
+    for routes in fine {
+        Config::parse(&file(routes), "f").unwrap_or_else(|e| panic!("{routes}: {e}"));
+    }
+}
