@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,9 @@ pub(crate) struct Inner {
     /// endpoint and DNS discovery apply one at a time. Owned guards: a reload's work on
     /// the blocking pool keeps holding it even if whoever asked has gone away.
     pub reload: Arc<tokio::sync::Mutex<()>>,
+    /// Set the moment shutdown is asked for, before it waits for a reload being applied
+    /// (`Shared::stopping` comes after that): `/readyz` and new reloads answer from it.
+    pub leaving: std::sync::atomic::AtomicBool,
     /// Reloads under way, from their start (reading files, resolving new names) to their
     /// end, for the admin status.
     pub reloading: std::sync::atomic::AtomicUsize,
@@ -199,6 +202,7 @@ impl Proxy {
                 source,
                 listeners: Mutex::new(Vec::new()),
                 reload: Arc::new(tokio::sync::Mutex::new(())),
+                leaving: std::sync::atomic::AtomicBool::new(false),
                 reloading: std::sync::atomic::AtomicUsize::new(0),
                 reload_tickets: std::sync::atomic::AtomicU64::new(0),
                 reload_in_force: std::sync::atomic::AtomicU64::new(0),
@@ -288,6 +292,7 @@ impl Proxy {
     /// rest, and returns once every tracked task has ended (or a short bound has passed).
     pub async fn shutdown(&self, grace: Duration) {
         let s = &self.inner.shared;
+        self.inner.leaving.store(true, Ordering::SeqCst);
         {
             // A reload applying now finishes first (applying is quick: its files were read
             // before it took the lock), so none is half applied when `stopping` is set,
@@ -319,6 +324,7 @@ impl Proxy {
     /// Closes every connection and tunnel now, without waiting for the grace period.
     pub async fn close_now(&self) {
         let s = &self.inner.shared;
+        self.inner.leaving.store(true, Ordering::SeqCst);
         s.stopping.cancel();
         s.limits.idle.close_all();
         lock(&self.inner.listeners).clear();
@@ -327,9 +333,10 @@ impl Proxy {
         let _ = tokio::time::timeout(CLOSE_WAIT, s.tracker.wait()).await;
     }
 
-    /// Whether shutdown has begun.
+    /// Whether shutdown has been asked for (it may still be waiting for a reload being
+    /// applied to finish).
     pub fn is_stopping(&self) -> bool {
-        self.inner.shared.stopping.is_cancelled()
+        self.inner.leaving.load(Ordering::SeqCst)
     }
 }
 
@@ -453,4 +460,44 @@ async fn accept_loop(
         }
     }
     tracing::info!(listener = %name, "stopped accepting");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While a reload is being applied, shutdown waits for it, but `/readyz` (and any new
+    /// reload) must see at once that the proxy is leaving, so that a load balancer stops
+    /// sending it clients.
+    #[tokio::test]
+    async fn stopping_shows_while_a_reload_is_applied() {
+        let text = "admin:\n  bind: 127.0.0.1:0\nlisteners:\n  - name: l\n    bind: 127.0.0.1:0\n\
+                    upstreams:\n  - name: u\n    backends:\n      - addr: 127.0.0.1:9\n";
+        let config = Config::parse(text, "t.yaml").expect("valid");
+        let proxy = Proxy::start(config, None, Arc::new(Metrics::new()))
+            .await
+            .expect("starts");
+        let applying = Arc::clone(&proxy.inner.reload).lock_owned().await;
+        let stop = tokio::spawn({
+            let proxy = proxy.clone();
+            async move { proxy.shutdown(Duration::from_secs(1)).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !proxy.is_stopping() {
+            assert!(Instant::now() < deadline, "not seen as stopping");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The reload being applied has not been cut short: shutdown is still waiting.
+        assert!(!proxy.inner.shared.stopping.is_cancelled());
+        assert!(matches!(
+            proxy.reload_from_file().await,
+            Err(ProxyError::ShuttingDown)
+        ));
+        drop(applying);
+        tokio::time::timeout(Duration::from_secs(5), stop)
+            .await
+            .expect("shutdown ends")
+            .expect("shutdown task");
+        assert!(proxy.inner.shared.stopping.is_cancelled());
+    }
 }
