@@ -51,7 +51,9 @@ impl ConsistentHash {
             HashKey::Header(name) => ctx
                 .headers
                 .get(name.as_str())
-                .map(|v| KeyBytes::Slice(v.as_bytes())),
+                .map(|v| v.as_bytes())
+                .filter(|v| !v.is_empty())
+                .map(KeyBytes::Slice),
             HashKey::Cookie(name) => ctx
                 .headers
                 .get_all(http::header::COOKIE)
@@ -60,11 +62,11 @@ impl ConsistentHash {
                 .flat_map(|v| v.split(';'))
                 .find_map(|pair| {
                     let (k, v) = pair.trim().split_once('=')?;
-                    (k == name).then_some(KeyBytes::Slice(v.as_bytes()))
+                    (k == name && !v.is_empty()).then_some(KeyBytes::Slice(v.as_bytes()))
                 }),
             HashKey::Query(name) => ctx.query?.split('&').find_map(|pair| {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                (k == name).then_some(KeyBytes::Slice(v.as_bytes()))
+                (k == name && !v.is_empty()).then_some(KeyBytes::Slice(v.as_bytes()))
             }),
         }
     }
@@ -76,10 +78,18 @@ enum KeyBytes<'a> {
 }
 
 impl Balancer for ConsistentHash {
-    fn pick(&self, backends: &[Backend], ctx: &Context<'_>, max: usize, out: &mut Vec<usize>) {
+    fn pick(
+        &self,
+        backends: &[Backend],
+        ctx: &Context<'_>,
+        usable: &dyn Fn(usize) -> bool,
+        max: usize,
+        out: &mut Vec<usize>,
+    ) {
         let Some(key) = self.key_bytes(ctx) else {
             order_by_load(
                 backends,
+                usable,
                 self.offset.fetch_add(1, Ordering::Relaxed),
                 max,
                 out,
@@ -87,20 +97,25 @@ impl Balancer for ConsistentHash {
             return;
         };
         let h = match key {
-            KeyBytes::Ip(IpAddr::V4(ip)) => stable_hash(&ip.octets()),
-            KeyBytes::Ip(IpAddr::V6(ip)) => stable_hash(&ip.octets()),
+            // An IPv4 client reaching a dual-stack listener shows as `::ffff:a.b.c.d`: placed
+            // as the IPv4 address it is, so that replicas bound either way agree.
+            KeyBytes::Ip(ip) => match ip.to_canonical() {
+                IpAddr::V4(ip) => stable_hash(&ip.octets()),
+                IpAddr::V6(ip) => stable_hash(&ip.octets()),
+            },
             KeyBytes::Slice(s) => stable_hash(s),
         };
         let n = self.ring.len();
         let start = self.ring.partition_point(|&(p, _)| p < h);
-        // Clockwise from the key; retries take the next distinct backends on the ring.
-        let start_len = out.len();
+        // Clockwise from the key, past backends out of service (their keys move to the
+        // next one on the ring, and only theirs); retries take the next distinct ones.
+        let base = out.len();
         for k in 0..n {
-            if out.len() - start_len >= max.min(backends.len()) {
+            if out.len() - base >= max.min(backends.len()) {
                 break;
             }
             let i = self.ring[(start + k) % n].1 as usize;
-            if !out[start_len..].contains(&i) {
+            if usable(i) && !out[base..].contains(&i) {
                 out.push(i);
             }
         }
@@ -122,7 +137,7 @@ mod tests {
             query: None,
         };
         let mut out = Vec::new();
-        ch.pick(b, &ctx, 1, &mut out);
+        ch.pick(b, &ctx, &|_| true, 1, &mut out);
         b[out[0]].state.addr
     }
 
@@ -160,6 +175,64 @@ mod tests {
         }
     }
 
+    /// An IPv4 client seen through a dual-stack socket (`::ffff:a.b.c.d`) is placed as the
+    /// IPv4 address, so replicas listening on `0.0.0.0` and on `[::]` agree.
+    #[test]
+    fn a_mapped_ipv4_client_is_placed_as_ipv4() {
+        let b = backends(&[1; 8]);
+        let ch = ConsistentHash::new(HashKey::Ip, &b);
+        let h = HeaderMap::new();
+        let at = |ip: IpAddr| {
+            let ctx = Context {
+                client_ip: ip,
+                headers: &h,
+                query: None,
+            };
+            let mut out = Vec::new();
+            ch.pick(&b, &ctx, &|_| true, 8, &mut out);
+            out
+        };
+        for last in 0..50u8 {
+            let v4 = std::net::Ipv4Addr::new(10, 1, 2, last);
+            assert_eq!(at(IpAddr::V4(v4)), at(IpAddr::V6(v4.to_ipv6_mapped())));
+        }
+    }
+
+    /// A backend out of service gives its keys to the next one on the ring; every other
+    /// key stays where it was.
+    #[test]
+    fn a_backend_out_of_service_moves_only_its_keys() {
+        let b = backends(&[1; 4]);
+        let ch = ConsistentHash::new(HashKey::Header("x-user-id".into()), &b);
+        let down = b[2].state.addr;
+        let mut moved = 0;
+        for u in 0..2000 {
+            let user = format!("user-{u}");
+            let before = place(&ch, &b, &user);
+            let mut h = HeaderMap::new();
+            h.insert("x-user-id", HeaderValue::from_str(&user).unwrap());
+            let ctx = Context {
+                client_ip: IpAddr::from([10, 0, 0, 1]),
+                headers: &h,
+                query: None,
+            };
+            let mut out = Vec::new();
+            ch.pick(&b, &ctx, &|i| i != 2, 2, &mut out);
+            let after = b[out[0]].state.addr;
+            assert_ne!(after, down);
+            assert!(!out.contains(&2), "{out:?}");
+            if before == down {
+                moved += 1;
+            } else {
+                assert_eq!(before, after, "{user} moved off a backend in service");
+            }
+        }
+        assert!(
+            (300..700).contains(&moved),
+            "{moved} keys were on the backend out"
+        );
+    }
+
     #[test]
     fn replicas_agree_whatever_the_backend_order() {
         let a = backends(&[1; 4]);
@@ -192,13 +265,31 @@ mod tests {
         let by_cookie = ConsistentHash::new(HashKey::Cookie("sid".into()), &b);
         let by_query = ConsistentHash::new(HashKey::Query("room".into()), &b);
         let by_header = ConsistentHash::new(HashKey::Header("x-user-id".into()), &b);
-        assert!(by_cookie.key_bytes(&ctx).is_some());
-        assert!(by_query.key_bytes(&ctx).is_some());
+        let bytes = |ch: &ConsistentHash, ctx: &Context<'_>| match ch.key_bytes(ctx) {
+            Some(KeyBytes::Slice(s)) => Some(s.to_vec()),
+            _ => None,
+        };
+        assert_eq!(bytes(&by_cookie, &ctx), Some(b"abc".to_vec()));
+        assert_eq!(bytes(&by_query, &ctx), Some(b"42".to_vec()));
         assert!(by_header.key_bytes(&ctx).is_none());
         // Without the key: least loaded first.
-        let _held = (b[0].state.guard(), b[1].state.guard());
-        let mut out = Vec::new();
-        by_header.pick(&b, &ctx, 1, &mut out);
-        assert_eq!(out, vec![2]);
+        {
+            let _held = (b[0].state.guard(), b[1].state.guard());
+            let mut out = Vec::new();
+            by_header.pick(&b, &ctx, &|_| true, 1, &mut out);
+            assert_eq!(out, vec![2]);
+        }
+        // An empty value is no key: such requests must not all pile onto one backend.
+        let mut h = HeaderMap::new();
+        h.insert("x-user-id", HeaderValue::from_static(""));
+        h.insert(http::header::COOKIE, HeaderValue::from_static("sid="));
+        let empty = Context {
+            query: Some("room=&x=1"),
+            headers: &h,
+            ..ctx
+        };
+        assert!(by_header.key_bytes(&empty).is_none());
+        assert!(by_cookie.key_bytes(&empty).is_none());
+        assert!(by_query.key_bytes(&empty).is_none());
     }
 }

@@ -11,9 +11,17 @@ pub struct LeastConn {
 }
 
 impl Balancer for LeastConn {
-    fn pick(&self, backends: &[Backend], _: &Context<'_>, max: usize, out: &mut Vec<usize>) {
+    fn pick(
+        &self,
+        backends: &[Backend],
+        _: &Context<'_>,
+        usable: &dyn Fn(usize) -> bool,
+        max: usize,
+        out: &mut Vec<usize>,
+    ) {
         order_by_load(
             backends,
+            usable,
             self.offset.fetch_add(1, Ordering::Relaxed),
             max,
             out,
@@ -21,21 +29,30 @@ impl Balancer for LeastConn {
     }
 }
 
-/// Pushes up to `max` indexes, least loaded first; among equals, from `rotate` onwards.
-pub(crate) fn order_by_load(backends: &[Backend], rotate: usize, max: usize, out: &mut Vec<usize>) {
-    let n = backends.len();
-    if n == 0 {
-        return;
-    }
+/// Pushes up to `max` indexes of usable backends, least loaded first; among equals, in
+/// turn from `rotate` onwards.
+pub(crate) fn order_by_load(
+    backends: &[Backend],
+    usable: &dyn Fn(usize) -> bool,
+    rotate: usize,
+    max: usize,
+    out: &mut Vec<usize>,
+) {
     // Each load is read once: other threads change them meanwhile, and a sort whose
     // comparison reads them afresh can see an inconsistent order (and panic).
-    let mut keyed: Vec<(u64, u64, usize)> = (0..n)
-        .map(|k| {
-            let i = (rotate + k) % n;
+    let mut keyed: Vec<(u64, u64, usize)> = (0..backends.len())
+        .filter(|&i| usable(i))
+        .map(|i| {
             let b = &backends[i];
             (b.state.load() as u64, u64::from(b.weight), i)
         })
         .collect();
+    if keyed.is_empty() {
+        return;
+    }
+    // Rotated among the usable ones only, so that ties share evenly whichever are out.
+    let n = keyed.len();
+    keyed.rotate_left(rotate % n);
     // Load per weight, compared without division; a stable sort keeps the rotated order
     // among ties.
     keyed.sort_by(|a, b| (a.0 * b.1).cmp(&(b.0 * a.1)));
@@ -57,7 +74,7 @@ mod tests {
         // Loads per weight: 2, 1, 1.5.
         let h = http::HeaderMap::new();
         let mut out = Vec::new();
-        LeastConn::default().pick(&b, &ctx(&h), 3, &mut out);
+        LeastConn::default().pick(&b, &ctx(&h), &|_| true, 3, &mut out);
         assert_eq!(out, vec![1, 2, 0]);
     }
 
@@ -87,7 +104,7 @@ mod tests {
         let mut out = Vec::new();
         for _ in 0..20_000 {
             out.clear();
-            lc.pick(&b, &ctx(&h), 64, &mut out);
+            lc.pick(&b, &ctx(&h), &|_| true, 64, &mut out);
             assert_eq!(out.len(), 64);
         }
         stop.store(true, Ordering::Relaxed);
@@ -101,6 +118,21 @@ mod tests {
     }
 
     #[test]
+    fn ties_rotate_evenly_among_the_usable_ones() {
+        let b = backends(&[1, 1, 1, 1]);
+        let lc = LeastConn::default();
+        let h = http::HeaderMap::new();
+        let mut counts = [0; 4];
+        for _ in 0..300 {
+            let mut out = Vec::new();
+            lc.pick(&b, &ctx(&h), &|i| i != 1, 3, &mut out);
+            assert!(!out.contains(&1) && out.len() == 3, "{out:?}");
+            counts[out[0]] += 1;
+        }
+        assert_eq!(counts, [100, 0, 100, 100]);
+    }
+
+    #[test]
     fn long_lived_connections_even_out() {
         let b = backends(&[1, 1, 1]);
         let lc = LeastConn::default();
@@ -110,7 +142,7 @@ mod tests {
         let mut held = Vec::new();
         for _ in 0..30 {
             let mut out = Vec::new();
-            lc.pick(&b, &ctx(&h), 1, &mut out);
+            lc.pick(&b, &ctx(&h), &|_| true, 1, &mut out);
             held.push(b[out[0]].state.guard());
         }
         let mut loads: Vec<usize> = b.iter().map(|b| b.state.load()).collect();

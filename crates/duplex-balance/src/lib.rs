@@ -97,7 +97,17 @@ impl BackendState {
     }
 
     pub fn is_ejected(&self) -> bool {
-        clock_ms() < self.ejected_until_ms.load(Ordering::Relaxed)
+        self.is_ejected_at(clock_ms())
+    }
+
+    /// As [`is_available`](Self::is_available), at `now` on [`clock_ms`] (read once for a
+    /// whole pick rather than once per backend).
+    fn is_available_at(&self, now: u64) -> bool {
+        self.is_healthy() && !self.is_ejected_at(now)
+    }
+
+    fn is_ejected_at(&self, now: u64) -> bool {
+        now < self.ejected_until_ms.load(Ordering::Relaxed)
     }
 
     /// Counts one active check; returns the passes and failures in a row so far.
@@ -139,10 +149,18 @@ impl BackendState {
         if p.max_fails == 0 || self.is_ejected() {
             return None;
         }
-        if self.fails.fetch_add(1, Ordering::Relaxed) + 1 < p.max_fails {
+        // One step: the failure that reaches `max_fails` starts the count over, and only
+        // it ejects (two failing at once must not eject twice, doubling the length).
+        let max = p.max_fails;
+        let prev = self
+            .fails
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {
+                Some(if f.saturating_add(1) >= max { 0 } else { f + 1 })
+            })
+            .unwrap_or_else(|f| f);
+        if prev.saturating_add(1) < max {
             return None;
         }
-        self.fails.store(0, Ordering::Relaxed);
         let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
         let length = p
             .fail_timeout
@@ -209,9 +227,17 @@ pub struct Backend {
 
 /// An algorithm that orders backends for one connection.
 pub trait Balancer: Send + Sync {
-    /// Pushes up to `max` distinct indexes into `backends` onto `out`, best first, so that a
-    /// retry can take the next one.
-    fn pick(&self, backends: &[Backend], ctx: &Context<'_>, max: usize, out: &mut Vec<usize>);
+    /// Pushes up to `max` distinct indexes into `backends` that `usable` accepts onto `out`,
+    /// best first, so that a retry can take the next one. Called once per connection: any
+    /// state it keeps (a turn, a rotation) moves on once.
+    fn pick(
+        &self,
+        backends: &[Backend],
+        ctx: &Context<'_>,
+        usable: &dyn Fn(usize) -> bool,
+        max: usize,
+        out: &mut Vec<usize>,
+    );
 }
 
 /// An upstream's backends and the balancer that chooses among them.
@@ -250,23 +276,18 @@ impl Pool {
     }
 
     /// Up to `max` distinct available backends for one connection, best first. When none
-    /// is available, `panic_mode` decides: all of them (open) or none (closed).
+    /// is available, `panic_mode` decides: any of them (open) or none (closed).
     pub fn candidates(&self, ctx: &Context<'_>, max: usize) -> Vec<&Backend> {
         let mut idx = Vec::with_capacity(max.min(self.backends.len()));
-        self.balancer.pick(&self.backends, ctx, max, &mut idx);
-        let available = |i: &usize| self.backends[*i].state.is_available();
-        if !idx.iter().all(available) {
-            // Rare: ask for every backend in order and skip those out of service, so that
-            // each algorithm's order (ring, schedule, load) still holds among the rest.
-            idx.clear();
+        let now = clock_ms();
+        let available = |i: usize| self.backends[i].state.is_available_at(now);
+        // Backends out of service are skipped inside the pick, so that each algorithm's
+        // order (ring, schedule, load) holds among the rest and its turn moves on once.
+        self.balancer
+            .pick(&self.backends, ctx, &available, max, &mut idx);
+        if idx.is_empty() && self.panic_mode == PanicMode::Open {
             self.balancer
-                .pick(&self.backends, ctx, self.backends.len(), &mut idx);
-            let all = idx.clone();
-            idx.retain(available);
-            if idx.is_empty() && self.panic_mode == PanicMode::Open {
-                idx = all;
-            }
-            idx.truncate(max);
+                .pick(&self.backends, ctx, &|_| true, max, &mut idx);
         }
         idx.into_iter().map(|i| &self.backends[i]).collect()
     }
@@ -279,12 +300,12 @@ pub(crate) fn lighter(a: &Backend, b: &Backend) -> std::cmp::Ordering {
     la.cmp(&lb)
 }
 
-/// Draws an index with probability proportional to its weight, skipping `exclude`.
-pub(crate) fn weighted_draw(backends: &[Backend], exclude: &[usize]) -> Option<usize> {
+/// Draws an index with probability proportional to its weight, among those `allow` accepts.
+pub(crate) fn weighted_draw(backends: &[Backend], allow: impl Fn(usize) -> bool) -> Option<usize> {
     let total: u64 = backends
         .iter()
         .enumerate()
-        .filter(|(i, _)| !exclude.contains(i))
+        .filter(|(i, _)| allow(*i))
         .map(|(_, b)| u64::from(b.weight))
         .sum();
     if total == 0 {
@@ -292,7 +313,7 @@ pub(crate) fn weighted_draw(backends: &[Backend], exclude: &[usize]) -> Option<u
     }
     let mut r = fastrand::u64(0..total);
     for (i, b) in backends.iter().enumerate() {
-        if exclude.contains(&i) {
+        if !allow(i) {
             continue;
         }
         let w = u64::from(b.weight);
@@ -333,6 +354,25 @@ mod health_tests {
             p.backends()[2].state.set_healthy(false);
             let n = p.candidates(&ctx(&h), 3).len();
             assert_eq!(n, if mode == PanicMode::Open { 3 } else { 0 }, "{mode:?}");
+        }
+    }
+
+    /// With one backend out, the others share the first picks evenly, for every algorithm
+    /// that takes turns, and a backend out is never offered, not even as a retry.
+    #[test]
+    fn first_picks_are_shared_evenly_while_one_backend_is_out() {
+        let h = HeaderMap::new();
+        for kind in [BalancerKind::RoundRobin, BalancerKind::LeastConn] {
+            let p = Pool::new(kind, None, PanicMode::Open, backends(&[1, 1, 1, 1]));
+            p.backends()[1].state.set_healthy(false);
+            let mut first = [0; 4];
+            for _ in 0..3000 {
+                let c = p.candidates(&ctx(&h), 3);
+                assert_eq!(c.len(), 3, "{kind:?}");
+                assert!(c.iter().all(|b| b.state.addr.port() != 9001), "{kind:?}");
+                first[usize::from(c[0].state.addr.port() - 9000)] += 1;
+            }
+            assert_eq!(first, [1000, 0, 1000, 1000], "{kind:?}");
         }
     }
 
@@ -408,7 +448,7 @@ pub(crate) mod test_util {
         let mut out = Vec::new();
         for _ in 0..n {
             out.clear();
-            b.pick(backends, &ctx(&headers), 1, &mut out);
+            b.pick(backends, &ctx(&headers), &|_| true, 1, &mut out);
             counts[out[0]] += 1;
         }
         counts

@@ -6,20 +6,26 @@ use crate::{lighter, weighted_draw, Backend, Balancer, Context};
 pub struct PowerOfTwo;
 
 impl Balancer for PowerOfTwo {
-    fn pick(&self, backends: &[Backend], _: &Context<'_>, max: usize, out: &mut Vec<usize>) {
-        let Some(a) = weighted_draw(backends, &[]) else {
+    fn pick(
+        &self,
+        backends: &[Backend],
+        _: &Context<'_>,
+        usable: &dyn Fn(usize) -> bool,
+        max: usize,
+        out: &mut Vec<usize>,
+    ) {
+        let Some(a) = weighted_draw(backends, usable) else {
             return;
         };
-        let first = match weighted_draw(backends, &[a]) {
+        let first = match weighted_draw(backends, |i| i != a && usable(i)) {
             Some(b) if lighter(&backends[b], &backends[a]).is_lt() => b,
             _ => a,
         };
         out.push(first);
         if max > 1 {
             // Retries go to the least loaded of the rest.
-            let mut rest = Vec::new();
-            order_by_load(backends, fastrand::usize(..), backends.len(), &mut rest);
-            out.extend(rest.into_iter().filter(|&i| i != first).take(max - 1));
+            let rest = |i: usize| i != first && usable(i);
+            order_by_load(backends, &rest, fastrand::usize(..), max - 1, out);
         }
     }
 }

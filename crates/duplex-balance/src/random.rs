@@ -5,10 +5,17 @@ use crate::{weighted_draw, Backend, Balancer, Context};
 pub struct Random;
 
 impl Balancer for Random {
-    fn pick(&self, backends: &[Backend], _: &Context<'_>, max: usize, out: &mut Vec<usize>) {
+    fn pick(
+        &self,
+        backends: &[Backend],
+        _: &Context<'_>,
+        usable: &dyn Fn(usize) -> bool,
+        max: usize,
+        out: &mut Vec<usize>,
+    ) {
         let start = out.len();
         while out.len() - start < max.min(backends.len()) {
-            match weighted_draw(backends, &out[start..]) {
+            match weighted_draw(backends, |i| usable(i) && !out[start..].contains(&i)) {
                 Some(i) => out.push(i),
                 None => break,
             }
@@ -33,7 +40,7 @@ mod tests {
         let b = backends(&[1, 1, 1]);
         let h = http::HeaderMap::new();
         let mut out = Vec::new();
-        Random.pick(&b, &ctx(&h), 5, &mut out);
+        Random.pick(&b, &ctx(&h), &|_| true, 5, &mut out);
         out.sort();
         assert_eq!(out, vec![0, 1, 2]);
     }

@@ -67,19 +67,34 @@ fn gcd(a: u64, b: u64) -> u64 {
 }
 
 impl Balancer for RoundRobin {
-    fn pick(&self, backends: &[Backend], _: &Context<'_>, max: usize, out: &mut Vec<usize>) {
+    fn pick(
+        &self,
+        backends: &[Backend],
+        _: &Context<'_>,
+        usable: &dyn Fn(usize) -> bool,
+        max: usize,
+        out: &mut Vec<usize>,
+    ) {
         let len = self.schedule.len();
         if len == 0 {
             return;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % len;
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut start = turn % len;
+        if len > 1 && !usable(self.schedule[start] as usize) {
+            // The turn of a backend out of service goes to a different place in the
+            // schedule each time round (the rounds count up), not always to the one after
+            // it, which would then take two turns in every round.
+            start = (start + 1 + (turn / len) % (len - 1)) % len;
+        }
         // Retries continue along the schedule, skipping backends already offered.
+        let base = out.len();
         for k in 0..len {
-            if out.len() >= max.min(backends.len()) {
+            if out.len() - base >= max.min(backends.len()) {
                 break;
             }
             let i = self.schedule[(start + k) % len] as usize;
-            if !out.contains(&i) {
+            if usable(i) && !out[base..].contains(&i) {
                 out.push(i);
             }
         }
@@ -106,9 +121,40 @@ mod tests {
         assert_eq!(tally(&rr, &b, 600), vec![300, 200, 100]);
         let h = http::HeaderMap::new();
         let mut out = Vec::new();
-        rr.pick(&b, &ctx(&h), 3, &mut out);
+        rr.pick(&b, &ctx(&h), &|_| true, 3, &mut out);
         out.sort();
         assert_eq!(out, vec![0, 1, 2]);
+    }
+
+    /// A backend out of service must not hand its turns to one neighbour: the others
+    /// share them evenly.
+    #[test]
+    fn the_turns_of_a_backend_out_of_service_are_shared_evenly() {
+        let h = http::HeaderMap::new();
+        for (weights, down, want) in [
+            (vec![1, 1, 1, 1], 1, vec![1000, 0, 1000, 1000]),
+            (vec![1, 1, 1], 0, vec![0, 1000, 1000]),
+            (vec![2, 1, 1], 1, vec![1000, 0, 500]),
+        ] {
+            let b = backends(&weights);
+            let rr = RoundRobin::new(&b);
+            let usable = |i: usize| i != down;
+            let mut counts = vec![0usize; b.len()];
+            let picks = 1000 * (b.len() - 1);
+            for _ in 0..picks {
+                let mut out = Vec::new();
+                rr.pick(&b, &ctx(&h), &usable, 1, &mut out);
+                counts[out[0]] += 1;
+            }
+            let total: usize = want.iter().sum();
+            for (i, (&got, &w)) in counts.iter().zip(&want).enumerate() {
+                let w = w * picks / total;
+                assert!(
+                    got.abs_diff(w) <= picks / 50,
+                    "{weights:?} with {down} down: backend {i} got {got}, want about {w}: {counts:?}"
+                );
+            }
+        }
     }
 
     #[test]
