@@ -126,6 +126,12 @@ impl BackendState {
         }
     }
 
+    /// Forgets the passes and failures in a row (the checks changed); keeps the verdict.
+    pub fn reset_checks(&self) {
+        self.check_passes.store(0, Ordering::Relaxed);
+        self.check_fails.store(0, Ordering::Relaxed);
+    }
+
     /// Sets the active-check verdict; returns whether it changed.
     pub fn set_healthy(&self, healthy: bool) -> bool {
         self.healthy.swap(healthy, Ordering::Relaxed) != healthy

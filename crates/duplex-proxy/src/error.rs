@@ -72,11 +72,22 @@ pub enum ProxyError {
 }
 
 /// The `kind` label of `duplex_backend_connect_errors_total`, from the first I/O error in
-/// `err`'s source chain: `refused`, `timeout` or `other`.
+/// `err`'s source chain: `refused`, `timeout`, `tls` (the TLS handshake failed: a
+/// certificate not trusted or not for the name, no common protocol) or `other`.
 pub fn connect_kind(err: &(dyn std::error::Error + 'static)) -> &'static str {
-    match io_source(err).map(io::Error::kind) {
-        Some(io::ErrorKind::TimedOut) => "timeout",
-        Some(io::ErrorKind::ConnectionRefused) => "refused",
+    let Some(io) = io_source(err) else {
+        return "other";
+    };
+    match io.kind() {
+        io::ErrorKind::TimedOut => "timeout",
+        io::ErrorKind::ConnectionRefused => "refused",
+        // tokio-rustls hands a rustls error over inside an I/O error.
+        _ if io
+            .get_ref()
+            .is_some_and(|e| e.downcast_ref::<rustls::Error>().is_some()) =>
+        {
+            "tls"
+        }
         _ => "other",
     }
 }

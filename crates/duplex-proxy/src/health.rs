@@ -60,8 +60,9 @@ pub fn spawn_checks(shared: &Arc<Shared>, table: &Table) -> CancellationToken {
 ///
 /// Each probe runs as a task of its own, so a backend that lets its probes time out
 /// (dropped SYNs, a hung process) delays nobody else's: every backend is checked once
-/// per interval however many are slow. A backend whose previous probe is still running
-/// (possible when `timeout` is close to `interval`) skips a turn.
+/// per interval however many are slow, and however many there are. A backend whose
+/// previous probe is still running (possible when `timeout` is close to `interval`)
+/// skips a turn.
 async fn run(shared: Arc<Shared>, up: Arc<UpstreamRt>, hc: HealthCheck, stop: CancellationToken) {
     let backends: Vec<Arc<BackendState>> = up
         .pool
@@ -74,11 +75,9 @@ async fn run(shared: Arc<Shared>, up: Arc<UpstreamRt>, hc: HealthCheck, stop: Ca
     }
     let n = backends.len();
     let hc = Arc::new(hc);
-    let slot = hc.interval / n as u32;
-    // Replicas and upstreams start at different moments within the first slot, and at
-    // different backends: a table replaced more often than once per interval (reloads,
-    // DNS changes) still gets every backend checked over time.
-    let mut pause = slot.mul_f64(fastrand::f64());
+    let mut pace = Pacer::new(tokio::time::Instant::now(), hc.interval, n);
+    // Replicas and upstreams start at different backends: a table replaced more often
+    // than once per interval (reloads, DNS changes) still gets every backend checked.
     let first = fastrand::usize(..n);
     // Dropped with this task (a reload, shutdown): its probes end with it.
     let mut probes = tokio::task::JoinSet::new();
@@ -86,12 +85,20 @@ async fn run(shared: Arc<Shared>, up: Arc<UpstreamRt>, hc: HealthCheck, stop: Ca
     loop {
         for k in 0..n {
             let i = (first + k) % n;
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = stop.cancelled() => return,
+            let due = pace.next(tokio::time::Instant::now());
+            if due > tokio::time::Instant::now() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    _ = stop.cancelled() => return,
+                }
+            } else {
+                // Behind (slots shorter than the timer's millisecond): catch up without
+                // sleeping, but let other tasks run between probes.
+                tokio::task::yield_now().await;
+                if stop.is_cancelled() {
+                    return;
+                }
             }
-            // Jitter of +-10% keeps replicas from checking in lockstep.
-            pause = slot.mul_f64(0.9 + 0.2 * fastrand::f64());
             while probes.try_join_next().is_some() {}
             if running[i].as_ref().is_some_and(|h| !h.is_finished()) {
                 continue;
@@ -105,6 +112,41 @@ async fn run(shared: Arc<Shared>, up: Arc<UpstreamRt>, hc: HealthCheck, stop: Ca
             );
             running[i] = Some(probes.spawn(check));
         }
+    }
+}
+
+/// When each probe of one upstream is due: one slot (`interval / n`) after the one
+/// before, with jitter. Kept as deadlines rather than pauses, so that slots shorter than
+/// the timer's millisecond (thousands of backends) still add up to one round per interval.
+struct Pacer {
+    /// When the next probe is due.
+    at: tokio::time::Instant,
+    slot: std::time::Duration,
+    interval: std::time::Duration,
+}
+
+impl Pacer {
+    fn new(now: tokio::time::Instant, interval: std::time::Duration, n: usize) -> Pacer {
+        let slot = interval / n.max(1) as u32;
+        // Replicas start at different moments within the first slot.
+        Pacer {
+            at: now + slot.mul_f64(fastrand::f64()),
+            slot,
+            interval,
+        }
+    }
+
+    /// The deadline of the next probe, and moves on by one slot.
+    fn next(&mut self, now: tokio::time::Instant) -> tokio::time::Instant {
+        if self.at + self.interval < now {
+            // More than a round behind (the process was stopped, the machine suspended):
+            // start again from now rather than probing everything in one burst.
+            self.at = now;
+        }
+        let due = self.at;
+        // Jitter of +-10% keeps replicas from checking in lockstep.
+        self.at = due + self.slot.mul_f64(0.9 + 0.2 * fastrand::f64());
+        due
     }
 }
 
@@ -306,4 +348,54 @@ async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> Result<(u8, Vec<u8>), St
             .for_each(|(i, b)| *b ^= mask[i % 4]);
     }
     Ok((head[0] & 0x0f, payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    /// 2,000 backends checked every second: slots of half a millisecond, which a timer
+    /// with millisecond resolution cannot sleep. Woken a millisecond late each time, the
+    /// deadlines must still come a slot apart, so the round takes the interval.
+    #[test]
+    fn a_round_takes_the_interval_however_short_the_slots() {
+        let start = Instant::now();
+        let interval = Duration::from_secs(1);
+        let mut pace = Pacer::new(start, interval, 2000);
+        let mut now = start;
+        let mut last = start;
+        for _ in 0..2000 {
+            let due = pace.next(now);
+            assert!(due >= last, "deadlines never go back");
+            last = due;
+            // As the loop does: sleeps only to a deadline still ahead, and the timer fires
+            // a millisecond after it.
+            if due > now {
+                now = due + Duration::from_millis(1);
+            }
+        }
+        let round = last - start;
+        assert!(
+            round > Duration::from_millis(850) && round < Duration::from_millis(1150),
+            "one round took {round:?}"
+        );
+    }
+
+    /// After a long stall the probes start again from now, not in one burst.
+    #[test]
+    fn a_long_stall_does_not_make_a_burst() {
+        let start = Instant::now();
+        let mut pace = Pacer::new(start, Duration::from_secs(1), 10);
+        let late = start + Duration::from_secs(60);
+        let due = pace.next(late);
+        assert!(due >= late);
+        let next = pace.next(late);
+        assert!(
+            next >= late + Duration::from_millis(90),
+            "{:?}",
+            next - late
+        );
+    }
 }

@@ -339,16 +339,25 @@ impl Table {
                     // Without checks nothing would ever bring it back: healthy by default.
                     state.set_healthy(true);
                 }
+                if old.is_some_and(|o| o.cfg.health_check != u.health_check) {
+                    // Passes and failures in a row counted under other thresholds (or
+                    // before the checks were removed) do not count toward the new ones.
+                    state.reset_checks();
+                }
                 backends.push(Backend { state, weight });
                 closers.insert(addr, closer);
             }
             let tls = connectors.remove(&u.name).flatten();
             let http = match old {
-                // TLS settings may read changed files: only plain upstreams keep their pools.
+                // A reload builds new TLS settings (its files may have changed): only plain
+                // upstreams, and TLS ones whose settings stay (a DNS change), keep their pools.
                 Some(o)
                     if o.cfg.connect_timeout == u.connect_timeout
-                        && o.tls.is_none()
-                        && tls.is_none() =>
+                        && match (&o.tls, &tls) {
+                            (None, None) => true,
+                            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                            _ => false,
+                        } =>
                 {
                     Arc::clone(&o.http)
                 }
@@ -561,6 +570,19 @@ mod tests {
             Table::build(config, 1, &self.0.carry(previous), tls)
         }
 
+        fn build_text(&self, upstream: &str, previous: Option<&Table>, tls: Tls) -> Table {
+            let text = format!(
+                "listeners:\n  - name: l\n    bind: 127.0.0.1:0\nupstreams:\n  - name: u\n\
+                 {upstream}    backends:\n      - addr: 127.0.0.1:9001\n"
+            );
+            let config = Arc::new(Config::parse(&text, "t.yaml").expect("valid"));
+            let tls = match (tls, previous) {
+                (Tls::Kept, Some(t)) => TlsSettings::of(t),
+                _ => TlsSettings::read(&config).expect("no TLS files to read"),
+            };
+            Table::build(config, 1, &self.0.carry(previous), tls)
+        }
+
         /// What a request still running on an old table does: records a connect error
         /// for the backend it tried.
         fn straggler(&self) {
@@ -570,6 +592,62 @@ mod tests {
                 .with_label_values(&["u", "127.0.0.1:9002", "refused"])
                 .inc();
         }
+    }
+
+    /// How a test table gets its TLS settings: read again (a reload) or kept (a DNS change).
+    #[derive(Clone, Copy)]
+    enum Tls {
+        Read,
+        Kept,
+    }
+
+    /// Checks in a row count toward the thresholds they were counted under: a reload that
+    /// keeps the checks keeps the counts, one that changes them starts them over.
+    #[test]
+    fn check_counts_start_over_when_the_checks_change() {
+        let p = Parts::new();
+        let checks = |fall: u32| {
+            format!(
+                "    health_check: {{kind: tcp, interval: 1s, timeout: 1s, \
+                 unhealthy_threshold: {fall}}}\n"
+            )
+        };
+        let state = |t: &Table| Arc::clone(&t.upstreams["u"].pool.backends()[0].state);
+        let one = p.build_text(&checks(3), None, Tls::Read);
+        state(&one).record_check(false);
+        state(&one).record_check(false);
+        let same = p.build_text(&checks(3), Some(&one), Tls::Read);
+        assert_eq!(
+            state(&same).record_check(false),
+            (0, 3),
+            "same checks: kept"
+        );
+        let other = p.build_text(&checks(5), Some(&same), Tls::Read);
+        assert_eq!(state(&other).record_check(false), (0, 1), "new thresholds");
+        state(&other).record_check(false);
+        let none = p.build_text("", Some(&other), Tls::Read);
+        let again = p.build_text(&checks(5), Some(&none), Tls::Read);
+        assert_eq!(state(&again).record_check(false), (0, 1), "checks back");
+    }
+
+    /// A DNS change keeps a TLS upstream's settings, and so its idle keep-alive
+    /// connections; a reload reads the settings again and starts a new pool.
+    #[test]
+    fn a_tls_upstream_keeps_its_pool_while_its_settings_stay() {
+        let p = Parts::new();
+        let tls = "    tls: {insecure_skip_verify: true}\n";
+        let pool = |t: &Table| Arc::clone(&t.upstreams["u"].http);
+        let one = p.build_text(tls, None, Tls::Read);
+        let dns = p.build_text(tls, Some(&one), Tls::Kept);
+        assert!(
+            Arc::ptr_eq(&pool(&one), &pool(&dns)),
+            "kept on a DNS change"
+        );
+        let reload = p.build_text(tls, Some(&dns), Tls::Read);
+        assert!(!Arc::ptr_eq(&pool(&dns), &pool(&reload)), "new on a reload");
+        let plain = p.build_text("", Some(&reload), Tls::Read);
+        let still = p.build_text("", Some(&plain), Tls::Read);
+        assert!(Arc::ptr_eq(&pool(&plain), &pool(&still)), "plain: kept");
     }
 
     /// A backend's series go with the last table that holds it, even when something

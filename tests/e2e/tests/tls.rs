@@ -380,6 +380,19 @@ async fn tls_to_a_backend_with_its_own_ca_sni_and_mtls() {
         .await
         .expect("reload");
     assert_eq!(client::get(addr, "/page", &[]).await.status, 502);
+    // Counted as a TLS failure, not as some other connect error.
+    let metrics = client::get(proxy.admin_addr(), "/metrics", &[])
+        .await
+        .text();
+    let rogue_addr = rogue.addr.to_string();
+    let errors = |kind| {
+        duplex_e2e::proxy::sum_series(
+            &metrics,
+            "duplex_backend_connect_errors_total",
+            &[("backend", &rogue_addr), ("kind", kind)],
+        )
+    };
+    assert_eq!((errors("tls"), errors("other")), (1.0, 0.0), "{metrics}");
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }
 
