@@ -120,10 +120,25 @@ pub(crate) fn upstream(
         (None, Some(_)) => return fail(at("client_key"), "client_key needs client_cert".into()),
     };
     if let Some(name) = &t.server_name {
+        if name.parse::<std::net::IpAddr>().is_ok() {
+            // Would be sent as no SNI and checked as an IP entry: not what the key says.
+            return fail(
+                at("server_name"),
+                format!(
+                    "server_name {name:?} is an IP address: leave server_name out to check \
+                     each backend's certificate against its own address"
+                ),
+            );
+        }
+        // Underscores are not in host names, but internal names carry them and TLS
+        // libraries accept them.
         let label_ok = |l: &str| {
             !l.is_empty()
                 && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         };
         if name.len() > 253 || !name.split('.').all(label_ok) {
             return fail(

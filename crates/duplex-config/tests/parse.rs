@@ -298,6 +298,31 @@ upstreams: [{name: u, backends: [{addr: '127.0.0.1:2'}]}]
     }
 }
 
+/// An upstream's `server_name` is a DNS name: an IP address would silently mean "no SNI,
+/// check the address", so it is refused; underscores, common in internal names, are not.
+#[test]
+fn server_name_is_a_dns_name() {
+    let base = "listeners: [{name: a, bind: '127.0.0.1:1'}]\nupstreams:\n  - name: u\n    tls: {server_name: 'NAME', insecure_skip_verify: true}\n    backends: [{addr: '127.0.0.1:2'}]\n";
+    for bad in ["10.0.0.5", "::1", "a..b", "a b", "-"] {
+        let err = Config::parse(&base.replace("NAME", bad), "f")
+            .expect_err(bad)
+            .to_string();
+        assert!(
+            err.starts_with("f:4:") && err.contains("server_name"),
+            "{bad}: {err}"
+        );
+    }
+    assert!(Config::parse(&base.replace("NAME", "10.0.0.5"), "f")
+        .expect_err("ip")
+        .to_string()
+        .contains("is an IP address"));
+    for good in ["chat.internal", "svc_a.ns.internal", "backend"] {
+        let c = Config::parse(&base.replace("NAME", good), "f").expect(good);
+        let tls = c.upstreams[0].tls.as_ref().expect("tls");
+        assert_eq!(tls.server_name.as_deref(), Some(good));
+    }
+}
+
 #[test]
 fn a_host_with_a_final_dot_matches_as_without_it() {
     let src = FULL.replacen("host: chat.example.com", "host: chat.example.com.", 1);

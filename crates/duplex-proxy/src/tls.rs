@@ -269,14 +269,12 @@ pub fn connector(t: &UpstreamTls) -> Result<Connector, TlsError> {
     };
     let mut config = match &t.client_cert {
         Some(files) => {
-            // Checked as a listener's certificate is: readable, not expired, matching.
-            certified_key(files, &provider)?;
-            builder
-                .with_client_auth_cert(certs(&files.cert)?, key(&files.key)?)
-                .map_err(|source| TlsError::Rustls {
-                    path: files.cert.clone(),
-                    source,
-                })?
+            // Checked as a listener's certificate is (readable, not expired, matching), and
+            // used as checked: reading the files again could pick up a half-rotated pair.
+            let checked = certified_key(files, &provider)?;
+            builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+                checked,
+            )))
         }
         None => builder.with_no_client_auth(),
     };
