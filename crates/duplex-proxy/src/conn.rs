@@ -94,7 +94,13 @@ pub async fn serve(
         Some(tls) => {
             let timed = SendTimeout::new(tcp, timeout, expired);
             let accept = TlsAcceptor::from(Arc::clone(&tls.config)).accept(timed);
-            match tokio::time::timeout(tls.handshake_timeout, accept).await {
+            let accept = tokio::time::timeout(tls.handshake_timeout, accept);
+            // A handshake under way when the shutdown grace ends is cut with the rest.
+            let handshake = tokio::select! {
+                done = accept => done,
+                _ = shared.closing.cancelled() => return,
+            };
+            match handshake {
                 Ok(Ok(s)) => SendTimeout::unarmed(MaybeTls::Tls(Box::new(s))),
                 Ok(Err(e)) => {
                     shared

@@ -450,9 +450,16 @@ async fn a_silent_tls_client_is_cut_off_after_the_handshake_timeout() {
     )
     .await;
     let mut tcp = client::tcp(addr).await;
+    let connected = std::time::Instant::now();
     let mut buf = [0u8; 16];
     let n = within("the proxy to close a silent client", tcp.read(&mut buf)).await;
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    // By the listener's 300 ms, not the default 10 s.
+    let took = connected.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
     let m = proxy
         .metrics()
         .tls_handshake_errors
@@ -460,6 +467,40 @@ async fn a_silent_tls_client_is_cut_off_after_the_handshake_timeout() {
         .get();
     assert_eq!(m, 1);
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+/// A TLS handshake still under way when the shutdown grace ends is closed with
+/// everything else, not left to its own (here 10 s) timeout.
+#[tokio::test]
+async fn a_handshake_under_way_is_closed_when_the_grace_ends() {
+    let ca = Ca::new("front CA");
+    let leaf = ca.leaf(&["chat.test"]);
+    let dir = temp_dir("tls-grace");
+    let (c, k) = cert_files(&dir, &leaf);
+    let b = Backend::start("plain").await;
+    let (proxy, addr) = start(&tls_yaml(&[(&c, &k)], "", b.addr, ""), None).await;
+    let mut tcp = client::tcp(addr).await;
+    // The connection is accepted (and its handshake waiting) before shutdown begins.
+    eventually(Duration::from_secs(5), "the connection to be open", || {
+        let open = proxy
+            .metrics()
+            .connections_active
+            .with_label_values(&["public"])
+            .get();
+        async move { open == 1 }
+    })
+    .await;
+    let stopping = std::time::Instant::now();
+    let shutdown = tokio::spawn({
+        let proxy = proxy.clone();
+        async move { proxy.shutdown(Duration::from_millis(200)).await }
+    });
+    let mut buf = [0u8; 16];
+    let n = within("the proxy to close the handshake", tcp.read(&mut buf)).await;
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(2), "closed after {took:?}");
+    within("shutdown", shutdown).await.expect("shutdown task");
 }
 
 #[tokio::test]
