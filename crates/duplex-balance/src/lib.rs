@@ -287,14 +287,17 @@ impl Pool {
         let mut idx = Vec::with_capacity(max.min(self.backends.len()));
         let now = clock_ms();
         let available = |i: usize| self.backends[i].state.is_available_at(now);
-        // Backends out of service are skipped inside the pick, so that each algorithm's
-        // order (ring, schedule, load) holds among the rest and its turn moves on once.
+        let open = self.panic_mode == PanicMode::Open;
+        // Whether none is available: looked at only once one turns out not to be.
+        let none = std::cell::OnceCell::new();
+        let usable = |i: usize| {
+            available(i) || (open && *none.get_or_init(|| !(0..self.backends.len()).any(available)))
+        };
+        // Backends out of service are skipped inside the one pick, so that each
+        // algorithm's order (ring, schedule, load) holds among the rest and its turn moves
+        // on once per connection, in panic mode too.
         self.balancer
-            .pick(&self.backends, ctx, &available, max, &mut idx);
-        if idx.is_empty() && self.panic_mode == PanicMode::Open {
-            self.balancer
-                .pick(&self.backends, ctx, &|_| true, max, &mut idx);
-        }
+            .pick(&self.backends, ctx, &usable, max, &mut idx);
         idx.into_iter().map(|i| &self.backends[i]).collect()
     }
 }
@@ -379,6 +382,31 @@ mod health_tests {
                 first[usize::from(c[0].state.addr.port() - 9000)] += 1;
             }
             assert_eq!(first, [1000, 0, 1000, 1000], "{kind:?}");
+        }
+    }
+
+    /// With every backend out and `panic_mode: open`, turns still go round: two
+    /// backends share the connections rather than one taking them all.
+    #[test]
+    fn panic_mode_open_still_takes_turns() {
+        let h = HeaderMap::new();
+        for n in [2u16, 3, 4] {
+            let p = Pool::new(
+                BalancerKind::RoundRobin,
+                None,
+                PanicMode::Open,
+                backends(&vec![1; usize::from(n)]),
+            );
+            p.backends().iter().for_each(|b| {
+                b.state.set_healthy(false);
+            });
+            let mut first = vec![0; usize::from(n)];
+            for _ in 0..(100 * n) {
+                let c = p.candidates(&ctx(&h), 2);
+                assert_eq!(c.len(), 2);
+                first[usize::from(c[0].state.addr.port() - 9000)] += 1;
+            }
+            assert!(first.iter().all(|&k| k == 100), "{n}: {first:?}");
         }
     }
 

@@ -272,9 +272,8 @@ pub fn connector(t: &UpstreamTls) -> Result<Connector, TlsError> {
             // Checked as a listener's certificate is (readable, not expired, matching), and
             // used as checked: reading the files again could pick up a half-rotated pair.
             let checked = certified_key(files, &provider)?;
-            builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
-                checked,
-            )))
+            builder
+                .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(checked)))
         }
         None => builder.with_no_client_auth(),
     };

@@ -1,7 +1,7 @@
 //! The `duplex` binary itself: `check`, `run` with SIGTERM, and `demo`.
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_duplex");
@@ -24,17 +24,48 @@ impl Running {
             .success());
     }
 
+    /// Waits up to `limit` for the process to exit; fails with `what` after that (and the
+    /// drop kills it).
+    fn exits_within(&mut self, limit: Duration, what: &str) -> ExitStatus {
+        const PAUSE: Duration = Duration::from_millis(20);
+        let start = Instant::now();
+        for _ in 0..=limit.as_millis() / PAUSE.as_millis() {
+            if let Some(status) = self.0.try_wait().expect("wait") {
+                return status;
+            }
+            if start.elapsed() >= limit {
+                break;
+            }
+            std::thread::sleep(PAUSE);
+        }
+        panic!("{what}: still running after {limit:?}");
+    }
+
     /// Waits up to 10 s for the process to exit, and asserts it exited with status 0.
     fn exits_0_within_10s(&mut self, what: &str) {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.0.try_wait().expect("wait") {
-                assert!(status.success(), "{status}");
-                return;
-            }
-            assert!(start.elapsed() < Duration::from_secs(10), "{what}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let status = self.exits_within(Duration::from_secs(10), what);
+        assert!(status.success(), "{status}");
+    }
+}
+
+/// Runs `cmd` to its end and collects its output, killing it (and failing) if it takes
+/// more than 30 s.
+fn output_within_30s(cmd: &mut Command) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run duplex");
+    let mut child = Running(child);
+    // Read on threads, so that a full pipe cannot stall the child.
+    let stdout = read_all(child.0.stdout.take());
+    let stderr = read_all(child.0.stderr.take());
+    let status = child.exits_within(Duration::from_secs(30), "duplex check");
+    Output {
+        status,
+        stdout: stdout.join().expect("the stdout reader"),
+        stderr: stderr.join().expect("the stderr reader"),
     }
 }
 
@@ -43,6 +74,17 @@ impl Drop for Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Reads `pipe` to its end on a thread of its own.
+fn read_all<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
+    })
 }
 
 fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
@@ -57,10 +99,7 @@ fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
 #[test]
 fn check_accepts_the_shipped_configs() {
     for f in ["configs/full.yaml", "configs/minimal.yaml"] {
-        let out = Command::new(BIN)
-            .args(["check", "--config", &repo(f)])
-            .output()
-            .expect("run duplex");
+        let out = output_within_30s(Command::new(BIN).args(["check", "--config", &repo(f)]));
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -80,11 +119,7 @@ fn check_points_at_the_error_and_exits_1() {
         "bad.yaml",
         "listeners:\n  - name: public\n    bind: 127.0.0.1:8080\nroutes:\n  - name: r\n    upstream: nope\nupstreams:\n  - name: u\n    backends:\n      - addr: 127.0.0.1:9001\n",
     );
-    let out = Command::new(BIN)
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .expect("run duplex");
+    let out = output_within_30s(Command::new(BIN).args(["check", "-c"]).arg(&path));
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let want = format!(
@@ -221,15 +256,71 @@ fn demo_serves_the_page_and_balances_three_backends() {
     assert_eq!(seen.len(), 3, "{seen:?}");
 }
 
+/// A WebSocket echo backend on loopback, served by `rt`.
+fn echo_backend(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind the backend");
+    let addr = listener.local_addr().expect("backend address");
+    rt.spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                // Echoes text; a Close is answered as the next read goes on, which then ends.
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() && ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Runs `fut` on `rt`, failing with `what` past 10 s.
+fn block<F: std::future::Future>(rt: &tokio::runtime::Runtime, what: &str, fut: F) -> F::Output {
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), fut).await })
+        .unwrap_or_else(|_| panic!("timed out after 10 s: {what}"))
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Sends `text` on `ws` and asserts it comes back.
+fn echo(rt: &tokio::runtime::Runtime, ws: &mut Ws, text: &str) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let got = block(rt, "an echo through duplex", async {
+        ws.send(Message::text(text)).await.expect("send");
+        ws.next().await
+    });
+    match got {
+        Some(Ok(m)) => assert_eq!(m, Message::text(text)),
+        other => panic!("no echo of {text:?}: {other:?}"),
+    }
+}
+
+/// SIGTERM with a tunnel open: the listener closes at once, the tunnel goes on working
+/// through the drain, and duplex exits 0 as soon as it closes, well inside
+/// `shutdown_timeout`.
 #[test]
 fn run_drains_and_exits_0_on_sigterm() {
-    let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime for the backend and the client");
+    let backend = echo_backend(&rt);
     let path = temp_file(
         "run.yaml",
         &format!(
             "listeners:\n  - name: public\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\n\
-             shutdown_timeout: 5s\nroutes:\n  - name: r\n    upstream: u\nupstreams:\n  - name: u\n    backends:\n      - addr: {}\n",
-            backend.local_addr().expect("addr")
+             shutdown_timeout: {}s\nroutes:\n  - name: r\n    upstream: u\nupstreams:\n  - name: u\n    backends:\n      - addr: {backend}\n",
+            SHUTDOWN_TIMEOUT.as_secs()
         ),
     );
     let (mut child, err) = run_json(&path, &["--threads", "3"]);
@@ -240,9 +331,71 @@ fn run_drains_and_exits_0_on_sigterm() {
     );
     let threads = err.wait_for("worker threads");
     assert!(threads.contains("\"threads\":3"), "{threads}");
-    err.wait_for("\"listening\"");
+    let addr: std::net::SocketAddr = between(&err.wait_for("\"listening\""), "\"addr\":\"", '"')
+        .parse()
+        .expect("the listener's address");
+
+    // A tunnel through duplex to the backend, in use.
+    let (mut ws, _) = block(&rt, "a WebSocket through duplex", async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect to duplex");
+        tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp)
+            .await
+            .expect("the upgrade through duplex")
+    });
+    echo(&rt, &mut ws, "before");
+
     child.signal("-TERM");
-    child.exits_0_within_10s("duplex did not exit after SIGTERM");
+    err.wait_for("SIGTERM received");
+    err.wait_for("stopped accepting");
+    // The listener is closed: new connections are refused.
+    let start = Instant::now();
+    let mut refused = false;
+    for _ in 0..500 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Err(_) => {
+                refused = true;
+                break;
+            }
+            Ok(accepted) => drop(accepted),
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(refused, "duplex still accepts connections after SIGTERM");
+    // The open tunnel still works while duplex drains, and duplex waits for it.
+    echo(&rt, &mut ws, "during the drain");
+    assert!(
+        child.0.try_wait().expect("wait").is_none(),
+        "duplex exited with a tunnel open, inside shutdown_timeout"
+    );
+
+    // Closing it ends the drain: duplex exits 0, well before shutdown_timeout. The
+    // closing handshake done, the client's TCP connection goes too (dropped here).
+    block(&rt, "the tunnel to close", async move {
+        use futures_util::StreamExt;
+        ws.close(None).await.expect("send a Close");
+        for _ in 0..16 {
+            if !matches!(ws.next().await, Some(Ok(_))) {
+                return;
+            }
+        }
+        panic!("the tunnel did not close");
+    });
+    let closed = Instant::now();
+    let status = child.exits_within(
+        Duration::from_secs(10),
+        "duplex did not exit once the last tunnel closed",
+    );
+    assert!(status.success(), "{status}");
+    assert!(
+        closed.elapsed() < SHUTDOWN_TIMEOUT / 3,
+        "duplex exited {:?} after the tunnel closed",
+        closed.elapsed()
+    );
 }
 
 /// SIGTERM ends the process even while a reload is stuck reading a file (a FIFO nobody
@@ -363,16 +516,6 @@ fn the_default_connection_cap_follows_the_open_file_limit() {
     let mut answer = String::new();
     let _ = next.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer:?}");
-    let metrics = http_get(&admin, "/metrics");
-    let reclaimed: usize = between(
-        &metrics,
-        "\nduplex_connections_reclaimed_total{listener=\"public\"} ",
-        '\n',
-    )
-    .parse()
-    .expect("a count");
-    // All of them, unless some had not yet reached duplex's registry of idle connections.
-    assert!((1..=20).contains(&reclaimed), "{metrics}");
     let mut closed = 0;
     for idle in open {
         idle.set_read_timeout(Some(Duration::from_secs(2)))
@@ -384,5 +527,34 @@ fn the_default_connection_cap_follows_the_open_file_limit() {
             Err(_) => {}
         }
     }
-    assert_eq!(closed, reclaimed, "closed unanswered, as counted");
+    // All of them, unless some had not yet reached duplex's registry of idle connections.
+    assert!(
+        (1..=20).contains(&closed),
+        "{closed} idle connections closed"
+    );
+    // Each is counted as its connection's task ends, which may come just after the client
+    // sees the close: wait for the count to catch up, boundedly.
+    let reclaimed = |metrics: &str| -> usize {
+        between(
+            metrics,
+            "\nduplex_connections_reclaimed_total{listener=\"public\"} ",
+            '\n',
+        )
+        .parse()
+        .expect("a count")
+    };
+    let start = Instant::now();
+    let mut metrics = http_get(&admin, "/metrics");
+    for _ in 0..500 {
+        if reclaimed(&metrics) == closed || start.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        metrics = http_get(&admin, "/metrics");
+    }
+    assert_eq!(
+        reclaimed(&metrics),
+        closed,
+        "closed unanswered, as counted: {metrics}"
+    );
 }

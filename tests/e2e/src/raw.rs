@@ -88,8 +88,22 @@ impl RawBackend {
     }
 }
 
-/// An address nothing listens on: bound to a free port, then closed.
-pub fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port to free it");
-    l.local_addr().expect("address of the freed port")
+/// An address nothing listens on, for as long as this lives: a socket bound to a free
+/// loopback port that never listens. A connect to it is refused (the kernel answers a SYN
+/// to a port with no listener with a reset), and, the port being bound without
+/// `SO_REUSEADDR`, no other socket of this or a concurrent test can take it meanwhile, as
+/// it could a port that was bound and let go. Keep it alive while the address is in use.
+pub struct DeadAddr {
+    pub addr: SocketAddr,
+    _bound: tokio::net::TcpSocket,
+}
+
+/// A [`DeadAddr`] on 127.0.0.1.
+pub fn dead_addr() -> DeadAddr {
+    let sock = tokio::net::TcpSocket::new_v4().expect("a socket for a dead address");
+    sock.set_reuseaddr(false).expect("SO_REUSEADDR off");
+    sock.bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind a free loopback port, never to listen");
+    let addr = sock.local_addr().expect("the dead address");
+    DeadAddr { addr, _bound: sock }
 }

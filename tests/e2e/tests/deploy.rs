@@ -4,10 +4,12 @@
 //! duplex's defaults. With `promtool` on PATH it also checks the rules, runs their unit
 //! tests (deploy/prometheus/alerts_test.yml), checks the Prometheus configuration and
 //! parses every dashboard query; with `systemd-analyze` on PATH it verifies the unit.
+//! With `DUPLEX_REQUIRE_TOOLS=1` (CI sets it) a missing tool fails those tests instead.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
 use serde_yaml::Value as Yaml;
@@ -714,12 +716,84 @@ fn systemd_unit_matches_duplex() {
 // ---------------------------------------------------------------------------------------
 // External checkers, when installed
 
+/// How long one run of an external checker may take before it is killed and the test fails.
+const TOOL_LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs `tool` in `dir` and collects its output, killing it (and failing) past
+/// [`TOOL_LIMIT`]; `None` when it is not installed.
 fn run(tool: &str, args: &[&str], dir: &Path) -> Option<Output> {
-    match Command::new(tool).args(args).current_dir(dir).output() {
-        Ok(out) => Some(out),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+    let spawned = Command::new(tool)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => panic!("{tool}: {e}"),
+    };
+    // Read on threads, so that a chatty tool cannot fill a pipe and stall.
+    let stdout = read_all(child.stdout.take());
+    let stderr = read_all(child.stderr.take());
+    const PAUSE: Duration = Duration::from_millis(20);
+    let start = Instant::now();
+    let mut status = None;
+    for _ in 0..=TOOL_LIMIT.as_millis() / PAUSE.as_millis() {
+        if let Some(s) = child.try_wait().expect("wait for the tool") {
+            status = Some(s);
+            break;
+        }
+        if start.elapsed() >= TOOL_LIMIT {
+            break;
+        }
+        std::thread::sleep(PAUSE);
     }
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "{tool} {}: still running after {TOOL_LIMIT:?}, killed",
+            args.join(" ")
+        );
+    };
+    Some(Output {
+        status,
+        stdout: stdout.join().expect("the stdout reader"),
+        stderr: stderr.join().expect("the stderr reader"),
+    })
+}
+
+/// Reads `pipe` to its end on a thread of its own.
+fn read_all<R: std::io::Read + Send + 'static>(
+    pipe: Option<R>,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
+/// Whether a missing checker must fail its test: CI (`.ci/run`) installs them all and sets
+/// `DUPLEX_REQUIRE_TOOLS=1`; elsewhere a missing one is noted and its checks skipped.
+fn tools_required() -> bool {
+    std::env::var("DUPLEX_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
+}
+
+/// Notes that `tool` is missing, or fails the test when tools are required.
+#[track_caller]
+fn missing_tool(tool: &str, install: &str) {
+    assert!(
+        !tools_required(),
+        "{tool} is not on PATH and DUPLEX_REQUIRE_TOOLS=1: install it ({install})"
+    );
+    eprintln!(
+        "note: {tool} is not on PATH: skipping its checks (CI installs it; locally: {install})"
+    );
 }
 
 fn assert_ok(what: &str, out: &Output) {
@@ -775,9 +849,9 @@ fn as_promql(expr: &str) -> String {
 fn promtool_accepts_the_rules_config_and_dashboard_queries() {
     let dir = deploy("prometheus");
     let Some(version) = run("promtool", &["--version"], &dir) else {
-        eprintln!(
-            "note: promtool is not on PATH: skipping its checks (CI installs it; locally: \
-             apt-get install --no-install-recommends prometheus)"
+        missing_tool(
+            "promtool",
+            "apt-get install --no-install-recommends prometheus",
         );
         return;
     };
@@ -812,7 +886,10 @@ fn systemd_analyze_verifies_the_unit() {
     std::fs::write(&copy, unit.replace("/usr/local/bin/duplex", "/bin/true")).expect("write");
     let path = copy.to_str().expect("utf-8 path");
     let Some(out) = run("systemd-analyze", &["verify", path], &scratch.0) else {
-        eprintln!("note: systemd-analyze is not on PATH: not verifying the unit");
+        missing_tool(
+            "systemd-analyze",
+            "apt-get install --no-install-recommends systemd",
+        );
         return;
     };
     assert_ok("systemd-analyze verify", &out);

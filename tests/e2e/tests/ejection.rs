@@ -14,9 +14,10 @@ use tokio_tungstenite::tungstenite::{self};
 /// `fail_timeout`, after which it is tried again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_timeouts_eject_a_silent_backend_until_fail_timeout() {
+    const FAIL_TIMEOUT: Duration = Duration::from_secs(3);
     let a = FlakyBackend::start("a").await;
     let s = FlakyBackend::start("s").await;
-    let extra = "    max_fails: 2\n    fail_timeout: 1s\n    handshake_timeout: 200ms\n";
+    let extra = "    max_fails: 2\n    fail_timeout: 3s\n    handshake_timeout: 200ms\n";
     let p = start(&yaml(extra, &[&a, &s])).await;
     s.set(Mode::Silent).await;
 
@@ -37,18 +38,11 @@ async fn handshake_timeouts_eject_a_silent_backend_until_fail_timeout() {
         }
     }
     let ejected_at = ejected_at.expect("two 504s from the silent backend");
-    let ejections = || backend_metric(&p, "duplex_backend_ejections_total", &s, &[]);
-    assert_eq!(ejections().await, 1.0);
-    assert!(flag(&p, &s, "ejected").await, "s is ejected");
-    assert!(
-        flag(&p, &s, "healthy").await,
-        "no active check says otherwise"
-    );
-    assert_available(&p, &s, false).await;
 
-    // While ejected (well inside fail_timeout), new connections skip it.
+    // At once, well inside fail_timeout: new connections skip it. Round robin would send
+    // one of any two in a row to it, were it not ejected.
     let mut skipped = 0;
-    while ejected_at.elapsed() < Duration::from_millis(600) && skipped < 6 {
+    while ejected_at.elapsed() < FAIL_TIMEOUT / 2 && skipped < 6 {
         let (_ws, r) = ws(p.addr, "/").await;
         assert_eq!(
             backend_of(&r),
@@ -57,13 +51,29 @@ async fn handshake_timeouts_eject_a_silent_backend_until_fail_timeout() {
         );
         skipped += 1;
     }
-    assert!(skipped > 0, "no connection made within the ejection");
+    assert!(
+        skipped >= 2,
+        "{skipped} connections made within the ejection"
+    );
+
+    let ejections = || backend_metric(&p, "duplex_backend_ejections_total", &s, &[]);
+    assert_eq!(ejections().await, 1.0);
+    assert!(
+        flag(&p, &s, "ejected").await,
+        "s is ejected {:?} after its ejection (fail_timeout {FAIL_TIMEOUT:?})",
+        ejected_at.elapsed()
+    );
+    assert!(
+        flag(&p, &s, "healthy").await,
+        "no active check says otherwise"
+    );
+    assert_available(&p, &s, false).await;
 
     // Once fail_timeout has passed it is tried again; now it answers.
     s.set(Mode::Up).await;
     let addr = p.addr;
     eventually(
-        Duration::from_secs(4),
+        Duration::from_secs(8),
         "s to take connections again after fail_timeout",
         || async move {
             let (_ws, r) = ws(addr, "/").await;
@@ -71,6 +81,12 @@ async fn handshake_timeouts_eject_a_silent_backend_until_fail_timeout() {
         },
     )
     .await;
+    // Not before fail_timeout (the ejection began just before the second 504 arrived).
+    let back_after = ejected_at.elapsed();
+    assert!(
+        back_after >= FAIL_TIMEOUT * 4 / 5,
+        "s was tried again {back_after:?} after its ejection, fail_timeout is {FAIL_TIMEOUT:?}"
+    );
     assert!(!flag(&p, &s, "ejected").await);
     assert_available(&p, &s, true).await;
     assert_eq!(ejections().await, 1.0, "no second ejection");
@@ -276,21 +292,19 @@ async fn until_not_ejected(p: &TestProxy, d: &FlakyBackend) {
 async fn ejections_in_a_row_double_and_a_success_resets_them() {
     let a = FlakyBackend::start("a").await;
     let d = FlakyBackend::start("d").await;
-    let p = start(&yaml(
-        "    max_fails: 1\n    fail_timeout: 600ms\n",
-        &[&a, &d],
-    ))
-    .await;
+    let p = start(&yaml("    max_fails: 1\n    fail_timeout: 1s\n", &[&a, &d])).await;
     d.set(Mode::Down).await;
 
     eject_once(&p, &d, 1.0).await;
     until_not_ejected(&p, &d).await;
-    // Tried again and refused again: 1.2 s this time, so still out after 0.7 s.
+    // Tried again and refused again: 2 s this time, so still out after 1.3 s (0.3 s past
+    // an undoubled 1 s, 0.7 s before the doubled one ends).
     let second = eject_once(&p, &d, 2.0).await;
-    tokio::time::sleep(Duration::from_millis(700).saturating_sub(second.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(1300).saturating_sub(second.elapsed())).await;
     assert!(
         flag(&p, &d, "ejected").await,
-        "the second ejection lasts twice as long"
+        "the second ejection lasts twice as long (checked {:?} after it began)",
+        second.elapsed()
     );
     until_not_ejected(&p, &d).await;
 
@@ -302,10 +316,10 @@ async fn ejections_in_a_row_double_and_a_success_resets_them() {
         backend_of(&r) == "d"
     })
     .await;
-    // ...so the next ejection is back to 600 ms.
+    // ...so the next ejection is back to 1 s (a third in a row would be 4 s).
     d.set(Mode::Down).await;
     let third = eject_once(&p, &d, 3.0).await;
-    tokio::time::sleep(Duration::from_millis(900).saturating_sub(third.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(1500).saturating_sub(third.elapsed())).await;
     assert!(
         !flag(&p, &d, "ejected").await,
         "after a success the ejection starts over at fail_timeout"

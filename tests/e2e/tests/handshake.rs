@@ -299,7 +299,8 @@ async fn backend_refusal_reaches_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_backend_is_skipped() {
-    let dead = dead_addr();
+    let dead_guard = dead_addr();
+    let dead = dead_guard.addr;
     let live = Backend::start("live").await;
     let p = TestProxy::single(
         &Upstream::new("round_robin")
@@ -323,7 +324,8 @@ async fn dead_backend_is_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_backends_dead_gives_502_naming_the_route_not_the_address() {
-    let (d1, d2) = (dead_addr(), dead_addr());
+    let guards = (dead_addr(), dead_addr());
+    let (d1, d2) = (guards.0.addr, guards.1.addr);
     let p = TestProxy::single(&Upstream::new("round_robin").backend(d1).backend(d2)).await;
     let r = raw_exchange(p.addr, upgrade_request("/", "x", &[]).as_bytes()).await;
     assert_eq!(r.head.status(), 502, "{r:?}");

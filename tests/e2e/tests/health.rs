@@ -124,8 +124,14 @@ async fn all_unhealthy(panic_mode: &str) -> (Vec<FlakyBackend>, TestProxy) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panic_mode_open_uses_every_backend_when_none_is_healthy() {
     let (_b, p) = all_unhealthy("open").await;
+    // Round robin over every backend, as if all were healthy: an even split, so that
+    // panic mode sending everything to one backend fails here.
     let landed = land(&p, 4).await;
-    assert_eq!(landed.values().sum::<usize>(), 4, "{landed:?}");
+    assert_eq!(
+        (landed.get("a"), landed.get("b")),
+        (Some(&2), Some(&2)),
+        "each backend takes its share in panic mode: {landed:?}"
+    );
     // Plain HTTP goes through as well, to a backend that answers 500.
     let r = get(p.addr, "/", &[]).await;
     assert_eq!(r.status, 500, "{}", r.text());

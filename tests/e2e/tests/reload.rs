@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use duplex_config::Config;
 use duplex_e2e::backend::Backend;
@@ -115,6 +115,9 @@ async fn a_removed_backend_drains_then_its_tunnels_close() {
     };
     assert_ne!(backend_of(&r1), backend_of(&r2));
 
+    // Taken before the reload starts its drain: the drain can only end after this plus
+    // drain_timeout.
+    let reloaded = Instant::now();
     proxy
         .reload(config(&yaml(&public, "round_robin", drain, &[b[0].addr])))
         .await
@@ -129,14 +132,24 @@ async fn a_removed_backend_drains_then_its_tunnels_close() {
     }
     // ...and once drain_timeout passes, it is closed, while the kept backend's tunnel lives.
     let end = within("the drained tunnel to close", async {
-        loop {
+        // The backend sends nothing unasked: a few stray frames at most before the end.
+        for _ in 0..16 {
             match gone.next().await {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                 Some(Ok(_)) => {}
             }
         }
+        panic!("the drained tunnel kept sending instead of closing");
     });
     end.await;
+    // Closed by drain_timeout (700 ms after the reload), not at once nor by some other
+    // timer: not before 80% of it, and well before the default five minutes. The upper
+    // bound leaves more than 2 s for a slow machine to notice the close.
+    let closed_after = reloaded.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(560) && closed_after < Duration::from_secs(3),
+        "the drained tunnel closed {closed_after:?} after the reload; drain_timeout is 700ms"
+    );
     echo_ok(&mut kept, "kept").await;
     first = kept;
     client::close(first).await;
@@ -287,6 +300,22 @@ async fn a_bad_file_changes_nothing_and_shows_in_status() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The `/status` entry of backend `addr` in upstream `pool`; `None` when the table in force
+/// does not have it.
+async fn pool_backend(proxy: &Proxy, addr: SocketAddr) -> Option<serde_json::Value> {
+    let r = client::get(proxy.admin_addr(), "/status", &[]).await;
+    assert_eq!(r.status, 200, "/status: {}", r.text());
+    let v: serde_json::Value = serde_json::from_str(&r.text()).expect("/status is JSON");
+    v["upstreams"]
+        .as_array()?
+        .iter()
+        .find(|u| u["name"] == "pool")?["backends"]
+        .as_array()?
+        .iter()
+        .find(|b| b["addr"] == addr.to_string().as_str())
+        .cloned()
+}
+
 #[tokio::test]
 async fn a_backend_added_back_while_draining_keeps_its_tunnels() {
     let b = Backend::start_all(&["stay", "flip"]).await;
@@ -295,14 +324,17 @@ async fn a_backend_added_back_while_draining_keeps_its_tunnels() {
     let both = yaml(&public, "least_conn", drain, &[b[0].addr, b[1].addr]);
     let proxy = start(&both, None).await;
     let addr = proxy.listener_addr("public").expect("bound");
-    let mut on_flip = None;
+    let mut on = std::collections::BTreeMap::new();
     for _ in 0..2 {
         let (ws, r) = client::ws(addr, "/").await;
-        if backend_of(&r) == "flip" {
-            on_flip = Some(ws);
-        }
+        on.insert(backend_of(&r), ws);
     }
-    let mut on_flip = on_flip.expect("least_conn put one tunnel on each backend");
+    let mut on_flip = on
+        .remove("flip")
+        .expect("least_conn put one tunnel on each backend");
+    let on_stay = on
+        .remove("stay")
+        .expect("least_conn put one tunnel on each backend");
 
     proxy
         .reload(config(&yaml(&public, "least_conn", drain, &[b[0].addr])))
@@ -314,12 +346,36 @@ async fn a_backend_added_back_while_draining_keeps_its_tunnels() {
             && status.contains("\"draining_seconds\""),
         "{status}"
     );
-    proxy.reload(config(&both)).await.expect("add back");
+    // Added back, and listed first now: its state (its load) must follow its address,
+    // not its place in the list.
+    let flip_first = yaml(&public, "least_conn", drain, &[b[1].addr, b[0].addr]);
+    proxy.reload(config(&flip_first)).await.expect("add back");
     // Well past the drain timeout, the tunnel is alive and its load still counts.
     tokio::time::sleep(Duration::from_millis(900)).await;
     echo_ok(&mut on_flip, "still here").await;
     let status = client::get(proxy.admin_addr(), "/status", &[]).await.text();
     assert!(status.contains("\"draining\": []"), "{status}");
+    let flip = pool_backend(&proxy, b[1].addr)
+        .await
+        .expect("flip is back in the pool");
+    assert_eq!(
+        flip["tunnels"], 1,
+        "the added-back backend still counts its tunnel: {flip}"
+    );
+    // stay's tunnel gone, flip's load (1) is the only one left.
+    client::close(on_stay).await;
+    let p = &proxy;
+    let stay_addr = b[0].addr;
+    eventually(
+        Duration::from_secs(5),
+        "stay's tunnel to be counted closed",
+        || async move {
+            pool_backend(p, stay_addr)
+                .await
+                .is_some_and(|s| s["tunnels"] == 0)
+        },
+    )
+    .await;
     let (_, r) = client::ws(addr, "/").await;
     assert_eq!(
         backend_of(&r),

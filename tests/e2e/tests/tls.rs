@@ -144,6 +144,7 @@ async fn wss_and_https_through_a_verified_chain() {
         .arg(&ca_file)
         .args(["--resolve", &format!("chat.test:{}:127.0.0.1", addr.port())])
         .arg(format!("https://chat.test:{}/hello", addr.port()))
+        .kill_on_drop(true)
         .output();
     let out = within("curl", out).await.expect("run curl");
     assert!(
@@ -419,20 +420,44 @@ async fn old_protocol_versions_are_refused_as_openssl_sees_it() {
                     "DEFAULT@SECLEVEL=0",
                 ])
                 .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
                 .output();
             within("openssl s_client", out).await.expect("run openssl")
         }
     };
+    let text = |out: &std::process::Output| {
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
     let ok = s_client("-tls1_2").await;
+    let (stdout, stderr) = text(&ok);
     assert!(
-        String::from_utf8_lossy(&ok.stdout).contains("Protocol  : TLSv1.2") || ok.status.success(),
-        "TLS 1.2 must work"
+        ok.status.success() && stdout.contains("Protocol  : TLSv1.2"),
+        "TLS 1.2 must work: {}\n{stdout}\n{stderr}",
+        ok.status
     );
+    // openssl did offer TLS 1.1 (had it no TLS 1.1 to offer, it would stop before
+    // connecting, with "no protocols available"), and the server answered the hello with a
+    // fatal alert, sending no certificate. rustls refuses such a hello with
+    // handshake_failure (40: a TLS 1.1 hello has no signature_algorithms) or, were that
+    // there, protocol_version (70).
     let old = s_client("-tls1_1").await;
+    let (stdout, stderr) = text(&old);
+    let refused = format!("{}\n{stdout}\n{stderr}", old.status);
+    assert!(!old.status.success(), "TLS 1.1 must be refused: {refused}");
     assert!(
-        !old.status.success(),
-        "TLS 1.1 must be refused: {}",
-        String::from_utf8_lossy(&old.stdout)
+        stdout.contains("CONNECTED") && stdout.contains("Protocol  : TLSv1.1"),
+        "openssl did not offer TLS 1.1: {refused}"
+    );
+    assert!(
+        stderr.contains("alert number 40") || stderr.contains("alert number 70"),
+        "no alert from the server refusing TLS 1.1: {refused}"
+    );
+    assert!(
+        stdout.contains("no peer certificate available"),
+        "the server went on with a TLS 1.1 handshake: {refused}"
     );
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }
@@ -553,6 +578,7 @@ async fn python_websockets_over_wss_verifies_the_chain() {
     );
     let out = tokio::process::Command::new("python3")
         .args(["-c", &script])
+        .kill_on_drop(true)
         .output();
     let out = within_secs(20, out).await.expect("run python3");
     assert!(
