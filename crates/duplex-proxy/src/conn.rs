@@ -103,12 +103,13 @@ pub async fn serve(
             match handshake {
                 Ok(Ok(s)) => SendTimeout::unarmed(MaybeTls::Tls(Box::new(s))),
                 Ok(Err(e)) => {
+                    let reason = crate::tls::handshake_failure(&e);
                     shared
                         .metrics
                         .tls_handshake_errors
-                        .with_label_values(&[&settings.name, "failed"])
+                        .with_label_values(&[&settings.name, reason])
                         .inc();
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    tracing::debug!(%peer, error = %e, reason, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {

@@ -173,6 +173,45 @@ impl ResolvesServerCert for BySni {
     }
 }
 
+/// The `reason` label of a client TLS handshake that failed (`timeout` is counted apart):
+/// `closed` (the client went away: load-balancer probes, scanners), `client_cert` (no
+/// certificate, or one not trusted, where `client_auth` asks for one), `cert_refused` (the
+/// client refused ours: untrusted, expired, wrong name), `protocol` (nothing in common:
+/// version, cipher, ALPN; or not TLS at all, such as plain HTTP), `failed` (anything else).
+pub fn handshake_failure(e: &io::Error) -> &'static str {
+    use rustls::AlertDescription as A;
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return match e.kind() {
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => "closed",
+            _ => "failed",
+        };
+    };
+    match tls {
+        rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_) => {
+            "client_cert"
+        }
+        rustls::Error::AlertReceived(
+            A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied,
+        ) => "cert_refused",
+        rustls::Error::AlertReceived(_)
+        | rustls::Error::PeerIncompatible(_)
+        | rustls::Error::NoApplicationProtocol
+        | rustls::Error::InvalidMessage(_)
+        | rustls::Error::InappropriateMessage { .. }
+        | rustls::Error::InappropriateHandshakeMessage { .. } => "protocol",
+        _ => "failed",
+    }
+}
+
 /// The TLS settings of a listener, built from its files.
 #[derive(Clone)]
 pub struct Acceptor {

@@ -327,6 +327,74 @@ async fn client_certificates_required_and_refused() {
     assert!(within("a client with a foreign certificate", other)
         .await
         .is_err());
+    // Both counted as the client's certificate, not as some other failure.
+    eventually(Duration::from_secs(5), "two client_cert failures", || {
+        let n = handshake_errors(&proxy, "client_cert");
+        async move { n == 2 }
+    })
+    .await;
+    assert_eq!(handshake_errors(&proxy, "failed"), 0);
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+/// `duplex_tls_handshake_errors_total{listener="public", reason}`.
+fn handshake_errors(proxy: &Proxy, reason: &str) -> u64 {
+    proxy
+        .metrics()
+        .tls_handshake_errors
+        .with_label_values(&["public", reason])
+        .get()
+}
+
+/// Failed handshakes are counted by what went wrong, so that clients refusing a new
+/// certificate stand out from load-balancer probes and scanners.
+#[tokio::test]
+async fn failed_handshakes_are_counted_by_reason() {
+    let ca = Ca::new("front CA");
+    let leaf = ca.leaf(&["chat.test"]);
+    let dir = temp_dir("tls-reasons");
+    let (c, k) = cert_files(&dir, &leaf);
+    let b = Backend::start("plain").await;
+    let (proxy, addr) = start(&tls_yaml(&[(&c, &k)], "", b.addr, ""), None).await;
+    let wait = |reason: &'static str, want: u64| {
+        let proxy = proxy.clone();
+        async move {
+            eventually(Duration::from_secs(5), reason, || {
+                let n = handshake_errors(&proxy, reason);
+                async move { n == want }
+            })
+            .await
+        }
+    };
+
+    // A probe that connects and goes away.
+    drop(client::tcp(addr).await);
+    wait("closed", 1).await;
+
+    // Plain HTTP on the TLS port.
+    let mut tcp = client::tcp(addr).await;
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"GET / HTTP/1.1\r\nHost: chat.test\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let _ = within("the proxy to close", tcp.read_to_end(&mut buf)).await;
+    wait("protocol", 1).await;
+
+    // A client that does not trust duplex's certificate.
+    let stranger = Ca::new("another CA");
+    let refused = tls_connect(addr, "chat.test", client_config(&stranger.pem, None)).await;
+    assert!(refused.is_err());
+    wait("cert_refused", 1).await;
+
+    // A client that speaks only HTTP/2.
+    let mut h2 = (*client_config(&ca.pem, None)).clone();
+    h2.alpn_protocols = vec![b"h2".to_vec()];
+    assert!(tls_connect(addr, "chat.test", Arc::new(h2)).await.is_err());
+    wait("protocol", 2).await;
+
+    for reason in ["failed", "client_cert", "timeout"] {
+        assert_eq!(handshake_errors(&proxy, reason), 0, "{reason}");
+    }
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }
 
