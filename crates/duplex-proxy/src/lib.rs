@@ -23,6 +23,7 @@ pub mod limits;
 mod reclaim;
 mod reload;
 mod responses;
+mod retired;
 mod router;
 mod send_timeout;
 mod server;

@@ -570,6 +570,8 @@ async fn drain(
     }
     // Retired, not renewed: a handshake still in flight on the old table gets a closed token.
     entry.closer.retire();
+    // Kept a while: a table naming it again soon takes its health back.
+    lock(&shared.retired).keep(&upstream, entry.state, std::time::Instant::now());
     // Unless a reload has the backend back already. Whatever still runs on an old table
     // may bring some back; the backend's `Closer` forgets them again when the last table
     // holding it goes.

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::http_pool::HttpPool;
 use crate::limits::Limits;
+use crate::retired::Retired;
 use crate::tls::{self, Acceptor, Connector, TlsError};
 
 /// An upstream as one generation runs it.
@@ -157,6 +158,8 @@ pub struct Carry<'a> {
     pub previous: Option<&'a Table>,
     pub closing: &'a CancellationToken,
     pub draining: &'a Mutex<HashMap<(String, SocketAddr), Draining>>,
+    /// Backends whose drain ended a short while ago.
+    pub retired: &'a Mutex<Retired>,
     /// What DNS discovery last found, by (upstream, host, port).
     pub resolved: &'a Mutex<Resolved>,
     pub metrics: &'a Arc<Metrics>,
@@ -327,10 +330,20 @@ impl Table {
                     let b = o.pool.backends().iter().find(|x| x.state.addr == addr)?;
                     Some((Arc::clone(&b.state), Arc::clone(o.closers.get(&addr)?)))
                 });
+                // Back while draining, or soon after (a DNS answer rotating through
+                // addresses): its health, ejection and load as they were.
                 let back = || {
                     draining
                         .remove(&(u.name.clone(), addr))
                         .map(|d| (d.state, d.closer))
+                        .or_else(|| {
+                            let state = crate::server::lock(carry.retired).take(
+                                &u.name,
+                                addr,
+                                std::time::Instant::now(),
+                            )?;
+                            Some((state, Closer::owned(carry, &u.name, addr)))
+                        })
                 };
                 let (state, closer) = kept.or_else(back).unwrap_or_else(|| {
                     (BackendState::new(addr), Closer::owned(carry, &u.name, addr))
@@ -445,6 +458,8 @@ pub struct Shared {
     pub closing: CancellationToken,
     /// Backends a reload removed whose tunnels may still be open, by (upstream, address).
     pub draining: Mutex<HashMap<(String, SocketAddr), Draining>>,
+    /// Backends whose drain ended a short while ago, for a table that names them again.
+    pub retired: Mutex<Retired>,
     /// What DNS discovery last found, by (upstream, host, port).
     pub resolved: Mutex<Resolved>,
     pub resolver: Arc<dyn crate::discovery::Resolver>,
@@ -469,6 +484,7 @@ impl Shared {
             stopping: CancellationToken::new(),
             closing: CancellationToken::new(),
             draining: Mutex::new(HashMap::new()),
+            retired: Mutex::default(),
             resolved: Mutex::new(HashMap::new()),
             resolver,
             limits: Arc::default(),
@@ -512,6 +528,7 @@ impl Shared {
             previous,
             closing: &self.closing,
             draining: &self.draining,
+            retired: &self.retired,
             resolved: &self.resolved,
             metrics: &self.metrics,
             owners: &self.owners,

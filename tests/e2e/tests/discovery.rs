@@ -311,3 +311,62 @@ async fn dns_discovered_backends_are_health_checked() {
     assert_eq!(land(&p, 4).await.get("b"), Some(&2));
     p.shutdown().await;
 }
+
+/// A DNS server answering with a rotating subset of its addresses takes a backend out and
+/// puts it back at every turn. A backend ejected for refusing connections must come back
+/// still ejected, not as a new, healthy one that every client is sent to first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_back_in_the_answer_keeps_its_ejection() {
+    let (a, b, resolver, dns) = chat_test();
+    let extra = "    max_fails: 1\n    fail_timeout: 60s\n";
+    let p = start_resolving(&yaml_with(extra, &dns), Arc::new(resolver.clone())).await;
+    resolver.answer(&[a.addr, b.addr]);
+    b_takes_connections(&p).await;
+    b.set(Mode::Down).await;
+    let (pr, down) = (&p, b.addr);
+    eventually(WAIT, "b to be ejected", || async move {
+        land(pr, 1).await.contains_key("a")
+            && status_of(pr, down)
+                .await
+                .is_some_and(|s| s["ejected"] == true)
+    })
+    .await;
+
+    // Out of the answer, and drained (it has no tunnels, so at once).
+    resolver.answer(&[a.addr]);
+    eventually(
+        WAIT,
+        "b to leave the table and end its drain",
+        || async move {
+            let status = duplex_e2e::client::get(pr.admin, "/status", &[])
+                .await
+                .text();
+            status_of(pr, down).await.is_none() && !status.contains(&down.to_string())
+        },
+    )
+    .await;
+
+    // Back in the answer: still ejected, and no client is sent to it.
+    resolver.answer(&[a.addr, b.addr]);
+    eventually(WAIT, "b to join the table again", || async move {
+        status_of(pr, down).await.is_some()
+    })
+    .await;
+    let s = status_of(&p, b.addr).await.expect("b is in the table");
+    assert_eq!(
+        (s["ejected"].as_bool(), s["available"].as_bool()),
+        (Some(true), Some(false)),
+        "{s}"
+    );
+    let b_addr = b.addr.to_string();
+    let label = [("backend", b_addr.as_str())];
+    let before = p
+        .metric("duplex_backend_connect_errors_total", &label)
+        .await;
+    assert_eq!(land(&p, 4).await.get("a"), Some(&4));
+    let after = p
+        .metric("duplex_backend_connect_errors_total", &label)
+        .await;
+    assert_eq!(after, before, "no connect was tried on b");
+    p.shutdown().await;
+}
