@@ -321,6 +321,9 @@ pub(crate) fn weighted_draw(backends: &[Backend], allow: impl Fn(usize) -> bool)
         return None;
     }
     let mut r = fastrand::u64(0..total);
+    // `allow` reads live health: one taken out between the sum and this walk leaves the
+    // draw short of its total, and the last allowed one takes the rest.
+    let mut last = None;
     for (i, b) in backends.iter().enumerate() {
         if !allow(i) {
             continue;
@@ -330,8 +333,9 @@ pub(crate) fn weighted_draw(backends: &[Backend], allow: impl Fn(usize) -> bool)
             return Some(i);
         }
         r -= w;
+        last = Some(i);
     }
-    None
+    last
 }
 
 #[cfg(test)]

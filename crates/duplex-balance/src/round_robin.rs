@@ -15,6 +15,8 @@ pub struct RoundRobin {
     /// One period of the smooth weighted sequence, as backend indexes.
     schedule: Vec<u32>,
     next: AtomicUsize,
+    /// Turns that fell on a backend out of service, handed to the usable places in turn.
+    spill: AtomicUsize,
 }
 
 impl RoundRobin {
@@ -35,6 +37,7 @@ impl RoundRobin {
             return RoundRobin {
                 schedule,
                 next: AtomicUsize::new(0),
+                spill: AtomicUsize::new(0),
             };
         }
         let total: i64 = weights.iter().sum::<u64>() as i64;
@@ -54,6 +57,7 @@ impl RoundRobin {
         RoundRobin {
             schedule,
             next: AtomicUsize::new(0),
+            spill: AtomicUsize::new(0),
         }
     }
 }
@@ -81,11 +85,19 @@ impl Balancer for RoundRobin {
         }
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         let mut start = turn % len;
-        if len > 1 && !usable(self.schedule[start] as usize) {
-            // The turn of a backend out of service goes to a different place in the
-            // schedule each time round (the rounds count up), not always to the one after
-            // it, which would then take two turns in every round.
-            start = (start + 1 + (turn / len) % (len - 1)) % len;
+        if !usable(self.schedule[start] as usize) {
+            // The turn of a backend out of service goes to the usable places of the
+            // schedule in turn (not always to the place after it, which would then take
+            // two turns in every round), so the others share it in proportion to their
+            // weights, however many are out.
+            let usable_at = |p: &usize| usable(self.schedule[*p] as usize);
+            let places = (0..len).filter(usable_at).count();
+            if places > 0 {
+                let k = self.spill.fetch_add(1, Ordering::Relaxed) % places;
+                if let Some(p) = (0..len).filter(usable_at).nth(k) {
+                    start = p;
+                }
+            }
         }
         // Retries continue along the schedule, skipping backends already offered.
         let base = out.len();
@@ -132,13 +144,23 @@ mod tests {
     fn the_turns_of_a_backend_out_of_service_are_shared_evenly() {
         let h = http::HeaderMap::new();
         for (weights, down, want) in [
-            (vec![1, 1, 1, 1], 1, vec![1000, 0, 1000, 1000]),
-            (vec![1, 1, 1], 0, vec![0, 1000, 1000]),
-            (vec![2, 1, 1], 1, vec![1000, 0, 500]),
+            (vec![1, 1, 1, 1], vec![1], vec![1000, 0, 1000, 1000]),
+            (vec![1, 1, 1], vec![0], vec![0, 1000, 1000]),
+            (vec![2, 1, 1], vec![1], vec![1000, 0, 500]),
+            // Several out, side by side, and a heavy one out.
+            (
+                vec![1, 1, 1, 1, 1],
+                vec![1, 2],
+                vec![1000, 0, 0, 1000, 1000],
+            ),
+            (vec![1, 1, 1, 1], vec![0, 1], vec![0, 0, 1000, 1000]),
+            (vec![5, 1, 1], vec![0], vec![0, 1000, 1000]),
+            (vec![3, 1, 1, 1], vec![0], vec![0, 1000, 1000, 1000]),
+            (vec![3, 2, 1, 1], vec![2, 3], vec![1500, 1000, 0, 0]),
         ] {
             let b = backends(&weights);
             let rr = RoundRobin::new(&b);
-            let usable = |i: usize| i != down;
+            let usable = |i: usize| !down.contains(&i);
             let mut counts = vec![0usize; b.len()];
             let picks = 1000 * (b.len() - 1);
             for _ in 0..picks {
@@ -151,7 +173,7 @@ mod tests {
                 let w = w * picks / total;
                 assert!(
                     got.abs_diff(w) <= picks / 50,
-                    "{weights:?} with {down} down: backend {i} got {got}, want about {w}: {counts:?}"
+                    "{weights:?} with {down:?} down: backend {i} got {got}, want about {w}: {counts:?}"
                 );
             }
         }

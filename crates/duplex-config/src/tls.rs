@@ -140,7 +140,15 @@ pub(crate) fn upstream(
                 && l.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         };
-        if name.len() > 253 || !name.split('.').all(label_ok) {
+        // A last label of digits or `0x` hex reads as an address, which TLS libraries
+        // refuse as a name (`10.0.0.256`, `host.123`).
+        let last = name.rsplit('.').next().unwrap_or_default();
+        let numeric = last.bytes().all(|b| b.is_ascii_digit())
+            || last
+                .strip_prefix("0x")
+                .or_else(|| last.strip_prefix("0X"))
+                .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+        if name.len() > 253 || !name.split('.').all(label_ok) || numeric {
             return fail(
                 at("server_name"),
                 format!("invalid server_name {name:?}: expected a DNS name such as chat.internal"),

@@ -303,7 +303,16 @@ upstreams: [{name: u, backends: [{addr: '127.0.0.1:2'}]}]
 #[test]
 fn server_name_is_a_dns_name() {
     let base = "listeners: [{name: a, bind: '127.0.0.1:1'}]\nupstreams:\n  - name: u\n    tls: {server_name: 'NAME', insecure_skip_verify: true}\n    backends: [{addr: '127.0.0.1:2'}]\n";
-    for bad in ["10.0.0.5", "::1", "a..b", "a b", "-"] {
+    for bad in [
+        "10.0.0.5",
+        "::1",
+        "a..b",
+        "a b",
+        "-",
+        "10.0.0.256",
+        "host.123",
+        "a.0x1f",
+    ] {
         let err = Config::parse(&base.replace("NAME", bad), "f")
             .expect_err(bad)
             .to_string();

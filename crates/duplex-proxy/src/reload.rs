@@ -556,10 +556,18 @@ async fn drain(
     }
     let Some(entry) = ({
         let mut map = lock(&shared.draining);
-        match map.get(&key) {
+        let entry = match map.get(&key) {
             Some(d) if d.id == id => map.remove(&key),
             _ => None,
+        };
+        // Kept a while: a table naming it again soon takes its health back. Under the
+        // draining lock (the order a table's build takes them in), so that no build finds
+        // it in neither.
+        if let Some(e) = &entry {
+            let now = std::time::Instant::now();
+            lock(&shared.retired).keep(&upstream, Arc::clone(&e.state), now);
         }
+        entry
     }) else {
         return;
     };
@@ -570,8 +578,6 @@ async fn drain(
     }
     // Retired, not renewed: a handshake still in flight on the old table gets a closed token.
     entry.closer.retire();
-    // Kept a while: a table naming it again soon takes its health back.
-    lock(&shared.retired).keep(&upstream, entry.state, std::time::Instant::now());
     // Unless a reload has the backend back already. Whatever still runs on an old table
     // may bring some back; the backend's `Closer` forgets them again when the last table
     // holding it goes.

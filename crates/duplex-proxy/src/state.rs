@@ -345,6 +345,7 @@ impl Table {
                             Some((state, Closer::owned(carry, &u.name, addr)))
                         })
                 };
+                let stayed = kept.is_some();
                 let (state, closer) = kept.or_else(back).unwrap_or_else(|| {
                     (BackendState::new(addr), Closer::owned(carry, &u.name, addr))
                 });
@@ -352,9 +353,10 @@ impl Table {
                     // Without checks nothing would ever bring it back: healthy by default.
                     state.set_healthy(true);
                 }
-                if old.is_some_and(|o| o.cfg.health_check != u.health_check) {
+                if !stayed || old.is_some_and(|o| o.cfg.health_check != u.health_check) {
                     // Passes and failures in a row counted under other thresholds (or
-                    // before the checks were removed) do not count toward the new ones.
+                    // before the checks were removed), or before the backend left (no
+                    // check ran since), do not count toward the checks from now on.
                     state.reset_checks();
                 }
                 backends.push(Backend { state, weight });
@@ -645,6 +647,37 @@ mod tests {
         let none = p.build_text("", Some(&other), Tls::Read);
         let again = p.build_text(&checks(5), Some(&none), Tls::Read);
         assert_eq!(state(&again).record_check(false), (0, 1), "checks back");
+    }
+
+    /// A backend that comes back after its drain ended takes its state back (ejection,
+    /// verdict), but not its checks in a row: none ran while it was away.
+    #[test]
+    fn a_backend_back_after_its_drain_takes_its_state_back() {
+        let p = Parts::new();
+        let both = ["127.0.0.1:9001", "127.0.0.1:9002"];
+        let state = |t: &Table| Arc::clone(&t.upstreams["u"].pool.backends()[1].state);
+        let one = p.build(&both, None);
+        let gone = state(&one);
+        gone.record_check(false);
+        gone.record_check(false);
+        let passive = duplex_config::PassiveHealth {
+            max_fails: 1,
+            fail_timeout: std::time::Duration::from_secs(60),
+            max_fail_timeout: std::time::Duration::from_secs(60),
+        };
+        assert!(gone.record_failure(&passive).is_some());
+        let two = p.build(&both[..1], Some(&one));
+        // What the end of its drain does.
+        crate::server::lock(&p.0.retired).keep("u", Arc::clone(&gone), std::time::Instant::now());
+        let three = p.build(&both, Some(&two));
+        let back = state(&three);
+        assert!(Arc::ptr_eq(&back, &gone), "the same state");
+        assert!(back.is_ejected(), "still ejected");
+        assert_eq!(
+            back.record_check(false),
+            (0, 1),
+            "checks in a row start over"
+        );
     }
 
     /// A DNS change keeps a TLS upstream's settings, and so its idle keep-alive

@@ -202,7 +202,14 @@ pub fn handshake_failure(e: &io::Error) -> &'static str {
             | A::UnknownCA
             | A::AccessDenied,
         ) => "cert_refused",
-        rustls::Error::AlertReceived(_)
+        rustls::Error::AlertReceived(
+            A::ProtocolVersion
+            | A::HandshakeFailure
+            | A::InsufficientSecurity
+            | A::IllegalParameter
+            | A::NoApplicationProtocol
+            | A::UnsupportedExtension,
+        )
         | rustls::Error::PeerIncompatible(_)
         | rustls::Error::NoApplicationProtocol
         | rustls::Error::InvalidMessage(_)
