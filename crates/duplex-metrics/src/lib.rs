@@ -136,7 +136,7 @@ impl Metrics {
                 g
             },
             connection_limit_waits: counter(&r, "duplex_connection_limit_waits_total", "Times a listener stopped accepting because client connections reached a max_connections cap, by listener and cap (global, listener); new connections wait in the listen backlog meanwhile.", &["listener", "limit"]),
-            tls_handshake_errors: counter(&r, "duplex_tls_handshake_errors_total", "Client TLS handshakes that failed or timed out, by listener and reason (failed, timeout).", &["listener", "reason"]),
+            tls_handshake_errors: counter(&r, "duplex_tls_handshake_errors_total", "Client TLS handshakes that did not finish, by listener and reason (timeout, closed, cert_refused, client_cert, protocol, failed).", &["listener", "reason"]),
             client_send_timeouts: counter(&r, "duplex_client_send_timeouts_total", "Client connections closed because the client took no response bytes for the listener's send_timeout, by listener.", &["listener"]),
             connections_reclaimed: counter(&r, "duplex_connections_reclaimed_total", "Idle keep-alive client connections closed between requests to make room for a connection waiting at a max_connections cap, by listener.", &["listener"]),
             http_requests: counter(&r, "duplex_http_requests_total", "Plain HTTP requests answered, by route, upstream and status class (1xx..5xx); no route: empty route and upstream.", &["route", "upstream", "code"]),
@@ -146,7 +146,7 @@ impl Metrics {
             tunnels_active: gauge(&r, "duplex_websocket_tunnels_active", "WebSocket tunnels open now, by route, upstream and backend.", &["route", "upstream", "backend"]),
             tunnel_duration: histogram(&r, "duplex_websocket_tunnel_duration_seconds", "Lifetime of closed WebSocket tunnels, by route.", &["route"], lifetime),
             tunnel_bytes: counter(&r, "duplex_tunnel_bytes_total", "Bytes relayed through WebSocket tunnels, by route and direction, counted as they pass.", &["route", "direction"]),
-            backend_connect_errors: counter(&r, "duplex_backend_connect_errors_total", "Failed connections to backends, by upstream, backend and kind (refused, timeout, other).", &["upstream", "backend", "kind"]),
+            backend_connect_errors: counter(&r, "duplex_backend_connect_errors_total", "Failed connections to backends, by upstream, backend and kind (refused, timeout, tls, other).", &["upstream", "backend", "kind"]),
             backend_up: gauge(&r, "duplex_backend_up", "1 when a configured backend takes new connections, 0 while it is unhealthy or ejected.", &["upstream", "backend"]),
             backend_health_checks: counter(&r, "duplex_backend_health_checks_total", "Active health checks, by upstream, backend and result (ok, fail).", &["upstream", "backend", "result"]),
             backend_ejections: counter(&r, "duplex_backend_ejections_total", "Passive ejections after max_fails connect failures or handshake timeouts in a row, by upstream and backend.", &["upstream", "backend"]),

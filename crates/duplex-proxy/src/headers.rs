@@ -94,7 +94,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// A client address as `X-Forwarded-For` carries it; made once per connection, since
 /// formatting an address costs more than the rest of [`add_forwarded`].
 pub fn forwarded_for(client: IpAddr) -> HeaderValue {
-    let text = match client {
+    // An IPv4 client of a dual-stack listener arrives as `::ffff:a.b.c.d`: named as the
+    // IPv4 address it is, as backends' allow lists and logs expect.
+    let text = match client.to_canonical() {
         // By hand: `Display` for an IPv4 address goes through the formatting machinery,
         // about twenty times the work, once per connection.
         IpAddr::V4(v4) => {
@@ -131,8 +133,14 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, https: bool)
         headers.insert(XFF, client.clone());
     }
     headers.insert(XFP, HeaderValue::from_static(proto(https)));
-    if let Some(host) = headers.get(header::HOST).cloned() {
-        headers.insert(XFH, host);
+    match headers.get(header::HOST).cloned() {
+        Some(host) => {
+            headers.insert(XFH, host);
+        }
+        // No Host (HTTP/1.0): no forwarded host either, not one the client made up.
+        None => {
+            headers.remove(XFH);
+        }
     }
 }
 
@@ -236,7 +244,10 @@ mod tests {
             let addr: IpAddr = ip.parse().unwrap();
             assert_eq!(forwarded_for(addr), ip);
         }
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(forwarded_for(mapped), "10.1.2.3");
         let mut first = HeaderMap::new();
+        first.insert("x-forwarded-host", HeaderValue::from_static("made.up"));
         add_forwarded(&mut first, &forwarded_for("::1".parse().unwrap()), true);
         assert_eq!(first["x-forwarded-for"], "::1");
         assert_eq!(first["x-forwarded-proto"], "https");

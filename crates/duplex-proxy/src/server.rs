@@ -394,6 +394,14 @@ async fn accept_loop(
         .connections_accepted
         .with_label_values(&[&name]);
     let errors = shared.metrics.accept_errors.with_label_values(&[&name]);
+    // Both at 0 from the start: increase() then sees the first wait too (an alert on it
+    // would otherwise miss a listener that hits its cap once and stays there).
+    for cap in [Cap::Global, Cap::Listener] {
+        shared
+            .metrics
+            .connection_limit_waits
+            .with_label_values(&[&name, cap.label()]);
+    }
     let mut backoff = ACCEPT_BACKOFF_START;
     let mut warned: Option<Instant> = None;
     let mut full = |cap: Cap| {

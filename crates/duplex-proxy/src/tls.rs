@@ -145,7 +145,7 @@ fn certified_key(
 }
 
 /// Picks a certificate by SNI: the first whose names cover the requested host, else the
-/// first certificate.
+/// first certificate; among those, the first whose key signs in a way the client takes.
 #[derive(Debug)]
 struct BySni {
     certs: Vec<Arc<CertifiedKey>>,
@@ -153,23 +153,29 @@ struct BySni {
 
 impl ResolvesServerCert for BySni {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let first = self.certs.first().cloned();
-        let Some(sni) = hello.server_name() else {
-            return first;
-        };
-        let Ok(name) = ServerName::try_from(sni) else {
-            return first;
-        };
-        self.certs
-            .iter()
-            .find(|ck| {
+        let name = hello
+            .server_name()
+            .and_then(|sni| ServerName::try_from(sni).ok());
+        let covers = |ck: &&Arc<CertifiedKey>| {
+            name.as_ref().is_some_and(|name| {
                 ck.end_entity_cert()
                     .ok()
                     .and_then(|der| webpki::EndEntityCert::try_from(der).ok())
-                    .is_some_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok())
+                    .is_some_and(|ee| ee.verify_is_valid_for_subject_name(name).is_ok())
             })
+        };
+        // With an ECDSA and an RSA certificate for one name (as nginx serves a pair), a
+        // client that takes only RSA signatures gets the RSA one.
+        let schemes = hello.signature_schemes();
+        let signs = |ck: &&Arc<CertifiedKey>| ck.key.choose_scheme(schemes).is_some();
+        let certs = &self.certs;
+        certs
+            .iter()
+            .find(|ck| covers(ck) && signs(ck))
+            .or_else(|| certs.iter().find(covers))
+            .or_else(|| certs.iter().find(signs))
+            .or(certs.first())
             .cloned()
-            .or(first)
     }
 }
 

@@ -47,7 +47,37 @@ impl Ca {
         })
     }
 
+    /// A leaf with an RSA key (2048 bits, made by `openssl genpkey`: ring signs with RSA
+    /// keys but does not make them).
+    pub fn rsa_leaf(&self, names: &[&str]) -> Leaf {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+            ])
+            .output()
+            .expect("run openssl genpkey");
+        assert!(out.status.success(), "openssl genpkey: {out:?}");
+        let pem = String::from_utf8(out.stdout).expect("PEM key");
+        let key =
+            KeyPair::from_pkcs8_pem_and_sign_algo(&pem, &rcgen::PKCS_RSA_SHA256).expect("RSA key");
+        self.leaf_signed(names, key, |_| {})
+    }
+
     fn leaf_with(&self, names: &[&str], edit: impl FnOnce(&mut CertificateParams)) -> Leaf {
+        let key = KeyPair::generate().expect("leaf key");
+        self.leaf_signed(names, key, edit)
+    }
+
+    fn leaf_signed(
+        &self,
+        names: &[&str],
+        key: KeyPair,
+        edit: impl FnOnce(&mut CertificateParams),
+    ) -> Leaf {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut params = CertificateParams::new(names).expect("leaf params");
         if let Some(first) = params.subject_alt_names.first() {
@@ -56,7 +86,6 @@ impl Ca {
                 .push(DnType::CommonName, format!("{first:?}"));
         }
         edit(&mut params);
-        let key = KeyPair::generate().expect("leaf key");
         let cert = params.signed_by(&key, &self.issuer).expect("signed leaf");
         Leaf {
             cert: cert.pem(),

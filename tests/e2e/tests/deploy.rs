@@ -513,7 +513,7 @@ fn dashboard_is_well_formed() {
     let q = variable_queries(&d);
     assert!(
         q.iter().any(|q| q.place.contains("upstream")
-            && q.expr == "label_values(duplex_websocket_tunnels_active, upstream)"),
+            && q.expr == "label_values(duplex_backend_up, upstream)"),
         "the upstream variable's query"
     );
     assert_eq!(upstream["datasource"]["uid"], "${datasource}");

@@ -111,6 +111,14 @@ async fn status(p: &TestProxy) -> Value {
 async fn a_listener_at_its_cap_holds_new_connections_until_one_closes() {
     let b = Backend::start("a").await;
     let p = start(&yaml(None, Some(2), b.addr)).await;
+    // Both series exist at 0 before any wait, so that increase() sees the first one.
+    let text = p.metrics().await;
+    for limit in ["global", "listener"] {
+        let series = format!(
+            "duplex_connection_limit_waits_total{{limit=\"{limit}\",listener=\"public\"}} 0\n"
+        );
+        assert!(text.contains(&series), "{series} in\n{text}");
+    }
     let (mut first, _) = ws(p.addr, "/one").await;
     let (second, _) = ws(p.addr, "/two").await;
     let mut held = upgrade_sent(p.addr).await;

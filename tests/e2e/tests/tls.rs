@@ -192,6 +192,56 @@ async fn sni_picks_the_certificate_and_the_first_is_the_default() {
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }
 
+/// An ECDSA and an RSA certificate for the same name, as nginx serves a pair: a client
+/// that takes only RSA signatures gets the RSA one, others the first.
+#[tokio::test]
+async fn a_client_gets_the_certificate_whose_key_it_can_verify() {
+    let ca = Ca::new("front CA");
+    let (ecdsa, rsa) = (ca.leaf(&["chat.test"]), ca.rsa_leaf(&["chat.test"]));
+    let dir = temp_dir("tls-rsa");
+    let (ec_c, ec_k) = cert_files(&dir, &ecdsa);
+    let (rsa_c, rsa_k) = (
+        write(&dir, "rsa.pem", &rsa.cert),
+        write(&dir, "rsa.key", &rsa.key),
+    );
+    let b = Backend::start("plain").await;
+    let yaml = tls_yaml(&[(&ec_c, &ec_k), (&rsa_c, &rsa_k)], "", b.addr, "");
+    let (proxy, addr) = start(&yaml, None).await;
+
+    let any = tls_connect(addr, "chat.test", client_config(&ca.pem, None))
+        .await
+        .expect("a client that takes both");
+    assert_eq!(presented(&any), der(&ecdsa.cert), "the first");
+
+    // A client whose signature algorithms are RSA's only (the chain's ECDSA signatures it
+    // still checks).
+    let mut provider = rustls::crypto::ring::default_provider();
+    let algorithms = provider.signature_verification_algorithms;
+    let rsa_only: Vec<_> = algorithms
+        .mapping
+        .iter()
+        .filter(|(scheme, _)| format!("{scheme:?}").starts_with("RSA_"))
+        .copied()
+        .collect();
+    assert!(!rsa_only.is_empty());
+    provider.signature_verification_algorithms = rustls::crypto::WebPkiSupportedAlgorithms {
+        all: algorithms.all,
+        mapping: Box::leak(rsa_only.into_boxed_slice()),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der(&ca.pem)).expect("CA");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let old = tls_connect(addr, "chat.test", Arc::new(config))
+        .await
+        .expect("an RSA-only client");
+    assert_eq!(presented(&old), der(&rsa.cert));
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
 #[tokio::test]
 async fn a_certificate_changed_on_disk_serves_the_next_handshake() {
     let ca = Ca::new("front CA");
