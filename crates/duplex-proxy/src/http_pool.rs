@@ -15,7 +15,7 @@
 //! address), and gives unsent requests back whole, so no shared slot is needed to retry
 //! them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,11 +45,21 @@ pub struct HttpPool {
     /// Bounds each connect, TLS included.
     connect_timeout: Duration,
     tls: Option<Arc<Connector>>,
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    idle: Mutex<Kept>,
     /// Whether the task that closes connections idle past [`IDLE_TIMEOUT`] is running;
     /// started with the first connection that comes back, so a pool that never keeps one
     /// (an upstream that serves only WebSockets) costs no task.
     reaper: AtomicBool,
+}
+
+/// Idle connections by backend address, and which addresses the upstream still has.
+#[derive(Default)]
+struct Kept {
+    by_addr: HashMap<SocketAddr, Vec<Idle>>,
+    /// The upstream's backends as of its latest table (`None` until one says): a
+    /// connection to any other is closed, not kept, so a backend taken out has no idle
+    /// connections left open to it.
+    backends: Option<HashSet<SocketAddr>>,
 }
 
 /// A connection to a backend and the task that drives it.
@@ -116,7 +126,7 @@ impl HttpPool {
         Arc::new(HttpPool {
             connect_timeout,
             tls,
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::default(),
             reaper: AtomicBool::new(false),
         })
     }
@@ -124,7 +134,7 @@ impl HttpPool {
     /// The newest idle connection to `addr` that is ready for a request, if any.
     pub fn take(self: &Arc<Self>, addr: SocketAddr) -> Option<Lease> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(&addr)?;
+        let list = idle.by_addr.get_mut(&addr)?;
         while let Some(c) = list.pop() {
             if c.since.elapsed() >= IDLE_TIMEOUT {
                 // Everything below is older still.
@@ -172,7 +182,11 @@ impl HttpPool {
     fn keep(self: &Arc<Self>, addr: SocketAddr, conn: Conn) {
         {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            let list = idle.entry(addr).or_default();
+            if idle.backends.as_ref().is_some_and(|b| !b.contains(&addr)) {
+                // No longer a backend of the upstream: dropping it ends its task.
+                return;
+            }
+            let list = idle.by_addr.entry(addr).or_default();
             if list.len() >= MAX_IDLE_PER_BACKEND {
                 list.remove(0);
             }
@@ -192,10 +206,19 @@ impl HttpPool {
         }
     }
 
+    /// The upstream's backends from now on (a new table): idle connections to any other
+    /// are closed now, and any other coming back from a request is closed too.
+    pub fn set_backends(&self, addrs: impl IntoIterator<Item = SocketAddr>) {
+        let backends: HashSet<SocketAddr> = addrs.into_iter().collect();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.by_addr.retain(|addr, _| backends.contains(addr));
+        idle.backends = Some(backends);
+    }
+
     /// Drops idle connections past [`IDLE_TIMEOUT`], and those the backend closed.
     fn sweep(&self) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|_, list| {
+        idle.by_addr.retain(|_, list| {
             list.retain(|c| c.since.elapsed() < IDLE_TIMEOUT && !c.conn.sender.is_closed());
             !list.is_empty()
         });
@@ -205,7 +228,7 @@ impl HttpPool {
     #[cfg(test)]
     fn idle_count(&self) -> usize {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.values().map(Vec::len).sum()
+        idle.by_addr.values().map(Vec::len).sum()
     }
 }
 
@@ -443,6 +466,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_backend_taken_out_keeps_no_idle_connection() {
+        let ((a, _), (b, _)) = (backend("a").await, backend("b").await);
+        let pool = HttpPool::new(Duration::from_secs(1), None);
+        pool.set_backends([a, b]);
+        let (mut on_a, mut on_b) = (
+            pool.connect(a).await.expect("a"),
+            pool.connect(b).await.expect("b"),
+        );
+        assert_eq!(exchange(&mut on_a).await, "a");
+        drop(on_a);
+        until("a's connection to come back", || pool.idle_count() == 1).await;
+        assert_eq!(exchange(&mut on_b).await, "b");
+        // b taken out: a's idle one stays, and b's, in use now, is closed when it ends.
+        pool.set_backends([a]);
+        drop(on_b);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(pool.idle_count(), 1);
+        assert!(pool.take(b).is_none());
+        // a taken out too: its idle one closes at once.
+        pool.set_backends([]);
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
     async fn at_most_max_idle_are_kept_per_backend() {
         let (addr, _) = backend("x").await;
         let pool = HttpPool::new(Duration::from_secs(1), None);
@@ -471,7 +518,7 @@ mod tests {
             // kept as signed seconds) can go back past the boot, so this never fails there,
             // however recently the machine booted.
             let mut idle = pool.idle.lock().expect("lock");
-            for list in idle.values_mut() {
+            for list in idle.by_addr.values_mut() {
                 for c in list.iter_mut() {
                     c.since = c
                         .since

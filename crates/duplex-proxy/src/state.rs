@@ -378,6 +378,8 @@ impl Table {
                 }
                 _ => HttpPool::new(u.connect_timeout, tls.clone()),
             };
+            // Keep-alive connections to a backend taken out close now, not when idle.
+            http.set_backends(backends.iter().map(|b| b.state.addr));
             let rt = UpstreamRt {
                 _series: carry.metrics.hold(Scope::Upstream(u.name.clone())),
                 pool: Pool::new(u.balancer, u.hash_key.as_ref(), u.panic_mode, backends),
