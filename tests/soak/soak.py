@@ -6,11 +6,14 @@ restarted, and junk is sent to the listener. Loopback only; bounded by DURATION.
     cargo build --release -p duplex -p duplex-bench
     python3 tests/soak/soak.py [DURATION_SECONDS]          # default 120
     FULL=1 python3 tests/soak/soak.py 60                     # every backend in every config
+    NOKILL=1 python3 tests/soak/soak.py 60                   # stalls only: no tunnel may close
 
 Uses 127.0.0.1 ports 18080 (listener), 19090 (admin) and 18101-18104 (echo backends),
 a work directory under /tmp, and Python's `websockets` package. At the end it prints
 what the clients saw and duplex's state, and exits 1 if a message came back wrong, a
-gauge did not return to 0, duplex logged a panic, or did not exit 0 on SIGTERM. Tunnels
+gauge did not return to 0, a tunnel closed with no backend killed, a reload was refused,
+connections stayed open to backends the last config took out, duplex logged a panic, or
+did not exit 0 on SIGTERM. Tunnels
 on a killed backend close, and a config whose only backend was killed gives 502s: both
 are expected and counted, not failures. With FULL=1 an HTTP error is a failure too.
 """
@@ -135,6 +138,9 @@ async def junk(stop):
             stats["junk"] += 1
         await asyncio.sleep(0.1)
 
+# Backends kept by the last config: the others must be left with no connection.
+FINAL = PORTS[:2]
+
 async def chaos(procs, duplex, stop):
     variant = 0
     t_end = time.time() + DUR
@@ -146,7 +152,7 @@ async def chaos(procs, duplex, stop):
         if variant % 2:
             duplex.send_signal(signal.SIGHUP)
         stats["reloads"] += 1
-        if variant % 7 == 0:
+        if variant % 7 == 0 and not os.environ.get("NOKILL"):
             k = random.randrange(len(procs))
             procs[k].kill()
             procs[k].wait()
@@ -156,54 +162,80 @@ async def chaos(procs, duplex, stop):
         if variant % 5 == 0:
             victim = random.choice(procs)
             victim.send_signal(signal.SIGSTOP)
-            await asyncio.sleep(1.5)
-            victim.send_signal(signal.SIGCONT)
+            try:
+                await asyncio.sleep(1.5)
+            finally:
+                victim.send_signal(signal.SIGCONT)
+    # Everything back, then the last config keeps two backends (tunnels on the others
+    # stay, draining, until the clients close them).
     write_config(PORTS, variant + 1)
+    duplex.send_signal(signal.SIGHUP)
+    await asyncio.sleep(3)
+    write_config(FINAL, variant + 2)
     duplex.send_signal(signal.SIGHUP)
     await asyncio.sleep(3)
     stop.set()
 
+def connections_to(pid, ports):
+    out = subprocess.run(["ss", "-tanp"], capture_output=True, text=True, timeout=30).stdout
+    return [l for l in out.splitlines()
+            if f"pid={pid}," in l and l.split()[0] == "ESTAB" and l.split()[4].rsplit(":", 1)[1] in {str(p) for p in ports}]
+
 async def main():
     procs = [subprocess.Popen([BENCH, "echo", "--listen", f"127.0.0.1:{p}", "--max-time", "30m"]) for p in PORTS]
+    try:
+        await run(procs)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+
+async def run(procs):
     write_config(PORTS, 0)
     log_path = os.path.join(WORK, "duplex.log")
     log = open(log_path, "w")
     duplex = subprocess.Popen([DUPLEX, "run", "--config", CFG], stdout=log, stderr=subprocess.STDOUT)
-    await asyncio.sleep(1.5)
-    fd_base = len(os.listdir(f"/proc/{duplex.pid}/fd"))
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(ws_client(i, stop)) for i in range(400)]
-    tasks += [asyncio.create_task(http_client(i, stop)) for i in range(20)]
-    tasks.append(asyncio.create_task(junk(stop)))
-    await chaos(procs, duplex, stop)
-    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
-    await asyncio.sleep(2)
-    m = metrics()
-    fd_end = len(os.listdir(f"/proc/{duplex.pid}/fd"))
-    rss = int(open(f"/proc/{duplex.pid}/status").read().split("VmRSS:")[1].split()[0])
-    print(json.dumps(stats))
-    print("tunnels_active", metric_sum(m, "duplex_websocket_tunnels_active"),
-          "connections_active", metric_sum(m, "duplex_connections_active"),
-          "reloads ok/err", [l for l in m.splitlines() if l.startswith("duplex_config_reloads_total")],
-          "fds", fd_base, "->", fd_end, "rss_kb", rss)
-    out = subprocess.run(["ss", "-tanp"], capture_output=True, text=True).stdout
-    mine = [l for l in out.splitlines() if f"pid={duplex.pid}," in l]
-    from collections import Counter
-    print(Counter((l.split()[0], l.split()[4].rsplit(":",1)[1] if l.split()[4].rsplit(":",1)[1] in {str(p) for p in PORTS} else "other") for l in mine))
-    print([l for l in mine if "LISTEN" not in l][:5])
-    print(sorted(os.readlink(f"/proc/{duplex.pid}/fd/{f}")[:20] for f in os.listdir(f"/proc/{duplex.pid}/fd") if not os.readlink(f"/proc/{duplex.pid}/fd/{f}").startswith("socket")))
-    duplex.send_signal(signal.SIGTERM)
-    rc = duplex.wait(timeout=60)
+    try:
+        await asyncio.sleep(1.5)
+        fd_base = len(os.listdir(f"/proc/{duplex.pid}/fd"))
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(ws_client(i, stop)) for i in range(400)]
+        tasks += [asyncio.create_task(http_client(i, stop)) for i in range(20)]
+        tasks.append(asyncio.create_task(junk(stop)))
+        await chaos(procs, duplex, stop)
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+        await asyncio.sleep(2)
+        m = metrics()
+        fd_end = len(os.listdir(f"/proc/{duplex.pid}/fd"))
+        rss = int(open(f"/proc/{duplex.pid}/status").read().split("VmRSS:")[1].split()[0])
+        removed = [p for p in PORTS if p not in FINAL]
+        lingering = connections_to(duplex.pid, removed)
+        print(json.dumps(stats))
+        print("tunnels_active", metric_sum(m, "duplex_websocket_tunnels_active"),
+              "connections_active", metric_sum(m, "duplex_connections_active"),
+              "fds", fd_base, "->", fd_end, "rss_kb", rss,
+              "connections to removed backends", len(lingering))
+        duplex.send_signal(signal.SIGTERM)
+        rc = duplex.wait(timeout=60)
+    finally:
+        if duplex.poll() is None:
+            duplex.kill()
+            duplex.wait()
     print("duplex exit", rc)
-    for p in procs:
-        p.kill()
     log.close()
     panics = [l for l in open(log_path) if "panic" in l.lower()]
+    refused = [l for l in m.splitlines() if l.startswith('duplex_config_reloads_total{result="error"}')]
     failures = []
     if stats["ws_bad"]:
         failures.append(f"{stats['ws_bad']} echoes came back wrong")
+    if stats["ws_closed"] and not stats.get("kills"):
+        failures.append(f"{stats['ws_closed']} tunnels closed with no backend killed")
     if metric_sum(m, "duplex_websocket_tunnels_active") or metric_sum(m, "duplex_connections_active"):
         failures.append("gauges did not return to 0")
+    if lingering:
+        failures.append(f"{len(lingering)} connections left open to backends taken out")
+    if any(float(l.rsplit(" ", 1)[1]) for l in refused):
+        failures.append("a reload was refused")
     if panics:
         failures.append(f"duplex logged a panic: {panics[0].strip()}")
     if rc != 0:

@@ -394,6 +394,13 @@ impl Proxy {
     fn install(&self, old: &Table, table: Arc<Table>) {
         let shared = &self.inner.shared;
         shared.table.store(Arc::clone(&table));
+        // Keep-alive connections to a backend taken out close now, not when idle: each
+        // pool learns its upstream's backends. (A pool not carried over goes, with its
+        // idle connections, when the last request on the old table ends.)
+        for up in table.upstreams.values() {
+            up.http
+                .set_backends(up.pool.backends().iter().map(|b| b.state.addr));
+        }
         shared.apply_caps();
         // Forget DNS answers for names the config no longer has.
         lock(&shared.resolved).retain(|(upstream, host, port), _| {

@@ -345,7 +345,6 @@ impl Table {
                             Some((state, Closer::owned(carry, &u.name, addr)))
                         })
                 };
-                let stayed = kept.is_some();
                 let (state, closer) = kept.or_else(back).unwrap_or_else(|| {
                     (BackendState::new(addr), Closer::owned(carry, &u.name, addr))
                 });
@@ -353,10 +352,12 @@ impl Table {
                     // Without checks nothing would ever bring it back: healthy by default.
                     state.set_healthy(true);
                 }
-                if !stayed || old.is_some_and(|o| o.cfg.health_check != u.health_check) {
+                if old.is_some_and(|o| o.cfg.health_check != u.health_check) {
                     // Passes and failures in a row counted under other thresholds (or
-                    // before the checks were removed), or before the backend left (no
-                    // check ran since), do not count toward the checks from now on.
+                    // before the checks were removed) do not count toward the new ones.
+                    // A backend back from a drain keeps them: with a DNS answer rotating
+                    // through addresses, one that never stays long enough to fail
+                    // `unhealthy_threshold` checks in one stay would never be taken out.
                     state.reset_checks();
                 }
                 backends.push(Backend { state, weight });
@@ -378,8 +379,6 @@ impl Table {
                 }
                 _ => HttpPool::new(u.connect_timeout, tls.clone()),
             };
-            // Keep-alive connections to a backend taken out close now, not when idle.
-            http.set_backends(backends.iter().map(|b| b.state.addr));
             let rt = UpstreamRt {
                 _series: carry.metrics.hold(Scope::Upstream(u.name.clone())),
                 pool: Pool::new(u.balancer, u.hash_key.as_ref(), u.panic_mode, backends),
@@ -651,8 +650,8 @@ mod tests {
         assert_eq!(state(&again).record_check(false), (0, 1), "checks back");
     }
 
-    /// A backend that comes back after its drain ended takes its state back (ejection,
-    /// verdict), but not its checks in a row: none ran while it was away.
+    /// A backend that comes back after its drain ended takes its state back: ejection,
+    /// verdict and checks in a row (with the checks unchanged).
     #[test]
     fn a_backend_back_after_its_drain_takes_its_state_back() {
         let p = Parts::new();
@@ -677,8 +676,8 @@ mod tests {
         assert!(back.is_ejected(), "still ejected");
         assert_eq!(
             back.record_check(false),
-            (0, 1),
-            "checks in a row start over"
+            (0, 3),
+            "checks in a row carry over"
         );
     }
 

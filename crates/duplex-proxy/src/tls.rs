@@ -165,7 +165,8 @@ impl ResolvesServerCert for BySni {
             })
         };
         // With an ECDSA and an RSA certificate for one name (as nginx serves a pair), a
-        // client that takes only RSA signatures gets the RSA one.
+        // client that takes only RSA signatures gets the RSA one. (For a TLS 1.2 hello,
+        // rustls has already kept only the schemes its offered cipher suites allow.)
         let schemes = hello.signature_schemes();
         let signs = |ck: &&Arc<CertifiedKey>| ck.key.choose_scheme(schemes).is_some();
         let certs = &self.certs;
@@ -208,13 +209,16 @@ pub fn handshake_failure(e: &io::Error) -> &'static str {
             | A::UnknownCA
             | A::AccessDenied,
         ) => "cert_refused",
+        rustls::Error::AlertReceived(A::UserCanceled) => "closed",
         rustls::Error::AlertReceived(
             A::ProtocolVersion
             | A::HandshakeFailure
             | A::InsufficientSecurity
             | A::IllegalParameter
             | A::NoApplicationProtocol
-            | A::UnsupportedExtension,
+            | A::UnsupportedExtension
+            | A::DecodeError
+            | A::UnexpectedMessage,
         )
         | rustls::Error::PeerIncompatible(_)
         | rustls::Error::NoApplicationProtocol

@@ -647,3 +647,93 @@ async fn reloads_stuck_reading_files_do_not_pile_up() {
         .await
         .expect("reloads go through again");
 }
+
+/// A backend that answers every HTTP request with 200 and counts its open connections.
+async fn counting_backend() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = Arc::clone(&open);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let count = Arc::clone(&count);
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut have = Vec::new();
+                // Bounded: each connection closes with its client, or after 1,000 reads.
+                for _ in 0..1000 {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    have.extend_from_slice(&buf[..n]);
+                    while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+                        have.drain(..end + 4);
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                count.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, open)
+}
+
+/// A reload that takes a backend out, or that replaces the upstream's keep-alive pool
+/// (here a new connect_timeout), leaves no idle connection open to the backends it no
+/// longer uses, rather than for the pool's 90 s idle time.
+#[tokio::test]
+async fn a_reload_closes_idle_connections_it_no_longer_uses() {
+    use std::sync::atomic::Ordering;
+    let ((a, open_a), (b, open_b)) = (counting_backend().await, counting_backend().await);
+    let public = [("public", "127.0.0.1:0")];
+    let proxy = start(&yaml(&public, "round_robin", "", &[a, b]), None).await;
+    let addr = proxy.listener_addr("public").expect("bound");
+    for _ in 0..4 {
+        assert_eq!(client::get(addr, "/", &[]).await.status, 200);
+    }
+    let (oa, ob) = (Arc::clone(&open_a), Arc::clone(&open_b));
+    eventually(Duration::from_secs(5), "a kept connection to each", || {
+        let both = oa.load(Ordering::SeqCst) >= 1 && ob.load(Ordering::SeqCst) >= 1;
+        async move { both }
+    })
+    .await;
+
+    // b taken out: its idle connection closes; a's stays in the pool.
+    proxy
+        .reload(config(&yaml(&public, "round_robin", "", &[a])))
+        .await
+        .expect("reload");
+    eventually(Duration::from_secs(5), "b's connection to close", || {
+        let n = ob.load(Ordering::SeqCst);
+        async move { n == 0 }
+    })
+    .await;
+    assert!(open_a.load(Ordering::SeqCst) >= 1, "a's is kept");
+
+    // A new pool: the old one's idle connections close.
+    let slower = "    connect_timeout: 6s\n";
+    proxy
+        .reload(config(&yaml(&public, "round_robin", slower, &[a])))
+        .await
+        .expect("reload");
+    eventually(
+        Duration::from_secs(5),
+        "a's old connection to close",
+        || {
+            let n = oa.load(Ordering::SeqCst);
+            async move { n == 0 }
+        },
+    )
+    .await;
+    assert_eq!(client::get(addr, "/", &[]).await.status, 200);
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}

@@ -239,6 +239,29 @@ async fn a_client_gets_the_certificate_whose_key_it_can_verify() {
         .await
         .expect("an RSA-only client");
     assert_eq!(presented(&old), der(&rsa.cert));
+
+    // A TLS 1.2 client that offers only an RSA cipher suite, though its signature
+    // algorithms name ECDSA too (OpenSSL's default list): in TLS 1.2 the suite decides.
+    let out = tokio::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            "chat.test",
+        ])
+        .args(["-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256"])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = within("openssl s_client", out).await.expect("run openssl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("Cipher is ECDHE-RSA-AES128-GCM-SHA256"),
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }
 
