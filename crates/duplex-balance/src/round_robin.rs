@@ -17,6 +17,9 @@ pub struct RoundRobin {
     next: AtomicUsize,
     /// Turns that fell on a backend out of service, handed to the usable places in turn.
     spill: AtomicUsize,
+    /// Per backend: its places in `schedule` (its share) and the first of them, so that a
+    /// spilled turn finds its place by walking the backends, not the whole schedule.
+    places: Vec<(usize, usize)>,
 }
 
 impl RoundRobin {
@@ -33,12 +36,7 @@ impl RoundRobin {
         if weights.iter().all(|&w| w == 1) {
             // Equal weights: the smooth sequence is plain rotation; no need to compute it
             // (and for thousands of backends, computing it would cost n^2).
-            let schedule = (0..weights.len() as u32).collect();
-            return RoundRobin {
-                schedule,
-                next: AtomicUsize::new(0),
-                spill: AtomicUsize::new(0),
-            };
+            return RoundRobin::with_schedule((0..weights.len() as u32).collect(), weights.len());
         }
         let total: i64 = weights.iter().sum::<u64>() as i64;
         let mut current = vec![0i64; weights.len()];
@@ -54,10 +52,21 @@ impl RoundRobin {
             current[best] -= total;
             schedule.push(best as u32);
         }
+        RoundRobin::with_schedule(schedule, weights.len())
+    }
+
+    fn with_schedule(schedule: Vec<u32>, backends: usize) -> RoundRobin {
+        let mut places = vec![(0usize, usize::MAX); backends];
+        for (at, &i) in schedule.iter().enumerate() {
+            let p = &mut places[i as usize];
+            p.0 += 1;
+            p.1 = p.1.min(at);
+        }
         RoundRobin {
             schedule,
             next: AtomicUsize::new(0),
             spill: AtomicUsize::new(0),
+            places,
         }
     }
 }
@@ -86,16 +95,22 @@ impl Balancer for RoundRobin {
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         let mut start = turn % len;
         if !usable(self.schedule[start] as usize) {
-            // The turn of a backend out of service goes to the usable places of the
-            // schedule in turn (not always to the place after it, which would then take
-            // two turns in every round), so the others share it in proportion to their
-            // weights, however many are out.
-            let usable_at = |p: &usize| usable(self.schedule[*p] as usize);
-            let places = (0..len).filter(usable_at).count();
-            if places > 0 {
-                let k = self.spill.fetch_add(1, Ordering::Relaxed) % places;
-                if let Some(p) = (0..len).filter(usable_at).nth(k) {
-                    start = p;
+            // The turn of a backend out of service goes to the usable backends in turn,
+            // each as often as it has places in the schedule (not always to the place after
+            // it, which would then take two turns in every round), so the others share it
+            // in proportion to their weights, however many are out. A walk over the
+            // backends, not over the whole schedule.
+            let share = |i: usize| if usable(i) { self.places[i].0 } else { 0 };
+            let total: usize = (0..self.places.len()).map(share).sum();
+            if total > 0 {
+                let mut k = self.spill.fetch_add(1, Ordering::Relaxed) % total;
+                for (i, &(_, first)) in self.places.iter().enumerate() {
+                    let n = share(i);
+                    if k < n {
+                        start = first;
+                        break;
+                    }
+                    k -= n;
                 }
             }
         }
