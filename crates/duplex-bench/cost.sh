@@ -34,9 +34,18 @@ fail() {
     exit 1
 }
 pids=()
+# Waits for process $1 to end, at most $2 seconds, then kills it.
+reap() {
+    for _ in $(seq $(($2 * 10))); do
+        kill -0 "$1" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -9 "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
 stop() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    for p in "${pids[@]}"; do reap "$p" 10; done
 }
 trap 'stop; rm -rf "$work"' EXIT
 
@@ -108,7 +117,7 @@ for r in $(seq "$repeats"); do
         printf '0 task-clock\n0 raw_syscalls\n0 context-switches\n' >"$work/stat.log"
     fi
     cpus1=$(grep -E '^cpu[01] ' /proc/stat)
-    wait "$load" || true
+    reap "$load" 60
     case $scenario in
     msgs64 | msgs16k-pinned) rate=$(grep -o '"msgs_per_s":[0-9.]*' "$work/load.log" | cut -d: -f2 || true) ;;
     http) rate=$(awk '/Requests\/sec/{print $2}' "$work/load.log") ;;

@@ -39,9 +39,18 @@ CONNS=10
 
 work=$(mktemp -d)
 pids=()
+# Waits for process $1 to end, at most $2 seconds, then kills it.
+reap() {
+    for _ in $(seq $(($2 * 10))); do
+        kill -0 "$1" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -9 "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
 stop() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    for p in "${pids[@]}"; do reap "$p" 10; done
 }
 trap 'stop; rm -rf "$work"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -136,7 +145,7 @@ count() {
     [ -n "$up" ] || { echo "instructions.sh: the proxy did not start:" >&2; tail -n 5 "$work/proxy.log" >&2; exit 1; }
     timeout 300 python3 "$work/client.py" "$listen" "$n" "$CONNS" "$mode"
     kill -TERM "$proxy_pid"
-    wait "$proxy_pid" || true
+    reap "$proxy_pid" 120  # callgrind writes its profile as the proxy exits
     stop
     pids=()
     awk '/^summary:/{print $2}' "$work/cg.out"

@@ -230,7 +230,7 @@ fn main() -> ExitCode {
             let n = tunnels.unwrap_or(fit);
             println!(
                 "open files are capped at {hard} per process: a proxy holds at most {} two-socket tunnels; holding {n}",
-                hard.saturating_sub(10) / 2
+                hard.saturating_sub(100) / 2
             );
             let mut o = current_thread().block_on(scenario::hold(
                 target,
@@ -476,7 +476,7 @@ fn run_all(a: RunAllArgs) -> ExitCode {
     };
     println!(
         "open files: hard limit {hard} per process, so a proxy holds at most {} tunnels; hold uses {}",
-        hard.saturating_sub(10) / 2,
+        hard.saturating_sub(100) / 2,
         plan.sizes.hold_tunnels
     );
     println!(

@@ -109,6 +109,14 @@ pub fn values(cells: &[Cell], p: Placement, t: Target, scenario: &str, key: &str
         .collect()
 }
 
+/// How many cells of one figure ran, failed ones included.
+fn attempts(cells: &[Cell], p: Placement, t: Target, scenario: &str) -> usize {
+    cells
+        .iter()
+        .filter(|c| c.placement == p && c.target == t && c.scenario == scenario)
+        .count()
+}
+
 pub fn median(v: &[f64]) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -166,8 +174,18 @@ pub(crate) fn short(v: f64, unit: &str) -> String {
     }
 }
 
-/// "median ±spread%" where the spread is half the range over the median.
-fn cell_text(v: &[f64], unit: &str) -> String {
+/// "median ±spread%" where the spread is half the range over the median, and "(k of n)"
+/// when only k of the n repeats that ran gave a value: a median of fewer is said so.
+fn cell_text(v: &[f64], ran: usize, unit: &str) -> String {
+    let text = value_text(v, unit);
+    if v.len() < ran {
+        format!("{text} ({} of {ran})", v.len())
+    } else {
+        text
+    }
+}
+
+fn value_text(v: &[f64], unit: &str) -> String {
     match median(v) {
         None => "n/a".into(),
         Some(med) => {
@@ -226,7 +244,11 @@ pub fn table(cells: &[Cell], p: Placement, targets: &[Target]) -> String {
             let _ = write!(
                 s,
                 " {} |",
-                cell_text(&values(cells, p, t, mt.scenario, mt.key), mt.unit)
+                cell_text(
+                    &values(cells, p, t, mt.scenario, mt.key),
+                    attempts(cells, p, t, mt.scenario),
+                    mt.unit
+                )
             );
         }
         let d = med(cells, p, Target::Duplex, mt.scenario, mt.key);
@@ -562,7 +584,7 @@ pub fn markdown(plan: &Plan, cells: &[Cell], chart_name: &str, run: &RunInfo) ->
         z.latency_warmup,
         z.hold_tunnels,
         crate::os::nofile_hard_limit(),
-        crate::os::nofile_hard_limit().saturating_sub(10) / 2,
+        crate::os::nofile_hard_limit().saturating_sub(100) / 2,
         if z.http_wrk {
             "wrk, one thread, 50 connections"
         } else {
@@ -714,6 +736,9 @@ mod tests {
         assert_eq!(group(61834), "61,834");
         assert_eq!(group(1234567), "1,234,567");
         assert_eq!(fmt_value(2048.0, "B"), "2.00 KiB");
+        // A median of fewer repeats than ran says so.
+        assert_eq!(cell_text(&[10.0, 12.0], 2, ""), "11.0 ±9%");
+        assert_eq!(cell_text(&[10.0], 3, ""), "10.0 (1 of 3)");
     }
 
     #[test]

@@ -247,7 +247,11 @@ impl Sizes {
                     "--warmup".into(),
                     self.latency_warmup.to_string(),
                 ],
-                timeout: grace + Duration::from_millis(self.latency_count as u64 / 10),
+                // Past the generator's own limit (60 s + count / 5 ms), so that its own,
+                // clearer error comes first.
+                timeout: grace
+                    + Duration::from_millis(self.latency_count as u64 / 5)
+                    + Duration::from_secs(5),
             },
             tput(64, "throughput-64"),
             tput(16 * 1024, "throughput-16k"),
@@ -330,13 +334,15 @@ pub fn run(plan: &Plan, mut progress: impl FnMut(usize, usize, &Cell)) -> Vec<Ce
         .collect();
     let total = plan.repeats * plan.placements.len() * scenarios.len() * plan.targets.len();
     let mut cells = Vec::with_capacity(total);
-    let mut turn = 0;
     for repeat in 0..plan.repeats {
+        // The order of targets rotates from row to row, and each repeat starts a row one
+        // place further on, so a row's repeats run its targets in different orders.
+        let mut row = 0;
         for &placement in &plan.placements {
             for sc in &scenarios {
                 let k = plan.targets.len();
                 for i in 0..k {
-                    let target = plan.targets[(i + turn) % k];
+                    let target = plan.targets[(i + row + repeat) % k];
                     let t0 = Instant::now();
                     let result = run_cell(plan, placement, sc, target, repeat);
                     let cell = Cell {
@@ -350,7 +356,7 @@ pub fn run(plan: &Plan, mut progress: impl FnMut(usize, usize, &Cell)) -> Vec<Ce
                     progress(cells.len() + 1, total, &cell);
                     cells.push(cell);
                 }
-                turn += 1;
+                row += 1;
             }
         }
     }

@@ -386,6 +386,11 @@ async fn pump(
                         return Err(io_err(io::ErrorKind::InvalidData, "unexpected frame"));
                     }
                     let p = pos + f.header_len;
+                    // The payload after the stamp is the template's 0x5a bytes: checked at
+                    // both ends (a truncated, shifted or garbled echo is not counted).
+                    if size > 8 && (buf[p + 8] != 0x5a || buf[p + size - 1] != 0x5a) {
+                        return Err(io_err(io::ErrorKind::InvalidData, "echo differs"));
+                    }
                     let mut ts = [0u8; 8];
                     ts.copy_from_slice(&buf[p..p + 8]);
                     let sent = base + Duration::from_nanos(u64::from_le_bytes(ts));
