@@ -33,26 +33,12 @@ fail() {
     for f in "$work"/*.log; do echo "--- $f" >&2; tail -n 5 "$f" >&2; done
     exit 1
 }
-pids=()
-# Waits for process $1 to end, at most $2 seconds, then kills it.
-reap() {
-    for _ in $(seq $(($2 * 10))); do
-        kill -0 "$1" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -9 "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-}
-stop() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do reap "$p" 10; done
-}
+. crates/duplex-bench/procs.sh
 trap 'stop; rm -rf "$work"' EXIT
 
 # Where the proxy runs, and where the backend and the load generator run.
 if [ "$scenario" = msgs16k-pinned ]; then peers=1; else peers=0; fi
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 for r in $(seq "$repeats"); do
     backend=$(port); listen=$(port); admin=$(port)

@@ -38,22 +38,8 @@ command -v valgrind >/dev/null || { echo "instructions.sh: needs valgrind" >&2; 
 CONNS=10
 
 work=$(mktemp -d)
-pids=()
-# Waits for process $1 to end, at most $2 seconds, then kills it.
-reap() {
-    for _ in $(seq $(($2 * 10))); do
-        kill -0 "$1" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -9 "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-}
-stop() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do reap "$p" 10; done
-}
+. crates/duplex-bench/procs.sh
 trap 'stop; rm -rf "$work"' EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 cat >"$work/client.py" <<'EOF'
 import http.client, os, socket, sys, threading

@@ -55,7 +55,8 @@ impl Retired {
         (now.saturating_duration_since(at) < KEEP).then_some(state)
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.by_key.len()
     }
 }
