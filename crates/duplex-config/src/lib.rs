@@ -372,11 +372,18 @@ impl Config {
         let base = Path::new(file).parent().unwrap_or(Path::new("."));
         validate::validate(raw, base).map_err(|v| {
             let (line, col) = locate::locate(src, &v.path);
+            let message = match &v.first {
+                Some(first) => {
+                    let (l, _) = locate::locate(src, first);
+                    format!("{} (first defined at line {l})", v.message)
+                }
+                None => v.message,
+            };
             ConfigError::Invalid {
                 file: file.to_owned(),
                 line,
                 col,
-                message: v.message,
+                message,
             }
         })
     }

@@ -1,6 +1,7 @@
 //! Checks that span several values, and the build of the internal form from the raw one.
 
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -16,6 +17,8 @@ use crate::{
 pub(crate) struct Violation {
     pub path: Vec<Seg<'static>>,
     pub message: String,
+    /// Another place the message is about: the first copy of a duplicate name.
+    pub first: Option<Vec<Seg<'static>>>,
 }
 
 /// The path of key `k` of backend `j` of upstream `i`.
@@ -30,7 +33,11 @@ pub(crate) fn backend_at(i: usize, j: usize, k: &'static str) -> Vec<Seg<'static
 }
 
 pub(crate) fn fail<T>(path: Vec<Seg<'static>>, message: String) -> Result<T, Violation> {
-    Err(Violation { path, message })
+    Err(Violation {
+        path,
+        message,
+        first: None,
+    })
 }
 
 /// Checks a name: non-empty, and only characters safe in a metric label and a log line.
@@ -103,16 +110,23 @@ pub(crate) fn parse_duration_min(
     Ok(d)
 }
 
+/// Checks that `name` was not seen before; `seen` keeps where each name was first found.
 fn check_unique<'a>(
-    seen: &mut HashSet<&'a str>,
+    seen: &mut HashMap<&'a str, Vec<Seg<'static>>>,
     path: Vec<Seg<'static>>,
     what: &str,
     name: &'a str,
 ) -> Result<(), Violation> {
-    if seen.insert(name) {
-        Ok(())
-    } else {
-        fail(path, format!("duplicate {what} name {name:?}"))
+    match seen.entry(name) {
+        Entry::Vacant(v) => {
+            v.insert(path);
+            Ok(())
+        }
+        Entry::Occupied(o) => Err(Violation {
+            path,
+            message: format!("duplicate {what} name {name:?}"),
+            first: Some(o.get().clone()),
+        }),
     }
 }
 
@@ -124,16 +138,22 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
         );
     }
     let mut listeners = Vec::new();
-    let mut names = HashSet::new();
-    let mut binds = HashSet::new();
+    let mut names = HashMap::new();
+    let mut binds = HashMap::new();
     for (i, l) in raw.listeners.iter().enumerate() {
         let at = |k| vec![Key("listeners"), Index(i), Key(k)];
         check_name(at("name"), "listener", &l.name)?;
         check_unique(&mut names, at("name"), "listener", &l.name)?;
         let bind = parse_addr(at("bind"), &l.bind)?;
         // Port 0 asks the OS for a free port: never a clash.
-        if bind.port() != 0 && !binds.insert(bind) {
-            return fail(at("bind"), format!("two listeners bind {bind}"));
+        if bind.port() != 0 {
+            if let Some(first) = binds.insert(bind, at("bind")) {
+                return Err(Violation {
+                    path: at("bind"),
+                    message: format!("two listeners bind {bind}"),
+                    first: Some(first),
+                });
+            }
         }
         let tls = l
             .tls
@@ -189,7 +209,7 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
             None => defaults::ADMIN_BIND,
         },
     };
-    if admin.bind.port() != 0 && binds.contains(&admin.bind) {
+    if admin.bind.port() != 0 && binds.contains_key(&admin.bind) {
         return fail(
             vec![Key("admin"), Key("bind")],
             format!(
@@ -200,7 +220,7 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
     }
 
     let mut upstreams = Vec::new();
-    let mut names = HashSet::new();
+    let mut names = HashMap::new();
     for (i, u) in raw.upstreams.iter().enumerate() {
         let up = upstream(i, u, base)?;
         check_unique(
@@ -213,7 +233,7 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
     }
 
     let mut routes = Vec::new();
-    let mut names = HashSet::new();
+    let mut names = HashMap::new();
     for (i, r) in raw.routes.iter().enumerate() {
         let at = |k| vec![Key("routes"), Index(i), Key(k)];
         check_name(at("name"), "route", &r.name)?;

@@ -87,7 +87,12 @@ fn refuses_bad_files_and_points_at_the_value() {
         (
             "- name: rest",
             "- name: chat",
-            "f:13:11: duplicate route name \"chat\"",
+            "f:13:11: duplicate route name \"chat\" (first defined at line 7)",
+        ),
+        (
+            "admin:",
+            "  - name: second\n    bind: 127.0.0.1:8080\nadmin:",
+            "f:5:11: two listeners bind 127.0.0.1:8080 (first defined at line 3)",
         ),
         (
             "addr: 127.0.0.1:9002",

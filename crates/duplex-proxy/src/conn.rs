@@ -92,7 +92,10 @@ pub async fn serve(
     let stream = match &settings.tls {
         None => SendTimeout::new(MaybeTls::Plain(tcp), timeout, expired),
         Some(tls) => {
-            let timed = SendTimeout::new(tcp, timeout, expired);
+            // Armed once the handshake is done: until then its own timeout bounds it,
+            // and a handshake stalled on a write is a failed handshake, not a send
+            // timeout.
+            let timed = SendTimeout::unarmed(tcp);
             let accept = TlsAcceptor::from(Arc::clone(&tls.config)).accept(timed);
             let accept = tokio::time::timeout(tls.handshake_timeout, accept);
             // A handshake under way when the shutdown grace ends is cut with the rest.
@@ -101,7 +104,10 @@ pub async fn serve(
                 _ = shared.closing.cancelled() => return,
             };
             match handshake {
-                Ok(Ok(s)) => SendTimeout::unarmed(MaybeTls::Tls(Box::new(s))),
+                Ok(Ok(mut s)) => {
+                    s.get_mut().0.arm(timeout, expired);
+                    SendTimeout::unarmed(MaybeTls::Tls(Box::new(s)))
+                }
                 Ok(Err(e)) => {
                     let reason = crate::tls::handshake_failure(&e);
                     shared

@@ -40,9 +40,15 @@ impl<S> SendTimeout<S> {
         }
     }
 
-    /// A wrapper that never times out (another one, under TLS, does the job).
+    /// A wrapper that never times out (another one, under TLS, does the job; or not
+    /// yet: a TLS handshake has a timeout of its own).
     pub fn unarmed(inner: S) -> Self {
         SendTimeout { inner, armed: None }
+    }
+
+    /// Starts timing writes, once a TLS handshake has ended.
+    pub fn arm(&mut self, timeout: Duration, expired: Counter) {
+        self.armed = Some((IdleTimer::new(timeout), expired));
     }
 
     /// Stops timing writes: the connection has become a tunnel, which has the upstream's

@@ -107,3 +107,39 @@ pub fn dead_addr() -> DeadAddr {
     let addr = sock.local_addr().expect("the dead address");
     DeadAddr { addr, _bound: sock }
 }
+
+/// A backend that answers any request with `len` body bytes, written as fast as the proxy
+/// takes them. Each connection reports how many body bytes it wrote and whether a write
+/// failed (the proxy closed the connection).
+pub async fn streaming_backend(
+    len: usize,
+) -> (
+    RawBackend,
+    tokio::sync::mpsc::UnboundedReceiver<(usize, bool)>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let b = RawBackend::start(move |mut tcp| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = [0u8; 4096];
+            let _ = tcp.read(&mut buf).await?;
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+            tcp.write_all(head.as_bytes()).await?;
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut wrote = 0;
+            let mut failed = false;
+            while wrote < len {
+                let n = chunk.len().min(len - wrote);
+                if tcp.write_all(&chunk[..n]).await.is_err() {
+                    failed = true;
+                    break;
+                }
+                wrote += n;
+            }
+            let _ = tx.send((wrote, failed));
+            Ok(())
+        }
+    })
+    .await;
+    (b, rx)
+}

@@ -354,44 +354,7 @@ async fn a_backend_that_stalls_mid_body_is_cut_off() {
     assert!(body.is_err(), "a stalled body must not end as if complete");
 }
 
-/// A backend that answers any request with `len` body bytes, written as fast as the proxy
-/// takes them. Each connection reports how many body bytes it wrote and whether a write
-/// failed (the proxy closed the connection).
-async fn streaming_backend(
-    len: usize,
-) -> (
-    duplex_e2e::raw::RawBackend,
-    tokio::sync::mpsc::UnboundedReceiver<(usize, bool)>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let b = duplex_e2e::raw::RawBackend::start(move |mut tcp| {
-        let tx = tx.clone();
-        async move {
-            let mut buf = [0u8; 4096];
-            let _ = tcp.read(&mut buf).await?;
-            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
-            tcp.write_all(head.as_bytes()).await?;
-            let chunk = vec![b'x'; 64 * 1024];
-            let mut wrote = 0;
-            let mut failed = false;
-            while wrote < len {
-                let n = chunk.len().min(len - wrote);
-                if tcp.write_all(&chunk[..n]).await.is_err() {
-                    failed = true;
-                    break;
-                }
-                wrote += n;
-            }
-            let _ = tx.send((wrote, failed));
-            Ok(())
-        }
-    })
-    .await;
-    (b, rx)
-}
-
-/// A request for a `len`-byte body from [`streaming_backend`], sent through a proxy whose
+/// A request for a `len`-byte body from a [`duplex_e2e::raw::streaming_backend`], sent through a proxy whose
 /// listener has `send_timeout` set to `timeout`, on a connection made from `sock`. Returns the
 /// proxy, the backend's reports and the client's connection.
 async fn big_response_behind_send_timeout(
@@ -404,7 +367,7 @@ async fn big_response_behind_send_timeout(
     tokio::net::TcpStream,
 ) {
     use tokio::io::AsyncWriteExt;
-    let (b, reports) = streaming_backend(len).await;
+    let (b, reports) = duplex_e2e::raw::streaming_backend(len).await;
     let upstream = Upstream::new("round_robin").backend(b.addr);
     let p = TestProxy::start_with_listener(&[("send_timeout", timeout)], &single_route(&upstream))
         .await;

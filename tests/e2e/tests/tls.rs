@@ -635,6 +635,46 @@ async fn a_silent_tls_client_is_cut_off_after_the_handshake_timeout() {
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }
 
+/// A TLS client that stops reading a response is cut off after the listener's
+/// `send_timeout`, counted once the handshake is done (the handshake has a timeout of its
+/// own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_that_stops_reading_is_cut_off_after_send_timeout() {
+    use tokio::io::AsyncWriteExt;
+    const LEN: usize = 256 << 20;
+    let ca = Ca::new("front CA");
+    let leaf = ca.leaf(&["chat.test"]);
+    let dir = temp_dir("tls-send-timeout");
+    let (c, k) = cert_files(&dir, &leaf);
+    let (b, mut reports) = duplex_e2e::raw::streaming_backend(LEN).await;
+    let yaml = tls_yaml(&[(&c, &k)], "    send_timeout: 500ms\n", b.addr, "");
+    let (proxy, addr) = start(&yaml, None).await;
+    let mut tls = tls_connect(addr, "chat.test", client_config(&ca.pem, None))
+        .await
+        .expect("TLS handshake");
+    within(
+        "send the request",
+        tls.write_all(b"GET /big HTTP/1.1\r\nHost: chat.test\r\n\r\n"),
+    )
+    .await
+    .expect("write");
+    // The client reads nothing from here on.
+    let (wrote, failed) = within_secs(20, reports.recv())
+        .await
+        .expect("the backend reports");
+    assert!(failed, "the backend wrote all {wrote} bytes");
+    let timeouts = proxy
+        .metrics()
+        .client_send_timeouts
+        .with_label_values(&["public"])
+        .get();
+    assert_eq!(timeouts, 1);
+    for reason in ["timeout", "failed", "closed"] {
+        assert_eq!(handshake_errors(&proxy, reason), 0, "{reason}");
+    }
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
 /// A TLS handshake still under way when the shutdown grace ends is closed with
 /// everything else, not left to its own (here 10 s) timeout.
 #[tokio::test]
