@@ -1,32 +1,17 @@
-//! Backend health: active checks (a scheduling task per upstream, a task per probe) and
-//! passive ejection.
+//! Backend health: active checks (a scheduling task per upstream, a task per probe; the
+//! probe itself is in `probe`) and passive ejection.
 //!
 //! Verdicts live in each backend's shared state, so balancers skip unhealthy or ejected
 //! backends without asking anyone, and the state survives reloads with the backend.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine;
-use bytes::Bytes;
 use duplex_balance::BackendState;
-use duplex_config::{HealthCheck, HealthKind};
-use http::{header, HeaderValue, Request, StatusCode};
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use duplex_config::HealthCheck;
 use tokio_util::sync::CancellationToken;
 
-use crate::connector::connect;
-use crate::handshake::check_backend_101;
+use crate::probe::{probe, ProbeError};
 use crate::state::{Shared, Table, UpstreamRt};
-
-/// Largest frame payload a WebSocket probe reads; a backend's greeting may come first.
-const PROBE_MAX_PAYLOAD: usize = 64 * 1024;
-/// Frames a WebSocket probe reads while waiting for its pong or close.
-const PROBE_MAX_FRAMES: usize = 16;
 
 /// Records a connect failure or handshake timeout; ejects the backend after `max_fails`
 /// in a row.
@@ -162,7 +147,7 @@ async fn check_once(
     stop: CancellationToken,
 ) {
     let outcome = tokio::time::timeout(hc.timeout, probe(&hc, &up, state.addr)).await;
-    let result = outcome.unwrap_or_else(|_| Err("timed out".to_owned()));
+    let result = outcome.unwrap_or(Err(ProbeError::TimedOut));
     if let Err(e) = &result {
         tracing::debug!(upstream = %up.cfg.name, backend = %state.addr, error = %e, "health check failed");
     }
@@ -171,7 +156,7 @@ async fn check_once(
         return;
     }
     // A local failure (out of file descriptors) is not the backend's fault: no verdict.
-    if !matches!(&result, Err(e) if e.starts_with(LOCAL)) {
+    if !matches!(&result, Err(ProbeError::Local(_))) {
         verdict(&shared, &up, &hc, &state, result.is_ok());
     }
 }
@@ -202,155 +187,6 @@ fn verdict(shared: &Shared, up: &UpstreamRt, hc: &HealthCheck, state: &BackendSt
     m.backend_up
         .with_label_values(&[&up.cfg.name, &backend])
         .set(i64::from(state.is_available()));
-}
-
-/// Marks failures that are duplex's own (out of file descriptors or ports), which must not
-/// count against the backend.
-const LOCAL: &str = "local: ";
-
-fn connect_error(e: &std::io::Error) -> String {
-    if crate::connector::is_local_exhaustion(e) {
-        format!("{LOCAL}{e}")
-    } else {
-        e.to_string()
-    }
-}
-
-/// One check of one backend; `Err` says what failed.
-async fn probe(hc: &HealthCheck, up: &UpstreamRt, addr: SocketAddr) -> Result<(), String> {
-    if hc.kind == HealthKind::Tcp {
-        return TcpStream::connect(addr)
-            .await
-            .map(drop)
-            .map_err(|e| connect_error(&e));
-    }
-    let stream = connect(addr, hc.timeout, up.tls.as_deref())
-        .await
-        .map_err(|e| connect_error(&e))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    let driver = tokio::spawn(conn.with_upgrades());
-    let host = hc.host.clone().unwrap_or_else(|| addr.to_string());
-    let mut req = Request::get(hc.path.as_str())
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let h = req.headers_mut();
-    h.insert(
-        header::HOST,
-        HeaderValue::try_from(host).map_err(|e| e.to_string())?,
-    );
-    h.insert(
-        header::USER_AGENT,
-        HeaderValue::from_static("duplex-health-check"),
-    );
-    let key =
-        HeaderValue::try_from(B64.encode(std::array::from_fn::<u8, 16, _>(|_| fastrand::u8(..))))
-            .map_err(|e| e.to_string())?;
-    if hc.kind == HealthKind::Websocket {
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert("sec-websocket-version", HeaderValue::from_static("13"));
-        h.insert("sec-websocket-key", key.clone());
-    }
-    let mut resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let result = match hc.kind {
-        HealthKind::Http if resp.status().as_u16() == hc.expect_status => Ok(()),
-        HealthKind::Http => Err(format!(
-            "status {} (expected {})",
-            resp.status(),
-            hc.expect_status
-        )),
-        _ if resp.status() != StatusCode::SWITCHING_PROTOCOLS => {
-            Err(format!("status {} (expected 101)", resp.status()))
-        }
-        _ => {
-            let lines = resp
-                .headers()
-                .iter()
-                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
-            check_backend_101(lines, &key).map_err(str::to_owned)?;
-            let io = hyper::upgrade::on(&mut resp)
-                .await
-                .map_err(|e| e.to_string())?;
-            ping_and_close(TokioIo::new(io)).await
-        }
-    };
-    driver.abort();
-    result
-}
-
-/// On an open WebSocket: a ping must get its pong, then a Close is answered and the
-/// connection ends cleanly.
-async fn ping_and_close<S: AsyncRead + AsyncWrite + Unpin>(mut ws: S) -> Result<(), String> {
-    const PING: &[u8] = b"duplex";
-    ws.write_all(&client_frame(0x9, PING))
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut got_pong = false;
-    for _ in 0..PROBE_MAX_FRAMES {
-        let (opcode, payload) = read_frame(&mut ws).await?;
-        if opcode == 0xA && payload == PING {
-            got_pong = true;
-            break;
-        }
-        if opcode == 0x8 {
-            return Err("the backend closed before answering the ping".into());
-        }
-    }
-    if !got_pong {
-        return Err("no pong".into());
-    }
-    ws.write_all(&client_frame(0x8, &1000u16.to_be_bytes()))
-        .await
-        .map_err(|e| e.to_string())?;
-    for _ in 0..PROBE_MAX_FRAMES {
-        match read_frame(&mut ws).await {
-            Ok((0x8, _)) => return Ok(()),
-            Ok(_) => {}
-            // A backend may close the TCP connection right after its Close.
-            Err(_) => return Ok(()),
-        }
-    }
-    Err("no close answer".into())
-}
-
-/// A masked client frame with FIN set.
-fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut f = vec![0x80 | opcode, 0x80 | payload.len() as u8];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
-
-/// Reads one server frame: (opcode, payload).
-async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> Result<(u8, Vec<u8>), String> {
-    let mut head = [0u8; 2];
-    s.read_exact(&mut head).await.map_err(|e| e.to_string())?;
-    let len = match head[1] & 0x7f {
-        126 => u64::from(s.read_u16().await.map_err(|e| e.to_string())?),
-        127 => s.read_u64().await.map_err(|e| e.to_string())?,
-        n => u64::from(n),
-    };
-    if len > PROBE_MAX_PAYLOAD as u64 {
-        return Err(format!("frame of {len} bytes is larger than a probe reads"));
-    }
-    let mut mask = [0u8; 4];
-    if head[1] & 0x80 != 0 {
-        s.read_exact(&mut mask).await.map_err(|e| e.to_string())?;
-    }
-    let mut payload = vec![0u8; len as usize];
-    s.read_exact(&mut payload)
-        .await
-        .map_err(|e| e.to_string())?;
-    if head[1] & 0x80 != 0 {
-        payload
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, b)| *b ^= mask[i % 4]);
-    }
-    Ok((head[0] & 0x0f, payload))
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ mod http_pool;
 mod http_proxy;
 mod idle;
 pub mod limits;
+mod probe;
 mod reclaim;
 mod reload;
 mod responses;

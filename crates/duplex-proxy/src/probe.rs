@@ -1,0 +1,215 @@
+//! One active health check of one backend: a TCP connect, an HTTP request, or a WebSocket
+//! upgrade with a ping, and why it failed.
+
+use std::io;
+use std::net::SocketAddr;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::Bytes;
+use duplex_config::{HealthCheck, HealthKind};
+use http::{header, HeaderValue, Request, StatusCode};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::connector::{connect, is_local_exhaustion};
+use crate::handshake::check_backend_101;
+use crate::state::UpstreamRt;
+
+/// Largest frame payload a WebSocket probe reads; a backend's greeting may come first.
+const PROBE_MAX_PAYLOAD: usize = 64 * 1024;
+/// Frames a WebSocket probe reads while waiting for its pong or close.
+const PROBE_MAX_FRAMES: usize = 16;
+
+/// Why a check failed. Every kind is the backend's failure except `Local` and `Request`.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// duplex ran out of file descriptors or ports: says nothing of the backend.
+    #[error("local: {0}")]
+    Local(#[source] io::Error),
+    #[error("connect: {0}")]
+    Connect(#[source] io::Error),
+    /// The whole check took longer than the health check's `timeout`.
+    #[error("timed out")]
+    TimedOut,
+    /// The request could not be built from the check's `path` and `host`.
+    #[error("cannot build the check's request: {0}")]
+    Request(#[from] http::Error),
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("status {got} (expected {want})")]
+    Status { got: StatusCode, want: u16 },
+    #[error("invalid 101: {0}")]
+    BadUpgrade(&'static str),
+    #[error("the backend closed before answering the ping")]
+    ClosedBeforePong,
+    #[error("no pong in {PROBE_MAX_FRAMES} frames")]
+    NoPong,
+    #[error("no answer to the close in {PROBE_MAX_FRAMES} frames")]
+    NoCloseAnswer,
+    #[error("frame of {0} bytes is larger than a probe reads")]
+    FrameTooLarge(u64),
+}
+
+impl ProbeError {
+    fn connect(e: io::Error) -> ProbeError {
+        if is_local_exhaustion(&e) {
+            ProbeError::Local(e)
+        } else {
+            ProbeError::Connect(e)
+        }
+    }
+}
+
+/// One check of one backend; `Err` says what failed.
+pub async fn probe(hc: &HealthCheck, up: &UpstreamRt, addr: SocketAddr) -> Result<(), ProbeError> {
+    if hc.kind == HealthKind::Tcp {
+        return TcpStream::connect(addr)
+            .await
+            .map(drop)
+            .map_err(ProbeError::connect);
+    }
+    let stream = connect(addr, hc.timeout, up.tls.as_deref())
+        .await
+        .map_err(ProbeError::connect)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let driver = tokio::spawn(conn.with_upgrades());
+    let result = exchange(hc, &mut sender, addr).await;
+    driver.abort();
+    result
+}
+
+/// The request of an HTTP or WebSocket check, and the verdict on its answer.
+async fn exchange(
+    hc: &HealthCheck,
+    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    addr: SocketAddr,
+) -> Result<(), ProbeError> {
+    let host = hc.host.clone().unwrap_or_else(|| addr.to_string());
+    let key = B64.encode(std::array::from_fn::<u8, 16, _>(|_| fastrand::u8(..)));
+    let key = HeaderValue::try_from(key).map_err(http::Error::from)?;
+    let mut req = Request::get(hc.path.as_str())
+        .header(header::HOST, host)
+        .header(header::USER_AGENT, "duplex-health-check");
+    if hc.kind == HealthKind::Websocket {
+        req = req
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::UPGRADE, "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", key.clone());
+    }
+    let mut resp = sender.send_request(req.body(Empty::new())?).await?;
+    let status = resp.status();
+    if hc.kind == HealthKind::Http {
+        return match status.as_u16() == hc.expect_status {
+            true => Ok(()),
+            false => Err(ProbeError::Status {
+                got: status,
+                want: hc.expect_status,
+            }),
+        };
+    }
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(ProbeError::Status {
+            got: status,
+            want: 101,
+        });
+    }
+    let lines = resp
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+    check_backend_101(lines, &key).map_err(ProbeError::BadUpgrade)?;
+    let io = hyper::upgrade::on(&mut resp).await?;
+    ping_and_close(TokioIo::new(io)).await
+}
+
+/// On an open WebSocket: a ping must get its pong, then a Close is answered and the
+/// connection ends cleanly.
+async fn ping_and_close<S: AsyncRead + AsyncWrite + Unpin>(mut ws: S) -> Result<(), ProbeError> {
+    const PING: &[u8] = b"duplex";
+    ws.write_all(&client_frame(0x9, PING)).await?;
+    let mut got_pong = false;
+    for _ in 0..PROBE_MAX_FRAMES {
+        let (opcode, payload) = read_frame(&mut ws).await?;
+        if opcode == 0xA && payload == PING {
+            got_pong = true;
+            break;
+        }
+        if opcode == 0x8 {
+            return Err(ProbeError::ClosedBeforePong);
+        }
+    }
+    if !got_pong {
+        return Err(ProbeError::NoPong);
+    }
+    ws.write_all(&client_frame(0x8, &1000u16.to_be_bytes()))
+        .await?;
+    for _ in 0..PROBE_MAX_FRAMES {
+        match read_frame(&mut ws).await {
+            Ok((0x8, _)) => return Ok(()),
+            Ok(_) => {}
+            // A backend may close the TCP connection right after its Close.
+            Err(_) => return Ok(()),
+        }
+    }
+    Err(ProbeError::NoCloseAnswer)
+}
+
+/// A masked client frame with FIN set; `payload` is at most 125 bytes (a control frame).
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    debug_assert!(payload.len() <= 125);
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut f = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Reads one server frame: (opcode, payload).
+async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> Result<(u8, Vec<u8>), ProbeError> {
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).await?;
+    let len = match head[1] & 0x7f {
+        126 => u64::from(s.read_u16().await?),
+        127 => s.read_u64().await?,
+        n => u64::from(n),
+    };
+    if len > PROBE_MAX_PAYLOAD as u64 {
+        return Err(ProbeError::FrameTooLarge(len));
+    }
+    let mut mask = [0u8; 4];
+    if head[1] & 0x80 != 0 {
+        s.read_exact(&mut mask).await?;
+    }
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload).await?;
+    if head[1] & 0x80 != 0 {
+        payload
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b ^= mask[i % 4]);
+    }
+    Ok((head[0] & 0x0f, payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Running out of file descriptors or ports is duplex's failure, which must not count
+    /// against the backend; a refused connection is the backend's.
+    #[test]
+    fn local_exhaustion_is_not_the_backends_failure() {
+        let emfile = ProbeError::connect(io::Error::from_raw_os_error(24));
+        assert!(matches!(emfile, ProbeError::Local(_)), "{emfile:?}");
+        let ports = ProbeError::connect(io::ErrorKind::AddrNotAvailable.into());
+        assert!(matches!(ports, ProbeError::Local(_)), "{ports:?}");
+        let refused = ProbeError::connect(io::ErrorKind::ConnectionRefused.into());
+        assert!(matches!(refused, ProbeError::Connect(_)), "{refused:?}");
+    }
+}
