@@ -6,9 +6,11 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(target_os = "linux")]
+mod process;
 mod scope;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
@@ -119,10 +121,8 @@ impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
         #[cfg(target_os = "linux")]
-        r.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))
-        .expect("process collector");
+        r.register(Box::new(process::Process::for_self()))
+            .expect("process collector");
         let latency = exponential_buckets(0.0005, 2.0, 16).expect("buckets");
         // From one second to about three days (4^9 s).
         let lifetime = exponential_buckets(1.0, 4.0, 10).expect("buckets");
@@ -192,7 +192,13 @@ pub struct RouteSeries {
     /// Keeps the route's series exported; each tunnel of the route shares it, so that a
     /// route a reload removed keeps them while its tunnels are open.
     holds: Arc<[Hold; 2]>,
-    upgrades: Vec<IntCounter>,
+    /// By result. The results a route can have exist at 0 from the start, so that
+    /// `increase()` sees the first one; the others (`no_route` on a route, `ok` where no
+    /// route matched) are made if they ever happen, so that no series says something
+    /// impossible.
+    upgrades: [OnceLock<IntCounter>; UpgradeResult::ALL.len()],
+    /// Where the `upgrades` made later come from.
+    upgrades_vec: IntCounterVec,
     pub handshake: Histogram,
     /// By status class, 1xx to 5xx.
     http: Vec<IntCounter>,
@@ -201,7 +207,10 @@ pub struct RouteSeries {
 
 impl RouteSeries {
     pub fn upgrade(&self, result: UpgradeResult) -> &IntCounter {
-        &self.upgrades[result as usize]
+        self.upgrades[result as usize].get_or_init(|| {
+            self.upgrades_vec
+                .with_label_values(&[&self.route, &self.upstream, result.as_str()])
+        })
     }
 
     /// The request counter for a response `status`.
@@ -248,24 +257,28 @@ impl Metrics {
             self.hold(Scope::Route(route.to_owned())),
             self.hold(Scope::RouteUpstream(route.to_owned(), upstream.to_owned())),
         ]);
-        RouteSeries {
+        let series = RouteSeries {
             route: route.to_owned(),
             upstream: upstream.to_owned(),
             holds,
-            upgrades: UpgradeResult::ALL
-                .iter()
-                .map(|r| {
-                    self.upgrades
-                        .with_label_values(&[route, upstream, r.as_str()])
-                })
-                .collect(),
+            upgrades: Default::default(),
+            upgrades_vec: self.upgrades.clone(),
             handshake: self.handshake_duration.with_label_values(&[route]),
             http: ["1xx", "2xx", "3xx", "4xx", "5xx"]
                 .iter()
                 .map(|c| self.http_requests.with_label_values(&[route, upstream, c]))
                 .collect(),
             http_duration: self.http_request_duration.with_label_values(&[route]),
+        };
+        // A request no route matched can only be refused as such or as a bad handshake.
+        let possible = |r: UpgradeResult| match route {
+            NONE => matches!(r, UpgradeResult::NoRoute | UpgradeResult::BadHandshake),
+            _ => r != UpgradeResult::NoRoute,
+        };
+        for r in UpgradeResult::ALL.into_iter().filter(|&r| possible(r)) {
+            series.upgrade(r);
         }
+        series
     }
 
     /// Removes every series of backend `backend` of `upstream`, whatever its other labels
@@ -328,6 +341,27 @@ mod tests {
             text.contains("duplex_http_requests_total{code=\"1xx\",route=\"r\",upstream=\"u\"} 1"),
             "{text}"
         );
+    }
+
+    /// A route's upgrade results exist at 0 from the start, except `no_route`; where no
+    /// route matched, only `no_route` and `bad_handshake` do.
+    #[test]
+    fn only_possible_upgrade_results_exist_from_the_start() {
+        let m = Arc::new(Metrics::new());
+        let (_r, _none) = (m.route_series("r", "u"), m.route_series(NONE, NONE));
+        let text = m.render();
+        let exists = |route: &str, result: &str| {
+            let upstream = if route.is_empty() { "" } else { "u" };
+            text.contains(&format!(
+                "duplex_websocket_upgrades_total{{result=\"{result}\",route=\"{route}\",upstream=\"{upstream}\"}} 0"
+            ))
+        };
+        for r in UpgradeResult::ALL {
+            let (result, on_route) = (r.as_str(), r != UpgradeResult::NoRoute);
+            assert_eq!(exists("r", result), on_route, "route r, {result}:\n{text}");
+            let unrouted = matches!(r, UpgradeResult::NoRoute | UpgradeResult::BadHandshake);
+            assert_eq!(exists("", result), unrouted, "no route, {result}:\n{text}");
+        }
     }
 
     #[test]
