@@ -118,10 +118,31 @@ async fn handle(req: Request<Incoming>, proxy: &Proxy) -> Response<Body> {
                 ),
             }
         }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found: try GET /metrics, /healthz, /readyz, /status or POST /reload\n".into(),
-        ),
+        (_, path) => match allowed(path) {
+            // A known path asked with another method: 405 with `Allow`, as RFC 9110 says.
+            Some(allow) => {
+                let mut r = text(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("method not allowed: {path} takes {allow}\n"),
+                );
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+                r
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                "not found: try GET /metrics, /healthz, /readyz, /status or POST /reload\n".into(),
+            ),
+        },
+    }
+}
+
+/// The methods an admin path takes, or `None` for a path the admin listener does not have.
+fn allowed(path: &str) -> Option<&'static str> {
+    match path {
+        "/metrics" | "/healthz" | "/readyz" | "/status" => Some("GET, HEAD"),
+        "/reload" => Some("POST"),
+        _ => None,
     }
 }
 

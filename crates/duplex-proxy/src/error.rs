@@ -13,6 +13,13 @@ pub enum ProxyError {
         #[source]
         source: io::Error,
     },
+    /// duplex could not bind the admin listener.
+    #[error("the admin listener (admin.bind): cannot bind {addr}: {source}")]
+    AdminBind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     /// A backend refused or did not answer the connection.
     #[error("backend {addr}: connect failed: {source}")]
     Connect {

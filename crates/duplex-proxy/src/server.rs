@@ -159,15 +159,19 @@ impl Proxy {
             let src = std::fs::read_to_string(p).ok()?;
             Some(source_hash(&src, &p.display().to_string()))
         });
+        // Certificates first: an operator fixing a refused start sees every config
+        // error before a port clash.
+        let tls = crate::state::TlsSettings::read(&config)?;
         let bound = bind_all(&config.listeners)?;
-        let admin_listener = bind("admin", config.admin.bind)?;
-        let admin = admin_listener
-            .local_addr()
-            .map_err(|source| ProxyError::Bind {
-                listener: "admin".into(),
-                addr: config.admin.bind,
-                source,
-            })?;
+        let admin_bind = |source| ProxyError::AdminBind {
+            addr: config.admin.bind,
+            source,
+        };
+        let admin_listener = bind("admin", config.admin.bind).map_err(|e| match e {
+            ProxyError::Bind { source, .. } => admin_bind(source),
+            other => other,
+        })?;
+        let admin = admin_listener.local_addr().map_err(admin_bind)?;
         metrics.config_generation.set(1);
         // Both results exist from the start, so that rate() and increase() see the first one.
         for result in ["ok", "error"] {
@@ -177,7 +181,6 @@ impl Proxy {
         let shared = Arc::new(Shared::new(&config, metrics, resolver));
         // Held until the first table holds them: see `duplex_metrics::Scope`.
         let _dns_series = crate::discovery::resolve_all(&shared, &config).await;
-        let tls = crate::state::TlsSettings::read(&config)?;
         let table = Table::build(Arc::new(config), 1, &shared.carry(None), tls);
         table.export_backends(&shared.metrics);
         shared.table.store(Arc::new(table));

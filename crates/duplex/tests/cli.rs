@@ -129,6 +129,72 @@ fn check_points_at_the_error_and_exits_1() {
     assert!(stderr.starts_with(&want), "{stderr}");
 }
 
+/// Text logs written to a pipe or a file carry no terminal colour codes (a container's
+/// log collector would store them), and say what they said before.
+#[test]
+fn text_logs_to_a_pipe_have_no_colour_codes() {
+    let path = temp_file(
+        "plain-logs.yaml",
+        "listeners:\n  - name: public\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\n\
+         routes:\n  - name: r\n    upstream: u\nupstreams:\n  - name: u\n    backends:\n      - addr: 127.0.0.1:9\n",
+    );
+    let child = Command::new(BIN)
+        .args(["run", "--no-watch", "-c"])
+        .arg(&path)
+        .env_remove("NO_COLOR")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start duplex");
+    let mut child = Running(child);
+    let err = Lines::of(child.0.stderr.take().expect("stderr"));
+    let line = err.wait_for("listening");
+    assert!(line.contains(" INFO "), "{line:?}");
+    assert!(!line.contains('\x1b'), "colour codes in {line:?}");
+}
+
+/// A start that cannot go on says why: the admin listener is named as such, and a
+/// refused certificate is reported before a port clash, so one fix is not followed by
+/// another surprise.
+#[test]
+fn start_errors_name_the_admin_listener_and_files_come_first() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
+    let port = taken.local_addr().expect("its address").port();
+    let admin_clash = temp_file(
+        "admin-clash.yaml",
+        &format!("listeners:\n  - name: public\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:{port}\n"),
+    );
+    let out = output_within_30s(
+        Command::new(BIN)
+            .args(["run", "--no-watch", "-c"])
+            .arg(&admin_clash),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "the admin listener (admin.bind): cannot bind 127.0.0.1:{port}"
+        )),
+        "{stderr}"
+    );
+
+    let both = temp_file(
+        "tls-and-clash.yaml",
+        &format!(
+            "listeners:\n  - name: public\n    bind: 127.0.0.1:{port}\n    tls:\n      certificates:\n        - cert: /nonexistent/cert.pem\n          key: /nonexistent/key.pem\nadmin:\n  bind: 127.0.0.1:0\n"
+        ),
+    );
+    let out = output_within_30s(
+        Command::new(BIN)
+            .args(["run", "--no-watch", "-c"])
+            .arg(&both),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/cert.pem"), "{stderr}");
+    assert!(!stderr.contains("cannot bind"), "{stderr}");
+    drop(taken);
+}
+
 /// Lines of a child's output, read on a thread so that a wait can time out.
 struct Lines(std::sync::mpsc::Receiver<String>);
 

@@ -524,6 +524,50 @@ async fn admin_clients_that_never_read_are_cut_off() {
     p.shutdown().await;
 }
 
+/// A known admin path asked with the wrong method gets 405 and the methods it takes; an
+/// unknown path gets 404.
+#[tokio::test]
+async fn the_admin_port_answers_405_with_allow_for_a_wrong_method() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = Backend::start("b1").await;
+    let p = catch_all(&b).await;
+    for (request, want) in [
+        ("GET /reload", "HTTP/1.1 405"),
+        ("POST /status", "HTTP/1.1 405"),
+        ("DELETE /metrics", "HTTP/1.1 405"),
+        ("GET /nope", "HTTP/1.1 404"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(p.admin)
+            .await
+            .expect("connect");
+        let raw = format!(
+            "{request} HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(raw.as_bytes()).await.expect("send");
+        let mut got = Vec::new();
+        within("the answer", s.read_to_end(&mut got))
+            .await
+            .expect("read");
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(
+            text.starts_with(&want.to_ascii_lowercase()),
+            "{request}: {text}"
+        );
+        let allow = if request.ends_with("/reload") {
+            "allow: post\r\n"
+        } else {
+            "allow: get, head\r\n"
+        };
+        assert_eq!(
+            text.contains(allow),
+            want.ends_with("405"),
+            "{request}: {text}"
+        );
+    }
+    // POST still reaches the reload (this proxy has no file to read: 400, not 405).
+    assert_eq!(client::post(p.admin, "/reload").await.status, 400);
+}
+
 #[tokio::test]
 async fn head_and_reload_during_shutdown_on_the_admin_port() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
