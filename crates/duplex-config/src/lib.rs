@@ -355,13 +355,22 @@ impl Config {
             });
         }
         let raw: raw::RawConfig = serde_yaml::from_str(src).map_err(|e| {
-            let (line, col) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+            let (mut line, mut col) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
             let text = e.to_string();
             // serde_yaml appends the position we already report in front.
             let message = match text.rsplit_once(" at line ") {
                 Some((head, _)) => head.to_owned(),
                 None => text,
             };
+            let message = plain_words(&message);
+            // A duplicate key is reported at its mapping's start: point at the second copy.
+            let duplicate = message
+                .split_once("duplicate field `")
+                .and_then(|(_, rest)| rest.split_once('`'))
+                .map(|(key, _)| key);
+            if let Some(at) = duplicate.and_then(|key| locate::second_key(src, line, col, key)) {
+                (line, col) = at;
+            }
             ConfigError::Invalid {
                 file: file.to_owned(),
                 line,
@@ -410,4 +419,28 @@ impl Config {
         }
         out
     }
+}
+
+/// The YAML reader's message with Rust's type names put in an operator's words:
+/// `expected u32` becomes `expected a whole number from 0 to 4294967295`, `expected
+/// struct RawUpstream` becomes `expected a mapping (key: value lines)`.
+fn plain_words(message: &str) -> String {
+    let mut out = message
+        .replace("expected u16", "expected a whole number from 0 to 65535")
+        .replace(
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        )
+        .replace("expected u64", "expected a whole number from 0 up");
+    while let Some(at) = out.find("expected struct ") {
+        let name_at = at + "expected struct ".len();
+        let name_len = out[name_at..]
+            .find(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+            .unwrap_or(out.len() - name_at);
+        out.replace_range(
+            at..name_at + name_len,
+            "expected a mapping (key: value lines)",
+        );
+    }
+    out
 }

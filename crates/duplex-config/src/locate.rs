@@ -118,9 +118,59 @@ pub(crate) fn locate(src: &str, path: &[Seg<'_>]) -> (usize, usize) {
     best
 }
 
+/// Where key `key` appears a second time in the block mapping that starts at `line`,
+/// `col` (1-based, as serde_yaml reports a duplicate field: at the mapping, not the key).
+/// `None` when the mapping is not in block style or has no second `key`.
+pub(crate) fn second_key(src: &str, line: usize, col: usize, key: &str) -> Option<(usize, usize)> {
+    let all = lines(src);
+    let col = col.checked_sub(1)?;
+    let first = all.iter().position(|(no, _)| *no >= line)?;
+    let mut seen = 0;
+    for (i, (no, l)) in all.iter().enumerate().skip(first) {
+        // The mapping ends at a line less indented, or at the next item of a sequence.
+        let outer = l.key_col < col || (i > first && l.dash_col.is_some_and(|d| d < col));
+        if outer {
+            break;
+        }
+        let is_key = l.key_col == col
+            && l.text.starts_with(key)
+            && l.text[key.len()..].trim_start().starts_with(':');
+        if is_key {
+            seen += 1;
+            if seen == 2 {
+                return Some((*no, col + 1));
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_duplicate_key_is_found_in_its_own_mapping() {
+        let src = "\
+shutdown_timeout: 5s
+upstreams:
+  - name: a
+    balancer: x
+    backends:
+      - addr: 1
+        weight: 1
+  - name: b
+    balancer: y
+    balancer: z
+shutdown_timeout: 6s
+";
+        // The top level starts at 1:1; its second shutdown_timeout is on line 11.
+        assert_eq!(second_key(src, 1, 1, "shutdown_timeout"), Some((11, 1)));
+        // Upstream b (at 8:5) has two; upstream a's one balancer is not counted with them.
+        assert_eq!(second_key(src, 8, 5, "balancer"), Some((10, 5)));
+        assert_eq!(second_key(src, 3, 5, "balancer"), None);
+        assert_eq!(second_key(src, 6, 9, "weight"), None);
+    }
 
     const SRC: &str = "\
 listeners:

@@ -90,6 +90,21 @@ fn refuses_bad_files_and_points_at_the_value() {
             "f:13:11: duplicate route name \"chat\" (first defined at line 7)",
         ),
         (
+            "retries: 2",
+            "retries: two",
+            "f:22:14: upstreams[0].retries: invalid type: string \"two\", expected a whole number from 0 to 4294967295",
+        ),
+        (
+            "    balancer: consistent_hash",
+            "    balancer: consistent_hash\n    balancer: least_conn",
+            "f:18:5: upstreams[0]: duplicate field `balancer`",
+        ),
+        (
+            "admin:",
+            "shutdown_timeout: 5s\nshutdown_timeout: 6s\nadmin:",
+            "f:5:1: duplicate field `shutdown_timeout`",
+        ),
+        (
             "admin:",
             "  - name: second\n    bind: 127.0.0.1:8080\nadmin:",
             "f:5:11: two listeners bind 127.0.0.1:8080 (first defined at line 3)",

@@ -29,7 +29,7 @@ struct Cli {
     /// Worker threads (default: the CPUs this process may run on). With one, duplex runs
     /// everything on a single thread, the cheapest way to serve from one core, as an
     /// nginx with one worker does. Read at start; a reload does not change it.
-    #[arg(long, global = true, value_name = "N")]
+    #[arg(long, global = true, value_name = "N", value_parser = thread_count)]
     threads: Option<NonZeroUsize>,
     #[command(subcommand)]
     command: Command,
@@ -81,6 +81,14 @@ fn main() -> ExitCode {
             }
         },
         Command::Demo { port, admin_port } => demo::run(port, admin_port, cli.threads),
+    }
+}
+
+/// `--threads`: a whole number of at least 1, said in those words when it is not.
+fn thread_count(s: &str) -> Result<NonZeroUsize, &'static str> {
+    match s.trim().parse::<usize>() {
+        Ok(n) => NonZeroUsize::new(n).ok_or("at least 1 thread is needed"),
+        Err(_) => Err("expected a whole number of threads, such as 1 or 4"),
     }
 }
 
@@ -144,8 +152,12 @@ fn print_summary(
         let tls = l.tls.as_ref().map_or(String::new(), |t| {
             format!(" (tls, {} certificates)", t.certificates.len())
         });
-        writeln!(out, "  listener {} on {}{tls}", l.name, l.bind)?;
+        let redirect = l.redirect_https.map_or(String::new(), |port| {
+            format!(" (plain HTTP redirected to https port {port})")
+        });
+        writeln!(out, "  listener {} on {}{tls}{redirect}", l.name, l.bind)?;
     }
+    writeln!(out, "  admin on {}", c.admin.bind)?;
     for r in &c.routes {
         writeln!(out, "  route {} -> upstream {}", r.name, r.upstream)?;
     }

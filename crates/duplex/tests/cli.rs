@@ -110,6 +110,7 @@ fn check_accepts_the_shipped_configs() {
             stdout.contains(": ok:") && stdout.contains("listener"),
             "{stdout}"
         );
+        assert!(stdout.contains("\n  admin on 127.0.0.1:9090\n"), "{stdout}");
     }
 }
 
@@ -193,6 +194,15 @@ fn start_errors_name_the_admin_listener_and_files_come_first() {
     assert!(stderr.contains("/nonexistent/cert.pem"), "{stderr}");
     assert!(!stderr.contains("cannot bind"), "{stderr}");
     drop(taken);
+}
+
+#[test]
+fn threads_must_be_at_least_one() {
+    let out =
+        output_within_30s(Command::new(BIN).args(["run", "--threads", "0", "-c", "unused.yaml"]));
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("at least 1 thread is needed"), "{stderr}");
 }
 
 /// Lines of a child's output, read on a thread so that a wait can time out.
