@@ -77,6 +77,7 @@ impl Proxy {
                     generation,
                     "reload asked for; the config and certificate files are unchanged"
                 );
+                p.back_in_force();
                 return Ok(generation);
             }
             let prepared = p.prepare(p.parse(&src)?, ticket)?;
@@ -140,7 +141,11 @@ impl Proxy {
                     return Err(p.read_refused(source));
                 }
             };
-            if Some(hash) == *lock(&p.inner.applied) || Some(hash) == *lock(&p.inner.refused) {
+            if Some(hash) == *lock(&p.inner.applied) {
+                p.back_in_force();
+                return Ok(None);
+            }
+            if Some(hash) == *lock(&p.inner.refused) {
                 return Ok(None);
             }
             let result = p.parse(&src).and_then(|config| {
@@ -434,6 +439,19 @@ impl Proxy {
             TlsSettings::of(&old),
         );
         self.install(&old, Arc::new(table));
+    }
+
+    /// The files read are those of the configuration in force: a refusal shown in
+    /// `/status` is over (an edit that was refused has been undone).
+    fn back_in_force(&self) {
+        let mut status = lock(&self.inner.status);
+        if status.error.is_some() {
+            tracing::info!(
+                generation = self.generation(),
+                "the files are back to the configuration in force; the last refusal is cleared"
+            );
+            *status = ReloadStatus::started();
+        }
     }
 
     /// Records a refused reload and hands the error back.

@@ -290,9 +290,28 @@ async fn a_bad_file_changes_nothing_and_shows_in_status() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().contains("\"generation\": 2"), "{}", r.text());
     assert_eq!(proxy.generation(), 2);
+
+    // A refused edit, then undone: the files are the configuration in force again, so
+    // the refusal no longer shows, though nothing is applied.
+    let in_force = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(
+        &path,
+        in_force.replace("upstream: pool", "upstream: nowhere"),
+    )
+    .expect("write");
+    assert_eq!(post().await.status, 400);
+    std::fs::write(&path, &in_force).expect("write");
+    let r = post().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(proxy.generation(), 2);
+    let status = client::get(admin, "/status", &[]).await.text();
+    assert!(
+        status.contains("\"ok\": true") && !status.contains("unknown upstream"),
+        "{status}"
+    );
     let metrics = client::get(admin, "/metrics", &[]).await.text();
     assert!(
-        metrics.contains("duplex_config_reloads_total{result=\"error\"} 1"),
+        metrics.contains("duplex_config_reloads_total{result=\"error\"} 2"),
         "{metrics}"
     );
     assert!(metrics.contains("duplex_config_generation 2"), "{metrics}");
