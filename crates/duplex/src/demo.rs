@@ -151,7 +151,8 @@ where
                 json_string(t.as_str())
             )),
             Message::Binary(b) => Message::Binary(b),
-            Message::Close(_) => break,
+            // tungstenite queues the Close answer; the next read sends it and then ends.
+            Message::Close(_) => continue,
             _ => continue,
         };
         if ws.send(reply).await.is_err() {

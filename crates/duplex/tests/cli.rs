@@ -1,6 +1,6 @@
 //! The `duplex` binary itself: `check`, `run` with SIGTERM, and `demo`.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -330,6 +330,42 @@ fn demo_serves_the_page_and_balances_three_backends() {
         seen.insert(between(&r, "\"backend\":\"", '"'));
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
+
+    // In raw bytes: an upgrade, the backend's greeting, then a Close that is answered
+    // with a Close (code 1000 back), as a browser expects of a clean end.
+    let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: demo\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .expect("send the upgrade");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\"hello\":true") {
+        let n = s.read(&mut chunk).expect("read the 101 and the greeting");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 101"));
+    // Close, code 1000, masked with 0x01020304.
+    let code = [0x03 ^ 0x01, 0xe8 ^ 0x02];
+    s.write_all(&[0x88, 0x82, 1, 2, 3, 4, code[0], code[1]])
+        .expect("send a Close");
+    let mut answer = Vec::new();
+    loop {
+        let n = s.read(&mut chunk).expect("read the Close answer");
+        answer.extend_from_slice(&chunk[..n]);
+        if n == 0 || answer.len() >= 4 {
+            break;
+        }
+    }
+    assert_eq!(
+        answer.get(..4),
+        Some(&[0x88, 0x02, 0x03, 0xe8][..]),
+        "{answer:?}"
+    );
 }
 
 /// A WebSocket echo backend on loopback, served by `rt`.
