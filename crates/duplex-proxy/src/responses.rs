@@ -34,7 +34,10 @@ pub fn no_route() -> Response<Body> {
 pub fn bad_gateway(route: &str) -> Response<Body> {
     text(
         StatusCode::BAD_GATEWAY,
-        format!("duplex: no backend of route {route:?} could be reached\n"),
+        format!(
+            "duplex: route {route:?}: no backend could be reached, or the one that was failed \
+             to answer (the log says which)\n"
+        ),
     )
 }
 

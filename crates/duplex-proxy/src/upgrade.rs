@@ -180,7 +180,11 @@ async fn connect_first<'a>(
                 let kind = connect_kind(&source);
                 let err = ProxyError::Connect { addr, source };
                 count_connect_error(shared, up, addr, kind);
-                tracing::warn!(upstream = %up.cfg.name, error = %err, "trying the next backend");
+                if i + 1 < candidates.len() {
+                    tracing::warn!(upstream = %up.cfg.name, error = %err, "trying the next backend");
+                } else {
+                    tracing::warn!(upstream = %up.cfg.name, error = %err, "connect failed; no backend left to try");
+                }
                 if !local {
                     crate::health::passive_failure(shared, up, &b.state);
                 }
