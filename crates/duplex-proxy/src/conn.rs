@@ -12,7 +12,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::headers::{has_several_hosts, has_token, other_transfer_coding, request_host};
+use crate::headers::{has_token, other_transfer_coding, request_host};
 use crate::limits::Slot;
 use crate::responses::{self, Body};
 use crate::send_timeout::SendTimeout;
@@ -190,22 +190,20 @@ async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: Arc<Shared>) ->
         return upgrade::upgrade(req, info, &shared).await;
     }
     let table = shared.table.load();
-    if has_several_hosts(req.headers()) {
+    if let Err(bad) = crate::target::check(&req) {
         table.no_route.http(400).inc();
         return responses::text(
             StatusCode::BAD_REQUEST,
-            "duplex: only one Host header is allowed\n".into(),
+            format!("duplex: {}\n", bad.message()),
         );
     }
-    // RFC 9112 section 3.2: an HTTP/1.1 request must name its host.
-    if req.version() == http::Version::HTTP_11
-        && req.uri().authority().is_none()
-        && !req.headers().contains_key(http::header::HOST)
-    {
-        table.no_route.http(400).inc();
+    // duplex does not tunnel arbitrary TCP: a CONNECT would reach a backend as a
+    // malformed request.
+    if req.method() == http::Method::CONNECT {
+        table.no_route.http(501).inc();
         return responses::text(
-            StatusCode::BAD_REQUEST,
-            "duplex: a Host header is required\n".into(),
+            StatusCode::NOT_IMPLEMENTED,
+            "duplex: CONNECT is not supported\n".into(),
         );
     }
     if other_transfer_coding(req.headers()) {

@@ -7,10 +7,10 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use sha1::{Digest, Sha1};
 
 use crate::headers::{
-    connection_named_in, has_several_hosts, is_hop_by_hop, list_has, proto, target_host, XFF, XFH,
-    XFP,
+    connection_named_in, is_hop_by_hop, list_has, proto, target_host, XFF, XFH, XFP,
 };
 use crate::responses::{self, Body};
+use crate::target::BadTarget;
 
 const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -32,10 +32,9 @@ pub enum BadHandshake {
     Key,
     /// `Content-Length` other than 0, or `Transfer-Encoding`.
     Body,
-    /// More than one `Host`.
-    Host,
-    /// No `Host` (and no host in the request target): RFC 6455 section 4.1 requires one.
-    NoHost,
+    /// More than one `Host`, none (RFC 6455 section 4.1 requires one), an invalid one,
+    /// or a path with dot segments.
+    Target(BadTarget),
 }
 
 impl BadHandshake {
@@ -46,8 +45,7 @@ impl BadHandshake {
             BadHandshake::HttpVersion => responses::bad_handshake("the version must be HTTP/1.1"),
             BadHandshake::WebSocketVersion => responses::upgrade_required(),
             BadHandshake::Body => responses::bad_handshake("an upgrade request carries no body"),
-            BadHandshake::Host => responses::bad_handshake("only one Host header is allowed"),
-            BadHandshake::NoHost => responses::bad_handshake("a Host header is required"),
+            BadHandshake::Target(bad) => responses::bad_handshake(bad.message()),
             BadHandshake::Key => responses::bad_handshake(
                 "exactly one Sec-WebSocket-Key, the base64 of 16 bytes, is required",
             ),
@@ -63,13 +61,8 @@ pub fn check_client<B>(req: &Request<B>) -> Result<HeaderValue, BadHandshake> {
     if req.version() != Version::HTTP_11 {
         return Err(BadHandshake::HttpVersion);
     }
-    if has_several_hosts(req.headers()) {
-        return Err(BadHandshake::Host);
-    }
+    crate::target::check(req).map_err(BadHandshake::Target)?;
     let h = req.headers();
-    if req.uri().authority().is_none() && !h.contains_key(header::HOST) {
-        return Err(BadHandshake::NoHost);
-    }
     // An upgrade request has no body; one that claims a body would leave the backend
     // waiting for bytes that never come.
     let empty = h
@@ -253,7 +246,10 @@ mod tests {
         assert!(check_client(&with_body).is_ok());
         let mut no_host = req("13", "dGhlIHNhbXBsZSBub25jZQ==");
         no_host.headers_mut().remove(header::HOST);
-        assert_eq!(check_client(&no_host).unwrap_err(), BadHandshake::NoHost);
+        assert_eq!(
+            check_client(&no_host).unwrap_err(),
+            BadHandshake::Target(BadTarget::NoHost)
+        );
         *no_host.uri_mut() = "http://chat.example/ws".parse().unwrap();
         assert!(
             check_client(&no_host).is_ok(),

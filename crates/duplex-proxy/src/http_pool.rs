@@ -99,6 +99,11 @@ pub struct Uploaded {
     start: tokio::time::Instant,
     /// Nanoseconds from `start` to the last frame handed over.
     last: AtomicU64,
+    /// The last poll of the client's body found nothing to send: the wait is the
+    /// client's, not the backend's (which may also simply stop reading the body).
+    waiting_on_client: AtomicBool,
+    /// The client's body has ended.
+    ended: AtomicBool,
 }
 
 impl Uploaded {
@@ -106,6 +111,8 @@ impl Uploaded {
         Uploaded {
             start: tokio::time::Instant::now(),
             last: AtomicU64::new(0),
+            waiting_on_client: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
         }
     }
 
@@ -113,6 +120,20 @@ impl Uploaded {
     pub fn mark(&self) {
         let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.last.store(nanos, Ordering::Relaxed);
+        self.waiting_on_client.store(false, Ordering::Relaxed);
+    }
+
+    /// The client's body had nothing more for now (`true`), or has ended (`false`).
+    pub fn client_pending(&self, pending: bool) {
+        self.waiting_on_client.store(pending, Ordering::Relaxed);
+        if !pending {
+            self.ended.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the body is unfinished because the client has not sent the rest.
+    pub fn client_stalled(&self) -> bool {
+        !self.ended.load(Ordering::Relaxed) && self.waiting_on_client.load(Ordering::Relaxed)
     }
 
     /// When bytes last went out (the start, if none has).

@@ -78,8 +78,13 @@ impl HttpBody for ClientBody {
             |e| ProxyError::Client(e).into(),
             |idle| ProxyError::ClientBodyStalled { idle },
         );
-        if let (Poll::Ready(Some(Ok(_))), Some(u)) = (&frame, &this.uploaded) {
-            u.mark();
+        if let Some(u) = &this.uploaded {
+            match &frame {
+                Poll::Ready(Some(Ok(_))) => u.mark(),
+                Poll::Ready(None) => u.client_pending(false),
+                Poll::Pending => u.client_pending(true),
+                Poll::Ready(Some(Err(_))) => {}
+            }
         }
         frame
     }
@@ -155,29 +160,42 @@ impl HttpBody for Guarded {
     }
 }
 
-/// Relays a backend's response: hop-by-hop headers removed, load, `busy` and the
-/// connection held until the body ends, the body failing if the backend goes quiet for
-/// `idle`. `None` for a response that cannot be passed on as it was meant: a body in a
-/// transfer coding other than chunked.
+/// Why a backend's response cannot be passed on as it was meant; the client gets 502.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+pub enum Unrelayable {
+    #[error("backend answered with a transfer coding other than chunked")]
+    TransferCoding,
+    /// RFC 9110 section 15.2.2: a server switches only to a protocol the client asked for,
+    /// and a plain request asked for none.
+    #[error("backend answered 101 Switching Protocols to a request that asked for no upgrade")]
+    UnaskedSwitch,
+}
+
+/// Relays a backend's response to a request that is not an upgrade (or whose upgrade
+/// the backend refused): hop-by-hop headers removed, load, `busy` and the connection
+/// held until the body ends, the body failing if the backend goes quiet for `idle`.
 pub fn relay(
     resp: Response<Incoming>,
     load: LoadGuard,
     busy: Busy,
     idle: Duration,
     lease: Option<Lease>,
-) -> Option<Response<Body>> {
+) -> Result<Response<Body>, Unrelayable> {
     let (mut parts, body) = resp.into_parts();
+    if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
+        return Err(Unrelayable::UnaskedSwitch);
+    }
     if parts.headers.contains_key(http::header::TRANSFER_ENCODING) {
         // A response without a body (to HEAD, a 204, a 304) has nothing to decode.
         if !body.is_end_stream() && other_transfer_coding(&parts.headers) {
-            return None;
+            return Err(Unrelayable::TransferCoding);
         }
         // RFC 9112 section 6.3: the chunked framing wins over a Content-Length sent
         // beside it, which must not be passed on (the client would frame the body by it).
         parts.headers.remove(http::header::CONTENT_LENGTH);
     }
     strip_hop_by_hop(&mut parts.headers);
-    Some(Response::from_parts(
+    Ok(Response::from_parts(
         parts,
         Guarded {
             inner: body,
@@ -205,6 +223,9 @@ enum Attempt {
     /// The request went out (some of it at least) and failed.
     Failed(hyper::Error),
     TimedOut,
+    /// No response in time, while the client had not sent the rest of its body: the
+    /// client's stall, not the backend's.
+    ClientStalled,
 }
 
 /// Sends `req` to `addr` over an idle pooled connection (unless `fresh`) or a new one,
@@ -247,8 +268,9 @@ async fn attempt(
         match tokio::time::timeout_at(deadline, &mut exchange).await {
             Ok(done) => return done,
             // Body bytes went out since the deadline was set: the wait restarts from them.
-            Err(_) => match uploaded.as_deref().map(Uploaded::last) {
-                Some(last) if last + wait > deadline => deadline = last + wait,
+            Err(_) => match uploaded.as_deref() {
+                Some(u) if u.last() + wait > deadline => deadline = u.last() + wait,
+                Some(u) if u.client_stalled() => return Attempt::ClientStalled,
                 _ => return Attempt::TimedOut,
             },
         }
@@ -321,12 +343,15 @@ pub async fn forward(
             match attempt(up, addr, out, fresh, tried).await {
                 Attempt::Answered(r, lease) => {
                     let busy = conn.idle.busy();
-                    resp = relay(r, load, busy, up.cfg.response_timeout, Some(lease));
-                    if resp.is_some() {
-                        backend.state.record_success();
-                    } else {
-                        crate::health::passive_failure(shared, up, &backend.state);
-                        tracing::warn!(route = %route.name, backend = %addr, "backend answered with a transfer coding other than chunked");
+                    match relay(r, load, busy, up.cfg.response_timeout, Some(lease)) {
+                        Ok(r) => {
+                            backend.state.record_success();
+                            resp = Some(r);
+                        }
+                        Err(e) => {
+                            crate::health::passive_failure(shared, up, &backend.state);
+                            tracing::warn!(route = %route.name, backend = %addr, error = %e, "backend answer refused");
+                        }
                     }
                     break 'candidates;
                 }
@@ -384,6 +409,11 @@ pub async fn forward(
                         }
                     }
                     tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "backend request failed");
+                    break 'candidates;
+                }
+                Attempt::ClientStalled => {
+                    tracing::debug!(route = %route.name, backend = %addr, "request body from the client stalled; no response yet");
+                    resp = Some(responses::body_stalled());
                     break 'candidates;
                 }
                 Attempt::TimedOut => {

@@ -29,6 +29,7 @@ mod router;
 mod send_timeout;
 mod server;
 mod state;
+mod target;
 pub mod tls;
 pub mod triggers;
 mod tunnel;

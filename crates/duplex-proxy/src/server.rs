@@ -243,6 +243,16 @@ impl Proxy {
             // Taken now: the loop's series stay while it runs, even once a reload has
             // removed its listener (and are not resolved again after they went).
             let hold = shared.metrics.hold(Scope::Listener(b.name.clone()));
+            // At 0 before the loop runs: a scrape right after start sees them, and
+            // increase() sees the first wait too (an alert on it would otherwise miss a
+            // listener that hits its cap once and stays there).
+            let m = &shared.metrics;
+            m.connections_accepted.with_label_values(&[&b.name]);
+            m.accept_errors.with_label_values(&[&b.name]);
+            for cap in [Cap::Global, Cap::Listener] {
+                m.connection_limit_waits
+                    .with_label_values(&[&b.name, cap.label()]);
+            }
             tokio::spawn(accept_loop(
                 hold,
                 Arc::clone(&b.listener),
@@ -397,14 +407,6 @@ async fn accept_loop(
         .connections_accepted
         .with_label_values(&[&name]);
     let errors = shared.metrics.accept_errors.with_label_values(&[&name]);
-    // Both at 0 from the start: increase() then sees the first wait too (an alert on it
-    // would otherwise miss a listener that hits its cap once and stays there).
-    for cap in [Cap::Global, Cap::Listener] {
-        shared
-            .metrics
-            .connection_limit_waits
-            .with_label_values(&[&name, cap.label()]);
-    }
     let mut backoff = ACCEPT_BACKOFF_START;
     let mut warned: Option<Instant> = None;
     let mut full = |cap: Cap| {

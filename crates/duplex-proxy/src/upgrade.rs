@@ -129,7 +129,10 @@ pub async fn upgrade(
         Answer::Other(resp) => {
             count(UpgradeResult::RejectedByBackend);
             return relay(resp, load, conn.idle.busy(), up.cfg.response_timeout, None)
-                .unwrap_or_else(|| responses::bad_gateway(&route.name));
+                .unwrap_or_else(|e| {
+                    tracing::warn!(route = %route.name, backend = %addr, error = %e, "backend answer refused");
+                    responses::bad_gateway(&route.name)
+                });
         }
         Answer::Invalid(what) => {
             tracing::warn!(route = %route.name, error = %ProxyError::BadUpgrade { addr, what }, "refusing backend's 101");

@@ -493,13 +493,18 @@ async fn stalled_upload(
     backend: std::net::SocketAddr,
     path: &str,
 ) -> (TestProxy, tokio::net::TcpStream, duplex_e2e::wire::Head) {
-    use tokio::io::AsyncWriteExt;
     let upstream = Upstream::new("round_robin").backend(backend);
-    let p = TestProxy::start_with_listener(
-        &[("client_body_timeout", "500ms")],
-        &single_route(&upstream),
-    )
-    .await;
+    stalled_upload_through(&[("client_body_timeout", "500ms")], upstream, path).await
+}
+
+/// As [`stalled_upload`], with the listener options `listener` and `upstream`.
+async fn stalled_upload_through(
+    listener: &[(&str, &str)],
+    upstream: Upstream,
+    path: &str,
+) -> (TestProxy, tokio::net::TcpStream, duplex_e2e::wire::Head) {
+    use tokio::io::AsyncWriteExt;
+    let p = TestProxy::start_with_listener(listener, &single_route(&upstream)).await;
     let mut client = duplex_e2e::client::tcp(p.addr).await;
     let head = format!("POST {path} HTTP/1.1\r\nHost: up.test\r\nContent-Length: 100000\r\n\r\n");
     client
@@ -641,13 +646,9 @@ async fn an_absolute_form_target_decides_the_host() {
     assert!(other.requests().is_empty());
 }
 
-/// A client whose request body stalls before the backend has answered gets 408, counted
-/// as the client's error (4xx), not as a backend failure (502).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_that_stalls_before_the_answer_gets_408() {
-    // `/count` reads the whole body before it answers.
-    let b = Backend::start("b1").await;
-    let (p, _client, reply) = stalled_upload(b.addr, "/count").await;
+/// Asserts that a stalled upload got 408, counted as the client's error (4xx), not as a
+/// backend failure (5xx).
+async fn got_408_as_the_clients_error(p: &TestProxy, reply: &duplex_e2e::wire::Head) {
     assert!(
         reply.first_line.starts_with("HTTP/1.1 408"),
         "{}",
@@ -656,8 +657,71 @@ async fn a_body_that_stalls_before_the_answer_gets_408() {
     let metrics = p.metrics().await;
     let code =
         |c| duplex_e2e::proxy::sum_series(&metrics, "duplex_http_requests_total", &[("code", c)]);
-    assert_eq!(code("4xx"), 1.0);
-    assert_eq!(code("5xx"), 0.0);
+    assert_eq!((code("4xx"), code("5xx")), (1.0, 0.0));
+}
+
+/// A client whose request body stalls before the backend has answered gets 408, counted
+/// as the client's error (4xx), not as a backend failure (502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stalls_before_the_answer_gets_408() {
+    // `/count` reads the whole body before it answers.
+    let b = Backend::start("b1").await;
+    let (p, _client, reply) = stalled_upload(b.addr, "/count").await;
+    got_408_as_the_clients_error(&p, &reply).await;
+}
+
+/// The same stall with the default `client_body_timeout` (60 s) and a shorter
+/// `response_timeout`: the response timer runs out first, but the wait is the client's,
+/// so 408, not a 504 that blames the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_stall_outlasting_response_timeout_is_still_the_clients_408() {
+    let b = Backend::start("b1").await;
+    let upstream = Upstream::new("round_robin")
+        .option("response_timeout", "500ms")
+        .backend(b.addr);
+    let (p, _client, reply) = stalled_upload_through(&[], upstream, "/count").await;
+    got_408_as_the_clients_error(&p, &reply).await;
+}
+
+/// A backend that stops reading an upload the client is still sending is the one at
+/// fault: 504 after `response_timeout`, not the client's 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_stops_reading_an_upload_gets_504() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LEN: usize = 32 << 20;
+    // Reads the head and a little of the body, then nothing (the connection stays open).
+    let b = RawBackend::start(|mut tcp| async move {
+        let mut buf = [0u8; 4096];
+        let _ = tcp.read(&mut buf).await?;
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        Ok(())
+    })
+    .await;
+    let upstream = Upstream::new("round_robin")
+        .option("response_timeout", "500ms")
+        .backend(b.addr);
+    let p = TestProxy::single(&upstream).await;
+    let client = duplex_e2e::client::tcp(p.addr).await;
+    let (mut rd, mut wr) = client.into_split();
+    // The whole body as fast as duplex takes it, while the answer is awaited.
+    let send = tokio::spawn(async move {
+        let head = format!("POST /up HTTP/1.1\r\nHost: up.test\r\nContent-Length: {LEN}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'u'; 1 << 20];
+        for _ in 0..LEN / chunk.len() {
+            wr.write_all(&chunk).await?;
+        }
+        std::io::Result::Ok(wr)
+    });
+    let (reply, _) = within("an answer", duplex_e2e::wire::read_head(&mut rd))
+        .await
+        .expect("a response head");
+    assert!(
+        reply.first_line.starts_with("HTTP/1.1 504"),
+        "{}",
+        reply.first_line
+    );
+    send.abort();
 }
 
 /// A backend that answers the first request on each connection and closes the

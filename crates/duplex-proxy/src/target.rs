@@ -1,0 +1,200 @@
+//! Checks a request's `Host` and path before routing, so that what routing sees is what
+//! the backend will see: one well-formed host, and a path with no `.` or `..` segments
+//! that a backend would resolve into another route's path.
+
+use http::{header, Request, Version};
+
+use crate::headers::has_several_hosts;
+
+/// Why a request's target is refused with 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadTarget {
+    SeveralHosts,
+    /// HTTP/1.1 without `Host` and without a host in the request target.
+    NoHost,
+    /// A `Host` that is not `host[:port]` (RFC 9110 section 7.2), such as
+    /// `a.test:80@b.test`: a backend could read another host in it than routing did.
+    InvalidHost,
+    /// A `.` or `..` segment, written or percent-encoded: routing would match the path as
+    /// written and a backend would resolve it to another one.
+    DotSegment,
+}
+
+impl BadTarget {
+    pub fn message(self) -> &'static str {
+        match self {
+            BadTarget::SeveralHosts => "only one Host header is allowed",
+            BadTarget::NoHost => "a Host header is required",
+            BadTarget::InvalidHost => {
+                "the Host header must be a host name or address and an optional port"
+            }
+            BadTarget::DotSegment => "the path must not have . or .. segments",
+        }
+    }
+}
+
+/// Checks the request's host and path.
+pub fn check<B>(req: &Request<B>) -> Result<(), BadTarget> {
+    let h = req.headers();
+    if has_several_hosts(h) {
+        return Err(BadTarget::SeveralHosts);
+    }
+    match h.get(header::HOST) {
+        Some(v) if !valid_host(v.as_bytes()) => return Err(BadTarget::InvalidHost),
+        Some(_) => {}
+        // RFC 9112 section 3.2: an HTTP/1.1 request must name its host.
+        None if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
+            return Err(BadTarget::NoHost)
+        }
+        None => {}
+    }
+    if has_dot_segment(req.uri().path()) {
+        return Err(BadTarget::DotSegment);
+    }
+    Ok(())
+}
+
+/// `uri-host [":" port]` (RFC 3986 section 3.2.2): a name of unreserved characters,
+/// percent-escapes and sub-delimiters, or an IP literal in brackets, then optional digits.
+fn valid_host(v: &[u8]) -> bool {
+    let (host, port) = if let Some(rest) = v.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &rest[..end];
+        let ok = !literal.is_empty()
+            && literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        if !ok {
+            return false;
+        }
+        match &rest[end + 1..] {
+            [] => return true,
+            [b':', port @ ..] => (&[][..], port),
+            _ => return false,
+        }
+    } else {
+        match v.iter().position(|&b| b == b':') {
+            Some(i) => (&v[..i], &v[i + 1..]),
+            None => (v, &[][..]),
+        }
+    };
+    let name_ok = host
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b));
+    name_ok && port.len() <= 5 && port.iter().all(u8::is_ascii_digit)
+}
+
+/// Whether `path` has a `.` or `..` segment once `%2e`, `%2f` and `%5c` are decoded and
+/// backslashes taken as slashes, as many backends read paths.
+fn has_dot_segment(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    if !bytes.iter().any(|&b| b == b'.' || b == b'%') {
+        return false;
+    }
+    let mut segment_dots = 0usize;
+    let mut segment_other = false;
+    let mut i = 0;
+    loop {
+        let (b, next) = match bytes.get(i) {
+            None => (b'/', i + 1),
+            Some(b'%') => match bytes.get(i + 1..i + 3) {
+                Some([b'2', b'e' | b'E']) => (b'.', i + 3),
+                Some([b'2', b'f' | b'F']) => (b'/', i + 3),
+                Some([b'5', b'c' | b'C']) => (b'/', i + 3),
+                _ => (b'%', i + 1),
+            },
+            Some(b'\\') => (b'/', i + 1),
+            Some(&b) => (b, i + 1),
+        };
+        match b {
+            b'/' => {
+                if !segment_other && (segment_dots == 1 || segment_dots == 2) {
+                    return true;
+                }
+                if i >= bytes.len() {
+                    return false;
+                }
+                segment_dots = 0;
+                segment_other = false;
+            }
+            b'.' => segment_dots += 1,
+            _ => segment_other = true,
+        }
+        i = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts() {
+        for ok in [
+            &b"a.test"[..],
+            b"a.test:8080",
+            b"A-b_c~1.test",
+            b"127.0.0.1:80",
+            b"[::1]",
+            b"[::1]:443",
+            b"[::ffff:10.0.0.1]:1",
+            b"a.test:",
+            b"",
+        ] {
+            assert!(valid_host(ok), "{:?}", String::from_utf8_lossy(ok));
+        }
+        for bad in [
+            &b"public.test:80@admin.test"[..],
+            b"public.test:admin.test",
+            b"public.test:80/admin.test",
+            b"public.test:80 admin.test",
+            b"public.test:@admin.test",
+            b"a.test/x",
+            b"a test",
+            b"[::1",
+            b"[::1]x",
+            b"[]",
+            b"[::1]:80:80",
+            b"a.test:123456",
+            b"a\\b",
+        ] {
+            assert!(!valid_host(bad), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn dot_segments() {
+        for yes in [
+            "/public/../admin",
+            "/public/./../admin",
+            "/public/%2e%2e/admin",
+            "/public/%2E./admin",
+            "/public/..%2fadmin",
+            "/public/..%5cadmin",
+            "/public/..\\admin",
+            "/public/..",
+            "/public/.",
+            "/./x",
+            "..",
+        ] {
+            assert!(has_dot_segment(yes), "{yes}");
+        }
+        for no in [
+            "/",
+            "",
+            "/public/a.b",
+            "/public/...",
+            "/public/.well-known/x",
+            "/x..y/z",
+            "/a%2Fb",
+            "/100%",
+            "/%2",
+            "/file.",
+            "/.hidden",
+        ] {
+            assert!(!has_dot_segment(no), "{no}");
+        }
+    }
+}
