@@ -33,14 +33,27 @@ pub fn list_has(list: &[u8], token: &[u8]) -> bool {
 }
 
 /// The header names that the `Connection` lines among `lines` list, which are hop-by-hop
-/// too.
+/// too; except those that are never a connection option (see [`never_an_option`]).
 pub fn connection_named<'a>(lines: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<&'a [u8]> {
     lines
         .filter(|(name, _)| name.eq_ignore_ascii_case(b"connection"))
         .flat_map(|(_, v)| v.split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
+        .filter(|t| !t.is_empty() && !never_an_option(t))
         .collect()
+}
+
+/// Fields meant for every recipient, which RFC 9110 section 7.6.1 forbids naming in
+/// `Connection`, and whose removal would change what the next hop sees: the host it
+/// routes by, the body's framing, the WebSocket handshake. A peer that names them is
+/// ignored in that, rather than obeyed.
+fn never_an_option(name: &[u8]) -> bool {
+    const PREFIX: &[u8] = b"sec-websocket-";
+    name.eq_ignore_ascii_case(b"host")
+        || name.eq_ignore_ascii_case(b"content-length")
+        || name
+            .get(..PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
 }
 
 /// [`connection_named`] for a header map.

@@ -153,3 +153,33 @@ async fn a_101_to_a_plain_request_becomes_502() {
         );
     }
 }
+
+/// A client that names `Host` or a `Sec-WebSocket-*` field in `Connection` does not get
+/// it removed: the backend sees the host that routing saw, and the handshake it needs.
+#[tokio::test]
+async fn connection_cannot_strip_host_or_the_websocket_key() {
+    let b = Backend::start("b1").await;
+    let p = public_only(b.addr).await;
+    let plain = "GET /public/x HTTP/1.1\r\nHost: public.test\r\nConnection: close, Host, X-Forwarded-Host\r\n\r\n";
+    let r = raw_exchange(p.addr, plain.as_bytes()).await;
+    assert!(
+        r.head.first_line.starts_with("HTTP/1.1 200"),
+        "{:?}",
+        r.head
+    );
+    let seen = b.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header("host"), Some("public.test"));
+    assert_eq!(seen[0].header("x-forwarded-host"), Some("public.test"));
+
+    let upgrade = upgrade_request("/public/ws", "public.test", &[]).replace(
+        "Connection: Upgrade",
+        "Connection: Upgrade, Sec-WebSocket-Key, Host",
+    );
+    let r = raw_exchange(p.addr, upgrade.as_bytes()).await;
+    assert!(
+        r.head.first_line.starts_with("HTTP/1.1 101"),
+        "{:?}",
+        r.head
+    );
+}
