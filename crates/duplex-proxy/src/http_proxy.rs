@@ -131,6 +131,8 @@ struct Guarded {
     /// The pooled connection, back to the pool when the body is done with (none for a
     /// refused upgrade, read over a connection of its own).
     _lease: Option<Lease>,
+    /// For the log line when the body fails.
+    backend: SocketAddr,
 }
 
 impl HttpBody for Guarded {
@@ -142,13 +144,19 @@ impl HttpBody for Guarded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        poll_watched(
+        let frame = poll_watched(
             &mut this.inner,
             &mut this.timer,
             cx,
             BodyError::from,
             |idle| ProxyError::BodyStalled { idle },
-        )
+        );
+        if let Poll::Ready(Some(Err(e))) = &frame {
+            // The client's response ends short (or, before any byte of it went out,
+            // with no response at all): said where an operator looks.
+            tracing::warn!(backend = %this.backend, error = %crate::error::Chain(e.as_ref()), "response body from the backend failed; the client's response is cut short");
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -176,6 +184,7 @@ pub enum Unrelayable {
 /// held until the body ends, the body failing if the backend goes quiet for `idle`.
 pub fn relay(
     resp: Response<Incoming>,
+    backend: SocketAddr,
     load: LoadGuard,
     busy: Busy,
     idle: Duration,
@@ -203,6 +212,7 @@ pub fn relay(
             _busy: busy,
             timer: IdleTimer::new(idle),
             _lease: lease,
+            backend,
         }
         .boxed(),
     ))
@@ -343,7 +353,7 @@ pub async fn forward(
             match attempt(up, addr, out, fresh, tried).await {
                 Attempt::Answered(r, lease) => {
                     let busy = conn.idle.busy();
-                    match relay(r, load, busy, up.cfg.response_timeout, Some(lease)) {
+                    match relay(r, addr, load, busy, up.cfg.response_timeout, Some(lease)) {
                         Ok(r) => {
                             backend.state.record_success();
                             resp = Some(r);

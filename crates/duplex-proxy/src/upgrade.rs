@@ -128,7 +128,7 @@ pub async fn upgrade(
         } => (end_to_end, stream, early),
         Answer::Other(resp) => {
             count(UpgradeResult::RejectedByBackend);
-            return relay(resp, load, conn.idle.busy(), up.cfg.response_timeout, None)
+            return relay(resp, addr, load, conn.idle.busy(), up.cfg.response_timeout, None)
                 .unwrap_or_else(|e| {
                     tracing::warn!(route = %route.name, backend = %addr, error = %e, "backend answer refused");
                     responses::bad_gateway(&route.name)

@@ -307,6 +307,47 @@ fn http_get(addr: &str, path: &str) -> String {
     body
 }
 
+/// A backend whose response body breaks midway (a bad chunk size) is named in a warning:
+/// the client's response is cut short, and the operator is told which backend did it.
+#[test]
+fn a_response_body_broken_by_the_backend_is_logged_as_a_warning() {
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the backend");
+    let backend_addr = backend.local_addr().expect("its address");
+    std::thread::spawn(move || {
+        // One connection: a head, one good chunk, then a chunk size that is not hex.
+        if let Ok((mut s, _)) = backend.accept() {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+            );
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    });
+    let path = temp_file(
+        "broken-body.yaml",
+        &format!(
+            "listeners:\n  - name: public\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\n\
+             routes:\n  - name: r\n    upstream: u\nupstreams:\n  - name: u\n    backends:\n      - addr: {backend_addr}\n"
+        ),
+    );
+    let (_child, err) = run_json(&path, &[]);
+    let addr = between(&err.wait_for("\"listening\""), "\"addr\":\"", '"');
+    let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    // Whatever arrives before the connection ends (cut short: an error is fine too).
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(!String::from_utf8_lossy(&got).contains("zz"), "{got:?}");
+    let line = err.wait_for("response body from the backend failed");
+    assert!(line.contains("\"level\":\"WARN\""), "{line}");
+    assert!(line.contains(&backend_addr.to_string()), "{line}");
+}
+
 /// Also the one-thread runtime (`--threads 1`) serving real traffic.
 #[test]
 fn demo_serves_the_page_and_balances_three_backends() {
