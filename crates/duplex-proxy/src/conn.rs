@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use duplex_metrics::UpgradeResult;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -183,6 +184,16 @@ pub async fn serve(
 
 /// Routes one request: a WebSocket upgrade or plain HTTP.
 async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: Arc<Shared>) -> Response<Body> {
+    // Before anything reads the host or path: routing, a redirect's Location.
+    if let Err(bad) = crate::target::check(&req) {
+        let table = shared.table.load();
+        if is_websocket_upgrade(&req) {
+            table.no_route.upgrade(UpgradeResult::BadHandshake).inc();
+        } else {
+            table.no_route.http(400).inc();
+        }
+        return responses::bad_request(bad.message());
+    }
     if let Some(port) = info.redirect_https {
         return to_https(&req, port);
     }
@@ -190,13 +201,6 @@ async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: Arc<Shared>) ->
         return upgrade::upgrade(req, info, &shared).await;
     }
     let table = shared.table.load();
-    if let Err(bad) = crate::target::check(&req) {
-        table.no_route.http(400).inc();
-        return responses::text(
-            StatusCode::BAD_REQUEST,
-            format!("duplex: {}\n", bad.message()),
-        );
-    }
     // duplex does not tunnel arbitrary TCP: a CONNECT would reach a backend as a
     // malformed request.
     if req.method() == http::Method::CONNECT {

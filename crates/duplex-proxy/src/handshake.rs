@@ -10,7 +10,6 @@ use crate::headers::{
     connection_named_in, is_hop_by_hop, list_has, proto, target_host, XFF, XFH, XFP,
 };
 use crate::responses::{self, Body};
-use crate::target::BadTarget;
 
 const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -32,9 +31,6 @@ pub enum BadHandshake {
     Key,
     /// `Content-Length` other than 0, or `Transfer-Encoding`.
     Body,
-    /// More than one `Host`, none (RFC 6455 section 4.1 requires one), an invalid one,
-    /// or a path with dot segments.
-    Target(BadTarget),
 }
 
 impl BadHandshake {
@@ -45,7 +41,6 @@ impl BadHandshake {
             BadHandshake::HttpVersion => responses::bad_handshake("the version must be HTTP/1.1"),
             BadHandshake::WebSocketVersion => responses::upgrade_required(),
             BadHandshake::Body => responses::bad_handshake("an upgrade request carries no body"),
-            BadHandshake::Target(bad) => responses::bad_handshake(bad.message()),
             BadHandshake::Key => responses::bad_handshake(
                 "exactly one Sec-WebSocket-Key, the base64 of 16 bytes, is required",
             ),
@@ -61,7 +56,6 @@ pub fn check_client<B>(req: &Request<B>) -> Result<HeaderValue, BadHandshake> {
     if req.version() != Version::HTTP_11 {
         return Err(BadHandshake::HttpVersion);
     }
-    crate::target::check(req).map_err(BadHandshake::Target)?;
     let h = req.headers();
     // An upgrade request has no body; one that claims a body would leave the backend
     // waiting for bytes that never come.
@@ -244,17 +238,6 @@ mod tests {
             .headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         assert!(check_client(&with_body).is_ok());
-        let mut no_host = req("13", "dGhlIHNhbXBsZSBub25jZQ==");
-        no_host.headers_mut().remove(header::HOST);
-        assert_eq!(
-            check_client(&no_host).unwrap_err(),
-            BadHandshake::Target(BadTarget::NoHost)
-        );
-        *no_host.uri_mut() = "http://chat.example/ws".parse().unwrap();
-        assert!(
-            check_client(&no_host).is_ok(),
-            "the host in the target will do"
-        );
     }
 
     #[test]

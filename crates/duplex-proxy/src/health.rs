@@ -155,8 +155,9 @@ async fn check_once(
         // A reload replaced this generation's checks while the probe ran.
         return;
     }
-    // A local failure (out of file descriptors) is not the backend's fault: no verdict.
-    if !matches!(&result, Err(ProbeError::Local(_))) {
+    // A local failure (out of file descriptors) or a request duplex could not build is
+    // not the backend's fault: no verdict.
+    if !matches!(&result, Err(ProbeError::Local(_) | ProbeError::Request(_))) {
         verdict(&shared, &up, &hc, &state, result.is_ok());
     }
 }

@@ -68,6 +68,7 @@ impl Proxy {
             return Err(ProxyError::NoConfigFile);
         }
         self.off_thread(move |p, ticket| {
+            let read_at = SystemTime::now();
             let (src, hash) = p.read_file().map_err(|e| p.read_refused(e))?;
             if Some(hash) == *lock(&p.inner.applied) {
                 // Nothing changed (the file watch may have applied it already): a no-op,
@@ -77,7 +78,7 @@ impl Proxy {
                     generation,
                     "reload asked for; the config and certificate files are unchanged"
                 );
-                p.back_in_force();
+                p.back_in_force(read_at);
                 return Ok(generation);
             }
             let prepared = p.prepare(p.parse(&src)?, ticket)?;
@@ -123,6 +124,7 @@ impl Proxy {
                     return Ok(None);
                 }
             }
+            let read_at = SystemTime::now();
             let (src, hash) = match p.read_file() {
                 Ok(pair) => {
                     *lock(&p.inner.read_error) = None;
@@ -142,7 +144,7 @@ impl Proxy {
                 }
             };
             if Some(hash) == *lock(&p.inner.applied) {
-                p.back_in_force();
+                p.back_in_force(read_at);
                 return Ok(None);
             }
             if Some(hash) == *lock(&p.inner.refused) {
@@ -441,11 +443,12 @@ impl Proxy {
         self.install(&old, Arc::new(table));
     }
 
-    /// The files read are those of the configuration in force: a refusal shown in
-    /// `/status` is over (an edit that was refused has been undone).
-    fn back_in_force(&self) {
+    /// The files read at `read_at` are those of the configuration in force: a refusal
+    /// shown in `/status` is over (an edit that was refused has been undone), unless it
+    /// came after that read (a newer edit, refused meanwhile, is still on disk).
+    fn back_in_force(&self, read_at: SystemTime) {
         let mut status = lock(&self.inner.status);
-        if status.error.is_some() {
+        if status.error.is_some() && status.at <= read_at {
             tracing::info!(
                 generation = self.generation(),
                 "the files are back to the configuration in force; the last refusal is cleared"

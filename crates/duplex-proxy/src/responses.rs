@@ -35,7 +35,7 @@ pub fn bad_gateway(route: &str) -> Response<Body> {
     text(
         StatusCode::BAD_GATEWAY,
         format!(
-            "duplex: route {route:?}: no backend could be reached, or the one that was failed \
+            "duplex: route {route:?}: no backend could be reached, or the one reached failed \
              to answer (the log says which)\n"
         ),
     )
@@ -69,6 +69,11 @@ pub fn gateway_timeout(route: &str) -> Response<Body> {
         StatusCode::GATEWAY_TIMEOUT,
         format!("duplex: the backend of route {route:?} did not answer in time\n"),
     )
+}
+
+/// A request refused before routing: `why` says what is wrong with it.
+pub fn bad_request(why: &str) -> Response<Body> {
+    text(StatusCode::BAD_REQUEST, format!("duplex: {why}\n"))
 }
 
 pub fn bad_handshake(why: &str) -> Response<Body> {

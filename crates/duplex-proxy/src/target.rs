@@ -54,18 +54,26 @@ pub fn check<B>(req: &Request<B>) -> Result<(), BadTarget> {
     Ok(())
 }
 
-/// `uri-host [":" port]` (RFC 3986 section 3.2.2): a name of unreserved characters,
-/// percent-escapes and sub-delimiters, or an IP literal in brackets, then optional digits.
+/// `uri-host [":" port]` (RFC 3986 section 3.2.2): a name of unreserved characters and
+/// sub-delimiters, or an IP literal in brackets (with an optional `%25` zone, RFC 6874),
+/// then an optional port. Percent-escapes in a name are refused: no client sends them,
+/// and a backend might decode them into another name.
 fn valid_host(v: &[u8]) -> bool {
     let (host, port) = if let Some(rest) = v.strip_prefix(b"[") {
         let Some(end) = rest.iter().position(|&b| b == b']') else {
             return false;
         };
-        let literal = &rest[..end];
-        let ok = !literal.is_empty()
-            && literal
+        let (address, zone) = match rest[..end].windows(3).position(|w| w == b"%25") {
+            Some(i) => (&rest[..i], &rest[i + 3..end]),
+            None => (&rest[..end], &[][..]),
+        };
+        let ok = !address.is_empty()
+            && address
                 .iter()
-                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            && zone
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
         if !ok {
             return false;
         }
@@ -82,12 +90,18 @@ fn valid_host(v: &[u8]) -> bool {
     };
     let name_ok = host
         .iter()
-        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b));
-    name_ok && port.len() <= 5 && port.iter().all(u8::is_ascii_digit)
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b));
+    // An empty port is allowed (`host:`); any other must be a number a port can be.
+    let port_ok = port.is_empty()
+        || (port.iter().all(u8::is_ascii_digit)
+            && std::str::from_utf8(port).is_ok_and(|p| p.parse::<u16>().is_ok()));
+    name_ok && port_ok
 }
 
-/// Whether `path` has a `.` or `..` segment once `%2e`, `%2f` and `%5c` are decoded and
-/// backslashes taken as slashes, as many backends read paths.
+/// Whether `path` has a `.` or `..` segment once `%2e`, `%2f` and `%5c` are decoded,
+/// backslashes taken as slashes and `;` parameters dropped (`..;x` is `..` to Tomcat,
+/// Jetty and Spring), as backends read paths. A doubly encoded dot (`%252e`) is not
+/// decoded: a backend decoding twice is out of reach of any proxy's check.
 fn has_dot_segment(path: &str) -> bool {
     let bytes = path.as_bytes();
     if !bytes.iter().any(|&b| b == b'.' || b == b'%') {
@@ -95,6 +109,8 @@ fn has_dot_segment(path: &str) -> bool {
     }
     let mut segment_dots = 0usize;
     let mut segment_other = false;
+    // Past a `;` in this segment: the rest of it is a parameter.
+    let mut params = false;
     let mut i = 0;
     loop {
         let (b, next) = match bytes.get(i) {
@@ -118,7 +134,10 @@ fn has_dot_segment(path: &str) -> bool {
                 }
                 segment_dots = 0;
                 segment_other = false;
+                params = false;
             }
+            _ if params => {}
+            b';' => params = true,
             b'.' => segment_dots += 1,
             _ => segment_other = true,
         }
@@ -131,6 +150,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_http11_request_needs_a_host_in_the_header_or_the_target() {
+        let mut req = Request::get("/ws").body(()).expect("a request");
+        assert_eq!(check(&req), Err(BadTarget::NoHost));
+        *req.uri_mut() = "http://chat.example/ws".parse().expect("a URI");
+        assert_eq!(check(&req), Ok(()), "the host in the target will do");
+        *req.version_mut() = Version::HTTP_10;
+        *req.uri_mut() = "/ws".parse().expect("a URI");
+        assert_eq!(check(&req), Ok(()), "HTTP/1.0 may leave it out");
+    }
+
+    #[test]
     fn hosts() {
         for ok in [
             &b"a.test"[..],
@@ -140,6 +170,8 @@ mod tests {
             b"[::1]",
             b"[::1]:443",
             b"[::ffff:10.0.0.1]:1",
+            b"[fe80::1%25eth0]:80",
+            b"a.test:65535",
             b"a.test:",
             b"",
         ] {
@@ -158,6 +190,10 @@ mod tests {
             b"[]",
             b"[::1]:80:80",
             b"a.test:123456",
+            b"a.test:99999",
+            b"a%2etest",
+            b"[fe80::1%eth0]",
+            b"[fe80::1%25eth 0]",
             b"a\\b",
         ] {
             assert!(!valid_host(bad), "{:?}", String::from_utf8_lossy(bad));
@@ -173,6 +209,9 @@ mod tests {
             "/public/%2E./admin",
             "/public/..%2fadmin",
             "/public/..%5cadmin",
+            "/public/..;/admin",
+            "/public/..;jsessionid=x/admin",
+            "/public/.;x",
             "/public/..\\admin",
             "/public/..",
             "/public/.",
@@ -193,6 +232,8 @@ mod tests {
             "/%2",
             "/file.",
             "/.hidden",
+            "/a;..",
+            "/a/b;v=1.2",
         ] {
             assert!(!has_dot_segment(no), "{no}");
         }

@@ -8,6 +8,7 @@ pub mod health_kit;
 pub mod pki;
 pub mod proxy;
 pub mod raw;
+pub mod tls_kit;
 pub mod wire;
 
 use std::future::Future;

@@ -4,7 +4,7 @@
 //! ask to. Raw bytes on both sides.
 
 use duplex_e2e::backend::Backend;
-use duplex_e2e::client::raw_exchange;
+use duplex_e2e::client::{raw_exchange, RawReply};
 use duplex_e2e::proxy::{TestProxy, Upstream};
 use duplex_e2e::raw::RawBackend;
 use duplex_e2e::wire::upgrade_request;
@@ -20,6 +20,18 @@ async fn public_only(b: std::net::SocketAddr) -> TestProxy {
     .await
 }
 
+/// A GET of `path` naming `host`, in raw bytes, and its answer.
+async fn get_raw(addr: std::net::SocketAddr, host: &str, path: &str) -> RawReply {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    raw_exchange(addr, req.as_bytes()).await
+}
+
+/// Asserts that `r` has status `code`; `what` names the case.
+fn expect_status(r: &RawReply, code: u16, what: &str) {
+    let want = format!("HTTP/1.1 {code}");
+    assert!(r.head.first_line.starts_with(&want), "{what}: {:?}", r.head);
+}
+
 #[tokio::test]
 async fn a_host_that_is_not_host_and_port_is_refused_on_both_paths() {
     let b = Backend::start("b1").await;
@@ -30,31 +42,17 @@ async fn a_host_that_is_not_host_and_port_is_refused_on_both_paths() {
         "public.test:80/admin.test",
         "public.test:@admin.test",
     ] {
-        let plain = format!("GET /public/x HTTP/1.1\r\nHost: {host}\r\n\r\n");
-        let r = raw_exchange(p.addr, plain.as_bytes()).await;
-        assert!(
-            r.head.first_line.starts_with("HTTP/1.1 400"),
-            "{host}: {:?}",
-            r.head
-        );
+        let r = get_raw(p.addr, host, "/public/x").await;
+        expect_status(&r, 400, host);
         assert!(r.body.contains("Host header"), "{host}: {}", r.body);
         let upgrade = upgrade_request("/public/ws", host, &[]);
         let r = raw_exchange(p.addr, upgrade.as_bytes()).await;
-        assert!(
-            r.head.first_line.starts_with("HTTP/1.1 400"),
-            "{host}: {:?}",
-            r.head
-        );
+        expect_status(&r, 400, host);
     }
     // The well-formed forms still go through.
     for host in ["public.test", "public.test:8080", "PUBLIC.test."] {
-        let plain = format!("GET /public/x HTTP/1.1\r\nHost: {host}\r\n\r\n");
-        let r = raw_exchange(p.addr, plain.as_bytes()).await;
-        assert!(
-            r.head.first_line.starts_with("HTTP/1.1 200"),
-            "{host}: {:?}",
-            r.head
-        );
+        let r = get_raw(p.addr, host, "/public/x").await;
+        expect_status(&r, 200, host);
     }
     assert_eq!(
         b.requests().len(),
@@ -74,31 +72,17 @@ async fn a_path_with_dot_segments_is_refused_on_both_paths() {
         "/public/..%2fadmin",
         "/public/..%5Cadmin",
     ] {
-        let plain = format!("GET {path} HTTP/1.1\r\nHost: public.test\r\n\r\n");
-        let r = raw_exchange(p.addr, plain.as_bytes()).await;
-        assert!(
-            r.head.first_line.starts_with("HTTP/1.1 400"),
-            "{path}: {:?}",
-            r.head
-        );
+        let r = get_raw(p.addr, "public.test", path).await;
+        expect_status(&r, 400, path);
         assert!(r.body.contains(". or .."), "{path}: {}", r.body);
         let upgrade = upgrade_request(path, "public.test", &[]);
         let r = raw_exchange(p.addr, upgrade.as_bytes()).await;
-        assert!(
-            r.head.first_line.starts_with("HTTP/1.1 400"),
-            "{path}: {:?}",
-            r.head
-        );
+        expect_status(&r, 400, path);
     }
     // Dots inside a segment are not segments of their own.
     for path in ["/public/a..b", "/public/.well-known/x", "/public/v1.2/"] {
-        let plain = format!("GET {path} HTTP/1.1\r\nHost: public.test\r\n\r\n");
-        let r = raw_exchange(p.addr, plain.as_bytes()).await;
-        assert!(
-            r.head.first_line.starts_with("HTTP/1.1 200"),
-            "{path}: {:?}",
-            r.head
-        );
+        let r = get_raw(p.addr, "public.test", path).await;
+        expect_status(&r, 200, path);
     }
     let seen: Vec<String> = b.requests().iter().map(|r| r.uri.clone()).collect();
     assert_eq!(seen.len(), 3, "{seen:?}");
@@ -182,4 +166,62 @@ async fn connection_cannot_strip_host_or_the_websocket_key() {
         "{:?}",
         r.head
     );
+}
+
+/// Parameters do not hide a `..` (`..;/` is `..` to Tomcat, Jetty and Spring); a
+/// bracketed IPv6 host, with or without a zone, is a host like any other.
+#[tokio::test]
+async fn dot_segments_behind_parameters_are_refused_and_ipv6_hosts_pass() {
+    let b = Backend::start("b1").await;
+    let upstream = Upstream::new("round_robin").backend(b.addr);
+    let p = TestProxy::start(&format!(
+        "routes:\n  - name: public\n    match:\n      path_prefix: /public\n    upstream: app\nupstreams:\n{}",
+        upstream.yaml("app")
+    ))
+    .await;
+    for path in ["/public/..;/admin", "/public/..;jsessionid=1/admin"] {
+        let r = get_raw(p.addr, "public.test", path).await;
+        expect_status(&r, 400, path);
+    }
+    for host in ["[::1]", "[::1]:8080", "[fe80::1%25eth0]:80"] {
+        let r = get_raw(p.addr, host, "/public/x").await;
+        expect_status(&r, 200, host);
+    }
+    assert_eq!(b.requests().len(), 3);
+}
+
+/// A `redirect_https` listener checks the `Host` before writing it into `Location`: no
+/// redirect to a host the request only pretended to name.
+#[tokio::test]
+async fn a_redirect_never_carries_a_malformed_host() {
+    use duplex_proxy::{Metrics, Proxy};
+    use std::sync::Arc;
+    let yaml = "listeners:\n  - name: plain\n    bind: 127.0.0.1:0\n    redirect_https: true\n\
+                admin:\n  bind: 127.0.0.1:0\n";
+    let config = duplex_config::Config::parse(yaml, "redirect.yaml").expect("valid");
+    let proxy = duplex_e2e::within(
+        "start",
+        Proxy::start(config, None, Arc::new(Metrics::new())),
+    )
+    .await
+    .expect("the proxy starts");
+    let addr = proxy.listener_addr("plain").expect("bound");
+    let good = raw_exchange(addr, b"GET /x HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    assert!(
+        good.head.first_line.starts_with("HTTP/1.1 308"),
+        "{:?}",
+        good.head
+    );
+    assert_eq!(good.head.get("location"), Some("https://a.test/x"));
+    for host in ["a.test@evil.test", "evil.test/x", "a.test:80@evil.test"] {
+        let req = format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let r = raw_exchange(addr, req.as_bytes()).await;
+        expect_status(&r, 400, host);
+        assert!(r.head.get("location").is_none(), "{host}: {:?}", r.head);
+    }
+    duplex_e2e::within(
+        "shutdown",
+        proxy.shutdown(std::time::Duration::from_secs(1)),
+    )
+    .await;
 }

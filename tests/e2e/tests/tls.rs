@@ -2,7 +2,7 @@
 //! client mTLS, TLS to backends, old protocol versions, and clients none of us wrote.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,12 +10,13 @@ use duplex_config::Config;
 use duplex_e2e::backend::Backend;
 use duplex_e2e::client::{self, HttpConn};
 use duplex_e2e::pki::{client_config, server_config, temp_dir, write, Ca, Leaf};
+use duplex_e2e::tls_kit::{cert_files, start, tls_connect, tls_yaml};
 use duplex_e2e::{eventually, within};
-use duplex_proxy::{Metrics, Proxy};
+use duplex_proxy::Proxy;
 use futures_util::{SinkExt, StreamExt};
 use http::Method;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -23,64 +24,6 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 type Wss = WebSocketStream<TlsStream<TcpStream>>;
-
-/// A config with one TLS listener (`extra` goes under `tls:`) and one upstream.
-fn tls_yaml(
-    certs: &[(&Path, &Path)],
-    extra: &str,
-    backend: SocketAddr,
-    upstream_extra: &str,
-) -> String {
-    let mut y = String::from(
-        "listeners:\n  - name: public\n    bind: 127.0.0.1:0\n    tls:\n      certificates:\n",
-    );
-    for (c, k) in certs {
-        y.push_str(&format!(
-            "        - cert: {}\n          key: {}\n",
-            c.display(),
-            k.display()
-        ));
-    }
-    y.push_str(extra);
-    y.push_str(&format!(
-        "admin:\n  bind: 127.0.0.1:0\nroutes:\n  - name: all\n    upstream: app\nupstreams:\n  - name: app\n{upstream_extra}    backends:\n      - addr: {backend}\n"
-    ));
-    y
-}
-
-async fn start(yaml: &str, source: Option<PathBuf>) -> (Proxy, SocketAddr) {
-    let config = Config::parse(yaml, "tls.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    let proxy = within(
-        "start",
-        Proxy::start(config, source, Arc::new(Metrics::new())),
-    )
-    .await
-    .expect("the proxy starts");
-    let addr = proxy.listener_addr("public").expect("bound");
-    (proxy, addr)
-}
-
-async fn tls_connect(
-    addr: SocketAddr,
-    sni: &str,
-    config: Arc<rustls::ClientConfig>,
-) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = client::tcp(addr).await;
-    let name = ServerName::try_from(sni.to_owned()).expect("a server name");
-    within(
-        "TLS handshake",
-        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
-    )
-    .await
-}
-
-/// Writes `leaf`'s certificate and key into `dir` as `c.pem` and `k.pem`.
-fn cert_files(dir: &Path, leaf: &Leaf) -> (PathBuf, PathBuf) {
-    (
-        write(dir, "c.pem", &leaf.cert),
-        write(dir, "k.pem", &leaf.key),
-    )
-}
 
 fn der(pem: &str) -> CertificateDer<'static> {
     CertificateDer::from_pem_slice(pem.as_bytes()).expect("a PEM certificate")
