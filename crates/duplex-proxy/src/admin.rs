@@ -237,6 +237,12 @@ fn status(proxy: &Proxy) -> serde_json::Value {
             "error": reload.error,
             "at_unix": reload.at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         },
+        "admin": {
+            "addr": proxy.inner.admin.to_string(),
+            // A reload changed admin.bind: it moves only on restart.
+            "restart_needed_for_bind": (table.config.admin.bind != proxy.inner.admin_bind)
+                .then(|| table.config.admin.bind.to_string()),
+        },
         "reloading": proxy.reload_in_progress(),
         "stopping": proxy.is_stopping(),
         "connections": { "open": shared.limits.open(), "max": cap(global) },

@@ -38,7 +38,11 @@ pub struct Proxy {
 
 pub(crate) struct Inner {
     pub shared: Arc<Shared>,
+    /// Where the admin listener is bound (the port the OS chose, for port 0).
     pub admin: SocketAddr,
+    /// `admin.bind` as configured at start: a reload that changes it applies only on
+    /// restart, which `/status` says.
+    pub admin_bind: SocketAddr,
     /// The file the config came from, read again by reloads; `None` for a built config.
     pub source: Option<PathBuf>,
     /// Listeners accepting now. Only start, reload and status touch it.
@@ -172,6 +176,7 @@ impl Proxy {
             other => other,
         })?;
         let admin = admin_listener.local_addr().map_err(admin_bind)?;
+        let admin_bind = config.admin.bind;
         metrics.config_generation.set(1);
         // Both results exist from the start, so that rate() and increase() see the first one.
         for result in ["ok", "error"] {
@@ -202,6 +207,7 @@ impl Proxy {
             inner: Arc::new(Inner {
                 shared,
                 admin,
+                admin_bind,
                 source,
                 listeners: Mutex::new(Vec::new()),
                 reload: Arc::new(tokio::sync::Mutex::new(())),

@@ -315,6 +315,26 @@ async fn a_bad_file_changes_nothing_and_shows_in_status() {
         "{metrics}"
     );
     assert!(metrics.contains("duplex_config_generation 2"), "{metrics}");
+
+    // A new admin.bind applies (the rest of the file does) but the admin listener stays
+    // until a restart, which /status says.
+    let status: serde_json::Value =
+        serde_json::from_str(&client::get(admin, "/status", &[]).await.text()).expect("JSON");
+    assert_eq!(status["admin"]["addr"], admin.to_string().as_str());
+    assert!(
+        status["admin"]["restart_needed_for_bind"].is_null(),
+        "{status}"
+    );
+    let moved = in_force.replace("bind: 127.0.0.1:0\nroutes", "bind: 127.0.0.2:0\nroutes");
+    assert_ne!(moved, in_force);
+    std::fs::write(&path, &moved).expect("write");
+    assert_eq!(post().await.status, 200);
+    let status: serde_json::Value =
+        serde_json::from_str(&client::get(admin, "/status", &[]).await.text()).expect("JSON");
+    assert_eq!(
+        status["admin"]["restart_needed_for_bind"], "127.0.0.2:0",
+        "{status}"
+    );
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
