@@ -19,7 +19,16 @@ pub async fn connect(
         let tcp = TcpStream::connect(addr).await?;
         tune(&tcp);
         match tls {
-            Some(c) => Ok(MaybeTls::Tls(Box::new(c.connect(addr, tcp).await?))),
+            Some(c) => match c.connect(addr, tcp).await {
+                Ok(s) => Ok(MaybeTls::Tls(Box::new(s))),
+                // A TLS error says what went wrong itself; anything else (a close, a
+                // reset) is marked as having happened in the TLS handshake.
+                Err(e) if is_tls_error(&e) => Err(e),
+                Err(source) => Err(io::Error::new(
+                    source.kind(),
+                    crate::error::ProxyError::BackendTlsBroken { source },
+                )),
+            },
             None => Ok(MaybeTls::Plain(tcp)),
         }
     };
@@ -30,6 +39,12 @@ pub async fn connect(
             format!("connect timed out after {timeout:?}"),
         )),
     }
+}
+
+/// Whether an I/O error carries a rustls error, as tokio-rustls reports TLS failures.
+fn is_tls_error(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
 }
 
 /// TCP keepalive: a peer that vanishes without a FIN (NAT expiry, a phone leaving coverage)

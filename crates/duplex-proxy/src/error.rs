@@ -27,6 +27,13 @@ pub enum ProxyError {
         #[source]
         source: io::Error,
     },
+    /// A backend's connection closed or failed during its TLS handshake, without a TLS
+    /// error to say why (a backend that does not speak TLS and hangs up, a reset).
+    #[error("TLS handshake with the backend broke off: {source}")]
+    BackendTlsBroken {
+        #[source]
+        source: io::Error,
+    },
     /// A backend broke an upgrade handshake: the connection failed or closed, or the
     /// answer was not HTTP.
     #[error("backend {addr}: upgrade handshake failed: {source}")]
@@ -88,10 +95,15 @@ pub fn connect_kind(err: &(dyn std::error::Error + 'static)) -> &'static str {
     match io.kind() {
         io::ErrorKind::TimedOut => "timeout",
         io::ErrorKind::ConnectionRefused => "refused",
-        // tokio-rustls hands a rustls error over inside an I/O error.
-        _ if io
-            .get_ref()
-            .is_some_and(|e| e.downcast_ref::<rustls::Error>().is_some()) =>
+        // tokio-rustls hands a rustls error over inside an I/O error; the connector marks
+        // a TLS handshake that broke off without one.
+        _ if io.get_ref().is_some_and(|e| {
+            e.downcast_ref::<rustls::Error>().is_some()
+                || matches!(
+                    e.downcast_ref::<ProxyError>(),
+                    Some(ProxyError::BackendTlsBroken { .. })
+                )
+        }) =>
         {
             "tls"
         }

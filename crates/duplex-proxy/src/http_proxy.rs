@@ -418,6 +418,23 @@ pub async fn forward(
                             continue;
                         }
                     }
+                    // A TLS failure before any answer: under TLS 1.3 a backend refuses
+                    // our client certificate only after our side of the handshake is
+                    // done, so the refusal comes with the first read. A failed connect
+                    // in all but timing: counted and held against the backend, and an
+                    // idempotent request without a body goes to the next one.
+                    if crate::error::connect_kind(&e) == "tls" {
+                        crate::health::passive_failure(shared, up, &backend.state);
+                        m.backend_connect_errors
+                            .with_label_values(&[&up.cfg.name, &addr.to_string(), "tls"])
+                            .inc();
+                        tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "TLS with the backend failed before its answer");
+                        if let Some(p) = again.take() {
+                            out = resend(p, has_host, backend.state.authority.as_str());
+                            continue 'candidates;
+                        }
+                        break 'candidates;
+                    }
                     tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "backend request failed");
                     break 'candidates;
                 }

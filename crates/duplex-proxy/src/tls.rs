@@ -81,7 +81,7 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::BadPem {
             path: path.to_owned(),
-            why: e.to_string(),
+            why: pem_why(&e),
         })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate {
@@ -95,8 +95,26 @@ fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read(path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::NoKey {
         path: path.to_owned(),
-        why: e.to_string(),
+        why: pem_why(&e),
     })
+}
+
+/// What is wrong with a PEM file, in words: the reader's own text shows the markers it
+/// missed as lists of byte values.
+fn pem_why(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { end_marker } => format!(
+            "no \"-----END {}-----\" line: the file is cut short, or still being written",
+            String::from_utf8_lossy(end_marker)
+        ),
+        E::IllegalSectionStart { line } => format!(
+            "a malformed BEGIN line: {:?}",
+            String::from_utf8_lossy(line)
+        ),
+        E::NoItemsFound => "no key in the file".to_owned(),
+        other => other.to_string(),
+    }
 }
 
 fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
@@ -183,8 +201,10 @@ impl ResolvesServerCert for BySni {
 /// The `reason` label of a client TLS handshake that failed (`timeout` is counted apart):
 /// `closed` (the client went away: load-balancer probes, scanners), `client_cert` (no
 /// certificate, or one not trusted, where `client_auth` asks for one), `cert_refused` (the
-/// client refused ours: untrusted, expired, wrong name), `protocol` (nothing in common:
-/// version, cipher, ALPN; or not TLS at all, such as plain HTTP), `failed` (anything else).
+/// client refused ours: untrusted, expired, wrong name, when the client says so with an
+/// alert; curl checks the name after the handshake and just closes, which is `closed`),
+/// `protocol` (nothing in common: version, cipher, ALPN; a malformed hello; or not TLS at
+/// all, such as plain HTTP), `failed` (anything else).
 pub fn handshake_failure(e: &io::Error) -> &'static str {
     use rustls::AlertDescription as A;
     let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
@@ -224,7 +244,9 @@ pub fn handshake_failure(e: &io::Error) -> &'static str {
         | rustls::Error::NoApplicationProtocol
         | rustls::Error::InvalidMessage(_)
         | rustls::Error::InappropriateMessage { .. }
-        | rustls::Error::InappropriateHandshakeMessage { .. } => "protocol",
+        | rustls::Error::InappropriateHandshakeMessage { .. }
+        // A malformed hello (a server name such as `a..b`, repeated extensions).
+        | rustls::Error::PeerMisbehaved(_) => "protocol",
         _ => "failed",
     }
 }
@@ -469,4 +491,35 @@ pub fn check(config: &duplex_config::Config) -> Result<(), TlsError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key file cut short (written while duplex read it) says so in words.
+    #[test]
+    fn a_truncated_key_file_is_named_in_words() {
+        let dir = std::env::temp_dir().join(format!("duplex-pem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("k.pem");
+        std::fs::write(
+            &path,
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n",
+        )
+        .expect("write");
+        let e = key(&path).expect_err("a truncated key").to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(e.contains("no \"-----END PRIVATE KEY-----\" line"), "{e}");
+    }
+
+    /// A malformed hello is a protocol failure, not an unexplained one.
+    #[test]
+    fn a_misbehaving_peer_is_a_protocol_failure() {
+        let e = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::PeerMisbehaved(rustls::PeerMisbehaved::DuplicateClientHelloExtensions),
+        );
+        assert_eq!(handshake_failure(&e), "protocol");
+    }
 }

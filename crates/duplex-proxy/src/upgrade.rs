@@ -102,7 +102,15 @@ pub async fn upgrade(
                     source: failed.source,
                 };
                 if unanswered {
-                    count_connect_error(shared, up, addr, "other");
+                    // A TLS failure (under TLS 1.3, a refused client certificate shows
+                    // only now) is the backend's, like a failed connect; a plain close is
+                    // not: a backend may close on an upgrade it refuses, and clients must
+                    // not be able to get backends ejected that way.
+                    let kind = crate::error::connect_kind(&err);
+                    if kind == "tls" {
+                        crate::health::passive_failure(shared, up, &backend.state);
+                    }
+                    count_connect_error(shared, up, addr, kind);
                     if !rest.is_empty() {
                         tracing::warn!(upstream = %up.cfg.name, error = %err, "trying the next backend");
                         continue;

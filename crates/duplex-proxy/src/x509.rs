@@ -50,7 +50,11 @@ pub fn not_after(cert: &[u8]) -> Option<u64> {
     };
     let (_, _, after_not_before) = element(validity)?;
     let (tag, time, _) = element(after_not_before)?;
-    let text = std::str::from_utf8(time).ok()?;
+    unix_time(tag, std::str::from_utf8(time).ok()?)
+}
+
+/// A UTCTime or GeneralizedTime as Unix seconds; a time before 1970 (long expired) as 0.
+fn unix_time(tag: u8, text: &str) -> Option<u64> {
     let digits = |s: &str| s.parse::<u64>().ok();
     let (year, rest) = match tag {
         UTC_TIME => {
@@ -62,6 +66,9 @@ pub fn not_after(cert: &[u8]) -> Option<u64> {
     };
     let field = |i: usize| rest.get(i..i + 2).and_then(digits);
     let (month, day, hour, min, sec) = (field(0)?, field(2)?, field(4)?, field(6)?, field(8)?);
+    if year < 1970 {
+        return Some(0);
+    }
     Some(days_from_civil(year, month, day)? * 86_400 + hour * 3_600 + min * 60 + sec)
 }
 
@@ -86,6 +93,20 @@ mod tests {
         assert_eq!(super::days_from_civil(1970, 1, 1), Some(0));
         assert_eq!(super::days_from_civil(2000, 3, 1), Some(11_017));
         assert_eq!(super::days_from_civil(2026, 11, 29), Some(20_786));
+    }
+
+    /// A notAfter before 1970 is long past, not unreadable: the expiry check must see it.
+    #[test]
+    fn a_time_before_1970_is_the_epoch() {
+        assert_eq!(super::unix_time(super::UTC_TIME, "600101000000Z"), Some(0));
+        assert_eq!(
+            super::unix_time(super::GENERALIZED_TIME, "19600101000000Z"),
+            Some(0)
+        );
+        assert_eq!(
+            super::unix_time(super::UTC_TIME, "700102000000Z"),
+            Some(86_400)
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use duplex_config::Config;
 use duplex_e2e::backend::Backend;
 use duplex_e2e::client::{self, HttpConn};
-use duplex_e2e::pki::{client_config, server_config, temp_dir, write, Ca, Leaf};
+use duplex_e2e::pki::{client_config, temp_dir, write, Ca, Leaf};
 use duplex_e2e::tls_kit::{cert_files, start, tls_connect, tls_yaml};
 use duplex_e2e::{eventually, within};
 use duplex_proxy::Proxy;
@@ -411,73 +411,6 @@ async fn failed_handshakes_are_counted_by_reason() {
     for reason in ["failed", "client_cert", "timeout"] {
         assert_eq!(handshake_errors(&proxy, reason), 0, "{reason}");
     }
-    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
-}
-
-#[tokio::test]
-async fn tls_to_a_backend_with_its_own_ca_sni_and_mtls() {
-    let (backend_ca, duplex_ca) = (Ca::new("backend CA"), Ca::new("duplex client CA"));
-    let backend_leaf = backend_ca.leaf(&["backend.internal"]);
-    let b = Backend::start_tls("secure", server_config(&backend_leaf, Some(&duplex_ca.pem))).await;
-    let dir = temp_dir("tls-upstream");
-    let me = duplex_ca.leaf(&["duplex"]);
-    let (ca_file, cc, ck) = (
-        write(&dir, "bca.pem", &backend_ca.pem),
-        write(&dir, "dc.pem", &me.cert),
-        write(&dir, "dk.pem", &me.key),
-    );
-    let yaml = format!(
-        "listeners:\n  - name: public\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\n\
-         routes:\n  - name: all\n    upstream: app\nupstreams:\n  - name: app\n    tls:\n      server_name: backend.internal\n      ca: {}\n      client_cert: {}\n      client_key: {}\n    backends:\n      - addr: {}\n",
-        ca_file.display(),
-        cc.display(),
-        ck.display(),
-        b.addr
-    );
-    let (proxy, addr) = start(&yaml, None).await;
-    let (mut ws, _) = client::ws(addr, "/ws").await;
-    within("send", ws.send(Message::text("to a TLS backend")))
-        .await
-        .expect("send");
-    assert_eq!(
-        client::recv(&mut ws).await,
-        Message::text("to a TLS backend")
-    );
-    let r = client::get(addr, "/page", &[]).await;
-    assert_eq!((r.status.as_u16(), r.text()), (200, "secure".to_owned()));
-    let seen = b.tls_clients();
-    assert!(seen.len() >= 2, "{seen:?}");
-    assert!(
-        seen.iter()
-            .all(|(sni, cert)| sni.as_deref() == Some("backend.internal") && *cert),
-        "{seen:?}"
-    );
-
-    // A backend whose certificate the CA did not sign is refused: 502.
-    let rogue = Backend::start_tls(
-        "rogue",
-        server_config(&Ca::new("rogue").leaf(&["backend.internal"]), None),
-    )
-    .await;
-    let yaml = yaml.replace(&b.addr.to_string(), &rogue.addr.to_string());
-    proxy
-        .reload(Config::parse(&yaml, "tls.yaml").expect("valid"))
-        .await
-        .expect("reload");
-    assert_eq!(client::get(addr, "/page", &[]).await.status, 502);
-    // Counted as a TLS failure, not as some other connect error.
-    let metrics = client::get(proxy.admin_addr(), "/metrics", &[])
-        .await
-        .text();
-    let rogue_addr = rogue.addr.to_string();
-    let errors = |kind| {
-        duplex_e2e::proxy::sum_series(
-            &metrics,
-            "duplex_backend_connect_errors_total",
-            &[("backend", &rogue_addr), ("kind", kind)],
-        )
-    };
-    assert_eq!((errors("tls"), errors("other")), (1.0, 0.0), "{metrics}");
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }
 
