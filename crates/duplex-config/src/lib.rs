@@ -150,7 +150,18 @@ pub struct Route {
     pub path: Option<PathMatch>,
     /// Header names in lower case, each with the exact value it must have.
     pub headers: Vec<(String, String)>,
+    /// The listeners whose requests the route takes; empty for every listener. A host
+    /// that must be reached only through one listener (one asking for client
+    /// certificates) is kept off the others this way.
+    pub listeners: Vec<String>,
     pub upstream: String,
+}
+
+impl Route {
+    /// Whether the route takes requests that came in on listener `name`.
+    pub fn on_listener(&self, name: &str) -> bool {
+        self.listeners.is_empty() || self.listeners.iter().any(|l| l == name)
+    }
 }
 
 /// How a route matches the request's host, compared without the port and case-insensitively.

@@ -115,6 +115,8 @@ pub(crate) struct RawMatch {
     pub path: Option<String>,
     #[serde(default, deserialize_with = "unique_keys")]
     pub headers: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "present")]
+    pub listeners: Option<Vec<String>>,
 }
 
 /// An optional key that, when written, must have a value: YAML reads `key:` with nothing

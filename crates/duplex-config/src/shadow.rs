@@ -22,6 +22,9 @@ fn covers(a: &Route, b: &Route) -> bool {
         && path_covers(a.path.as_ref(), b.path.as_ref())
         // Each header `a` asks for, `b` asks for with the same value.
         && a.headers.iter().all(|h| b.headers.contains(h))
+        // Every listener `b` takes requests from, `a` takes them from too.
+        && (a.listeners.is_empty()
+            || (!b.listeners.is_empty() && b.listeners.iter().all(|l| a.listeners.contains(l))))
 }
 
 fn host_covers(a: Option<&HostMatch>, b: Option<&HostMatch>) -> bool {

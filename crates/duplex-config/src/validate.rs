@@ -255,11 +255,48 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
             );
         }
         let (host, path, headers) = matcher(i, &r.matcher)?;
+        let route_listeners = match &r.matcher.listeners {
+            None => Vec::new(),
+            Some(names) => {
+                let at = |j| {
+                    vec![
+                        Key("routes"),
+                        Index(i),
+                        Key("match"),
+                        Key("listeners"),
+                        Index(j),
+                    ]
+                };
+                if names.is_empty() {
+                    return fail(
+                        vec![Key("routes"), Index(i), Key("match"), Key("listeners")],
+                        "listeners: [] matches no request; leave it out to match every \
+                         listener"
+                            .into(),
+                    );
+                }
+                for (j, name) in names.iter().enumerate() {
+                    if !listeners.iter().any(|l: &Listener| &l.name == name) {
+                        let known: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+                        return fail(
+                            at(j),
+                            format!(
+                                "route {:?} names unknown listener {name:?} (known: {})",
+                                r.name,
+                                known.join(", ")
+                            ),
+                        );
+                    }
+                }
+                names.clone()
+            }
+        };
         routes.push(Route {
             name: r.name.clone(),
             host,
             path,
             headers,
+            listeners: route_listeners,
             upstream: r.upstream.clone(),
         });
     }

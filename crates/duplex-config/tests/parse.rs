@@ -90,6 +90,16 @@ fn refuses_bad_files_and_points_at_the_value() {
             "f:13:11: duplicate route name \"chat\" (first defined at line 7)",
         ),
         (
+            "      headers: { X-Tenant: acme }",
+            "      headers: { X-Tenant: acme }\n      listeners: [public, nope]",
+            "f:12:18: route \"chat\" names unknown listener \"nope\" (known: public)",
+        ),
+        (
+            "      headers: { X-Tenant: acme }",
+            "      headers: { X-Tenant: acme }\n      listeners: []",
+            "f:12:18: listeners: [] matches no request",
+        ),
+        (
             "retries: 2",
             "retries: two",
             "f:22:14: upstreams[0].retries: invalid type: string \"two\", expected a whole number from 0 to 4294967295",
@@ -368,7 +378,7 @@ fn a_host_with_a_final_dot_matches_as_without_it() {
 fn a_route_an_earlier_one_shadows_is_refused() {
     let file = |routes: &str| {
         format!(
-            "listeners: [{{name: l, bind: '127.0.0.1:1'}}]\nroutes:\n{routes}\
+            "listeners: [{{name: l, bind: '127.0.0.1:1'}}, {{name: m, bind: '127.0.0.1:3'}}]\nroutes:\n{routes}\
              upstreams: [{{name: u, backends: [{{addr: '127.0.0.1:2'}}]}}]\n"
         )
     };
@@ -380,6 +390,8 @@ fn a_route_an_earlier_one_shadows_is_refused() {
         ("  - {name: any, match: {host: '*.example.com'}, upstream: u}\n  - {name: deep, match: {host: '*.a.example.com'}, upstream: u}\n", "\"deep\"", "\"any\""),
         ("  - {name: t, match: {headers: {X-T: a}}, upstream: u}\n  - {name: tv, match: {path: /v, headers: {X-T: a, X-V: b}}, upstream: u}\n", "\"tv\"", "\"t\""),
         ("  - {name: one, match: {path: /x}, upstream: u}\n  - {name: two, match: {path: /x}, upstream: u}\n", "\"two\"", "\"one\""),
+        ("  - {name: all, upstream: u}\n  - {name: onl, match: {listeners: [l]}, upstream: u}\n", "\"onl\"", "\"all\""),
+        ("  - {name: both, match: {listeners: [l, m]}, upstream: u}\n  - {name: onl, match: {listeners: [l], path: /x}, upstream: u}\n", "\"onl\"", "\"both\""),
     ];
     for (routes, later, earlier) in dead {
         let err = Config::parse(&file(routes), "f")
@@ -401,6 +413,9 @@ fn a_route_an_earlier_one_shadows_is_refused() {
         "  - {name: exact, match: {path: /ws}, upstream: u}\n  - {name: prefix, match: {path_prefix: /ws}, upstream: u}\n",
         "  - {name: tv, match: {headers: {X-T: a, X-V: b}}, upstream: u}\n  - {name: t, match: {headers: {X-T: a}}, upstream: u}\n",
         "  - {name: ta, match: {headers: {X-T: a}}, upstream: u}\n  - {name: tb, match: {headers: {X-T: b}}, upstream: u}\n",
+        "  - {name: onl, match: {listeners: [l]}, upstream: u}\n  - {name: onm, match: {listeners: [m]}, upstream: u}\n",
+        "  - {name: onl, match: {listeners: [l]}, upstream: u}\n  - {name: all, upstream: u}\n",
+        "  - {name: onl, match: {listeners: [l]}, upstream: u}\n  - {name: both, match: {listeners: [l, m]}, upstream: u}\n",
     ];
     for routes in fine {
         Config::parse(&file(routes), "f").unwrap_or_else(|e| panic!("{routes}: {e}"));

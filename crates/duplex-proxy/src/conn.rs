@@ -27,6 +27,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Facts about a client connection, shared by its requests.
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The listener's name as of the accept: routes may be limited to some listeners.
+    pub listener: Arc<str>,
     /// The peer's address as `X-Forwarded-For` carries it, rendered once.
     pub forwarded_for: http::HeaderValue,
     /// Whether the client reached us over TLS, for `X-Forwarded-Proto`.
@@ -133,6 +135,7 @@ pub async fn serve(
     };
     let info = Arc::new(ConnInfo {
         peer,
+        listener: Arc::from(settings.name.as_str()),
         forwarded_for: crate::headers::forwarded_for(peer.ip()),
         https: settings.tls.is_some(),
         redirect_https: settings.redirect_https,
@@ -220,6 +223,7 @@ async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: Arc<Shared>) ->
     let host = request_host(req.headers(), req.uri());
     let Some((i, route)) = router::find(
         table.routes(),
+        &info.listener,
         host.as_deref(),
         req.uri().path(),
         req.headers(),

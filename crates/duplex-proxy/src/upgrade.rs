@@ -32,6 +32,7 @@ pub async fn upgrade(
     let host = request_host(req.headers(), req.uri());
     let found = router::find(
         table.routes(),
+        &conn.listener,
         host.as_deref(),
         req.uri().path(),
         req.headers(),

@@ -159,7 +159,12 @@ fn print_summary(
     }
     writeln!(out, "  admin on {}", c.admin.bind)?;
     for r in &c.routes {
-        writeln!(out, "  route {} -> upstream {}", r.name, r.upstream)?;
+        let on = if r.listeners.is_empty() {
+            String::new()
+        } else {
+            format!(" (listeners {})", r.listeners.join(", "))
+        };
+        writeln!(out, "  route {} -> upstream {}{on}", r.name, r.upstream)?;
     }
     for u in &c.upstreams {
         let mut addrs: Vec<String> = u

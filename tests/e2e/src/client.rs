@@ -37,11 +37,20 @@ pub async fn try_ws(
     headers: &[(&str, &str)],
     protocols: &[&str],
 ) -> Result<(Ws, Response), tungstenite::Error> {
-    let uri = format!("ws://{addr}{path}")
+    // A `host` among `headers` is the one sent (through the URI, as tungstenite takes it);
+    // the connection still goes to `addr`.
+    let host = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("host"))
+        .map_or_else(|| addr.to_string(), |(_, v)| (*v).to_owned());
+    let uri = format!("ws://{host}{path}")
         .parse()
         .expect("a valid ws:// URI");
     let mut req = ClientRequestBuilder::new(uri);
-    for (k, v) in headers {
+    for (k, v) in headers
+        .iter()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case("host"))
+    {
         req = req.with_header(*k, *v);
     }
     for p in protocols {
@@ -112,10 +121,11 @@ pub fn request(
     headers: &[(&str, &str)],
     body: ClientBody,
 ) -> Request<ClientBody> {
-    let mut b = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(header::HOST, addr.to_string());
+    let mut b = Request::builder().method(method).uri(path);
+    // The proxy's address as `Host`, unless `headers` name one.
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        b = b.header(header::HOST, addr.to_string());
+    }
     for (k, v) in headers {
         b = b.header(*k, *v);
     }

@@ -1,0 +1,43 @@
+//! Routes limited to some listeners: a host served only behind one listener (one that
+//! asks for client certificates, an internal port) is not reachable through another,
+//! whatever `Host` a request names there.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use duplex_e2e::backend::Backend;
+use duplex_e2e::client;
+use duplex_e2e::within;
+use duplex_proxy::{Metrics, Proxy};
+
+#[tokio::test]
+async fn a_route_limited_to_a_listener_is_not_reachable_through_another() {
+    let (secret, open) = (Backend::start("secret").await, Backend::start("open").await);
+    let yaml = format!(
+        "listeners:\n  - name: public\n    bind: 127.0.0.1:0\n  - name: internal\n    bind: 127.0.0.1:0\n\
+         admin:\n  bind: 127.0.0.1:0\n\
+         routes:\n  - name: secret\n    match:\n      host: b.test\n      listeners: [internal]\n    upstream: secret\n\
+         \x20 - name: all\n    upstream: open\n\
+         upstreams:\n  - name: secret\n    backends:\n      - addr: {}\n  - name: open\n    backends:\n      - addr: {}\n",
+        secret.addr, open.addr
+    );
+    let config = duplex_config::Config::parse(&yaml, "routing.yaml")
+        .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let proxy = within(
+        "start",
+        Proxy::start(config, None, Arc::new(Metrics::new())),
+    )
+    .await
+    .expect("the proxy starts");
+    let public = proxy.listener_addr("public").expect("bound");
+    let internal = proxy.listener_addr("internal").expect("bound");
+    let host = [("host", "b.test")];
+    // The same request, plain or upgraded, routed by the listener it came in on.
+    for (addr, want) in [(internal, "secret"), (public, "open")] {
+        assert_eq!(client::get(addr, "/", &host).await.backend(), want);
+        let (ws, resp) = client::ws_with(addr, "/ws", &host).await;
+        assert_eq!(client::backend_of(&resp), want);
+        client::close(ws).await;
+    }
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
