@@ -145,8 +145,11 @@ pub(crate) fn dns_backend(
     let Ok(port) = port.parse::<u16>() else {
         return fail(at("addr"), bad());
     };
-    let ok = !host.is_empty()
-        && host
+    // A trailing dot (a fully qualified name) is fine; an empty label elsewhere is not.
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let ok = !name.is_empty()
+        && name.split('.').all(|label| !label.is_empty())
+        && name
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.');
     if !ok || port == 0 {

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bounds;
 mod diff;
 mod empty;
 mod health;
@@ -348,7 +349,7 @@ pub enum ConfigError {
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let src = bounds::read_source(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
@@ -357,6 +358,19 @@ impl Config {
 
     /// Parses and validates `src`; `file` names it in errors.
     pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
+        // A byte order mark (Windows editors write one) is not part of the YAML.
+        let src = src.strip_prefix('\u{feff}').unwrap_or(src);
+        if let Some((line, col)) = bounds::too_deep(src) {
+            return Err(ConfigError::Invalid {
+                file: file.to_owned(),
+                line,
+                col,
+                message: format!(
+                    "[ ] and {{ }} nested deeper than {} levels",
+                    bounds::MAX_FLOW_DEPTH
+                ),
+            });
+        }
         if let Some((line, col, key)) = empty::first_empty_key(src) {
             return Err(ConfigError::Invalid {
                 file: file.to_owned(),
@@ -374,6 +388,13 @@ impl Config {
                 None => text,
             };
             let message = plain_words(&message);
+            // The scanner names a bad character by its offset in the text: as a position.
+            if let Some(offset) = message
+                .rsplit_once("at position ")
+                .and_then(|(_, n)| n.trim().parse::<usize>().ok())
+            {
+                (line, col) = line_col(src, offset);
+            }
             // A duplicate key is reported at its mapping's start: point at the second copy.
             let duplicate = message
                 .split_once("duplicate field `")
@@ -386,7 +407,7 @@ impl Config {
                 file: file.to_owned(),
                 line,
                 col,
-                message,
+                message: one_line(&message),
             }
         })?;
         let base = Path::new(file).parent().unwrap_or(Path::new("."));
@@ -403,7 +424,7 @@ impl Config {
                 file: file.to_owned(),
                 line,
                 col,
-                message,
+                message: one_line(&message),
             }
         })
     }
@@ -435,6 +456,42 @@ impl Config {
 /// The YAML reader's message with Rust's type names put in an operator's words:
 /// `expected u32` becomes `expected a whole number from 0 to 4294967295`, `expected
 /// struct RawUpstream` becomes `expected a mapping (key: value lines)`.
+/// The longest error message shown: one naming a 50 MB value must not be 50 MB, in the
+/// log, in `/status` and in the answer to `POST /reload`.
+const MAX_MESSAGE: usize = 400;
+
+/// `message` on one line (control characters escaped) and at most [`MAX_MESSAGE`] bytes.
+fn one_line(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(MAX_MESSAGE + 40));
+    for c in message.chars() {
+        if out.len() >= MAX_MESSAGE {
+            out.push_str(&format!(
+                "... ({} more bytes)",
+                message.len().saturating_sub(out.len())
+            ));
+            break;
+        }
+        if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The 1-based line and column of byte `offset` of `src`.
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let mut end = offset.min(src.len());
+    while !src.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &src[..end];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
 fn plain_words(message: &str) -> String {
     let mut out = message
         .replace("expected u16", "expected a whole number from 0 to 65535")
@@ -442,7 +499,13 @@ fn plain_words(message: &str) -> String {
             "expected u32",
             "expected a whole number from 0 to 4294967295",
         )
-        .replace("expected u64", "expected a whole number from 0 up");
+        .replace("expected u64", "expected a whole number from 0 up")
+        // A number too large for any field is read as one.
+        .replace(" as u128,", ",")
+        .replace(
+            "invalid type: unit value",
+            "invalid type: null (~ or nothing)",
+        );
     while let Some(at) = out.find("expected struct ") {
         let name_at = at + "expected struct ".len();
         let name_len = out[name_at..]

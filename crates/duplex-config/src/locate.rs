@@ -132,9 +132,12 @@ pub(crate) fn second_key(src: &str, line: usize, col: usize, key: &str) -> Optio
         if outer {
             break;
         }
-        let is_key = l.key_col == col
-            && l.text.starts_with(key)
-            && l.text[key.len()..].trim_start().starts_with(':');
+        // The key as written: bare, or in single or double quotes.
+        let after_key = [key.to_owned(), format!("\"{key}\""), format!("'{key}'")]
+            .iter()
+            .find_map(|k| l.text.strip_prefix(k.as_str()));
+        let is_key =
+            l.key_col == col && after_key.is_some_and(|rest| rest.trim_start().starts_with(':'));
         if is_key {
             seen += 1;
             if seen == 2 {
@@ -170,6 +173,8 @@ shutdown_timeout: 6s
         assert_eq!(second_key(src, 8, 5, "balancer"), Some((10, 5)));
         assert_eq!(second_key(src, 3, 5, "balancer"), None);
         assert_eq!(second_key(src, 6, 9, "weight"), None);
+        let quoted = "\"shutdown_timeout\": 5s\nlisteners: []\n'shutdown_timeout': 6s\n";
+        assert_eq!(second_key(quoted, 1, 1, "shutdown_timeout"), Some((3, 1)));
     }
 
     const SRC: &str = "\

@@ -249,6 +249,11 @@ fn refuses_bad_files_and_points_at_the_value() {
             "addr: chat.test:9002\n        resolve: dns\n      - addr: chat.test:9002\n        resolve: dns",
             "f:28:15: backend chat.test:9002 is listed twice in upstream \"chat\"",
         ),
+        (
+            "addr: 127.0.0.1:9002",
+            "addr: chat..test:9002\n        resolve: dns",
+            "f:26:15: invalid address \"chat..test:9002\"",
+        ),
     ];
     let mut wrong = Vec::new();
     for (from, to, want) in cases {
@@ -260,6 +265,53 @@ fn refuses_bad_files_and_points_at_the_value() {
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// What editors and generators put in files: a byte order mark is ignored; a control
+/// character, a huge value and a line break inside a value give a short one-line error
+/// at the right place; deep nesting is refused before the YAML reader takes its time.
+#[test]
+fn odd_files_get_short_errors_in_the_right_place() {
+    let bom = format!("\u{feff}{FULL}");
+    Config::parse(&bom, "f").expect("a BOM is not content");
+    let err = Config::parse(&bom.replacen("- name: rest", "- name: chat", 1), "f")
+        .expect_err("duplicate")
+        .to_string();
+    assert!(err.starts_with("f:13:11: duplicate route name"), "{err}");
+
+    let ctl = FULL.replacen("connect_timeout: 2s", "connect_timeout: 2\u{1}s", 1);
+    let err = Config::parse(&ctl, "f").expect_err("control").to_string();
+    assert!(err.starts_with("f:19:"), "{err}");
+
+    let huge = FULL.replacen(
+        "balancer: consistent_hash",
+        &format!("balancer: {}", "x".repeat(100_000)),
+        1,
+    );
+    let err = Config::parse(&huge, "f").expect_err("huge").to_string();
+    assert!(
+        err.len() < 600 && err.contains("more bytes"),
+        "{} bytes",
+        err.len()
+    );
+
+    let split = FULL.replacen("balancer: consistent_hash", "balancer: \"a\\nb\"", 1);
+    let err = Config::parse(&split, "f").expect_err("split").to_string();
+    assert!(!err.contains('\n'), "{err}");
+
+    let deep = format!("{FULL}x: {}\n", "[".repeat(60_000));
+    let took = std::time::Instant::now();
+    let err = Config::parse(&deep, "f").expect_err("deep").to_string();
+    assert!(err.contains("nested deeper than 64"), "{err}");
+    assert!(
+        took.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        took.elapsed()
+    );
+
+    let big = FULL.replacen("weight: 1", "weight: 99999999999999999999999", 1);
+    let err = Config::parse(&big, "f").expect_err("big").to_string();
+    assert!(!err.contains("u128"), "{err}");
 }
 
 #[test]

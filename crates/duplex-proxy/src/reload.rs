@@ -180,7 +180,7 @@ impl Proxy {
         let Some(path) = &self.inner.source else {
             return Err(std::io::Error::other(ProxyError::NoConfigFile));
         };
-        let src = std::fs::read_to_string(path)?;
+        let src = duplex_config::bounds::read_source(path)?;
         let hash = source_hash(&src, &path.display().to_string());
         Ok((src, hash))
     }

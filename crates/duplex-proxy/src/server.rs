@@ -160,7 +160,7 @@ impl Proxy {
         resolver: Arc<dyn Resolver>,
     ) -> Result<Proxy, ProxyError> {
         let applied = source.as_ref().and_then(|p| {
-            let src = std::fs::read_to_string(p).ok()?;
+            let src = duplex_config::bounds::read_source(p).ok()?;
             Some(source_hash(&src, &p.display().to_string()))
         });
         // Certificates first: an operator fixing a refused start sees every config

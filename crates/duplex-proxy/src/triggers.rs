@@ -28,6 +28,27 @@ const RESYNC: Duration = Duration::from_secs(30);
 /// be half written, and its events will bring it in once done.
 const SETTLED: Duration = Duration::from_secs(2);
 
+/// How long the watch waits for a reload it started before going back to its events:
+/// a read stuck on a hung mount (or a FIFO) must not stop it from seeing a later change.
+/// The stuck reload goes on in the background, and is not applied if a later one was.
+const WATCH_WAIT: Duration = Duration::from_secs(10);
+
+/// One reload by the watch (`settled` as in [`Proxy::reload_if_changed`]): the new
+/// generation if one applied within [`WATCH_WAIT`].
+async fn watch_reload(proxy: &Proxy, settled: Option<Duration>) -> Option<u64> {
+    match tokio::time::timeout(WATCH_WAIT, proxy.reload_if_changed(settled)).await {
+        // Errors are logged, counted and shown in /status by the reload itself.
+        Ok(done) => done.ok().flatten(),
+        Err(_) => {
+            tracing::warn!(
+                wait = ?WATCH_WAIT,
+                "a reload started by the file watch is still reading its files; the watch goes on"
+            );
+            None
+        }
+    }
+}
+
 /// Watches `path`, and the certificate files its config names, and reloads `proxy` when
 /// their content changes.
 pub fn watch_file(path: PathBuf, proxy: Proxy) {
@@ -64,8 +85,7 @@ pub fn watch_file(path: PathBuf, proxy: Proxy) {
                             break;
                         }
                     }
-                    // Errors are logged, counted and shown in /status by the reload itself.
-                    if let Ok(Some(generation)) = proxy.reload_if_changed(None).await {
+                    if let Some(generation) = watch_reload(&proxy, None).await {
                         tracing::info!(file = %path.display(), generation, "config or certificate files changed: reloaded");
                     }
                 }
@@ -73,7 +93,7 @@ pub fn watch_file(path: PathBuf, proxy: Proxy) {
                     // Events can be lost: a watched directory replaced as a whole (a
                     // symlinked release directory switched, `mv certs.new certs`) or a
                     // network file system sends none. A read and a hash catch up.
-                    if let Ok(Some(generation)) = proxy.reload_if_changed(Some(SETTLED)).await {
+                    if let Some(generation) = watch_reload(&proxy, Some(SETTLED)).await {
                         tracing::info!(file = %path.display(), generation, "config or certificate files changed (found by the periodic check): reloaded");
                     }
                 }

@@ -597,6 +597,62 @@ fn exits_on_sigterm_while_a_reload_is_stuck_reading_a_file() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The file watch is not stopped by a reload stuck reading (the config replaced by a
+/// FIFO nobody writes, standing for a hung mount): a valid file put in place later is
+/// applied by the watch alone.
+#[test]
+fn the_file_watch_goes_on_past_a_reload_stuck_reading() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("duplex-cli-watch-stuck-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("duplex.yaml");
+    let plain =
+        "listeners:\n  - name: public\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\n";
+    std::fs::write(&path, plain).expect("write config");
+    let child = Command::new(BIN)
+        .args(["run", "--log-format", "json", "-c"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start duplex");
+    let mut child = Running(child);
+    let err = Lines::of(child.0.stderr.take().expect("stderr"));
+    let admin = between(&err.wait_for("admin listening"), "\"addr\":\"", '"');
+    err.wait_for("watching the config file");
+
+    // The config becomes a FIFO: the watch's reload blocks opening it.
+    std::fs::remove_file(&path).expect("remove config");
+    let made = Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    let start = Instant::now();
+    while !http_get(&admin, "/status").contains("\"reloading\": true") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the watch did not start a reload"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Then a valid, different file takes its place.
+    std::fs::remove_file(&path).expect("remove the FIFO");
+    std::fs::write(&path, format!("{plain}shutdown_timeout: 7s\n")).expect("write the new config");
+    let start = Instant::now();
+    while !http_get(&admin, "/status").contains("\"generation\": 2") {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the new file was not applied: {}",
+            http_get(&admin, "/status")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    child.signal("-TERM");
+    child.exits_0_within_10s("duplex did not exit after SIGTERM with a reload stuck");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// With no `max_connections`, the cap follows the open-file limit: (limit - 100) / 2, so
 /// 20 under `ulimit -n 140`. The admin port, which has no cap, still answers at the cap,
 /// and the 21st client gets in once idle connections are closed.
