@@ -11,46 +11,69 @@ pub const MAX_FILE_BYTES: u64 = 16 << 20;
 /// The deepest `[ ]` / `{ }` nesting accepted; a configuration needs four or five.
 pub const MAX_FLOW_DEPTH: usize = 64;
 
+/// A configuration file over [`MAX_FILE_BYTES`].
+#[derive(Debug, thiserror::Error)]
+#[error("the file is larger than the {} MiB a configuration may be", MAX_FILE_BYTES >> 20)]
+pub struct TooLarge;
+
 /// Reads a configuration file as UTF-8, refusing one larger than [`MAX_FILE_BYTES`]
 /// without reading it all.
 pub fn read_source(path: &Path) -> io::Result<String> {
     let file = std::fs::File::open(path)?;
-    let mut src = String::new();
-    file.take(MAX_FILE_BYTES + 1).read_to_string(&mut src)?;
-    if src.len() as u64 > MAX_FILE_BYTES {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "the file is larger than the {} MiB a configuration may be",
-                MAX_FILE_BYTES >> 20
-            ),
-        ));
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, TooLarge));
     }
-    Ok(src)
+    String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// The 1-based line and column where flow collections first nest deeper than
-/// [`MAX_FLOW_DEPTH`], if they do. Brackets inside quotes and comments are not counted;
-/// the scan is a bound, not a parser, and errs toward letting the reader decide.
+/// [`MAX_FLOW_DEPTH`], if they do. A scan, not a parser, and it errs toward letting the
+/// reader decide: a quote opens a string only where a value starts (`it's` is not one),
+/// `\` escapes inside double quotes, comments are skipped, and the count starts again at
+/// every top-level key (a flow collection cannot run past one).
 pub fn too_deep(src: &str) -> Option<(usize, usize)> {
     let mut depth = 0usize;
     for (no, line) in src.lines().enumerate() {
+        if line.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+            depth = 0;
+        }
         let mut quote: Option<char> = None;
+        let mut escaped = false;
+        // The last character that was not a space, outside quotes.
+        let mut before = ' ';
         let mut prev = ' ';
         for (col, c) in line.chars().enumerate() {
-            match (quote, c) {
-                (Some(q), c) if c == q => quote = None,
-                (Some(_), _) => {}
-                (None, '"' | '\'') => quote = Some(c),
-                (None, '#') if prev.is_whitespace() => break,
-                (None, '[' | '{') => {
+            if let Some(q) = quote {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' if q == '"' => escaped = true,
+                    _ if c == q => {
+                        quote = None;
+                        before = c;
+                    }
+                    _ => {}
+                }
+                prev = c;
+                continue;
+            }
+            match c {
+                '"' | '\'' if matches!(before, ' ' | ':' | '-' | '[' | '{' | ',') => {
+                    quote = Some(c)
+                }
+                '#' if prev.is_whitespace() => break,
+                '[' | '{' => {
                     depth += 1;
                     if depth > MAX_FLOW_DEPTH {
                         return Some((no + 1, col + 1));
                     }
                 }
-                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                ']' | '}' => depth = depth.saturating_sub(1),
                 _ => {}
+            }
+            if !c.is_whitespace() {
+                before = c;
             }
             prev = c;
         }
@@ -70,6 +93,19 @@ mod tests {
         assert_eq!(too_deep(fine), None);
         let quoted = format!("x: '{}'\n# {}\n", "[".repeat(100), "{".repeat(100));
         assert_eq!(too_deep(&quoted), None);
+        // Apostrophes and escaped quotes inside values, and brackets in plain values,
+        // never add up to a refusal.
+        let routes = "  - {name: r, match: {headers: {X-Who: O'Brien}}, upstream: u}\n".repeat(100);
+        assert_eq!(too_deep(&format!("routes:\n{routes}")), None);
+        let escaped =
+            "  - {name: r, match: {headers: {X-Q: \"a\\\"b\"}}, upstream: u}\n".repeat(100);
+        assert_eq!(too_deep(&format!("routes:\n{escaped}")), None);
+        let plain = "    path: /a[\n".repeat(40);
+        let twice = format!("routes:\n{plain}upstreams:\n{plain}");
+        assert_eq!(too_deep(&twice), None);
+        // A flow collection over several lines still counts.
+        let lines = format!("x:\n{}", "  [\n".repeat(MAX_FLOW_DEPTH + 1));
+        assert_eq!(too_deep(&lines), Some((MAX_FLOW_DEPTH + 2, 3)));
     }
 
     #[test]

@@ -186,6 +186,7 @@ upstreams:
             ("- {addr: '127.0.0.1:9002'}", "- {addr: '127.0.0.1:9002', weight: 5}", "backends ~chat/127.0.0.1:9002"),
             ("- name: chat\n", "- name: chat\n    balancer: round_robin\n", "upstreams ~chat"),
             ("path_prefix: /ws", "path_prefix: /chat", "routes ~chat"),
+            ("path_prefix: /ws}", "path_prefix: /ws, listeners: [public]}", "routes ~chat"),
             ("  - {name: rest, upstream: chat}\n", "", "routes -rest"),
             ("bind: '127.0.0.1:8080'}", "bind: '127.0.0.1:8080'}\n  - {name: tls, bind: '127.0.0.1:8443'}", "listeners +tls"),
             (

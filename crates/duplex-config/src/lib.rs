@@ -389,11 +389,13 @@ impl Config {
             };
             let message = plain_words(&message);
             // The scanner names a bad character by its offset in the text: as a position.
-            if let Some(offset) = message
-                .rsplit_once("at position ")
-                .and_then(|(_, n)| n.trim().parse::<usize>().ok())
+            let mut message = message;
+            if let Some((head, offset)) = message
+                .rsplit_once(" at position ")
+                .and_then(|(head, n)| Some((head.to_owned(), n.trim().parse::<usize>().ok()?)))
             {
                 (line, col) = line_col(src, offset);
+                message = head;
             }
             // A duplicate key is reported at its mapping's start: point at the second copy.
             let duplicate = message
@@ -453,9 +455,6 @@ impl Config {
     }
 }
 
-/// The YAML reader's message with Rust's type names put in an operator's words:
-/// `expected u32` becomes `expected a whole number from 0 to 4294967295`, `expected
-/// struct RawUpstream` becomes `expected a mapping (key: value lines)`.
 /// The longest error message shown: one naming a 50 MB value must not be 50 MB, in the
 /// log, in `/status` and in the answer to `POST /reload`.
 const MAX_MESSAGE: usize = 400;
@@ -463,12 +462,9 @@ const MAX_MESSAGE: usize = 400;
 /// `message` on one line (control characters escaped) and at most [`MAX_MESSAGE`] bytes.
 fn one_line(message: &str) -> String {
     let mut out = String::with_capacity(message.len().min(MAX_MESSAGE + 40));
-    for c in message.chars() {
+    for (i, c) in message.char_indices() {
         if out.len() >= MAX_MESSAGE {
-            out.push_str(&format!(
-                "... ({} more bytes)",
-                message.len().saturating_sub(out.len())
-            ));
+            out.push_str(&format!("... ({} more bytes)", message.len() - i));
             break;
         }
         if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
@@ -492,6 +488,9 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// The YAML reader's message with Rust's type names put in an operator's words:
+/// `expected u32` becomes `expected a whole number from 0 to 4294967295`, `expected
+/// struct RawUpstream` becomes `expected a mapping (key: value lines)`.
 fn plain_words(message: &str) -> String {
     let mut out = message
         .replace("expected u16", "expected a whole number from 0 to 65535")

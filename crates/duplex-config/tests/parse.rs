@@ -279,9 +279,15 @@ fn odd_files_get_short_errors_in_the_right_place() {
         .to_string();
     assert!(err.starts_with("f:13:11: duplicate route name"), "{err}");
 
+    let err = Config::parse(&format!("\u{feff}nonsense: 1\n{FULL}"), "f")
+        .expect_err("unknown key")
+        .to_string();
+    assert!(err.starts_with("f:1:1: unknown field `nonsense`"), "{err}");
+
     let ctl = FULL.replacen("connect_timeout: 2s", "connect_timeout: 2\u{1}s", 1);
     let err = Config::parse(&ctl, "f").expect_err("control").to_string();
-    assert!(err.starts_with("f:19:"), "{err}");
+    assert!(err.starts_with("f:19:23: "), "{err}");
+    assert!(!err.contains("at position"), "{err}");
 
     let huge = FULL.replacen(
         "balancer: consistent_hash",

@@ -188,7 +188,7 @@ fn status(proxy: &Proxy) -> serde_json::Value {
     let routes: Vec<_> = table
         .routes()
         .iter()
-        .map(|r| json!({ "name": r.name, "upstream": r.upstream }))
+        .map(|r| json!({ "name": r.name, "upstream": r.upstream, "listeners": r.listeners }))
         .collect();
     let mut upstreams: Vec<_> = table
         .config

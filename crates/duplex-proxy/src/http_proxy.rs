@@ -389,8 +389,10 @@ pub async fn forward(
                     // A new connection the backend closed at once: a failed connection,
                     // counted as one; the request is still unsent, so the next backend.
                     crate::health::passive_failure(shared, up, &backend.state);
+                    // A TLS 1.3 refusal of our certificate can land here too.
+                    let kind = crate::error::connect_kind(&error);
                     m.backend_connect_errors
-                        .with_label_values(&[&up.cfg.name, &addr.to_string(), "other"])
+                        .with_label_values(&[&up.cfg.name, &addr.to_string(), kind])
                         .inc();
                     tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&error), "backend closed a new connection before the request went out");
                     continue 'candidates;

@@ -10,6 +10,8 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -33,12 +35,33 @@ const SETTLED: Duration = Duration::from_secs(2);
 /// The stuck reload goes on in the background, and is not applied if a later one was.
 const WATCH_WAIT: Duration = Duration::from_secs(10);
 
+/// Reloads started by the watch that may still be reading at once: the rest of the
+/// reload slots stay free for SIGHUP and `POST /reload`.
+const WATCH_READERS: usize = 2;
+
 /// One reload by the watch (`settled` as in [`Proxy::reload_if_changed`]): the new
-/// generation if one applied within [`WATCH_WAIT`].
-async fn watch_reload(proxy: &Proxy, settled: Option<Duration>) -> Option<u64> {
-    match tokio::time::timeout(WATCH_WAIT, proxy.reload_if_changed(settled)).await {
+/// generation if one applied within [`WATCH_WAIT`]. `reading` counts the watch's reloads
+/// still under way, stuck ones included.
+async fn watch_reload(
+    proxy: &Proxy,
+    settled: Option<Duration>,
+    reading: &Arc<AtomicUsize>,
+) -> Option<u64> {
+    if reading.load(Ordering::Acquire) >= WATCH_READERS {
+        tracing::debug!("the file watch's earlier reloads are still reading; this look is skipped");
+        return None;
+    }
+    reading.fetch_add(1, Ordering::AcqRel);
+    let (p, count) = (proxy.clone(), Arc::clone(reading));
+    let reload = tokio::spawn(async move {
+        let done = p.reload_if_changed(settled).await;
+        count.fetch_sub(1, Ordering::AcqRel);
+        done
+    });
+    match tokio::time::timeout(WATCH_WAIT, reload).await {
         // Errors are logged, counted and shown in /status by the reload itself.
-        Ok(done) => done.ok().flatten(),
+        Ok(Ok(done)) => done.ok().flatten(),
+        Ok(Err(_)) => None,
         Err(_) => {
             tracing::warn!(
                 wait = ?WATCH_WAIT,
@@ -71,6 +94,7 @@ pub fn watch_file(path: PathBuf, proxy: Proxy) {
     tracing::info!(file = %path.display(), "watching the config file for changes");
     tokio::spawn(async move {
         let mut resync = tokio::time::interval(RESYNC);
+        let reading = Arc::new(AtomicUsize::new(0));
         loop {
             tokio::select! {
                 woke = rx.recv() => {
@@ -85,7 +109,7 @@ pub fn watch_file(path: PathBuf, proxy: Proxy) {
                             break;
                         }
                     }
-                    if let Some(generation) = watch_reload(&proxy, None).await {
+                    if let Some(generation) = watch_reload(&proxy, None, &reading).await {
                         tracing::info!(file = %path.display(), generation, "config or certificate files changed: reloaded");
                     }
                 }
@@ -93,7 +117,7 @@ pub fn watch_file(path: PathBuf, proxy: Proxy) {
                     // Events can be lost: a watched directory replaced as a whole (a
                     // symlinked release directory switched, `mv certs.new certs`) or a
                     // network file system sends none. A read and a hash catch up.
-                    if let Some(generation) = watch_reload(&proxy, Some(SETTLED)).await {
+                    if let Some(generation) = watch_reload(&proxy, Some(SETTLED), &reading).await {
                         tracing::info!(file = %path.display(), generation, "config or certificate files changed (found by the periodic check): reloaded");
                     }
                 }

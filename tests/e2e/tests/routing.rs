@@ -39,5 +39,13 @@ async fn a_route_limited_to_a_listener_is_not_reachable_through_another() {
         assert_eq!(client::backend_of(&resp), want);
         client::close(ws).await;
     }
+    let status: serde_json::Value =
+        serde_json::from_str(&client::get(proxy.admin_addr(), "/status", &[]).await.text())
+            .expect("JSON");
+    assert_eq!(
+        status["routes"][0]["listeners"],
+        serde_json::json!(["internal"])
+    );
+    assert_eq!(status["routes"][1]["listeners"], serde_json::json!([]));
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }
