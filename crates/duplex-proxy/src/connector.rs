@@ -87,12 +87,35 @@ pub fn tune_accepted(tcp: &TcpStream) {
 /// Whether a connect failed for lack of local resources (file descriptors, ports, buffers):
 /// duplex's own trouble, which must not count against the backend.
 pub fn is_local_exhaustion(e: &io::Error) -> bool {
+    // Under the mark of a TLS handshake that broke off, the OS error is the inner one's.
+    if let Some(crate::error::ProxyError::BackendTlsBroken { source }) =
+        e.get_ref().and_then(|i| i.downcast_ref())
+    {
+        return is_local_exhaustion(source);
+    }
     // Linux errno values: ENFILE 23, EMFILE 24, ENOBUFS 105.
     e.kind() == io::ErrorKind::AddrNotAvailable || matches!(e.raw_os_error(), Some(23 | 24 | 105))
 }
 
 #[cfg(test)]
 mod tests {
+    /// ENOBUFS during a backend's TLS handshake is still duplex's own trouble.
+    #[test]
+    fn exhaustion_is_seen_under_the_tls_mark() {
+        let inner = std::io::Error::from_raw_os_error(105);
+        let marked = std::io::Error::new(
+            inner.kind(),
+            crate::error::ProxyError::BackendTlsBroken { source: inner },
+        );
+        assert!(super::is_local_exhaustion(&marked));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let marked = std::io::Error::new(
+            reset.kind(),
+            crate::error::ProxyError::BackendTlsBroken { source: reset },
+        );
+        assert!(!super::is_local_exhaustion(&marked));
+    }
+
     use super::*;
 
     /// What `tune_accepted` relies on: a socket accepted from a listener the proxy bound
