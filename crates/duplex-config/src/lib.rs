@@ -42,6 +42,7 @@ pub mod defaults {
     pub const RETRIES: u32 = 2;
     pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
     pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
     pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const HTTPS_PORT: u16 = 443;
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -86,6 +87,10 @@ pub struct Listener {
     /// How long a client may send nothing of a request body it has started before the
     /// request (and the backend connection carrying it) is abandoned.
     pub client_body_timeout: Duration,
+    /// How long a client may take to send a request's head, counted from when duplex
+    /// starts waiting for it: on a kept-alive connection, the idle time between requests
+    /// counts too.
+    pub client_header_timeout: Duration,
     /// Client connections open at once on this listener, under the global cap too.
     pub max_connections: Option<usize>,
 }

@@ -42,6 +42,8 @@ pub(crate) struct RawListener {
     #[serde(default, deserialize_with = "present")]
     pub client_body_timeout: Option<String>,
     #[serde(default, deserialize_with = "present")]
+    pub client_header_timeout: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub max_connections: Option<u64>,
 }
 

@@ -190,6 +190,10 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
             Some(d) => parse_duration_min(at("client_body_timeout"), d, MIN_TIMEOUT)?,
             None => defaults::CLIENT_BODY_TIMEOUT,
         };
+        let client_header_timeout = match &l.client_header_timeout {
+            Some(d) => parse_duration_min(at("client_header_timeout"), d, MIN_TIMEOUT)?,
+            None => defaults::CLIENT_HEADER_TIMEOUT,
+        };
         listeners.push(Listener {
             name: l.name.clone(),
             bind,
@@ -197,6 +201,7 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
             redirect_https,
             send_timeout,
             client_body_timeout,
+            client_header_timeout,
             max_connections: l
                 .max_connections
                 .map(|n| connection_cap(at("max_connections"), n))

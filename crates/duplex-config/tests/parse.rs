@@ -58,13 +58,15 @@ fn defaults_apply() {
     let secs = std::time::Duration::from_secs;
     assert_eq!(c.listeners[0].send_timeout, secs(60));
     assert_eq!(c.listeners[0].client_body_timeout, secs(60));
+    assert_eq!(c.listeners[0].client_header_timeout, secs(30));
     let src = src.replace(
         "bind: '127.0.0.1:1'",
-        "bind: '127.0.0.1:1', send_timeout: 90s, client_body_timeout: 5s",
+        "bind: '127.0.0.1:1', send_timeout: 90s, client_body_timeout: 5s, client_header_timeout: 7s",
     );
     let c = Config::parse(&src, "x").unwrap();
     assert_eq!(c.listeners[0].send_timeout, secs(90));
     assert_eq!(c.listeners[0].client_body_timeout, secs(5));
+    assert_eq!(c.listeners[0].client_header_timeout, secs(7));
     assert_eq!(
         (c.max_connections, c.listeners[0].max_connections),
         (None, None)

@@ -21,9 +21,6 @@ use crate::state::{OpenGauge, Shared};
 use crate::tls::MaybeTls;
 use crate::{http_proxy, router, upgrade};
 
-/// A client slow to send its request headers is cut off after this long (slowloris).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Facts about a client connection, shared by its requests.
 pub struct ConnInfo {
     pub peer: SocketAddr,
@@ -159,7 +156,7 @@ pub async fn serve(
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(settings.header_timeout)
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();

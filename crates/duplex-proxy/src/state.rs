@@ -253,6 +253,8 @@ pub struct ListenerRt {
     pub send_timeouts: Counter,
     /// How long a client may pause while sending a request body.
     pub body_timeout: Duration,
+    /// The listener's `client_header_timeout`, for hyper's header read timeout.
+    pub header_timeout: Duration,
     /// The listener's own `max_connections`.
     pub max_connections: Option<usize>,
     /// `duplex_connections_reclaimed_total` of this listener.
@@ -293,6 +295,7 @@ impl Table {
                 redirect_https: l.redirect_https,
                 send_timeout: l.send_timeout,
                 body_timeout: l.client_body_timeout,
+                header_timeout: l.client_header_timeout,
                 max_connections: l.max_connections,
                 send_timeouts: carry
                     .metrics

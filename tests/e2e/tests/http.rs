@@ -663,3 +663,31 @@ async fn a_get_on_a_connection_the_backend_just_closed_is_sent_again() {
         "the PUT went out once"
     );
 }
+
+/// A client that starts a request head and never finishes it is cut off after the
+/// listener's `client_header_timeout` (nginx's `client_header_timeout`), not held for the
+/// default 30 s.
+#[tokio::test]
+async fn a_head_never_finished_is_cut_off_after_client_header_timeout() {
+    let b = Backend::start("b1").await;
+    let upstream = Upstream::new("round_robin").backend(b.addr);
+    let p = TestProxy::start_with_listener(
+        &[("client_header_timeout", "300ms")],
+        &single_route(&upstream),
+    )
+    .await;
+    let mut client = duplex_e2e::client::tcp(p.addr).await;
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: a")
+        .await
+        .expect("send half a head");
+    let mut buf = [0u8; 64];
+    let n = duplex_e2e::within_for(
+        std::time::Duration::from_secs(5),
+        "the proxy to close a half-sent head",
+        client.read(&mut buf),
+    )
+    .await;
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(b.requests().is_empty());
+}
