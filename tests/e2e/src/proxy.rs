@@ -162,3 +162,17 @@ pub fn sum_series(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// Starts a proxy from a whole YAML config (`source`: the file reloads read); returns it
+/// and the address of its listener named `public`.
+pub async fn start_yaml(yaml: &str, source: Option<std::path::PathBuf>) -> (Proxy, SocketAddr) {
+    let config = Config::parse(yaml, "e2e.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let proxy = within(
+        "start",
+        Proxy::start(config, source, Arc::new(Metrics::new())),
+    )
+    .await
+    .expect("the proxy starts");
+    let addr = proxy.listener_addr("public").expect("bound");
+    (proxy, addr)
+}

@@ -4,8 +4,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use duplex_config::Config;
-use duplex_proxy::{Metrics, Proxy};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -37,17 +35,7 @@ pub fn tls_yaml(
     y
 }
 
-pub async fn start(yaml: &str, source: Option<PathBuf>) -> (Proxy, SocketAddr) {
-    let config = Config::parse(yaml, "tls.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    let proxy = within(
-        "start",
-        Proxy::start(config, source, Arc::new(Metrics::new())),
-    )
-    .await
-    .expect("the proxy starts");
-    let addr = proxy.listener_addr("public").expect("bound");
-    (proxy, addr)
-}
+pub use crate::proxy::start_yaml as start;
 
 pub async fn tls_connect(
     addr: SocketAddr,

@@ -2,13 +2,11 @@
 //! asks for client certificates, an internal port) is not reachable through another,
 //! whatever `Host` a request names there.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use duplex_e2e::backend::Backend;
 use duplex_e2e::client;
 use duplex_e2e::within;
-use duplex_proxy::{Metrics, Proxy};
 
 #[tokio::test]
 async fn a_route_limited_to_a_listener_is_not_reachable_through_another() {
@@ -21,15 +19,7 @@ async fn a_route_limited_to_a_listener_is_not_reachable_through_another() {
          upstreams:\n  - name: secret\n    backends:\n      - addr: {}\n  - name: open\n    backends:\n      - addr: {}\n",
         secret.addr, open.addr
     );
-    let config = duplex_config::Config::parse(&yaml, "routing.yaml")
-        .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    let proxy = within(
-        "start",
-        Proxy::start(config, None, Arc::new(Metrics::new())),
-    )
-    .await
-    .expect("the proxy starts");
-    let public = proxy.listener_addr("public").expect("bound");
+    let (proxy, public) = duplex_e2e::proxy::start_yaml(&yaml, None).await;
     let internal = proxy.listener_addr("internal").expect("bound");
     let host = [("host", "b.test")];
     // The same request, plain or upgraded, routed by the listener it came in on.

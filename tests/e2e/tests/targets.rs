@@ -194,18 +194,9 @@ async fn dot_segments_behind_parameters_are_refused_and_ipv6_hosts_pass() {
 /// redirect to a host the request only pretended to name.
 #[tokio::test]
 async fn a_redirect_never_carries_a_malformed_host() {
-    use duplex_proxy::{Metrics, Proxy};
-    use std::sync::Arc;
-    let yaml = "listeners:\n  - name: plain\n    bind: 127.0.0.1:0\n    redirect_https: true\n\
+    let yaml = "listeners:\n  - name: public\n    bind: 127.0.0.1:0\n    redirect_https: true\n\
                 admin:\n  bind: 127.0.0.1:0\n";
-    let config = duplex_config::Config::parse(yaml, "redirect.yaml").expect("valid");
-    let proxy = duplex_e2e::within(
-        "start",
-        Proxy::start(config, None, Arc::new(Metrics::new())),
-    )
-    .await
-    .expect("the proxy starts");
-    let addr = proxy.listener_addr("plain").expect("bound");
+    let (proxy, addr) = duplex_e2e::proxy::start_yaml(yaml, None).await;
     let good = raw_exchange(addr, b"GET /x HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
     assert!(
         good.head.first_line.starts_with("HTTP/1.1 308"),
