@@ -240,7 +240,7 @@ fn status(proxy: &Proxy) -> serde_json::Value {
         "admin": {
             "addr": proxy.inner.admin.to_string(),
             // A reload changed admin.bind: it moves only on restart.
-            "restart_needed_for_bind": (table.config.admin.bind != proxy.inner.admin_bind)
+            "restart_needed_for_bind": proxy.inner.admin_moves_to(table.config.admin.bind)
                 .then(|| table.config.admin.bind.to_string()),
         },
         "reloading": proxy.reload_in_progress(),

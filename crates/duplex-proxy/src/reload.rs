@@ -314,7 +314,7 @@ impl Proxy {
             return Ok(None);
         }
         let old = shared.table.load_full();
-        if config.admin != old.config.admin {
+        if config.admin != old.config.admin && self.inner.admin_moves_to(config.admin.bind) {
             tracing::warn!("admin.bind changed: the admin listener moves only on restart");
         }
 

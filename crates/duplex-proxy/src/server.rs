@@ -80,6 +80,15 @@ pub(crate) struct Inner {
     pub discovery: Mutex<CancellationToken>,
 }
 
+impl Inner {
+    /// Whether a configured `admin.bind` differs from the admin listener in force: neither
+    /// the address it was started with nor the one it got (a port 0 reloaded as the port
+    /// the OS chose is the same listener).
+    pub fn admin_moves_to(&self, bind: SocketAddr) -> bool {
+        bind != self.admin_bind && bind != self.admin
+    }
+}
+
 /// One bound, accepting listener.
 pub(crate) struct ListenerHandle {
     pub name: String,

@@ -325,6 +325,20 @@ async fn a_bad_file_changes_nothing_and_shows_in_status() {
         status["admin"]["restart_needed_for_bind"].is_null(),
         "{status}"
     );
+    // Port 0 reloaded as the port the OS chose names the same listener: nothing to restart.
+    let pinned = in_force.replace(
+        "bind: 127.0.0.1:0\nroutes",
+        &format!("bind: {admin}\nroutes"),
+    );
+    assert_ne!(pinned, in_force);
+    std::fs::write(&path, &pinned).expect("write");
+    assert_eq!(post().await.status, 200);
+    let status: serde_json::Value =
+        serde_json::from_str(&client::get(admin, "/status", &[]).await.text()).expect("JSON");
+    assert!(
+        status["admin"]["restart_needed_for_bind"].is_null(),
+        "{status}"
+    );
     let moved = in_force.replace("bind: 127.0.0.1:0\nroutes", "bind: 127.0.0.2:0\nroutes");
     assert_ne!(moved, in_force);
     std::fs::write(&path, &moved).expect("write");
