@@ -79,10 +79,7 @@ pub async fn serve(
         return;
     };
     settings.open.active.inc();
-    let registration = shared
-        .limits
-        .idle
-        .register(Arc::clone(slot.listener()), settings.reclaimed.clone());
+    let cap_listener = Arc::clone(slot.listener());
     let active = ActiveGuard {
         open: Arc::clone(&settings.open),
         _slot: slot,
@@ -130,6 +127,12 @@ pub async fn serve(
             }
         }
     };
+    // Registered once ready for requests: a TLS handshake has its own timeout, and the
+    // time a new connection has to send its first request starts now.
+    let registration = shared
+        .limits
+        .idle
+        .register(cap_listener, settings.reclaimed.clone());
     let info = Arc::new(ConnInfo {
         peer,
         listener: Arc::from(settings.name.as_str()),
@@ -167,6 +170,14 @@ pub async fn serve(
     let res = tokio::select! {
         res = conn.as_mut() => res,
         _ = registration.conn.asked_to_close() => {
+            // A head begun and never finished (slowloris) would hold hyper's graceful
+            // shutdown until the header timeout; before any request there is nothing to
+            // finish. (The service marks a request begun in the poll that parses its
+            // head, so one cannot be under way unseen here.)
+            if registration.conn.never_began() {
+                drop(registration);
+                return;
+            }
             conn.as_mut().graceful_shutdown();
             tokio::select! {
                 res = conn.as_mut() => res,

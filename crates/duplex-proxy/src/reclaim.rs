@@ -6,10 +6,12 @@
 //! a request starts and when its response has been sent whole. At a cap, the accept loop
 //! holding a new connection asks the connections idle longest to close: hyper's graceful
 //! shutdown closes an idle one at once, and lets one that has just begun a request finish
-//! it first. Only a connection that has been answered at least once is asked: a new one
-//! is on its way to its first request (a connection that never sends one is cut off by
-//! the header read timeout). A WebSocket tunnel is never asked: its connection leaves the
-//! registry when it upgrades.
+//! it first. A connection is idle once it has been answered and has nothing in progress,
+//! or when it is new and has not begun a request for [`SILENT_MS`]: one on its way to its
+//! first request is left that long, so that a freed place cannot empty the backlog, but
+//! connections that send nothing (or a head, slowly) do not hold a full cap for the whole
+//! header timeout (nginx closes these too). A WebSocket tunnel is never asked: its
+//! connection leaves the registry when it upgrades.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -25,6 +27,10 @@ use crate::server::lock;
 /// keep-alive connections each time it runs short). Loops that find the cap full again
 /// before those have closed ask no more.
 pub const BATCH: usize = 32;
+
+/// How long a new connection may go without beginning its first request before a full
+/// cap may ask it to close.
+pub const SILENT_MS: u64 = 3000;
 
 /// How often, at most, a full batch looks for connections that began a request after
 /// being asked (see [`Idle::release_busy`]).
@@ -60,10 +66,11 @@ pub struct Conn {
     /// Requests in progress, from their head to the end of their response body; an
     /// upgrade that succeeded stays counted.
     busy: AtomicUsize,
-    /// Whether a response has been sent whole: before that the connection is not idle,
-    /// only new.
+    /// Whether a response has been sent whole: before that the connection is new, and
+    /// idle only after [`SILENT_MS`].
     served: AtomicBool,
-    /// When the connection last had nothing in progress, in ms since [`epoch`].
+    /// When the connection last had nothing in progress (for a new one, when it was
+    /// registered), in ms since [`epoch`].
     idle_since: AtomicU64,
     /// Asked to close, by a full cap or by shutdown: asked only once.
     asked: AtomicBool,
@@ -156,6 +163,7 @@ impl Idle {
                 return 0;
             }
         }
+        let now = now_ms();
         let mut idle: Vec<(u64, usize)> = registry
             .conns
             .iter()
@@ -163,7 +171,7 @@ impl Idle {
             .filter_map(|(i, c)| {
                 let c = c.as_ref()?;
                 let here = listener.is_none_or(|l| std::ptr::eq(l, &*c.listener));
-                (here && c.is_idle()).then(|| (c.idle_since.load(SeqCst), i))
+                (here && c.is_idle(now)).then(|| (c.idle_since.load(SeqCst), i))
             })
             .collect();
         if idle.len() > room {
@@ -232,8 +240,19 @@ impl Drop for Registration {
 }
 
 impl Conn {
-    fn is_idle(&self) -> bool {
-        self.served.load(SeqCst) && self.busy.load(SeqCst) == 0 && !self.asked.load(SeqCst)
+    /// Whether the connection may be asked to close at a full cap, at `now` (ms since
+    /// [`epoch`]).
+    fn is_idle(&self, now: u64) -> bool {
+        let since = self.idle_since.load(SeqCst);
+        (self.served.load(SeqCst) || now.saturating_sub(since) >= SILENT_MS)
+            && self.busy.load(SeqCst) == 0
+            && !self.asked.load(SeqCst)
+    }
+
+    /// Whether no request has begun on the connection yet: closing it then owes nobody an
+    /// answer.
+    pub fn never_began(&self) -> bool {
+        !self.served.load(SeqCst) && self.busy.load(SeqCst) == 0
     }
 
     /// A request's head has arrived: the connection is not idle until the matching
@@ -353,6 +372,26 @@ mod tests {
         );
         drop(registry);
         assert_eq!(idle.outstanding.load(SeqCst), 0);
+    }
+
+    #[test]
+    fn a_new_connection_is_idle_once_silent_long_enough() {
+        let idle = Arc::new(Idle::default());
+        let r = idle.register(Arc::new(AtomicUsize::new(0)), counter());
+        let since = r.conn.idle_since.load(SeqCst);
+        assert!(
+            !r.conn.is_idle(since + SILENT_MS - 1),
+            "on its way to a request"
+        );
+        assert!(r.conn.is_idle(since + SILENT_MS), "silent too long");
+        let busy = r.conn.busy();
+        assert!(
+            !r.conn.is_idle(since + SILENT_MS),
+            "its first request began"
+        );
+        drop(busy);
+        let since = r.conn.idle_since.load(SeqCst);
+        assert!(r.conn.is_idle(since), "answered: idle at once");
     }
 
     #[test]

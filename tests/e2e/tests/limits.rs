@@ -254,6 +254,40 @@ async fn an_idle_keep_alive_connection_makes_room_at_the_cap() {
     assert_eq!(recv(&mut tunnel).await, Message::text("untouched"));
 }
 
+/// A connection that sends nothing, or a head that never ends (slowloris), holds a full
+/// cap only for a few seconds (not the whole `client_header_timeout`) once someone waits:
+/// it is closed like an idle one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_no_request_makes_room_at_the_cap() {
+    let b = Backend::start("a").await;
+    let p = start(&yaml(Some(1), None, b.addr)).await;
+    let mut tunnel = None;
+    for (n, sent) in [&b""[..], b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: "]
+        .into_iter()
+        .enumerate()
+    {
+        // Before it connects: it is registered, and its time starts, after this.
+        let started = std::time::Instant::now();
+        let mut silent = tcp(p.addr).await;
+        silent.write_all(sent).await.expect("write");
+        drop(tunnel.take());
+        eventually(STEP, "the silent connection to be accepted", || async {
+            status(&p).await["connections"]["open"] == 1
+        })
+        .await;
+        let held = upgrade_sent(p.addr).await;
+        closed(&mut silent, "the connection with no request").await;
+        // Given its time to begin a request first (3 s, to the millisecond duplex counts).
+        assert!(
+            started.elapsed() >= Duration::from_millis(2990),
+            "closed after {:?}",
+            started.elapsed()
+        );
+        tunnel = Some(served(held).await);
+        assert_eq!(reclaimed(&p).await, n as f64 + 1.0);
+    }
+}
+
 /// At the cap the idle connection is closed and the one with a request in progress is
 /// not: it gets its whole answer and stays open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,7 +323,8 @@ async fn a_request_in_progress_at_the_cap_is_left_alone() {
 }
 
 /// A connection that has not been answered yet is not idle, only new: at a cap it is
-/// never closed to let the next one in, so one freed place cannot empty the backlog.
+/// not closed to let the next one in before it has had 3 s to begin a request, so one
+/// freed place cannot empty the backlog.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_connection_is_not_closed_for_the_next_one() {
     let b = Backend::start("a").await;
