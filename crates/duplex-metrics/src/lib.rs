@@ -10,6 +10,7 @@
 mod process;
 mod scope;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{
@@ -284,12 +285,25 @@ impl Metrics {
     /// Removes every series of backend `backend` of `upstream`, whatever its other labels
     /// (route, kind, result): for a backend that no configuration has any more.
     pub fn forget_backend(&self, upstream: &str, backend: &str) {
-        let pair = [("upstream", upstream), ("backend", backend)];
-        scope::forget_where(&self.tunnels_active, &pair);
-        scope::forget_where(&self.backend_connect_errors, &pair);
-        scope::forget_where(&self.backend_up, &pair);
-        scope::forget_where(&self.backend_health_checks, &pair);
-        scope::forget_where(&self.backend_ejections, &pair);
+        let one = HashMap::from([(upstream.to_owned(), HashSet::from([backend.to_owned()]))]);
+        self.forget_backends(&one);
+    }
+
+    /// [`Metrics::forget_backend`] for many backends (`backend` labels by upstream) in
+    /// one pass over each family, which reads every series: once per backend made
+    /// forgetting thousands quadratic.
+    pub fn forget_backends(&self, gone: &HashMap<String, HashSet<String>>) {
+        let of = |labels: &scope::Labels| {
+            let (Some(up), Some(b)) = (labels.get("upstream"), labels.get("backend")) else {
+                return false;
+            };
+            gone.get(*up).is_some_and(|bs| bs.contains(*b))
+        };
+        scope::forget_if(&self.tunnels_active, of);
+        scope::forget_if(&self.backend_connect_errors, of);
+        scope::forget_if(&self.backend_up, of);
+        scope::forget_if(&self.backend_health_checks, of);
+        scope::forget_if(&self.backend_ejections, of);
     }
 
     /// The series of a tunnel of route `of` to `backend`.
@@ -399,6 +413,15 @@ mod tests {
             .filter(|l| !l.starts_with('#') && l.contains("backend=\""))
             .count();
         assert_eq!(left, 12, "{text}");
+
+        // Several at once, by upstream.
+        m.forget_backends(&HashMap::from([
+            ("u".to_owned(), HashSet::from(["10.0.0.2:80".to_owned()])),
+            ("v".to_owned(), HashSet::from(["10.0.0.1:80".to_owned()])),
+            ("w".to_owned(), HashSet::from(["10.0.0.9:80".to_owned()])),
+        ]));
+        let text = m.render();
+        assert!(!text.contains("backend=\""), "{text}");
     }
 
     #[test]

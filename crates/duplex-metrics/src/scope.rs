@@ -156,10 +156,10 @@ impl Drop for Hold {
 }
 
 /// A series' labels, by name.
-type Labels<'a> = HashMap<&'a str, &'a str>;
+pub(crate) type Labels<'a> = HashMap<&'a str, &'a str>;
 
 /// Removes the series of `vec` whose labels `pick` chooses.
-fn forget_if<T: MetricVecBuilder>(vec: &MetricVec<T>, pick: impl Fn(&Labels) -> bool) {
+pub(crate) fn forget_if<T: MetricVecBuilder>(vec: &MetricVec<T>, pick: impl Fn(&Labels) -> bool) {
     for family in vec.collect() {
         for m in family.get_metric() {
             let labels: Labels = m
@@ -172,11 +172,6 @@ fn forget_if<T: MetricVecBuilder>(vec: &MetricVec<T>, pick: impl Fn(&Labels) -> 
             }
         }
     }
-}
-
-/// Removes the series of `vec` whose labels include every pair of `labels`.
-pub(crate) fn forget_where<T: MetricVecBuilder>(vec: &MetricVec<T>, labels: &[(&str, &str)]) {
-    forget_if(vec, |all| labels.iter().all(|(k, v)| all.get(k) == Some(v)));
 }
 
 #[cfg(test)]

@@ -608,12 +608,6 @@ async fn drain(
     entry.closer.retire();
     // Unless a reload has the backend back already. Whatever still runs on an old table
     // may bring some back; the backend's `Closer` forgets them again when the last table
-    // holding it goes. Forgetting reads every series of five families: on the blocking
-    // pool, so that thousands of backends removed at once do not hold up traffic.
-    let forget = tokio::task::spawn_blocking(move || {
-        shared
-            .owners
-            .forget_if_sole(&shared.metrics, &upstream, addr);
-    });
-    let _ = forget.await;
+    // holding it goes.
+    shared.owners.forget_if_sole(entry.closer);
 }

@@ -5,7 +5,7 @@
 //! requests and tunnels never lock and never see a half-applied config.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -60,25 +60,116 @@ pub struct Closer {
     owner: Owner,
 }
 
-/// How many live [`Closer`]s each backend has: usually one; two while a backend that a
-/// reload removed is back under a new one and the old one is still held.
+/// How many live [`Closer`]s each backend has (usually one; two while a backend that a
+/// reload removed is back under a new one and the old one is still held), and the
+/// forgetting of the series of backends that none holds any more.
+pub struct Owners {
+    counts: Mutex<HashMap<(String, SocketAddr), usize>>,
+    metrics: Arc<Metrics>,
+    /// Backends whose series are to be forgotten, taken in batches by one thread at a
+    /// time. Forgetting reads every series of five families: once per batch, not once
+    /// per backend, since a reload that removes thousands of backends ends their drains
+    /// all at once. Off the runtime's threads, so that it holds up no traffic.
+    queue: Mutex<Queue>,
+}
+
 #[derive(Default)]
-pub struct Owners(Mutex<HashMap<(String, SocketAddr), usize>>);
+struct Queue {
+    pending: Vec<Forget>,
+    /// A thread is taking batches; it stops when it finds none.
+    working: bool,
+}
+
+/// A backend whose series are to be forgotten, if no closer holds it then but `held`.
+struct Forget {
+    key: (String, SocketAddr),
+    /// The caller's closer, kept until the check so that the count includes it.
+    held: Option<Arc<Closer>>,
+}
 
 impl Owners {
-    /// Forgets the series of backend `addr` of `upstream` unless a closer other than the
-    /// caller's holds it: at the end of a drain, a reload may already have it back. The
-    /// lock is held while forgetting, so that no new closer comes in between.
-    pub fn forget_if_sole(&self, metrics: &Metrics, upstream: &str, addr: SocketAddr) {
-        let counts = crate::server::lock(&self.0);
-        if counts
-            .get(&(upstream.to_owned(), addr))
-            .copied()
-            .unwrap_or(0)
-            <= 1
-        {
-            metrics.forget_backend(upstream, &addr.to_string());
+    pub fn new(metrics: Arc<Metrics>) -> Owners {
+        Owners {
+            counts: Mutex::default(),
+            metrics,
+            queue: Mutex::default(),
         }
+    }
+
+    /// At the end of a drain: forgets the series of `closer`'s backend unless another
+    /// closer holds it by then (a reload may already have it back).
+    pub fn forget_if_sole(self: &Arc<Self>, closer: Arc<Closer>) {
+        let key = closer.owner.key.clone();
+        self.queue(Forget {
+            key,
+            held: Some(closer),
+        });
+    }
+
+    fn queue(self: &Arc<Self>, forget: Forget) {
+        let mut queue = crate::server::lock(&self.queue);
+        queue.pending.push(forget);
+        if std::mem::replace(&mut queue.working, true) {
+            return;
+        }
+        drop(queue);
+        let owners = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("duplex-forget".into())
+            .spawn(move || owners.work());
+        if spawned.is_err() {
+            // No thread to be had: here, rather than never.
+            self.work();
+        }
+    }
+
+    /// Forgets batches until none is left. Each is checked and forgotten under the count
+    /// lock, so that a reload bringing a backend back waits for it in `Closer::owned`
+    /// rather than having its new series removed.
+    fn work(&self) {
+        loop {
+            let batch = {
+                let mut queue = crate::server::lock(&self.queue);
+                if queue.pending.is_empty() {
+                    queue.working = false;
+                    return;
+                }
+                std::mem::take(&mut queue.pending)
+            };
+            {
+                let counts = crate::server::lock(&self.counts);
+                let mut gone: HashMap<String, HashSet<String>> = HashMap::new();
+                for f in &batch {
+                    let others = counts.get(&f.key).copied().unwrap_or(0);
+                    if others <= usize::from(f.held.is_some()) {
+                        let (upstream, addr) = &f.key;
+                        gone.entry(upstream.clone())
+                            .or_default()
+                            .insert(addr.to_string());
+                    }
+                }
+                if !gone.is_empty() {
+                    self.metrics.forget_backends(&gone);
+                }
+            }
+            // Out of the count lock: a closer let go here may be the backend's last, and
+            // queue it again.
+            drop(batch);
+        }
+    }
+
+    /// Waits until every backend queued so far has been forgotten (or kept).
+    #[cfg(test)]
+    pub fn settle(&self) {
+        for _ in 0..1000 {
+            let queue = crate::server::lock(&self.queue);
+            if !queue.working && queue.pending.is_empty() {
+                return;
+            }
+            drop(queue);
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("series still being forgotten after 10 s");
     }
 }
 
@@ -87,7 +178,6 @@ impl Owners {
 /// health check finishing) may have brought them back after its drain ended.
 struct Owner {
     owners: Arc<Owners>,
-    metrics: Arc<Metrics>,
     key: (String, SocketAddr),
     /// The address as metric labels carry it, rendered once rather than per tunnel.
     label: String,
@@ -95,14 +185,20 @@ struct Owner {
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        // Forgotten under the lock: a reload adding the backend back waits for it in
-        // `Closer::owned`, rather than having its new series removed.
-        let mut counts = crate::server::lock(&self.owners.0);
+        let mut counts = crate::server::lock(&self.owners.counts);
         let n = counts.entry(self.key.clone()).or_insert(1);
         *n = n.saturating_sub(1);
-        if *n == 0 {
+        let last = *n == 0;
+        if last {
             counts.remove(&self.key);
-            self.metrics.forget_backend(&self.key.0, &self.label);
+        }
+        drop(counts);
+        // Checked again when forgotten: a reload may have the backend back by then.
+        if last {
+            self.owners.queue(Forget {
+                key: self.key.clone(),
+                held: None,
+            });
         }
     }
 }
@@ -111,12 +207,11 @@ impl Closer {
     /// A closer for backend `addr` of `upstream`, counted in `owners`.
     fn owned(carry: &Carry<'_>, upstream: &str, addr: SocketAddr) -> Arc<Closer> {
         let key = (upstream.to_owned(), addr);
-        *crate::server::lock(&carry.owners.0)
+        *crate::server::lock(&carry.owners.counts)
             .entry(key.clone())
             .or_insert(0) += 1;
         let owner = Owner {
             owners: Arc::clone(carry.owners),
-            metrics: Arc::clone(carry.metrics),
             key,
             label: addr.to_string(),
         };
@@ -485,7 +580,6 @@ impl Shared {
     ) -> Shared {
         Shared {
             table: ArcSwap::from_pointee(Table::placeholder(config, &metrics)),
-            metrics,
             tracker: TaskTracker::new(),
             stopping: CancellationToken::new(),
             closing: CancellationToken::new(),
@@ -494,7 +588,8 @@ impl Shared {
             resolved: Mutex::new(HashMap::new()),
             resolver,
             limits: Arc::default(),
-            owners: Arc::default(),
+            owners: Arc::new(Owners::new(Arc::clone(&metrics))),
+            metrics,
         }
     }
 
@@ -710,12 +805,14 @@ mod tests {
     #[test]
     fn a_backends_series_go_with_the_last_table_that_holds_it() {
         let p = Parts::new();
+        let owners = &p.0.owners;
         let both = ["127.0.0.1:9001", "127.0.0.1:9002"];
         let one = p.build(&both, None);
         let two = p.build(&both[..1], Some(&one));
         p.straggler();
         assert_eq!(series(&p.0.metrics), 1);
         drop(one);
+        owners.settle();
         assert_eq!(
             series(&p.0.metrics),
             0,
@@ -728,17 +825,56 @@ mod tests {
         let four = p.build(&both[..1], Some(&three));
         let five = p.build(&both, Some(&four));
         p.straggler();
-        // A drain of `three`'s closer ending now must leave `five`'s series alone.
         let addr: SocketAddr = "127.0.0.1:9002".parse().expect("address");
-        p.0.owners.forget_if_sole(&p.0.metrics, "u", addr);
+        let closer = |t: &Table| Arc::clone(&t.upstreams["u"].closers[&addr]);
+        assert!(!Arc::ptr_eq(&closer(&three), &closer(&five)));
+        // A drain of `three`'s closer ending now must leave `five`'s series alone.
+        owners.forget_if_sole(closer(&three));
+        owners.settle();
         assert_eq!(series(&p.0.metrics), 1, "kept: five has the backend");
         drop(three);
+        owners.settle();
         assert_eq!(series(&p.0.metrics), 1, "kept: five has the backend");
-        p.0.owners.forget_if_sole(&p.0.metrics, "u", addr);
+        // `three`'s last closer went just before `five` took the backend back: its
+        // forgetting, queued then, finds `five` holding it when it runs.
+        owners.queue(Forget {
+            key: ("u".to_owned(), addr),
+            held: None,
+        });
+        owners.settle();
+        assert_eq!(series(&p.0.metrics), 1, "kept: five took it back");
+        owners.forget_if_sole(closer(&five));
+        owners.settle();
         assert_eq!(series(&p.0.metrics), 0, "five's is the only closer left");
         p.straggler();
         drop((four, five));
+        owners.settle();
         assert_eq!(series(&p.0.metrics), 0);
+        drop(two);
+    }
+
+    /// Many backends gone at once are forgotten together, and only they.
+    #[test]
+    fn many_backends_are_forgotten_in_one_go() {
+        let p = Parts::new();
+        let addrs: Vec<String> = (0..200)
+            .map(|i| format!("127.0.0.1:{}", 10_000 + i))
+            .collect();
+        let all: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let one = p.build(&all, None);
+        let two = p.build(&all[..1], Some(&one));
+        for a in &all {
+            p.0.metrics.backend_up.with_label_values(&["u", a]).set(1);
+        }
+        drop(one);
+        p.0.owners.settle();
+        let text = p.0.metrics.render();
+        let left: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("duplex_backend_up{"))
+            .collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(left[0].contains(all[0]), "{left:?}");
         drop(two);
     }
 }
