@@ -230,8 +230,11 @@ enum Attempt {
         req: Request<ClientBody>,
         reused: bool,
     },
-    /// The request went out (some of it at least) and failed.
-    Failed(hyper::Error),
+    /// The request went out (some of it at least) and failed; `reused` as for `Unsent`.
+    Failed {
+        error: hyper::Error,
+        reused: bool,
+    },
     TimedOut,
     /// No response in time, while the client had not sent the rest of its body: the
     /// client's stall, not the backend's.
@@ -267,7 +270,10 @@ async fn attempt(
                     req,
                     reused: lease.reused(),
                 },
-                None => Attempt::Failed(e.into_error()),
+                None => Attempt::Failed {
+                    error: e.into_error(),
+                    reused: lease.reused(),
+                },
             },
         }
     };
@@ -333,7 +339,7 @@ pub async fn forward(
     }
     // A request that can be sent again as it was: idempotent (RFC 9110 section 9.2.2),
     // and no body that the first try may have used up. Its copy is kept for that.
-    let mut again = (end && parts.method.is_idempotent()).then(|| parts.clone());
+    let again = (end && parts.method.is_idempotent()).then(|| parts.clone());
     parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
     let mut out = Request::from_parts(parts, ClientBody::new(body, conn.body_timeout));
@@ -397,7 +403,7 @@ pub async fn forward(
                     tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&error), "backend closed a new connection before the request went out");
                     continue 'candidates;
                 }
-                Attempt::Failed(e) => {
+                Attempt::Failed { error: e, reused } => {
                     // The client's side of the exchange, not the backend: its body stalled
                     // or broke off while being forwarded.
                     if let Some(client) = crate::error::client_side(&e) {
@@ -408,13 +414,15 @@ pub async fn forward(
                         });
                         break 'candidates;
                     }
+                    let closed = crate::error::closed_before_response(&e);
                     // A pooled connection the backend closed as the request went out (its
                     // keep-alive timeout, shorter than ours): once more to the same
-                    // backend, as nginx does, and not counted against it.
-                    if crate::error::closed_before_response(&e) {
-                        if let Some(p) = again.take() {
-                            tracing::debug!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "backend closed the connection before answering; sending again");
-                            out = resend(p, has_host, backend.state.authority.as_str());
+                    // backend on a new connection, as nginx does, and not counted
+                    // against it.
+                    if closed && reused {
+                        if let Some(p) = &again {
+                            tracing::debug!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "backend closed a pooled connection before answering; sending again");
+                            out = resend(p.clone(), has_host, backend.state.authority.as_str());
                             // Its other idle connections may have timed out alike.
                             fresh = true;
                             continue;
@@ -431,8 +439,30 @@ pub async fn forward(
                             .with_label_values(&[&up.cfg.name, &addr.to_string(), "tls"])
                             .inc();
                         tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), "TLS with the backend failed before its answer");
-                        if let Some(p) = again.take() {
-                            out = resend(p, has_host, backend.state.authority.as_str());
+                        if let Some(p) = &again {
+                            out = resend(p.clone(), has_host, backend.state.authority.as_str());
+                            continue 'candidates;
+                        }
+                        break 'candidates;
+                    }
+                    // A new connection the backend closed or reset before answering:
+                    // counted as a failed connection, as for an upgrade, though not held
+                    // against its passive health (it may be refusing this one request,
+                    // and a client must not be able to get backends ejected that way).
+                    // An idempotent request without a body goes to the next backend, as
+                    // nginx's `proxy_next_upstream error` sends it.
+                    if closed {
+                        m.backend_connect_errors
+                            .with_label_values(&[
+                                &up.cfg.name,
+                                &addr.to_string(),
+                                crate::error::connect_kind(&e),
+                            ])
+                            .inc();
+                        let resent = again.is_some();
+                        tracing::warn!(route = %route.name, backend = %addr, error = %crate::error::Chain(&e), resent, "backend closed a new connection before answering");
+                        if let Some(p) = &again {
+                            out = resend(p.clone(), has_host, backend.state.authority.as_str());
                             continue 'candidates;
                         }
                         break 'candidates;

@@ -664,6 +664,69 @@ async fn a_get_on_a_connection_the_backend_just_closed_is_sent_again() {
     );
 }
 
+/// A backend that takes a new connection, reads the request's head and closes it
+/// unanswered (a crashing worker, a backend refusing the request): an idempotent request
+/// without a body goes to the next backend (nginx's `proxy_next_upstream error`), and
+/// the failure counts as one of its connections, though not against its passive health
+/// (the backend may be refusing that request); a POST is not sent on and gets 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_closed_unanswered_sends_a_get_to_the_next_backend() {
+    let bad = RawBackend::start(|mut tcp| async move {
+        let _ = read_head(&mut tcp).await?;
+        Ok(())
+    })
+    .await;
+    let good = Backend::start("good").await;
+    let upstream = Upstream::new("round_robin")
+        .option("max_fails", "1")
+        .backend(bad.addr)
+        .backend(good.addr);
+    let yaml = single_route(&upstream).replace("max_fails: \"1\"", "max_fails: 1");
+    let p = TestProxy::start(&yaml).await;
+    // Round robin starts with `bad` and alternates: two of the four go to it first.
+    for i in 0..4 {
+        let r = get(p.addr, &format!("/get{i}"), &[]).await;
+        assert_eq!(r.status.as_u16(), 200, "{i}: {}", r.text());
+        assert_eq!(
+            r.headers.get("x-backend").map(|v| v.as_bytes()),
+            Some(&b"good"[..])
+        );
+    }
+    assert_eq!(bad.accepted(), 2);
+    assert_eq!(good.requests().len(), 4);
+    let bad_label = bad.addr.to_string();
+    let failed = [("backend", bad_label.as_str()), ("kind", "other")];
+    assert_eq!(
+        p.metric("duplex_backend_connect_errors_total", &failed)
+            .await,
+        2.0
+    );
+    let up = [("backend", bad_label.as_str())];
+    assert_eq!(
+        p.metric("duplex_backend_up", &up).await,
+        1.0,
+        "not ejected, even with max_fails 1"
+    );
+
+    // Its turn again: a POST may have been acted on, so it goes nowhere else.
+    let post = request(
+        Method::POST,
+        p.addr,
+        "/post",
+        &[("content-length", "0")],
+        empty(),
+    );
+    let r = HttpConn::open(p.addr).await.send(post).await;
+    assert_eq!(r.status.as_u16(), 502, "{}", r.text());
+    assert_eq!(bad.accepted(), 3);
+    assert_eq!(good.requests().len(), 4, "the POST went out once");
+    assert_eq!(
+        p.metric("duplex_backend_connect_errors_total", &failed)
+            .await,
+        3.0
+    );
+}
+
 /// A client that starts a request head and never finishes it is cut off after the
 /// listener's `client_header_timeout` (nginx's `client_header_timeout`), not held for the
 /// default 30 s.
