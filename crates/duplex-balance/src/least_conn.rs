@@ -29,8 +29,10 @@ impl Balancer for LeastConn {
     }
 }
 
-/// Pushes up to `max` indexes of usable backends, least loaded first; among equals, in
-/// turn from `rotate` onwards.
+/// Pushes up to `max` indexes of usable backends, least loaded first. The least loaded
+/// take turns in proportion to their weights, by `rotate` (which callers count up once
+/// per pick): nginx's `least_conn` breaks ties by weighted round robin, and with idle
+/// backends (HTTP at low concurrency, short tunnels) every pick is a tie.
 pub(crate) fn order_by_load(
     backends: &[Backend],
     usable: &dyn Fn(usize) -> bool,
@@ -50,12 +52,39 @@ pub(crate) fn order_by_load(
     if keyed.is_empty() {
         return;
     }
-    // Rotated among the usable ones only, so that ties share evenly whichever are out.
+    // Rotated among the usable ones only, so that the rest of the order (the candidates a
+    // retry takes) shares evenly too, whichever are out.
     let n = keyed.len();
     keyed.rotate_left(rotate % n);
     // Load per weight, compared without division; a stable sort keeps the rotated order
     // among ties.
     keyed.sort_by(|a, b| (a.0 * b.1).cmp(&(b.0 * a.1)));
+    // The first place goes to each of the least loaded for as many turns as its weight,
+    // in backend order: the same for every rotation of the group, so turns add up to
+    // the weights over consecutive picks.
+    let (load, weight) = (keyed[0].0, keyed[0].1);
+    let ties = keyed
+        .iter()
+        .take_while(|k| k.0 * weight == load * k.1)
+        .count();
+    if ties > 1 {
+        let group = &mut keyed[..ties];
+        let total: u64 = group.iter().map(|k| k.1).sum();
+        let mut members: Vec<usize> = (0..ties).collect();
+        members.sort_unstable_by_key(|&at| group[at].2);
+        let mut turn = rotate as u64 % total.max(1);
+        let first = members.into_iter().find(|&at| {
+            let w = group[at].1;
+            if turn < w {
+                return true;
+            }
+            turn -= w;
+            false
+        });
+        if let Some(at) = first {
+            group.swap(0, at);
+        }
+    }
     out.extend(keyed.iter().take(max).map(|k| k.2));
 }
 
@@ -109,6 +138,17 @@ mod tests {
         }
         stop.store(true, Ordering::Relaxed);
         churn.join().expect("the churning thread");
+    }
+
+    /// Idle backends all tie: each is first as often as its weight says, as nginx's
+    /// weighted round robin among equals gives.
+    #[test]
+    fn ties_share_by_weight() {
+        let b = backends(&[3, 1, 2]);
+        assert_eq!(tally(&LeastConn::default(), &b, 600), vec![300, 100, 200]);
+        // With one busy, the other two share by their weights.
+        let _held = b[2].state.guard();
+        assert_eq!(tally(&LeastConn::default(), &b, 400), vec![300, 100, 0]);
     }
 
     #[test]
