@@ -8,8 +8,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::{Backend, Balancer, Context};
 
-/// Bounds the work and memory of building a schedule: weights are scaled down past this.
+/// Bounds the work of computing nginx's sequence (sum of weights × backends): past it, a
+/// schedule with the same shares is built by sorting instead.
 const MAX_SCHEDULE_WORK: u64 = 4_000_000;
+
+/// Bounds a schedule's length (the sum of the weights, 4 bytes each): past it, weights
+/// are scaled down in proportion, each to at least 1.
+const MAX_SCHEDULE_LEN: u64 = 1 << 20;
 
 pub struct RoundRobin {
     /// One period of the smooth weighted sequence, as backend indexes.
@@ -29,16 +34,24 @@ impl RoundRobin {
         if g > 1 {
             weights.iter_mut().for_each(|w| *w /= g);
         }
-        let work = |w: &[u64]| w.iter().sum::<u64>() * w.len() as u64;
-        while work(&weights) > MAX_SCHEDULE_WORK && weights.iter().any(|&w| w > 1) {
-            weights.iter_mut().for_each(|w| *w = (*w / 2).max(1));
+        let total: u64 = weights.iter().sum();
+        if total > MAX_SCHEDULE_LEN {
+            // Kept in proportion; only weights under total / MAX_SCHEDULE_LEN (for the
+            // largest pools) round up to 1.
+            weights
+                .iter_mut()
+                .for_each(|w| *w = (*w * MAX_SCHEDULE_LEN / total).max(1));
         }
         if weights.iter().all(|&w| w == 1) {
             // Equal weights: the smooth sequence is plain rotation; no need to compute it
             // (and for thousands of backends, computing it would cost n^2).
             return RoundRobin::with_schedule((0..weights.len() as u32).collect(), weights.len());
         }
-        let total: i64 = weights.iter().sum::<u64>() as i64;
+        let total: u64 = weights.iter().sum();
+        if total * weights.len() as u64 > MAX_SCHEDULE_WORK {
+            return RoundRobin::with_schedule(interleaved(&weights), weights.len());
+        }
+        let total = total as i64;
         let mut current = vec![0i64; weights.len()];
         let mut schedule = Vec::with_capacity(total as usize);
         for _ in 0..total {
@@ -69,6 +82,21 @@ impl RoundRobin {
             places,
         }
     }
+}
+
+/// A period in which backend `i` has `weights[i]` turns, spread out: its `k`-th turn at
+/// the middle of its `k`-th share of the period, `(k + 1/2) / weight`, ties by index. The
+/// same shares as nginx's sequence, in a slightly different order, at the cost of a sort
+/// rather than of a pass over every backend for every place.
+fn interleaved(weights: &[u64]) -> Vec<u32> {
+    let mut turns: Vec<(u64, u64, u32)> = weights
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &w)| (0..w).map(move |k| (2 * k + 1, w, i as u32)))
+        .collect();
+    // (2k + 1) / 2w against the other's, without division.
+    turns.sort_unstable_by(|a, b| (a.0 * b.1).cmp(&(b.0 * a.1)).then(a.2.cmp(&b.2)));
+    turns.into_iter().map(|t| t.2).collect()
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -201,10 +229,44 @@ mod tests {
         assert_eq!(rr.schedule[4999], 4999);
     }
 
+    /// Past the bound on computing nginx's sequence, the shares stay those of the
+    /// weights (a 9:1 canary split over a thousand backends, not 1:1), spread out.
+    #[test]
+    fn large_pools_keep_their_weights() {
+        let weights: Vec<u32> = (0..1100).map(|i| if i < 1000 { 9 } else { 1 }).collect();
+        let b = backends(&weights);
+        let rr = RoundRobin::new(&b);
+        assert!(rr.schedule.len() as u64 * 1100 > MAX_SCHEDULE_WORK);
+        assert_eq!(rr.schedule.len(), 9100);
+        let counts = tally(&rr, &b, 9100);
+        assert!(counts[..1000].iter().all(|&c| c == 9), "{counts:?}");
+        assert!(counts[1000..].iter().all(|&c| c == 1), "{counts:?}");
+        // Spread out: no backend's turns come back to back.
+        let s = &rr.schedule;
+        assert!(s.windows(2).all(|w| w[0] != w[1]), "turns back to back");
+        // Each backend's turns are spread over the period: a weight-9 one comes about
+        // every ninth of it.
+        let at: Vec<usize> = (0..s.len()).filter(|&p| s[p] == 0).collect();
+        assert!(
+            at.windows(2).all(|w| (900..=1200).contains(&(w[1] - w[0]))),
+            "backend 0 at {at:?}"
+        );
+    }
+
+    #[test]
+    fn interleaves_small_weights_evenly() {
+        assert_eq!(interleaved(&[2, 1]), vec![0, 1, 0]);
+        assert_eq!(interleaved(&[5, 1, 1]), vec![0, 0, 0, 1, 2, 0, 0]);
+    }
+
     #[test]
     fn huge_weights_stay_bounded() {
-        let weights: Vec<u32> = (0..500).map(|i| 1000 - i).collect();
-        let rr = RoundRobin::new(&backends(&weights));
-        assert!(rr.schedule.len() as u64 * 500 <= MAX_SCHEDULE_WORK);
+        let weights: Vec<u32> = (0..5000).map(|i| 1000 - i % 1000).collect();
+        let b = backends(&weights);
+        let rr = RoundRobin::new(&b);
+        assert!(rr.schedule.len() as u64 <= MAX_SCHEDULE_LEN + 5000);
+        // Still in proportion: weight 1000 against weight 500.
+        let places = |i: usize| rr.places[i].0 as f64;
+        assert!((places(0) / places(500) - 2.0).abs() < 0.01);
     }
 }
