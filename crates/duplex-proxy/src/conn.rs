@@ -252,16 +252,10 @@ async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: Arc<Shared>) ->
 /// A WebSocket upgrade gets 426 instead: clients do not follow redirects on upgrades.
 fn to_https(req: &Request<Incoming>, port: u16) -> Response<Body> {
     if is_websocket_upgrade(req) {
-        let mut r = responses::text(
-            StatusCode::UPGRADE_REQUIRED,
+        return responses::upgrade_to(
+            "TLS/1.3, TLS/1.2",
             "duplex: use wss:// on this host\n".into(),
         );
-        // RFC 9110 section 15.5.22: a 426 names the protocols to move to.
-        r.headers_mut().insert(
-            http::header::UPGRADE,
-            http::HeaderValue::from_static("TLS/1.3, TLS/1.2"),
-        );
-        return r;
     }
     let Some(host) = request_host(req.headers(), req.uri()) else {
         return responses::text(

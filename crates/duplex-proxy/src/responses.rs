@@ -84,11 +84,24 @@ pub fn bad_handshake(why: &str) -> Response<Body> {
 }
 
 pub fn upgrade_required() -> Response<Body> {
-    let mut r = text(
-        StatusCode::UPGRADE_REQUIRED,
+    let mut r = upgrade_to(
+        "websocket",
         "duplex: only WebSocket version 13 is supported\n".into(),
     );
     r.headers_mut()
         .insert("sec-websocket-version", HeaderValue::from_static("13"));
+    r
+}
+
+/// 426 naming the protocols to move to in `Upgrade` (RFC 9110 section 15.5.22), with the
+/// `upgrade` connection option that must come with it (section 7.8).
+pub fn upgrade_to(protocols: &'static str, body: String) -> Response<Body> {
+    let mut r = text(StatusCode::UPGRADE_REQUIRED, body);
+    let h = r.headers_mut();
+    h.insert(http::header::UPGRADE, HeaderValue::from_static(protocols));
+    h.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
     r
 }

@@ -248,6 +248,9 @@ async fn version_8_gets_426_naming_version_13() {
     let r = raw_exchange(p.addr, req.as_bytes()).await;
     assert_eq!(r.head.status(), 426, "{r:?}");
     assert_eq!(r.head.get("sec-websocket-version"), Some("13"), "{r:?}");
+    // RFC 9110: a 426 names what to upgrade to, with the connection option.
+    assert_eq!(r.head.get("upgrade"), Some("websocket"), "{r:?}");
+    assert_eq!(r.head.get("connection"), Some("upgrade"), "{r:?}");
     assert_eq!(
         b.accepted(),
         0,

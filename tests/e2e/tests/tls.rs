@@ -611,6 +611,8 @@ async fn plain_http_redirects_to_https_but_upgrades_do_not() {
     )
     .await;
     assert_eq!(raw.head.status(), 426);
+    assert_eq!(raw.head.get("upgrade"), Some("TLS/1.3, TLS/1.2"), "{raw:?}");
+    assert_eq!(raw.head.get("connection"), Some("upgrade"), "{raw:?}");
     assert_eq!(b.connections(), 0);
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }
