@@ -48,6 +48,17 @@ pub fn no_healthy_backend(route: &str) -> Response<Body> {
     )
 }
 
+/// A handshake whose backend was removed (its drain over) before the backend answered.
+pub fn backend_removed(route: &str) -> Response<Body> {
+    text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "duplex: route {route:?}: the backend was removed while the handshake was under \
+             way; try again\n"
+        ),
+    )
+}
+
 /// The client stopped sending its request body for `client_body_timeout`.
 pub fn body_stalled() -> Response<Body> {
     text(

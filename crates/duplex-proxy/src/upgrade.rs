@@ -153,6 +153,13 @@ pub async fn upgrade(
     // Spawn the tunnel; it starts once hyper has written our 101 to the client.
     let client_side = hyper::upgrade::on(&mut req);
     let (close, label) = up.closer(addr);
+    if close.is_cancelled() {
+        // The backend's drain ended while its handshake was under way (a reload removed
+        // it), or shutdown closed every tunnel: a 101 would open a tunnel closed at once.
+        tracing::info!(route = %route.name, backend = %addr, "backend removed during the handshake; not opening the tunnel");
+        count(UpgradeResult::NoBackend);
+        return responses::backend_removed(&route.name);
+    }
     let series = shared.metrics.tunnel_series(counters, &label);
     let settings = tunnel::Settings {
         idle_timeout: up.cfg.idle_timeout,

@@ -9,9 +9,12 @@ use std::time::{Duration, Instant};
 use duplex_config::Config;
 use duplex_e2e::backend::Backend;
 use duplex_e2e::client::{self, backend_of, recv, Ws};
+use duplex_e2e::raw::RawBackend;
+use duplex_e2e::wire::{read_head, switching_protocols, upgrade_request};
 use duplex_e2e::{eventually, within};
 use duplex_proxy::{Metrics, Proxy};
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::client::Response;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -165,6 +168,73 @@ async fn a_removed_backend_drains_then_its_tunnels_close() {
         },
     )
     .await;
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+/// A handshake still waiting for its backend's 101 when a reload removes the backend and
+/// its drain ends gets 503, not a 101 for a tunnel that would be closed at once.
+#[tokio::test]
+async fn a_handshake_outliving_its_backends_drain_gets_503() {
+    let (answer, answered) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let (go, heard) = (Arc::clone(&answer), Arc::clone(&answered));
+    let slow = RawBackend::start(move |mut tcp| {
+        let (go, heard) = (Arc::clone(&go), Arc::clone(&heard));
+        async move {
+            let (head, _) = read_head(&mut tcp).await?;
+            heard.notify_one();
+            go.notified().await;
+            tcp.write_all(switching_protocols(&head, &[]).as_bytes())
+                .await?;
+            // Held open: whatever closes the tunnel, it is not the backend.
+            let mut rest = Vec::new();
+            let _ = tcp.read_to_end(&mut rest).await;
+            Ok(())
+        }
+    })
+    .await;
+    let other = Backend::start("other").await;
+    let public = [("public", "127.0.0.1:0")];
+    let drain = "    drain_timeout: 100ms\n";
+    let proxy = start(&yaml(&public, "round_robin", drain, &[slow.addr]), None).await;
+    let addr = proxy.listener_addr("public").expect("bound");
+    let mut client = client::tcp(addr).await;
+    let req = upgrade_request("/", &addr.to_string(), &[]);
+    client.write_all(req.as_bytes()).await.expect("write");
+    within("the backend to get the handshake", answered.notified()).await;
+
+    proxy
+        .reload(config(&yaml(&public, "round_robin", drain, &[other.addr])))
+        .await
+        .expect("reload");
+    let admin = proxy.admin_addr();
+    eventually(Duration::from_secs(5), "the drain to end", || async move {
+        client::get(admin, "/status", &[])
+            .await
+            .text()
+            .contains("\"draining\": []")
+    })
+    .await;
+    answer.notify_one();
+    let (head, _) = within("the answer", read_head(&mut client))
+        .await
+        .expect("a response head");
+    assert_eq!(head.status(), 503, "{head:?}");
+    let metrics = proxy.metrics().render();
+    assert!(
+        metrics.contains(
+            "duplex_websocket_upgrades_total{result=\"no_backend\",route=\"all\",upstream=\"pool\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "duplex_websocket_upgrades_total{result=\"ok\",route=\"all\",upstream=\"pool\"} 0"
+        ),
+        "{metrics}"
+    );
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }
 
