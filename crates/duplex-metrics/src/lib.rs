@@ -31,11 +31,13 @@ pub enum UpgradeResult {
     NoBackend,
     ConnectError,
     Timeout,
+    /// The client went away before its handshake was answered.
+    ClientClosed,
 }
 
 impl UpgradeResult {
     /// Every result, in the order of their discriminants.
-    pub const ALL: [UpgradeResult; 7] = [
+    pub const ALL: [UpgradeResult; 8] = [
         UpgradeResult::Ok,
         UpgradeResult::RejectedByBackend,
         UpgradeResult::BadHandshake,
@@ -43,6 +45,7 @@ impl UpgradeResult {
         UpgradeResult::NoBackend,
         UpgradeResult::ConnectError,
         UpgradeResult::Timeout,
+        UpgradeResult::ClientClosed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +57,7 @@ impl UpgradeResult {
             UpgradeResult::NoBackend => "no_backend",
             UpgradeResult::ConnectError => "connect_error",
             UpgradeResult::Timeout => "timeout",
+            UpgradeResult::ClientClosed => "client_closed",
         }
     }
 }

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use duplex_balance::{Backend, LoadGuard};
-use duplex_metrics::UpgradeResult;
+use duplex_metrics::{RouteSeries, UpgradeResult};
 use http::{Request, Response};
 use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
 
 use crate::conn::ConnInfo;
 use crate::connector::connect;
@@ -41,19 +42,23 @@ pub async fn upgrade(
         .and_then(|(i, _)| table.route_series.get(i))
         .unwrap_or(&table.no_route);
     let route = found.map(|(_, r)| r);
-    let count = |result: UpgradeResult| counters.upgrade(result).inc();
+    let mut outcome = Outcome {
+        counters,
+        closing: &shared.closing,
+        counted: false,
+    };
 
     // Refuse a broken handshake before touching a backend.
     let key = match check_client(&req) {
         Ok(key) => key,
         Err(bad) => {
-            count(UpgradeResult::BadHandshake);
+            outcome.count(UpgradeResult::BadHandshake);
             return bad.response();
         }
     };
     let (Some(route), Some(up)) = (route, route.and_then(|r| table.upstreams.get(&r.upstream)))
     else {
-        count(UpgradeResult::NoRoute);
+        outcome.count(UpgradeResult::NoRoute);
         return responses::no_route();
     };
 
@@ -66,7 +71,7 @@ pub async fn upgrade(
     let candidates = up.pool.candidates(&ctx, up.cfg.retries as usize + 1);
     if candidates.is_empty() {
         // Every backend is out of service and panic_mode is closed.
-        count(UpgradeResult::NoBackend);
+        outcome.count(UpgradeResult::NoBackend);
         return responses::no_healthy_backend(&route.name);
     }
     // Forward the handshake and wait for the answer, bounded by handshake_timeout. A
@@ -79,7 +84,7 @@ pub async fn upgrade(
     let mut rest = &candidates[..];
     let (answer, backend, load) = loop {
         let Some((stream, backend, load, tried)) = connect_first(rest, up, shared).await else {
-            count(UpgradeResult::ConnectError);
+            outcome.count(UpgradeResult::ConnectError);
             return responses::bad_gateway(&route.name);
         };
         rest = &rest[tried..];
@@ -93,7 +98,7 @@ pub async fn upgrade(
             Err(_) => {
                 tracing::warn!(route = %route.name, backend = %addr, "backend did not answer the upgrade in time");
                 crate::health::passive_failure(shared, up, &backend.state);
-                count(UpgradeResult::Timeout);
+                outcome.count(UpgradeResult::Timeout);
                 return responses::gateway_timeout(&route.name);
             }
             Ok(Err(failed)) => {
@@ -118,7 +123,7 @@ pub async fn upgrade(
                     }
                 }
                 tracing::warn!(route = %route.name, error = %err, "upgrade failed");
-                count(UpgradeResult::ConnectError);
+                outcome.count(UpgradeResult::ConnectError);
                 return responses::bad_gateway(&route.name);
             }
             Ok(Ok(answer)) => break (answer, backend, load),
@@ -136,7 +141,7 @@ pub async fn upgrade(
             early,
         } => (end_to_end, stream, early),
         Answer::Other(resp) => {
-            count(UpgradeResult::RejectedByBackend);
+            outcome.count(UpgradeResult::RejectedByBackend);
             return relay(resp, addr, load, conn.idle.busy(), up.cfg.response_timeout, None)
                 .unwrap_or_else(|e| {
                     tracing::warn!(route = %route.name, backend = %addr, error = %e, "backend answer refused");
@@ -145,7 +150,7 @@ pub async fn upgrade(
         }
         Answer::Invalid(what) => {
             tracing::warn!(route = %route.name, error = %ProxyError::BadUpgrade { addr, what }, "refusing backend's 101");
-            count(UpgradeResult::RejectedByBackend);
+            outcome.count(UpgradeResult::RejectedByBackend);
             return responses::bad_gateway(&route.name);
         }
     };
@@ -157,7 +162,7 @@ pub async fn upgrade(
         // The backend's drain ended while its handshake was under way (a reload removed
         // it), or shutdown closed every tunnel: a 101 would open a tunnel closed at once.
         tracing::info!(route = %route.name, backend = %addr, "backend removed during the handshake; not opening the tunnel");
-        count(UpgradeResult::NoBackend);
+        outcome.count(UpgradeResult::NoBackend);
         return responses::backend_removed(&route.name);
     }
     let series = shared.metrics.tunnel_series(counters, &label);
@@ -176,9 +181,34 @@ pub async fn upgrade(
     ));
     // From here the connection is a tunnel's: never closed as an idle one at a cap.
     conn.idle.upgraded();
-    count(UpgradeResult::Ok);
+    outcome.count(UpgradeResult::Ok);
     counters.handshake.observe(start.elapsed().as_secs_f64());
     client_101(end_to_end)
+}
+
+/// An upgrade's count in `duplex_websocket_upgrades_total`, taken once. Dropped without
+/// one, when hyper drops the request because its client went away before the answer (a
+/// close, or a half-close: hyper reads the end of the client's stream as its leaving,
+/// as nginx does), it counts `client_closed`; not when shutdown cut the connection.
+struct Outcome<'a> {
+    counters: &'a RouteSeries,
+    closing: &'a CancellationToken,
+    counted: bool,
+}
+
+impl Outcome<'_> {
+    fn count(&mut self, result: UpgradeResult) {
+        self.counted = true;
+        self.counters.upgrade(result).inc();
+    }
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        if !self.counted && !self.closing.is_cancelled() {
+            self.counters.upgrade(UpgradeResult::ClientClosed).inc();
+        }
+    }
 }
 
 /// Connects (TCP, then TLS if the upstream has it) to the first candidate that answers

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use http::Method;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use duplex_e2e::backend::Backend;
@@ -18,7 +18,7 @@ use duplex_e2e::wire::{
     accept_upgrade, client_text, read_frame, read_head, server_text, switching_protocols,
     upgrade_request, Head, KEY, OP_TEXT,
 };
-use duplex_e2e::within;
+use duplex_e2e::{eventually, within, STEP};
 
 /// A raw backend that answers every upgrade with a 101 carrying `extra`, reports the request
 /// head it got, then echoes one text frame.
@@ -235,6 +235,42 @@ async fn missing_or_malformed_key_gets_400_without_touching_a_backend() {
         0,
         "a refused handshake must not reach a backend"
     );
+}
+
+/// A client that goes away before its handshake is answered is counted `client_closed`:
+/// one that closes, and one that half-closes (hyper, like nginx, takes the end of the
+/// client's stream for its leaving, and answers nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_before_the_answer_is_counted_client_closed() {
+    let b = RawBackend::silent().await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let req = upgrade_request("/chat", "x", &[]);
+    let mut half = tcp(p.addr).await;
+    half.write_all(req.as_bytes()).await.expect("write");
+    half.shutdown().await.expect("half-close");
+    let mut rest = Vec::new();
+    within(
+        "the half-closed client to be let go",
+        half.read_to_end(&mut rest),
+    )
+    .await
+    .expect("read");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+
+    let mut gone = tcp(p.addr).await;
+    gone.write_all(req.as_bytes()).await.expect("write");
+    eventually(STEP, "the backend to get the second handshake", || async {
+        b.accepted() == 2
+    })
+    .await;
+    drop(gone);
+    let closed = [("route", "main"), ("result", "client_closed")];
+    eventually(STEP, "both to be counted", || async {
+        p.metric("duplex_websocket_upgrades_total", &closed).await == 2.0
+    })
+    .await;
+    let ok = [("route", "main"), ("result", "ok")];
+    assert_eq!(p.metric("duplex_websocket_upgrades_total", &ok).await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
