@@ -117,6 +117,7 @@ pub async fn start<H: Send + 'static>(
                 c2b: Direction::new(c.read_buf, c2b),
                 b2c: Direction::new(backend_early, b2c),
                 active: false,
+                broken: None,
             };
             tracker.spawn(run(t, settings, life, hold));
         }
@@ -290,6 +291,16 @@ struct Splice {
     b2c: Direction,
     /// Set by any byte moved; cleared by the idle timer.
     active: bool,
+    /// A write failed (that side is gone): the tunnel ends with this once the other
+    /// direction has delivered what it holds. Only the kind, which fits beside `active`
+    /// (a whole error would grow every tunnel's task by an allocation step).
+    broken: Option<io::ErrorKind>,
+}
+
+/// How a direction failed: reading its source, or writing to its destination.
+enum Broke {
+    Read(io::Error),
+    Write(io::Error),
 }
 
 /// One direction of the tunnel.
@@ -317,6 +328,13 @@ impl Direction {
     fn finished(&self) -> bool {
         self.shut_down
     }
+
+    /// Its destination is gone: nothing more can be delivered, nor is its end passed on.
+    fn give_up(&mut self) {
+        self.pending = None;
+        self.read_done = true;
+        self.shut_down = true;
+    }
 }
 
 impl Pump for Splice {
@@ -328,6 +346,10 @@ impl Pump for Splice {
         self.c2b.finished() || self.b2c.finished()
     }
 
+    /// A failed read ends the tunnel: that side is gone, and whatever the other direction
+    /// holds was for it. A failed write ends only its direction: the other one may still
+    /// hold bytes that side sent before it went (read, or queued in our socket), which its
+    /// peer is owed; it ends when those are delivered, at the read of the error or EOF.
     fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let a = pump(
             cx,
@@ -335,19 +357,41 @@ impl Pump for Splice {
             &mut self.backend,
             &mut self.c2b,
             &mut self.active,
-        )?;
+        );
+        let a = settle(a, &mut self.c2b, &mut self.broken)?;
         let b = pump(
             cx,
             &self.backend,
             &mut self.client,
             &mut self.b2c,
             &mut self.active,
-        )?;
+        );
+        let b = settle(b, &mut self.b2c, &mut self.broken)?;
         if a.is_ready() && b.is_ready() && self.c2b.finished() && self.b2c.finished() {
-            Poll::Ready(Ok(()))
+            Poll::Ready(self.broken.take().map_or(Ok(()), |kind| Err(kind.into())))
         } else {
             Poll::Pending
         }
+    }
+}
+
+/// A direction's poll, with a failed write turned into that direction's end (the error
+/// kept for the tunnel's) and a failed read returned.
+fn settle(
+    polled: Poll<Result<(), Broke>>,
+    d: &mut Direction,
+    broken: &mut Option<io::ErrorKind>,
+) -> Poll<io::Result<()>> {
+    match polled {
+        Poll::Ready(Err(Broke::Read(e))) => Poll::Ready(Err(e)),
+        Poll::Ready(Err(Broke::Write(e))) => {
+            tracing::debug!(error = %e, "tunnel: one side is gone; delivering what the other sent before");
+            d.give_up();
+            broken.get_or_insert(e.kind());
+            Poll::Ready(Ok(()))
+        }
+        Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+        Poll::Pending => Poll::Pending,
     }
 }
 
@@ -358,11 +402,11 @@ fn pump(
     to: &mut TcpStream,
     d: &mut Direction,
     active: &mut bool,
-) -> Poll<io::Result<()>> {
+) -> Poll<Result<(), Broke>> {
     for _ in 0..READS_PER_POLL {
         // Drain what the other side could not take yet.
         while let Some(pending) = d.pending.as_mut() {
-            ready!(to.poll_write_ready(cx))?;
+            ready!(to.poll_write_ready(cx)).map_err(Broke::Write)?;
             match to.try_write(pending) {
                 Ok(n) => {
                     let _ = pending.split_to(n);
@@ -373,18 +417,18 @@ fn pump(
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
+                Err(e) => return Poll::Ready(Err(Broke::Write(e))),
             }
         }
         if d.read_done {
             if !d.shut_down {
-                ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+                ready!(Pin::new(&mut *to).poll_shutdown(cx)).map_err(Broke::Write)?;
                 d.shut_down = true;
             }
             return Poll::Ready(Ok(()));
         }
-        ready!(from.poll_read_ready(cx))?;
-        let moved = SCRATCH.with(|s| -> io::Result<Option<usize>> {
+        ready!(from.poll_read_ready(cx)).map_err(Broke::Read)?;
+        let moved = SCRATCH.with(|s| -> Result<Option<usize>, Broke> {
             let mut s = s.borrow_mut();
             // A short read emptied the socket: the outer `try_io` then clears read readiness
             // now rather than learn it from one more read that returns EAGAIN (nginx's
@@ -403,14 +447,14 @@ fn pump(
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => short,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
-                Err(e) => return Err(e),
+                Err(e) => return Err(Broke::Read(e)),
             };
             let mut off = 0;
             while off < n {
                 match to.try_write(&s[off..n]) {
                     Ok(m) => off += m,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(Broke::Write(e)),
                 }
             }
             if off < n {
@@ -600,6 +644,7 @@ mod tests {
             c2b: Direction::new(Bytes::new(), series.client_to_backend.clone()),
             b2c: Direction::new(Bytes::new(), series.backend_to_client.clone()),
             active: false,
+            broken: None,
         }
     }
 
@@ -653,6 +698,96 @@ mod tests {
         assert!(took < Duration::from_secs(66), "ended after {took:?}");
     }
 
+    /// The send queue (bytes not yet sent or not yet acknowledged) of the loopback TCP
+    /// socket from port `local` to port `remote`, from `/proc/net/tcp`; `None` when there
+    /// is no such socket (a reset one leaves the table).
+    fn send_queue(local: u16, remote: u16) -> Option<u64> {
+        let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+        let port = |a: &str| u16::from_str_radix(a.rsplit(':').next()?, 16).ok();
+        table.lines().skip(1).find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if port(f.get(1)?)? != local || port(f.get(2)?)? != remote {
+                return None;
+            }
+            u64::from_str_radix(f.get(4)?.split(':').next()?, 16).ok()
+        })
+    }
+
+    /// Waits, bounded, for `what` to hold.
+    async fn until(what: &str, mut check: impl FnMut() -> bool) {
+        for _ in 0..1000 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    /// The backend sends a burst the client is slow to read, then is gone (a reset), and
+    /// the client's next message fails to reach it. The burst, held by the tunnel when
+    /// that write fails, still reaches the client whole before the tunnel ends.
+    #[tokio::test]
+    async fn a_side_gone_on_write_leaves_the_other_direction_to_deliver() {
+        use tokio::io::AsyncReadExt;
+        const BURST: usize = 128 * 1024;
+        // Small buffers between the tunnel and the client (the tunnel's send buffer, the
+        // client's receive buffer): most of the burst waits in the tunnel, read or queued
+        // in its socket from the backend.
+        let l = tokio::net::TcpSocket::new_v4().expect("socket");
+        l.set_send_buffer_size(4096).expect("SO_SNDBUF");
+        l.bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind");
+        let l = l.listen(16).expect("listen");
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let mut user = sock
+            .connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (client, _) = l.accept().await.expect("accept");
+        let (backend, mut server) = pair().await;
+        let tunnel_side = backend.local_addr().expect("addr").port();
+        let server_port = server.local_addr().expect("addr").port();
+        let mut t = splice(client, backend);
+        let run = tokio::spawn(async move {
+            let settings = Settings {
+                idle_timeout: None,
+                close: CancellationToken::new(),
+            };
+            drive(&mut t, &settings).await
+        });
+
+        let burst: Vec<u8> = (0..BURST).map(|i| (i % 251) as u8).collect();
+        server.write_all(&burst).await.expect("write the burst");
+        // All of it acknowledged by the tunnel's socket: the reset then loses none of it.
+        until("the burst to reach the tunnel", || {
+            send_queue(server_port, tunnel_side) == Some(0)
+        })
+        .await;
+        server.set_zero_linger().expect("SO_LINGER 0");
+        drop(server);
+        until("the reset to reach the tunnel's socket", || {
+            send_queue(tunnel_side, server_port).is_none()
+        })
+        .await;
+        // Fails on the backend's side: its socket is reset.
+        user.write_all(b"ping").await.expect("write");
+
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), user.read_to_end(&mut got));
+        read.await
+            .expect("the client reads to the end")
+            .expect("read");
+        assert_eq!(got.len(), BURST, "bytes the client got");
+        assert!(got == burst, "the burst, in order");
+        let end = tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the tunnel ends")
+            .expect("the tunnel task");
+        assert!(matches!(end, End::Error(_)), "{end:?}");
+    }
+
     /// An idle tunnel's task is most of its memory; this keeps it from growing unnoticed.
     #[tokio::test]
     async fn an_idle_tunnel_stays_small() {
@@ -665,6 +800,7 @@ mod tests {
             c2b: Direction::new(Bytes::new(), series.client_to_backend.clone()),
             b2c: Direction::new(Bytes::new(), series.backend_to_client.clone()),
             active: false,
+            broken: None,
         };
         let settings = Settings {
             idle_timeout: None,
