@@ -18,8 +18,10 @@ use crate::server::Proxy;
 
 /// Admin clients get this long to send their request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed accept on the admin listener.
+/// Pause after a failed accept on the admin listener (out of file descriptors, say),
+/// doubled for each failure in a row up to [`ACCEPT_PAUSE_MAX`].
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// Admin connections served at once; more are closed on arrival.
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 /// How long an admin client may leave an answer unread before its connection is closed:
@@ -36,18 +38,24 @@ pub(crate) async fn serve(listener: TcpListener, proxy: Proxy) {
     // Not a listener's: admin stalls are not counted in its metrics.
     let stalled =
         duplex_metrics::Counter::new("admin_send_timeouts", "unexported").expect("a valid counter");
+    let mut pause = ACCEPT_PAUSE;
     loop {
         let (tcp, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(pair) => pair,
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                    tracing::warn!(error = %e, ?pause, "admin accept failed; pausing");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = closing.cancelled() => return,
+                    }
+                    pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
                     continue;
                 }
             },
             _ = closing.cancelled() => return,
         };
+        pause = ACCEPT_PAUSE;
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             tracing::warn!("too many admin connections; closing a new one");
             continue;

@@ -66,10 +66,11 @@ pub fn check_against_open_files(configured: Option<usize>) {
     };
     let allowed = cap_for(soft);
     match configured {
+        // The cap stays as configured; `suggested` is what the limit can back.
         Some(max) if max > allowed => tracing::warn!(
             max,
             open_file_limit = soft,
-            allowed,
+            suggested = allowed,
             "max_connections is more than the open-file limit can hold: raise LimitNOFILE or lower max_connections"
         ),
         None if allowed < FEW => tracing::warn!(

@@ -653,6 +653,74 @@ fn the_file_watch_goes_on_past_a_reload_stuck_reading() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Out of file descriptors (a `max_connections` above what the open-file limit holds,
+/// which duplex warns about), the admin listener's failing accepts back off as the proxy
+/// listeners' do, rather than logging ten times a second, and it answers again once
+/// descriptors are free.
+#[test]
+fn admin_accepts_back_off_when_out_of_file_descriptors() {
+    let path = temp_file(
+        "fds.yaml",
+        "max_connections: 500\nlisteners:\n  - name: public\n    bind: 127.0.0.1:0\n\
+         admin:\n  bind: 127.0.0.1:0\n",
+    );
+    let child = Command::new("sh")
+        .args(["-c", "ulimit -n 64 && exec \"$0\" \"$@\"", BIN])
+        .args(["run", "--no-watch", "--log-format", "json", "-c"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start duplex under ulimit -n 64");
+    let mut child = Running(child);
+    let err = Lines::of(child.0.stderr.take().expect("stderr"));
+    let addr = between(&err.wait_for("\"listening\""), "\"addr\":\"", '"');
+    let admin = between(&err.wait_for("admin listening"), "\"addr\":\"", '"');
+    // More connections than descriptors: the public listener's accepts start failing.
+    let open: Vec<_> = (0..80)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("the backlog takes it"))
+        .collect();
+    err.wait_for("accept failed; pausing");
+    // One admin client waits in the backlog, and every accept of it fails.
+    let waiting = std::net::TcpStream::connect(&admin).expect("the backlog takes it");
+    err.wait_for("admin accept failed");
+    let window = Instant::now();
+    let mut failures = 0;
+    while let Some(left) = Duration::from_millis(1500).checked_sub(window.elapsed()) {
+        match err.0.recv_timeout(left) {
+            Ok(line) if line.contains("admin accept failed") => failures += 1,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    // Pauses of 0.1, 0.2, 0.4 and 0.8 s: at most four more in 1.5 s (fifteen without).
+    assert!(failures <= 4, "{failures} admin accept failures in 1.5 s");
+    drop((open, waiting));
+    let start = Instant::now();
+    loop {
+        let answered = std::net::TcpStream::connect(&admin).is_ok_and(|mut s| {
+            use std::io::Write;
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = write!(
+                s,
+                "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            );
+            let mut answer = String::new();
+            let _ = s.read_to_string(&mut answer);
+            answer.starts_with("HTTP/1.1 200")
+        });
+        if answered {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the admin listener did not answer again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.signal("-TERM");
+    child.exits_0_within_10s("duplex did not exit after SIGTERM");
+}
+
 /// With no `max_connections`, the cap follows the open-file limit: (limit - 100) / 2, so
 /// 20 under `ulimit -n 140`. The admin port, which has no cap, still answers at the cap,
 /// and the 21st client gets in once idle connections are closed.
