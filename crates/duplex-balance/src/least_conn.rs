@@ -59,9 +59,11 @@ pub(crate) fn order_by_load(
     // Load per weight, compared without division; a stable sort keeps the rotated order
     // among ties.
     keyed.sort_by(|a, b| (a.0 * b.1).cmp(&(b.0 * a.1)));
-    // The first place goes to each of the least loaded for as many turns as its weight,
-    // in backend order: the same for every rotation of the group, so turns add up to
-    // the weights over consecutive picks.
+    // The first place goes to each of the least loaded for as many turns as its weight
+    // (over their common divisor), laid out round by round in backend order (round r has
+    // every backend with more than r turns): the same for every rotation of the group, so
+    // turns add up to the weights over consecutive picks, and a backend's turns are spread
+    // over the rounds rather than taken in a run.
     let (load, weight) = (keyed[0].0, keyed[0].1);
     let ties = keyed
         .iter()
@@ -69,23 +71,50 @@ pub(crate) fn order_by_load(
         .count();
     if ties > 1 {
         let group = &mut keyed[..ties];
-        let total: u64 = group.iter().map(|k| k.1).sum();
+        let g = group
+            .iter()
+            .fold(0, |g, k| crate::round_robin::gcd(g, k.1))
+            .max(1);
+        let total: u64 = group.iter().map(|k| k.1 / g).sum::<u64>().max(1);
         let mut members: Vec<usize> = (0..ties).collect();
         members.sort_unstable_by_key(|&at| group[at].2);
-        let mut turn = rotate as u64 % total.max(1);
-        let first = members.into_iter().find(|&at| {
-            let w = group[at].1;
-            if turn < w {
-                return true;
-            }
-            turn -= w;
-            false
-        });
-        if let Some(at) = first {
-            group.swap(0, at);
-        }
+        let turns: Vec<u64> = members.iter().map(|&at| group[at].1 / g).collect();
+        let at = members[turn_owner(&turns, rotate as u64 % total)];
+        group.swap(0, at);
     }
     out.extend(keyed.iter().take(max).map(|k| k.2));
+}
+
+/// Which of the members with `turns` (in order) has turn `t` (less than their sum), the
+/// turns going round by round: round r has every member with more than r turns.
+fn turn_owner(turns: &[u64], t: u64) -> usize {
+    // Turns in the rounds before round r.
+    let before = |r: u64| turns.iter().map(|&w| w.min(r)).sum::<u64>();
+    // The round of turn t: the last r with before(r) <= t (before(0) = 0 <= t, and the
+    // sum, before(max), is more than t).
+    let (mut lo, mut hi) = (0, turns.iter().copied().max().unwrap_or(0));
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if before(mid) <= t {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let mut k = t - before(lo);
+    turns
+        .iter()
+        .position(|&w| {
+            if w <= lo {
+                return false;
+            }
+            if k == 0 {
+                return true;
+            }
+            k -= 1;
+            false
+        })
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -149,6 +178,45 @@ mod tests {
         // With one busy, the other two share by their weights.
         let _held = b[2].state.guard();
         assert_eq!(tally(&LeastConn::default(), &b, 400), vec![300, 100, 0]);
+    }
+
+    /// Equal weights alternate however large, and unequal ones are spread out: no
+    /// backend takes its whole share in a run.
+    #[test]
+    fn tied_turns_are_spread_out() {
+        let h = http::HeaderMap::new();
+        let picks = |weights: &[u32], n: usize| -> Vec<usize> {
+            let b = backends(weights);
+            let lc = LeastConn::default();
+            (0..n)
+                .map(|_| {
+                    let mut out = Vec::new();
+                    lc.pick(&b, &ctx(&h), &|_| true, 1, &mut out);
+                    out[0]
+                })
+                .collect()
+        };
+        let alternate = picks(&[100, 100], 40);
+        assert!(alternate.windows(2).all(|w| w[0] != w[1]), "{alternate:?}");
+        let spread = picks(&[3, 1, 2], 60);
+        let longest = spread
+            .chunk_by(|a, b| a == b)
+            .map(<[usize]>::len)
+            .max()
+            .unwrap_or(0);
+        assert!(longest <= 2, "a run of {longest}: {spread:?}");
+    }
+
+    #[test]
+    fn turns_go_round_by_round() {
+        let order = |turns: &[u64]| -> Vec<usize> {
+            let total = turns.iter().sum();
+            (0..total).map(|t| turn_owner(turns, t)).collect()
+        };
+        assert_eq!(order(&[3, 1, 2]), vec![0, 1, 2, 0, 2, 0]);
+        assert_eq!(order(&[1, 1]), vec![0, 1]);
+        assert_eq!(order(&[1, 4]), vec![0, 1, 1, 1, 1]);
+        assert_eq!(order(&[5]), vec![0; 5]);
     }
 
     #[test]

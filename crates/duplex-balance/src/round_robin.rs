@@ -89,17 +89,23 @@ impl RoundRobin {
 /// same shares as nginx's sequence, in a slightly different order, at the cost of a sort
 /// rather than of a pass over every backend for every place.
 fn interleaved(weights: &[u64]) -> Vec<u32> {
-    let mut turns: Vec<(u64, u64, u32)> = weights
+    // (turn k, backend): 8 bytes each, the weights looked up to compare.
+    let mut turns: Vec<(u32, u32)> = weights
         .iter()
         .enumerate()
-        .flat_map(|(i, &w)| (0..w).map(move |k| (2 * k + 1, w, i as u32)))
+        .flat_map(|(i, &w)| (0..w as u32).map(move |k| (k, i as u32)))
         .collect();
     // (2k + 1) / 2w against the other's, without division.
-    turns.sort_unstable_by(|a, b| (a.0 * b.1).cmp(&(b.0 * a.1)).then(a.2.cmp(&b.2)));
-    turns.into_iter().map(|t| t.2).collect()
+    let key = |&(k, i): &(u32, u32)| (2 * u64::from(k) + 1, weights[i as usize]);
+    turns.sort_unstable_by(|a, b| {
+        let ((ka, wa), (kb, wb)) = (key(a), key(b));
+        (ka * wb).cmp(&(kb * wa)).then(a.1.cmp(&b.1))
+    });
+    turns.into_iter().map(|t| t.1).collect()
 }
 
-fn gcd(a: u64, b: u64) -> u64 {
+/// Greatest common divisor; 0 with 0.
+pub(crate) fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 {
         a
     } else {

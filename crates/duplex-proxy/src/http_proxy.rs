@@ -451,7 +451,7 @@ pub async fn forward(
                     // and a client must not be able to get backends ejected that way).
                     // An idempotent request without a body goes to the next backend, as
                     // nginx's `proxy_next_upstream error` sends it.
-                    if closed {
+                    if closed && !reused {
                         m.backend_connect_errors
                             .with_label_values(&[
                                 &up.cfg.name,

@@ -59,6 +59,14 @@ pub fn backend_removed(route: &str) -> Response<Body> {
     )
 }
 
+/// A handshake answered after shutdown's grace ended, when every tunnel is closed.
+pub fn shutting_down() -> Response<Body> {
+    text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "duplex: shutting down\n".into(),
+    )
+}
+
 /// The client stopped sending its request body for `client_body_timeout`.
 pub fn body_stalled() -> Response<Body> {
     text(

@@ -5,7 +5,8 @@
 //! readable, bytes are read into a per-thread scratch buffer and written straight to the
 //! other socket. Only what the other socket cannot take right away is copied into a
 //! per-direction buffer, freed as soon as it drains. A FIN one way is passed on as a write
-//! shutdown while the other way keeps flowing; an error on either side ends both.
+//! shutdown while the other way keeps flowing. A failed read ends both ways; a write that
+//! finds its peer gone ends only its way, once the other has delivered what it holds.
 //!
 //! Every way a tunnel ends comes back to [`run`] as an [`End`], decided in one place; a
 //! future graceful close (a WebSocket Close frame between frames) belongs in `drive`, which
@@ -384,15 +385,30 @@ fn settle(
 ) -> Poll<io::Result<()>> {
     match polled {
         Poll::Ready(Err(Broke::Read(e))) => Poll::Ready(Err(e)),
-        Poll::Ready(Err(Broke::Write(e))) => {
+        // Only a peer that is gone (its socket reset or closed under us): any other write
+        // error leaves a live socket that would never hear the end of this direction.
+        Poll::Ready(Err(Broke::Write(e))) if gone(&e) => {
             tracing::debug!(error = %e, "tunnel: one side is gone; delivering what the other sent before");
             d.give_up();
             broken.get_or_insert(e.kind());
             Poll::Ready(Ok(()))
         }
+        Poll::Ready(Err(Broke::Write(e))) => Poll::Ready(Err(e)),
         Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
         Poll::Pending => Poll::Pending,
     }
+}
+
+/// Whether a failed write says the peer's socket is gone for good.
+fn gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::TimedOut
+    )
 }
 
 /// Moves bytes `from` → `to` until `from` would block; ready once EOF has been passed on.

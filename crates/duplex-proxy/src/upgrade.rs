@@ -159,8 +159,13 @@ pub async fn upgrade(
     let client_side = hyper::upgrade::on(&mut req);
     let (close, label) = up.closer(addr);
     if close.is_cancelled() {
-        // The backend's drain ended while its handshake was under way (a reload removed
-        // it), or shutdown closed every tunnel: a 101 would open a tunnel closed at once.
+        // A 101 would open a tunnel closed at once. Shutdown's grace has ended (it closes
+        // every tunnel): not counted, as for a connection it cuts.
+        if shared.closing.is_cancelled() {
+            outcome.counted = true;
+            return responses::shutting_down();
+        }
+        // The backend's drain ended while its handshake was under way: a reload removed it.
         tracing::info!(route = %route.name, backend = %addr, "backend removed during the handshake; not opening the tunnel");
         outcome.count(UpgradeResult::NoBackend);
         return responses::backend_removed(&route.name);

@@ -646,6 +646,14 @@ async fn a_get_on_a_connection_the_backend_just_closed_is_sent_again() {
         (2, 4),
         "the POST went out once"
     );
+    // A pooled connection closed under a request is no failed connection.
+    let errors = p
+        .metric(
+            "duplex_backend_connect_errors_total",
+            &[("upstream", "main")],
+        )
+        .await;
+    assert_eq!(errors, 0.0);
 
     // Idempotent but with a body, which the first try used up: not sent again either.
     assert_eq!(
