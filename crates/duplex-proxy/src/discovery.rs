@@ -50,10 +50,13 @@ fn key(upstream: &str, d: &DnsBackend) -> Key {
     (upstream.to_owned(), d.host.clone(), d.port)
 }
 
-/// Resolves one name, bounded, sorted; counts the outcome.
+/// Resolves one name, bounded, sorted; counts the outcome and notes when it was looked up.
 async fn resolve_once(shared: &Shared, upstream: &str, d: &DnsBackend) -> Option<Vec<SocketAddr>> {
     let m = &shared.metrics;
-    match tokio::time::timeout(RESOLVE_TIMEOUT, shared.resolver.resolve(&d.host, d.port)).await {
+    let answer =
+        tokio::time::timeout(RESOLVE_TIMEOUT, shared.resolver.resolve(&d.host, d.port)).await;
+    lock(&shared.looked_up).insert(key(upstream, d), tokio::time::Instant::now());
+    match answer {
         Ok(Ok(mut addrs)) if !addrs.is_empty() => {
             addrs.sort();
             addrs.dedup();
@@ -176,6 +179,15 @@ async fn watch(
     let shared = Arc::clone(&proxy.inner.shared);
     let k = key(&upstream, &d);
     loop {
+        // A name looked up a moment ago (at start, by a reload, or by the watch this one
+        // replaces) waits out its interval from then: not looked up twice in a row.
+        let last = lock(&shared.looked_up).get(&k).copied();
+        if let Some(at) = last {
+            tokio::select! {
+                _ = tokio::time::sleep_until(at + d.interval) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
         if let Some(addrs) = resolve_once(&shared, &upstream, &d).await {
             let changed = lock(&shared.resolved).get(&k) != Some(&addrs);
             if changed {
@@ -183,10 +195,6 @@ async fn watch(
                 lock(&shared.resolved).insert(k.clone(), addrs);
                 proxy.rediscover().await;
             }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(d.interval) => {}
-            _ = stop.cancelled() => return,
         }
     }
 }

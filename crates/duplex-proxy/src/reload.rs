@@ -410,13 +410,15 @@ impl Proxy {
         }
         shared.apply_caps();
         // Forget DNS answers for names the config no longer has.
-        lock(&shared.resolved).retain(|(upstream, host, port), _| {
+        let named = |(upstream, host, port): &crate::discovery::Key| {
             table.config.upstream(upstream).is_some_and(|u| {
                 u.discovered
                     .iter()
                     .any(|d| &d.host == host && d.port == *port)
             })
-        });
+        };
+        lock(&shared.resolved).retain(|k, _| named(k));
+        lock(&shared.looked_up).retain(|k, _| named(k));
         drain_removed(shared, old, &table);
         table.export_backends(&shared.metrics);
         let checks = crate::health::spawn_checks(shared, &table);

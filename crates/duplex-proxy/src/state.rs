@@ -563,6 +563,9 @@ pub struct Shared {
     pub retired: Mutex<Retired>,
     /// What DNS discovery last found, by (upstream, host, port).
     pub resolved: Mutex<Resolved>,
+    /// When each DNS name was last looked up, well or not: a watch started anew (by a
+    /// reload) waits out the name's interval from then.
+    pub looked_up: Mutex<HashMap<crate::discovery::Key, tokio::time::Instant>>,
     pub resolver: Arc<dyn crate::discovery::Resolver>,
     /// Open client connections against `max_connections`.
     pub limits: Arc<Limits>,
@@ -586,6 +589,7 @@ impl Shared {
             draining: Mutex::new(HashMap::new()),
             retired: Mutex::default(),
             resolved: Mutex::new(HashMap::new()),
+            looked_up: Mutex::default(),
             resolver,
             limits: Arc::default(),
             owners: Arc::new(Owners::new(Arc::clone(&metrics))),

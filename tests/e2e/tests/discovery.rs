@@ -26,6 +26,8 @@ struct TestResolver {
     fail: Arc<AtomicBool>,
     /// Set once `hang.test` has been asked for: it answers only after a minute.
     hang_asked: Arc<AtomicBool>,
+    /// When `chat.test` was asked for.
+    asked: Arc<Mutex<Vec<std::time::Instant>>>,
 }
 
 impl TestResolver {
@@ -48,6 +50,10 @@ impl Resolver for TestResolver {
                 tokio::time::sleep(std::time::Duration::from_secs(60)).await;
                 Err(io::Error::other("hang.test: no answer"))
             });
+        }
+        if host == "chat.test" {
+            let mut asked = self.asked.lock().expect("resolver log");
+            asked.push(std::time::Instant::now());
         }
         let answer = if host != "chat.test" && !slow {
             Err(io::Error::new(
@@ -182,6 +188,36 @@ async fn dns_changes_apply_while_a_certificate_file_is_missing() {
     std::fs::remove_file(&cert).expect("remove the certificate");
     resolver.answer(&[a.addr, b.addr]);
     b_takes_connections(&p).await;
+    p.shutdown().await;
+}
+
+/// A name is looked up at start and then once per `resolve_interval`: its watch does not
+/// look it up again at once, nor does a reload that starts new watches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_is_looked_up_once_per_interval() {
+    let (_a, _b, resolver, dns) = chat_test();
+    let dns = dns.replace("resolve_interval: 200ms", "resolve_interval: 1s");
+    let p = start_resolving(&yaml_with("", &dns), Arc::new(resolver.clone())).await;
+    // Its upstream changed: new watches, for a name looked up a moment ago.
+    let changed = yaml_with("    retries: 1\n", &dns);
+    p.proxy
+        .reload(config(&changed))
+        .await
+        .expect("the reload applies");
+    let asked = Arc::clone(&resolver.asked);
+    eventually(WAIT, "three lookups", || {
+        let n = asked.lock().expect("resolver log").len();
+        async move { n >= 3 }
+    })
+    .await;
+    let asked = resolver.asked.lock().expect("resolver log").clone();
+    for pair in asked.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(990),
+            "looked up again after {gap:?}"
+        );
+    }
     p.shutdown().await;
 }
 
