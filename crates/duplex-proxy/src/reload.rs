@@ -134,6 +134,12 @@ impl Proxy {
                     tracing::debug!(file = %path.display(), "config file missing for now; waiting for it");
                     return Ok(None);
                 }
+                Err(e) if crate::connector::is_local_exhaustion(&e) => {
+                    // duplex is out of file descriptors, not the file at fault: the
+                    // next event or periodic check looks again; nothing is refused.
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read the config file now; the watch will look again");
+                    return Ok(None);
+                }
                 Err(e) if Some(e.kind()) == *lock(&p.inner.read_error) => {
                     // Refused, logged and counted already.
                     return Ok(None);

@@ -656,7 +656,8 @@ fn the_file_watch_goes_on_past_a_reload_stuck_reading() {
 /// Out of file descriptors (a `max_connections` above what the open-file limit holds,
 /// which duplex warns about), the admin listener's failing accepts back off as the proxy
 /// listeners' do, rather than logging ten times a second, and it answers again once
-/// descriptors are free.
+/// descriptors are free. The file watch, unable to read the config meanwhile, refuses
+/// nothing: it applies the file once it can.
 #[test]
 fn admin_accepts_back_off_when_out_of_file_descriptors() {
     let path = temp_file(
@@ -666,7 +667,7 @@ fn admin_accepts_back_off_when_out_of_file_descriptors() {
     );
     let child = Command::new("sh")
         .args(["-c", "ulimit -n 64 && exec \"$0\" \"$@\"", BIN])
-        .args(["run", "--no-watch", "--log-format", "json", "-c"])
+        .args(["run", "--log-format", "json", "-c"])
         .arg(&path)
         .stderr(Stdio::piped())
         .spawn()
@@ -694,6 +695,9 @@ fn admin_accepts_back_off_when_out_of_file_descriptors() {
     }
     // Pauses of 0.1, 0.2, 0.4 and 0.8 s: at most four more in 1.5 s (fifteen without).
     assert!(failures <= 4, "{failures} admin accept failures in 1.5 s");
+    let text = std::fs::read_to_string(&path).expect("read the config");
+    std::fs::write(&path, format!("{text}# edited\n")).expect("edit the config");
+    err.wait_for("cannot read the config file now");
     drop((open, waiting));
     let start = Instant::now();
     loop {
@@ -717,6 +721,13 @@ fn admin_accepts_back_off_when_out_of_file_descriptors() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    std::fs::write(&path, format!("{text}# edited again\n")).expect("edit the config");
+    err.wait_for("configuration reloaded");
+    let metrics = http_get(&admin, "/metrics");
+    assert!(
+        metrics.contains("duplex_config_reloads_total{result=\"error\"} 0"),
+        "{metrics}"
+    );
     child.signal("-TERM");
     child.exits_0_within_10s("duplex did not exit after SIGTERM");
 }
