@@ -151,12 +151,15 @@ pub fn closed_before_response(err: &(dyn std::error::Error + 'static)) -> bool {
         }
         cur = e.source();
     }
+    // Over TLS, a backend that closes its TCP connection without close_notify (Node.js
+    // at its keep-alive timeout, a process killed) shows as an unexpected end of file.
     io_source(err).is_some_and(|io| {
         matches!(
             io.kind(),
             io::ErrorKind::ConnectionReset
                 | io::ErrorKind::BrokenPipe
                 | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::UnexpectedEof
         )
     })
 }

@@ -184,3 +184,57 @@ async fn a_backend_closing_during_the_tls_handshake_counts_as_tls() {
     assert_eq!((errors("tls"), errors("other")), (1.0, 0.0), "{metrics}");
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }
+
+/// A TLS backend that reads a request and closes its TCP connection without close_notify
+/// (a Node.js server at its keep-alive timeout, a killed process) is a connection closed
+/// before its answer, as over plain TCP: a GET goes to the next backend, counted as
+/// `other`; it is not a 502.
+#[tokio::test]
+async fn a_tls_backend_closing_without_close_notify_sends_a_get_on() {
+    let ca = Ca::new("backend CA");
+    let leaf = ca.leaf(&["backend.internal"]);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&leaf, None));
+    let bad = duplex_e2e::raw::RawBackend::start(move |tcp| {
+        let acceptor = acceptor.clone();
+        async move {
+            let mut tls = acceptor.accept(tcp).await?;
+            let _ = duplex_e2e::wire::read_head(&mut tls).await?;
+            // Dropped: the TCP connection closes with no close_notify.
+            Ok(())
+        }
+    })
+    .await;
+    let good = Backend::start_tls("good", server_config(&leaf, None)).await;
+    let dir = temp_dir("tls-eof");
+    let ca_file = write(&dir, "ca.pem", &ca.pem);
+    let yaml = format!(
+        "listeners:\n  - name: public\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\n\
+         routes:\n  - name: all\n    upstream: app\nupstreams:\n  - name: app\n    balancer: round_robin\n    tls:\n      server_name: backend.internal\n      ca: {}\n    backends:\n      - addr: {}\n      - addr: {}\n",
+        ca_file.display(),
+        bad.addr,
+        good.addr
+    );
+    let (proxy, addr) = start(&yaml, None).await;
+    for i in 0..4 {
+        let r = client::get(addr, &format!("/page{i}"), &[]).await;
+        assert_eq!(
+            (r.status.as_u16(), r.text()),
+            (200, "good".to_owned()),
+            "{i}"
+        );
+    }
+    assert_eq!(bad.accepted(), 2);
+    let metrics = client::get(proxy.admin_addr(), "/metrics", &[])
+        .await
+        .text();
+    let bad_addr = bad.addr.to_string();
+    let errors = |kind| {
+        duplex_e2e::proxy::sum_series(
+            &metrics,
+            "duplex_backend_connect_errors_total",
+            &[("backend", &bad_addr), ("kind", kind)],
+        )
+    };
+    assert_eq!((errors("other"), errors("tls")), (2.0, 0.0), "{metrics}");
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
