@@ -84,6 +84,13 @@ pub async fn serve(
         open: Arc::clone(&settings.open),
         _slot: slot,
     };
+    // Registered from the accept (after `active`, so that leaving, it is out of the
+    // registry before its slot wakes a waiting accept loop): the time a new connection
+    // has to begin its first request, TLS handshake included, starts now.
+    let registration = shared
+        .limits
+        .idle
+        .register(cap_listener, settings.reclaimed.clone());
     // The write timeout sits on the socket: under TLS for a TLS client.
     let (timeout, expired) = (settings.send_timeout, settings.send_timeouts.clone());
     let stream = match &settings.tls {
@@ -95,10 +102,12 @@ pub async fn serve(
             let timed = SendTimeout::unarmed(tcp);
             let accept = TlsAcceptor::from(Arc::clone(&tls.config)).accept(timed);
             let accept = tokio::time::timeout(tls.handshake_timeout, accept);
-            // A handshake under way when the shutdown grace ends is cut with the rest.
+            // A handshake under way when the shutdown grace ends is cut with the rest, and
+            // so is one a full cap asks to make room (it has sent no request yet).
             let handshake = tokio::select! {
                 done = accept => done,
                 _ = shared.closing.cancelled() => return,
+                _ = registration.conn.asked_to_close() => return,
             };
             match handshake {
                 Ok(Ok(mut s)) => {
@@ -127,12 +136,6 @@ pub async fn serve(
             }
         }
     };
-    // Registered once ready for requests: a TLS handshake has its own timeout, and the
-    // time a new connection has to send its first request starts now.
-    let registration = shared
-        .limits
-        .idle
-        .register(cap_listener, settings.reclaimed.clone());
     let info = Arc::new(ConnInfo {
         peer,
         listener: Arc::from(settings.name.as_str()),

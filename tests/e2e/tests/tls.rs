@@ -61,6 +61,59 @@ async fn echo(ws: &mut Wss, text: &str) {
     assert_eq!(got, Message::text(text));
 }
 
+/// At a full `max_connections`, a connection that never starts its TLS handshake holds
+/// its place for 3 s (as a plain one that sends no request), not the handshake timeout:
+/// then it is closed for a client waiting at the cap, and counted reclaimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_on_a_tls_listener_makes_room_at_the_cap() {
+    let ca = Ca::new("front CA");
+    let leaf = ca.leaf(&["chat.test"]);
+    let dir = temp_dir("tls-cap");
+    let (c, k) = cert_files(&dir, &leaf);
+    let b = Backend::start("plain").await;
+    let yaml = format!(
+        "max_connections: 1\n{}",
+        tls_yaml(&[(&c, &k)], "      handshake_timeout: 30s\n", b.addr, "")
+    );
+    let (proxy, addr) = start(&yaml, None).await;
+    // Before it connects: its time starts after this.
+    let started = std::time::Instant::now();
+    let mut silent = client::tcp(addr).await;
+    let admin = proxy.admin_addr();
+    eventually(
+        Duration::from_secs(10),
+        "the silent one to be let in",
+        || async move {
+            let status = client::get(admin, "/status", &[]).await.text();
+            let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+            status["connections"]["open"] == 1
+        },
+    )
+    .await;
+    let trust = client_config(&ca.pem, None);
+    let waiting = tokio::spawn(tls_connect(addr, "chat.test", trust));
+    let mut buf = [0u8; 16];
+    let n = within("the silent connection to be closed", silent.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed, with nothing sent");
+    assert!(
+        started.elapsed() >= Duration::from_millis(2990),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    within("the waiting client's handshake", waiting)
+        .await
+        .expect("the task")
+        .expect("TLS handshake");
+    let metrics = client::get(admin, "/metrics", &[]).await.text();
+    assert!(
+        metrics.contains("duplex_connections_reclaimed_total{listener=\"public\"} 1"),
+        "{metrics}"
+    );
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
 #[tokio::test]
 async fn wss_and_https_through_a_verified_chain() {
     let ca = Ca::new("front CA");
