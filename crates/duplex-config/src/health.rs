@@ -145,14 +145,8 @@ pub(crate) fn dns_backend(
     let Ok(port) = port.parse::<u16>() else {
         return fail(at("addr"), bad());
     };
-    // A trailing dot (a fully qualified name) is fine; an empty label elsewhere is not.
-    let name = host.strip_suffix('.').unwrap_or(host);
-    let ok = !name.is_empty()
-        && name.split('.').all(|label| !label.is_empty())
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.');
-    if !ok || port == 0 {
+    // A name DNS could never carry is refused now, rather than failing every lookup.
+    if !crate::names::dns_name_ok(host) || port == 0 {
         return fail(at("addr"), bad());
     }
     let interval = match &b.resolve_interval {

@@ -12,6 +12,7 @@ mod diff;
 mod empty;
 mod health;
 mod locate;
+mod names;
 mod raw;
 mod shadow;
 mod tls;

@@ -130,16 +130,6 @@ pub(crate) fn upstream(
                 ),
             );
         }
-        // Underscores are not in host names, but internal names carry them and TLS
-        // libraries accept them.
-        let label_ok = |l: &str| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        };
         // A last label of digits or `0x` hex reads as an address, which TLS libraries
         // refuse as a name (`10.0.0.256`, `host.123`).
         let last = name.rsplit('.').next().unwrap_or_default();
@@ -148,7 +138,7 @@ pub(crate) fn upstream(
                 .strip_prefix("0x")
                 .or_else(|| last.strip_prefix("0X"))
                 .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
-        if name.len() > 253 || !name.split('.').all(label_ok) || numeric {
+        if !crate::names::dns_name_ok(name) || name.ends_with('.') || numeric {
             return fail(
                 at("server_name"),
                 format!("invalid server_name {name:?}: expected a DNS name such as chat.internal"),

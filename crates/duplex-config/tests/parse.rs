@@ -256,6 +256,16 @@ fn refuses_bad_files_and_points_at_the_value() {
             "addr: chat..test:9002\n        resolve: dns",
             "f:26:15: invalid address \"chat..test:9002\"",
         ),
+        (
+            "addr: 127.0.0.1:9002",
+            "addr: -chat.test:9002\n        resolve: dns",
+            "f:26:15: invalid address \"-chat.test:9002\"",
+        ),
+        (
+            "addr: 127.0.0.1:9002",
+            "addr: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.test:9002\n        resolve: dns",
+            "f:26:15: invalid address",
+        ),
     ];
     let mut wrong = Vec::new();
     for (from, to, want) in cases {

@@ -72,7 +72,11 @@ async fn resolve_once(shared: &Shared, upstream: &str, d: &DnsBackend) -> Option
             m.dns_resolutions
                 .with_label_values(&[upstream, "error"])
                 .inc();
-            tracing::warn!(%upstream, host = %d.host, error = %why, "DNS resolution failed; keeping the last addresses");
+            if lock(&shared.resolved).contains_key(&key(upstream, d)) {
+                tracing::warn!(%upstream, host = %d.host, error = %why, "DNS resolution failed; keeping the last addresses");
+            } else {
+                tracing::warn!(%upstream, host = %d.host, error = %why, "DNS resolution failed; the name has no addresses yet");
+            }
             None
         }
     }

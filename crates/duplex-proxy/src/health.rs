@@ -158,12 +158,20 @@ async fn check_once(
     // A local failure (out of file descriptors) or a request duplex could not build is
     // not the backend's fault: no verdict.
     if !matches!(&result, Err(ProbeError::Local(_) | ProbeError::Request(_))) {
-        verdict(&shared, &up, &hc, &state, result.is_ok());
+        verdict(&shared, &up, &hc, &state, result.as_ref().err());
     }
 }
 
-/// Counts a check and flips the backend at the thresholds.
-fn verdict(shared: &Shared, up: &UpstreamRt, hc: &HealthCheck, state: &BackendState, ok: bool) {
+/// Counts a check (`failed` says why it failed, if it did) and flips the backend at the
+/// thresholds.
+fn verdict(
+    shared: &Shared,
+    up: &UpstreamRt,
+    hc: &HealthCheck,
+    state: &BackendState,
+    failed: Option<&ProbeError>,
+) {
+    let ok = failed.is_none();
     let backend = state.addr.to_string();
     let m = &shared.metrics;
     let result = if ok { "ok" } else { "fail" };
@@ -175,9 +183,10 @@ fn verdict(shared: &Shared, up: &UpstreamRt, hc: &HealthCheck, state: &BackendSt
         if !state.is_healthy() && passes >= hc.healthy_threshold && state.set_healthy(true) {
             tracing::info!(upstream = %up.cfg.name, %backend, "backend healthy again: taking new connections");
         }
-    } else {
+    } else if let Some(why) = failed {
         if state.is_healthy() && fails >= hc.unhealthy_threshold && state.set_healthy(false) {
-            tracing::warn!(upstream = %up.cfg.name, %backend, "backend unhealthy: no new connections");
+            // The last failure says why; each one is at debug level.
+            tracing::warn!(upstream = %up.cfg.name, %backend, error = %why, "backend unhealthy: no new connections");
             if up.cfg.close_tunnels_on_unhealthy {
                 if let Some(closer) = up.closers.get(&state.addr) {
                     closer.close_open_tunnels();

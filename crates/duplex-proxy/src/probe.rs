@@ -18,10 +18,12 @@ use crate::connector::{connect, is_local_exhaustion};
 use crate::handshake::check_backend_101;
 use crate::state::UpstreamRt;
 
-/// Largest frame payload a WebSocket probe reads; a backend's greeting may come first.
-const PROBE_MAX_PAYLOAD: usize = 64 * 1024;
-/// Frames a WebSocket probe reads while waiting for its pong or close.
-const PROBE_MAX_FRAMES: usize = 16;
+/// Frames a WebSocket probe reads while waiting for its pong or close: a backend may greet
+/// each new connection first (an initial state, a backlog of messages). Their payloads are
+/// read past, not kept, and the check's `timeout` bounds the whole probe.
+const PROBE_MAX_FRAMES: usize = 1024;
+/// Largest control frame payload (RFC 6455 section 5.5).
+const CONTROL_MAX_PAYLOAD: u64 = 125;
 
 /// Why a check failed. Every kind is the backend's failure except `Local` and `Request`.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +53,7 @@ pub enum ProbeError {
     NoPong,
     #[error("no answer to the close in {PROBE_MAX_FRAMES} frames")]
     NoCloseAnswer,
-    #[error("frame of {0} bytes is larger than a probe reads")]
+    #[error("control frame of {0} bytes (at most 125)")]
     FrameTooLarge(u64),
 }
 
@@ -170,7 +172,8 @@ fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// Reads one server frame: (opcode, payload).
+/// Reads one server frame: (opcode, payload). A data frame's payload is read past and not
+/// returned (only control frames matter to the probe).
 async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> Result<(u8, Vec<u8>), ProbeError> {
     let mut head = [0u8; 2];
     s.read_exact(&mut head).await?;
@@ -179,12 +182,21 @@ async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> Result<(u8, Vec<u8>), Pr
         127 => s.read_u64().await?,
         n => u64::from(n),
     };
-    if len > PROBE_MAX_PAYLOAD as u64 {
+    let opcode = head[0] & 0x0f;
+    let control = opcode & 0x8 != 0;
+    if control && len > CONTROL_MAX_PAYLOAD {
         return Err(ProbeError::FrameTooLarge(len));
     }
     let mut mask = [0u8; 4];
     if head[1] & 0x80 != 0 {
         s.read_exact(&mut mask).await?;
+    }
+    if !control {
+        let skipped = tokio::io::copy(&mut (&mut *s).take(len), &mut tokio::io::sink()).await?;
+        if skipped < len {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+        return Ok((opcode, Vec::new()));
     }
     let mut payload = vec![0u8; len as usize];
     s.read_exact(&mut payload).await?;
@@ -194,12 +206,49 @@ async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> Result<(u8, Vec<u8>), Pr
             .enumerate()
             .for_each(|(i, b)| *b ^= mask[i % 4]);
     }
-    Ok((head[0] & 0x0f, payload))
+    Ok((opcode, payload))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend that greets every connection with many large messages (an initial
+    /// state, a backlog) is healthy when its pong and Close answer come after them.
+    #[tokio::test]
+    async fn a_long_greeting_does_not_fail_the_probe() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let backend = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            // 40 text frames of 100 KB each, unmasked, as a server sends them.
+            let payload = vec![b'x'; 100_000];
+            for _ in 0..40 {
+                let mut f = vec![0x81, 127];
+                f.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+                f.extend_from_slice(&payload);
+                s.write_all(&f).await.expect("greeting");
+            }
+            // The ping (masked, 6 bytes): answered with its pong; then the Close.
+            let mut ping = [0u8; 12];
+            s.read_exact(&mut ping).await.expect("ping");
+            let data: Vec<u8> = (0..6).map(|i| ping[6 + i] ^ ping[2 + i % 4]).collect();
+            let mut pong = vec![0x8A, 6];
+            pong.extend_from_slice(&data);
+            s.write_all(&pong).await.expect("pong");
+            let mut close = [0u8; 8];
+            s.read_exact(&mut close).await.expect("close");
+            s.write_all(&[0x88, 0]).await.expect("close answer");
+        });
+        let s = TcpStream::connect(addr).await.expect("connect");
+        let probed = tokio::time::timeout(std::time::Duration::from_secs(10), ping_and_close(s))
+            .await
+            .expect("the probe ends");
+        assert!(probed.is_ok(), "{probed:?}");
+        backend.await.expect("the backend");
+    }
 
     /// Running out of file descriptors or ports is duplex's failure, which must not count
     /// against the backend; a refused connection is the backend's.
