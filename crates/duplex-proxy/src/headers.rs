@@ -137,7 +137,13 @@ pub fn forwarded_for(client: IpAddr) -> HeaderValue {
 /// `X-Forwarded-Proto` and `-Host`.
 pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, https: bool) {
     if headers.contains_key(&XFF) {
-        let mut all: Vec<&[u8]> = headers.get_all(&XFF).iter().map(|v| v.as_bytes()).collect();
+        // Empty lines add no empty entry (`, 10.0.0.1`).
+        let mut all: Vec<&[u8]> = headers
+            .get_all(&XFF)
+            .iter()
+            .map(|v| v.as_bytes().trim_ascii())
+            .filter(|v| !v.is_empty())
+            .collect();
         all.push(client.as_bytes());
         if let Ok(v) = HeaderValue::from_bytes(&all.join(&b", "[..])) {
             headers.insert(XFF, v);
@@ -253,6 +259,11 @@ mod tests {
         let client = forwarded_for(IpAddr::from([3, 3, 3, 3]));
         add_forwarded(&mut h, &client, false);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3");
+        // An empty one from the client adds no empty entry.
+        let mut empty = HeaderMap::new();
+        empty.append("x-forwarded-for", HeaderValue::from_static(""));
+        add_forwarded(&mut empty, &client, false);
+        assert_eq!(empty["x-forwarded-for"], "3.3.3.3");
         for ip in ["0.0.0.0", "10.9.200.255", "127.0.0.1", "192.168.100.1"] {
             let addr: IpAddr = ip.parse().unwrap();
             assert_eq!(forwarded_for(addr), ip);

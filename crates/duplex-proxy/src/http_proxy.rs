@@ -203,7 +203,24 @@ pub fn relay(
         // beside it, which must not be passed on (the client would frame the body by it).
         parts.headers.remove(http::header::CONTENT_LENGTH);
     }
+    // RFC 9110 section 8.6: a list of one length repeated (`2, 2`, or two lines), which
+    // hyper accepted for framing, goes on as that one value.
+    let lengths = parts.headers.get_all(http::header::CONTENT_LENGTH);
+    if lengths.iter().count() > 1 || lengths.iter().any(|v| v.as_bytes().contains(&b',')) {
+        let first = lengths
+            .iter()
+            .next()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+        if let Some(n) = first {
+            parts.headers.insert(http::header::CONTENT_LENGTH, n.into());
+        }
+    }
     strip_hop_by_hop(&mut parts.headers);
+    // RFC 9110 section 6.2: a proxy sends its own version, whatever the backend's was.
+    parts.version = Version::HTTP_11;
     Ok(Response::from_parts(
         parts,
         Guarded {
@@ -489,7 +506,8 @@ pub async fn forward(
     resp
 }
 
-/// The request target as a backend gets it: path and query only (origin-form).
+/// The request target as a backend gets it: path and query only (origin-form). (`OPTIONS
+/// http://host` goes on as `OPTIONS /`, not `*`: the URI parser gives an empty path as `/`.)
 fn origin_form(uri: &Uri) -> Uri {
     match uri.path_and_query() {
         Some(_) if uri.scheme().is_none() && uri.authority().is_none() => uri.clone(),

@@ -69,18 +69,26 @@ pub fn shutting_down() -> Response<Body> {
 
 /// The client stopped sending its request body for `client_body_timeout`.
 pub fn body_stalled() -> Response<Body> {
-    text(
+    closing(text(
         StatusCode::REQUEST_TIMEOUT,
         "duplex: the request body stopped arriving\n".into(),
-    )
+    ))
 }
 
 /// The client's request body broke off (the connection failed midway).
 pub fn body_broken() -> Response<Body> {
-    text(
+    closing(text(
         StatusCode::BAD_REQUEST,
         "duplex: the request body broke off\n".into(),
-    )
+    ))
+}
+
+/// `r` with `Connection: close`: the connection ends after it (the rest of the request's
+/// body will never be read), which a client must hear before it sends another request.
+fn closing(mut r: Response<Body>) -> Response<Body> {
+    r.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 pub fn gateway_timeout(route: &str) -> Response<Body> {

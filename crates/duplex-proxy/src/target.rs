@@ -2,7 +2,7 @@
 //! the backend will see: one well-formed host, and a path with no `.` or `..` segments
 //! that a backend would resolve into another route's path.
 
-use http::{header, Request, Version};
+use http::{header, Method, Request, Version};
 
 use crate::headers::has_several_hosts;
 
@@ -18,6 +18,10 @@ pub enum BadTarget {
     /// A `.` or `..` segment, written or percent-encoded: routing would match the path as
     /// written and a backend would resolve it to another one.
     DotSegment,
+    /// A target in authority-form (`host:port`, which is CONNECT's alone) or asterisk-form
+    /// (`*`, OPTIONS' alone) on another method (RFC 9112 sections 3.2.3 and 3.2.4): the
+    /// authority would stand in for `Host`, unchecked by whatever checked `Host`.
+    TargetForm,
 }
 
 impl BadTarget {
@@ -29,12 +33,23 @@ impl BadTarget {
                 "the Host header must be a host name or address and an optional port"
             }
             BadTarget::DotSegment => "the path must not have . or .. segments",
+            BadTarget::TargetForm => {
+                "the request target must be a path or an absolute URL (host:port is for \
+                 CONNECT, * for OPTIONS)"
+            }
         }
     }
 }
 
 /// Checks the request's host and path.
 pub fn check<B>(req: &Request<B>) -> Result<(), BadTarget> {
+    let (uri, method) = (req.uri(), req.method());
+    let authority_form = uri.scheme().is_none() && uri.authority().is_some();
+    if (authority_form && method != Method::CONNECT)
+        || (uri.path() == "*" && method != Method::OPTIONS)
+    {
+        return Err(BadTarget::TargetForm);
+    }
     let h = req.headers();
     if has_several_hosts(h) {
         return Err(BadTarget::SeveralHosts);

@@ -7,7 +7,8 @@ use duplex_e2e::backend::Backend;
 use duplex_e2e::client::{raw_exchange, RawReply};
 use duplex_e2e::proxy::{TestProxy, Upstream};
 use duplex_e2e::raw::RawBackend;
-use duplex_e2e::wire::upgrade_request;
+use duplex_e2e::wire::{read_head, upgrade_request};
+use tokio::io::AsyncWriteExt;
 
 /// One route, `public`, for host `public.test` and paths under `/public`, to `b`; no
 /// other route.
@@ -215,4 +216,67 @@ async fn a_redirect_never_carries_a_malformed_host() {
         proxy.shutdown(std::time::Duration::from_secs(1)),
     )
     .await;
+}
+
+/// A backend that answers every request with `answer(request line)`.
+async fn answering(answer: fn(&str) -> String) -> RawBackend {
+    RawBackend::start(move |mut tcp| async move {
+        loop {
+            let (head, _) = read_head(&mut tcp).await?;
+            tcp.write_all(answer(&head.first_line).as_bytes()).await?;
+        }
+    })
+    .await
+}
+
+/// Its request line back as the body.
+fn request_line(line: &str) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{line}",
+        line.len()
+    )
+}
+
+/// `host:port` as a request target is CONNECT's alone and `*` OPTIONS' alone (RFC 9112
+/// section 3.2): on a GET the authority would stand in for `Host` and pick the route
+/// unchecked, so both get 400. `OPTIONS *` reaches the backend as it is.
+#[tokio::test]
+async fn request_targets_only_in_the_forms_their_methods_allow() {
+    let b = answering(request_line).await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    for target in ["admin.internal:8080", "user@evil.test", "[::1]:80", "*"] {
+        let req = format!("GET {target} HTTP/1.1\r\nHost: app.test\r\n\r\n");
+        let r = raw_exchange(p.addr, req.as_bytes()).await;
+        expect_status(&r, 400, target);
+        assert!(r.body.contains("request target"), "{target}: {}", r.body);
+    }
+    assert_eq!(b.accepted(), 0, "none reached the backend");
+    for (target, seen) in [
+        ("*", "OPTIONS * HTTP/1.1"),
+        ("http://app.test:80/", "OPTIONS / HTTP/1.1"),
+    ] {
+        let req = format!("OPTIONS {target} HTTP/1.1\r\nHost: app.test:80\r\n\r\n");
+        let r = raw_exchange(p.addr, req.as_bytes()).await;
+        expect_status(&r, 200, target);
+        assert_eq!(r.body, seen, "{target}");
+    }
+}
+
+/// What a backend says of its own framing and version is made the proxy's: a repeated
+/// length (`2, 2`, which some clients cannot parse) goes on as one value, and an HTTP/1.0
+/// backend's answer reaches an HTTP/1.1 client as HTTP/1.1 (RFC 9110 sections 8.6, 6.2).
+#[tokio::test]
+async fn a_backends_length_list_and_version_are_normalised() {
+    let listed = answering(|_| "HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok".into()).await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(listed.addr)).await;
+    let r = get_raw(p.addr, "app.test", "/").await;
+    expect_status(&r, 200, "a listed length");
+    assert_eq!(r.head.all("content-length"), vec!["2"], "{:?}", r.head);
+    assert_eq!(r.body, "ok");
+
+    let old = answering(|_| "HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nten".into()).await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(old.addr)).await;
+    let r = get_raw(p.addr, "app.test", "/").await;
+    expect_status(&r, 200, "an HTTP/1.0 backend");
+    assert_eq!(r.body, "ten");
 }

@@ -121,6 +121,8 @@ async fn got_408_as_the_clients_error(p: &TestProxy, reply: &duplex_e2e::wire::H
         "{}",
         reply.first_line
     );
+    // The connection ends after it, which the client is told.
+    assert_eq!(reply.get("connection"), Some("close"), "{reply:?}");
     let metrics = p.metrics().await;
     let code =
         |c| duplex_e2e::proxy::sum_series(&metrics, "duplex_http_requests_total", &[("code", c)]);
