@@ -660,11 +660,17 @@ fn the_file_watch_goes_on_past_a_reload_stuck_reading() {
 /// nothing: it applies the file once it can.
 #[test]
 fn admin_accepts_back_off_when_out_of_file_descriptors() {
-    let path = temp_file(
-        "fds.yaml",
+    // In a directory of its own: the file watch sees no other test's files.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("duplex-cli-fds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("fds.yaml");
+    std::fs::write(
+        &path,
         "max_connections: 500\nlisteners:\n  - name: public\n    bind: 127.0.0.1:0\n\
          admin:\n  bind: 127.0.0.1:0\n",
-    );
+    )
+    .expect("write the config");
     let child = Command::new("sh")
         .args(["-c", "ulimit -n 64 && exec \"$0\" \"$@\"", BIN])
         .args(["run", "--log-format", "json", "-c"])
@@ -676,6 +682,7 @@ fn admin_accepts_back_off_when_out_of_file_descriptors() {
     let err = Lines::of(child.0.stderr.take().expect("stderr"));
     let addr = between(&err.wait_for("\"listening\""), "\"addr\":\"", '"');
     let admin = between(&err.wait_for("admin listening"), "\"addr\":\"", '"');
+    err.wait_for("watching the config file for changes");
     // More connections than descriptors: the public listener's accepts start failing.
     let open: Vec<_> = (0..80)
         .map(|_| std::net::TcpStream::connect(&addr).expect("the backlog takes it"))
