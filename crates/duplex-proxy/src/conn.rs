@@ -102,8 +102,8 @@ pub async fn serve(
             let timed = SendTimeout::unarmed(tcp);
             let accept = TlsAcceptor::from(Arc::clone(&tls.config)).accept(timed);
             let accept = tokio::time::timeout(tls.handshake_timeout, accept);
-            // A handshake under way when the shutdown grace ends is cut with the rest, and
-            // so is one a full cap asks to make room (it has sent no request yet).
+            // A handshake under way is cut when shutdown begins (it asks every connection
+            // to close) or when a full cap asks it to make room: it has sent no request.
             let handshake = tokio::select! {
                 done = accept => done,
                 _ = shared.closing.cancelled() => return,
@@ -266,7 +266,13 @@ fn to_https(req: &Request<Incoming>, port: u16) -> Response<Body> {
             "duplex: a Host header is required\n".into(),
         );
     };
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    // `OPTIONS *` asks about the server, not a path: its https counterpart is `/`.
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .trim_start_matches('*');
+    let path = if path.is_empty() { "/" } else { path };
     let location = if port == 443 {
         format!("https://{host}{path}")
     } else {

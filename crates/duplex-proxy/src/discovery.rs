@@ -183,6 +183,9 @@ async fn watch(
     let shared = Arc::clone(&proxy.inner.shared);
     let k = key(&upstream, &d);
     loop {
+        if stop.is_cancelled() {
+            return;
+        }
         // A name looked up a moment ago (at start, by a reload, or by the watch this one
         // replaces) waits out its interval from then: not looked up twice in a row.
         let last = lock(&shared.looked_up).get(&k).copied();

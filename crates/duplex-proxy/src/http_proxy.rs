@@ -203,18 +203,24 @@ pub fn relay(
         // beside it, which must not be passed on (the client would frame the body by it).
         parts.headers.remove(http::header::CONTENT_LENGTH);
     }
-    // RFC 9110 section 8.6: a list of one length repeated (`2, 2`, or two lines), which
-    // hyper accepted for framing, goes on as that one value.
+    // RFC 9110 section 8.6: a list of one length repeated (`2, 2`, or two lines) goes on
+    // as that one value. One whose values differ (which hyper does not check where it
+    // frames no body by it: HEAD, 204, 304) is not passed on at all.
     let lengths = parts.headers.get_all(http::header::CONTENT_LENGTH);
     if lengths.iter().count() > 1 || lengths.iter().any(|v| v.as_bytes().contains(&b',')) {
-        let first = lengths
+        let mut values = lengths
             .iter()
-            .next()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(|v| {
+                std::str::from_utf8(v.trim_ascii())
+                    .ok()?
+                    .parse::<u64>()
+                    .ok()
+            });
+        let first = values.next().flatten();
+        let same = first.filter(|&n| values.all(|v| v == Some(n)));
         parts.headers.remove(http::header::CONTENT_LENGTH);
-        if let Some(n) = first {
+        if let Some(n) = same {
             parts.headers.insert(http::header::CONTENT_LENGTH, n.into());
         }
     }

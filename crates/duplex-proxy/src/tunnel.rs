@@ -311,6 +311,9 @@ struct Direction {
     pending: Option<Box<Bytes>>,
     read_done: bool,
     shut_down: bool,
+    /// The destination is gone: what the source still sends is read and dropped, until
+    /// its end (see [`discard`]).
+    discard: bool,
     bytes: Counter,
 }
 
@@ -322,6 +325,7 @@ impl Direction {
             pending: (!early.is_empty()).then(|| Box::new(early)),
             read_done: false,
             shut_down: false,
+            discard: false,
             bytes,
         }
     }
@@ -330,11 +334,11 @@ impl Direction {
         self.shut_down
     }
 
-    /// Its destination is gone: nothing more can be delivered, nor is its end passed on.
+    /// Its destination is gone: nothing more can be delivered, nor is its end passed on;
+    /// the source is still read, and what it sends dropped.
     fn give_up(&mut self) {
         self.pending = None;
-        self.read_done = true;
-        self.shut_down = true;
+        self.discard = true;
     }
 }
 
@@ -344,7 +348,8 @@ impl Pump for Splice {
     }
 
     fn half_closed(&self) -> bool {
-        self.c2b.finished() || self.b2c.finished()
+        let ended = |d: &Direction| d.finished() || d.discard;
+        ended(&self.c2b) || ended(&self.b2c)
     }
 
     /// A failed read ends the tunnel: that side is gone, and whatever the other direction
@@ -352,28 +357,46 @@ impl Pump for Splice {
     /// hold bytes that side sent before it went (read, or queued in our socket), which its
     /// peer is owed; it ends when those are delivered, at the read of the error or EOF.
     fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let a = pump(
+        let a = direction(
             cx,
             &self.client,
             &mut self.backend,
             &mut self.c2b,
             &mut self.active,
-        );
-        let a = settle(a, &mut self.c2b, &mut self.broken)?;
-        let b = pump(
+            &mut self.broken,
+        )?;
+        let b = direction(
             cx,
             &self.backend,
             &mut self.client,
             &mut self.b2c,
             &mut self.active,
-        );
-        let b = settle(b, &mut self.b2c, &mut self.broken)?;
+            &mut self.broken,
+        )?;
         if a.is_ready() && b.is_ready() && self.c2b.finished() && self.b2c.finished() {
             Poll::Ready(self.broken.take().map_or(Ok(()), |kind| Err(kind.into())))
         } else {
             Poll::Pending
         }
     }
+}
+
+/// Polls one direction; one whose destination is found gone is polled again at once, to
+/// start discarding (and be woken by its source).
+fn direction(
+    cx: &mut Context<'_>,
+    from: &TcpStream,
+    to: &mut TcpStream,
+    d: &mut Direction,
+    active: &mut bool,
+    broken: &mut Option<io::ErrorKind>,
+) -> Poll<io::Result<()>> {
+    let was_discarding = d.discard;
+    let polled = settle(pump(cx, from, to, d, active), d, broken);
+    if d.discard && !was_discarding {
+        return settle(pump(cx, from, to, d, active), d, broken);
+    }
+    polled
 }
 
 /// A direction's poll, with a failed write turned into that direction's end (the error
@@ -399,6 +422,28 @@ fn settle(
     }
 }
 
+/// Reads `from` to its end and drops what comes, for a direction whose destination is gone:
+/// a socket closed with bytes unread sends a reset, which would destroy what the other
+/// direction is still delivering to the same peer. Not activity for the idle timers.
+fn discard(cx: &mut Context<'_>, from: &TcpStream, d: &mut Direction) -> Poll<Result<(), Broke>> {
+    for _ in 0..READS_PER_POLL {
+        ready!(from.poll_read_ready(cx)).map_err(Broke::Read)?;
+        let read = SCRATCH.with(|s| from.try_read(&mut s.borrow_mut()[..]));
+        match read {
+            Ok(0) => {
+                d.read_done = true;
+                d.shut_down = true;
+                return Poll::Ready(Ok(()));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Poll::Ready(Err(Broke::Read(e))),
+        }
+    }
+    cx.waker().wake_by_ref();
+    Poll::Pending
+}
+
 /// Whether a failed write says the peer's socket is gone for good.
 fn gone(e: &io::Error) -> bool {
     matches!(
@@ -419,6 +464,9 @@ fn pump(
     d: &mut Direction,
     active: &mut bool,
 ) -> Poll<Result<(), Broke>> {
+    if d.discard {
+        return discard(cx, from, d);
+    }
     for _ in 0..READS_PER_POLL {
         // Drain what the other side could not take yet.
         while let Some(pending) = d.pending.as_mut() {
@@ -714,10 +762,10 @@ mod tests {
         assert!(took < Duration::from_secs(66), "ended after {took:?}");
     }
 
-    /// The send queue (bytes not yet sent or not yet acknowledged) of the loopback TCP
-    /// socket from port `local` to port `remote`, from `/proc/net/tcp`; `None` when there
-    /// is no such socket (a reset one leaves the table).
-    fn send_queue(local: u16, remote: u16) -> Option<u64> {
+    /// The send and receive queues (bytes not yet acknowledged by the peer; bytes not yet
+    /// read) of the loopback TCP socket from port `local` to port `remote`, from
+    /// `/proc/net/tcp`; `None` when there is no such socket (a reset one leaves the table).
+    fn queues(local: u16, remote: u16) -> Option<(u64, u64)> {
         let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
         let port = |a: &str| u16::from_str_radix(a.rsplit(':').next()?, 16).ok();
         table.lines().skip(1).find_map(|line| {
@@ -725,8 +773,16 @@ mod tests {
             if port(f.get(1)?)? != local || port(f.get(2)?)? != remote {
                 return None;
             }
-            u64::from_str_radix(f.get(4)?.split(':').next()?, 16).ok()
+            let (tx, rx) = f.get(4)?.split_once(':')?;
+            Some((
+                u64::from_str_radix(tx, 16).ok()?,
+                u64::from_str_radix(rx, 16).ok()?,
+            ))
         })
+    }
+
+    fn send_queue(local: u16, remote: u16) -> Option<u64> {
+        queues(local, remote).map(|q| q.0)
     }
 
     /// Waits, bounded, for `what` to hold.
@@ -762,6 +818,10 @@ mod tests {
             .await
             .expect("connect");
         let (client, _) = l.accept().await.expect("accept");
+        let (client_side, user_port) = (
+            client.local_addr().expect("addr").port(),
+            client.peer_addr().expect("addr").port(),
+        );
         let (backend, mut server) = pair().await;
         let tunnel_side = backend.local_addr().expect("addr").port();
         let server_port = server.local_addr().expect("addr").port();
@@ -789,14 +849,29 @@ mod tests {
         .await;
         // Fails on the backend's side: its socket is reset.
         user.write_all(b"ping").await.expect("write");
-
-        let mut got = Vec::new();
+        let taken = || {
+            send_queue(user_port, client_side) == Some(0)
+                && queues(client_side, user_port).is_some_and(|(_, unread)| unread == 0)
+        };
+        until("the ping to be taken", taken).await;
+        // The client goes on sending while it reads (heartbeats, say): left unread, that
+        // would make the tunnel's close a reset, destroying the end of the burst.
+        let mut got = vec![0u8; 1024];
+        user.read_exact(&mut got)
+            .await
+            .expect("the start of the burst");
+        user.write_all(&[b'h'; 16 * 1024]).await.expect("write");
+        // Read and dropped by the tunnel, not left in its socket: all of them acknowledged
+        // to the client, and none unread on the tunnel's side.
+        until("the client's bytes to be read", taken).await;
         let read = tokio::time::timeout(Duration::from_secs(10), user.read_to_end(&mut got));
         read.await
             .expect("the client reads to the end")
             .expect("read");
         assert_eq!(got.len(), BURST, "bytes the client got");
         assert!(got == burst, "the burst, in order");
+        // Told the end (a FIN), the client closes too, which ends the tunnel.
+        drop(user);
         let end = tokio::time::timeout(Duration::from_secs(10), run)
             .await
             .expect("the tunnel ends")
