@@ -111,6 +111,14 @@ pub fn connect_kind(err: &(dyn std::error::Error + 'static)) -> &'static str {
     }
 }
 
+/// Whether `err` comes from duplex running out of file descriptors or buffers, not from
+/// what it was given. (Not "address not available", which for a bind means an address
+/// this host does not have.)
+pub fn local_exhaustion(err: &(dyn std::error::Error + 'static)) -> bool {
+    // Linux errno values: ENFILE 23, EMFILE 24, ENOBUFS 105.
+    io_source(err).is_some_and(|io| matches!(io.raw_os_error(), Some(23 | 24 | 105)))
+}
+
 /// The first I/O error in `err`'s source chain.
 pub fn io_source<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error> {
     let mut cur = Some(err);
@@ -176,5 +184,34 @@ impl std::fmt::Display for Chain<'_> {
             cur = e.source();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Out of file descriptors reading a certificate or binding a listener is duplex's
+    /// state, not a bad file; a port in use or a missing file is the file's.
+    #[test]
+    fn local_exhaustion_is_found_through_the_chain() {
+        let emfile = || io::Error::from_raw_os_error(24);
+        let read = |source| {
+            ProxyError::Tls(crate::tls::TlsError::Read {
+                path: "cert.pem".into(),
+                source,
+            })
+        };
+        let bind = |source| ProxyError::Bind {
+            listener: "l".into(),
+            addr: "127.0.0.1:1".parse().expect("address"),
+            source,
+        };
+        assert!(local_exhaustion(&read(emfile())));
+        assert!(local_exhaustion(&bind(emfile())));
+        assert!(!local_exhaustion(&read(io::ErrorKind::NotFound.into())));
+        assert!(!local_exhaustion(&bind(io::ErrorKind::AddrInUse.into())));
+        // EADDRNOTAVAIL: an address this host does not have, a mistake in the file.
+        assert!(!local_exhaustion(&bind(io::Error::from_raw_os_error(99))));
     }
 }

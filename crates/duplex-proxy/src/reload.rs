@@ -168,8 +168,12 @@ impl Proxy {
                 }
                 Ok(applied)
             });
-            if result.is_err() {
-                *lock(&p.inner.refused) = Some(hash);
+            // Refused for what the files say, not for duplex's own lack of descriptors: a
+            // content refused is not tried again until it changes.
+            if let Err(e) = &result {
+                if !crate::error::local_exhaustion(e) {
+                    *lock(&p.inner.refused) = Some(hash);
+                }
             }
             result
         });
@@ -467,6 +471,12 @@ impl Proxy {
 
     /// Records a refused reload and hands the error back.
     fn refused(&self, e: ProxyError) -> ProxyError {
+        if crate::error::local_exhaustion(&e) {
+            // duplex is out of file descriptors (reading a certificate, binding a new
+            // listener), not the files at fault: not counted or shown as a refusal.
+            tracing::warn!(error = %e, "reload not applied: duplex is out of file descriptors; the running configuration stays");
+            return e;
+        }
         self.inner
             .shared
             .metrics
