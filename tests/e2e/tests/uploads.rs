@@ -192,3 +192,50 @@ async fn a_backend_that_stops_reading_an_upload_gets_504() {
     );
     send.abort();
 }
+
+/// A client that sends part of a body and goes away (closed or reset) fails its own
+/// request: counted as the client's 400, not a 5xx, and nothing held against a backend
+/// that closes as soon as duplex gives up on the upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_upload_is_the_clients_failure() {
+    // Reads the request until duplex closes, then closes at once.
+    let b = RawBackend::start(|mut tcp| async move {
+        use tokio::io::AsyncReadExt;
+        let mut sink = vec![0u8; 64 * 1024];
+        while tcp.read(&mut sink).await? > 0 {}
+        Ok(())
+    })
+    .await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    const CLIENTS: usize = 10;
+    for i in 0..CLIENTS {
+        let mut c = duplex_e2e::client::tcp(p.addr).await;
+        c.write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+            .await
+            .expect("write");
+        c.write_all(&[b'y'; 20_000]).await.expect("write");
+        duplex_e2e::eventually(duplex_e2e::STEP, "the backend to take the upload", || {
+            let accepted = b.accepted();
+            async move { accepted > i }
+        })
+        .await;
+        if i % 2 == 1 {
+            c.set_zero_linger().expect("SO_LINGER 0");
+        }
+        drop(c);
+    }
+    let counted = || async {
+        let text = p.metrics().await;
+        let code =
+            |c| duplex_e2e::proxy::sum_series(&text, "duplex_http_requests_total", &[("code", c)]);
+        (code("4xx"), code("5xx"))
+    };
+    duplex_e2e::eventually(duplex_e2e::STEP, "every upload to be counted", || async {
+        let (four, five) = counted().await;
+        four + five >= CLIENTS as f64
+    })
+    .await;
+    assert_eq!(counted().await, (CLIENTS as f64, 0.0));
+    let errors = p.metric("duplex_backend_connect_errors_total", &[]).await;
+    assert_eq!(errors, 0.0, "nothing held against the backend");
+}
