@@ -75,25 +75,40 @@ async fn watch_reload(
 /// Watches `path`, and the certificate files its config names, and reloads `proxy` when
 /// their content changes.
 pub fn watch_file(path: PathBuf, proxy: Proxy) {
+    watch_with(path, proxy, RESYNC, |tx| {
+        let tx = tx.clone();
+        notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                let _ = tx.try_send(());
+            }
+        })
+    });
+}
+
+/// The watch, with its period and its way of making a watcher. Without a watcher (the
+/// kernel's inotify instances used up, say, or duplex out of descriptors) the file is
+/// still compared every `resync`, and a watcher is asked for again at each look.
+fn watch_with<W, F>(path: PathBuf, proxy: Proxy, resync: Duration, mut new_watcher: F)
+where
+    W: Watcher + Send + 'static,
+    F: FnMut(&mpsc::Sender<()>) -> notify::Result<W> + Send + 'static,
+{
     // One pending wake-up is enough: a burst of events needs one reload.
     let (tx, mut rx) = mpsc::channel::<()>(1);
-    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
-            let _ = tx.try_send(());
+    let mut watched = HashSet::new();
+    let mut watcher = match new_watcher(&tx) {
+        Ok(mut w) => {
+            watch_new_dirs(&mut w, &mut watched, proxy.watched_dirs());
+            Some(w)
         }
-    });
-    let mut watcher = match watcher {
-        Ok(w) => w,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /reload");
-            return;
+            tracing::warn!(error = %e, every = ?resync, "cannot watch the config file for changes; it is compared with the config in force periodically instead");
+            None
         }
     };
-    let mut watched = HashSet::new();
-    watch_new_dirs(&mut watcher, &mut watched, proxy.watched_dirs());
     tracing::info!(file = %path.display(), "watching the config file for changes");
     tokio::spawn(async move {
-        let mut resync = tokio::time::interval(RESYNC);
+        let mut resync = tokio::time::interval(resync);
         let reading = Arc::new(AtomicUsize::new(0));
         loop {
             tokio::select! {
@@ -126,13 +141,22 @@ pub fn watch_file(path: PathBuf, proxy: Proxy) {
             // directories not watched yet, and a directory missing before may exist now.
             // Adding a watch reads the file system: off the runtime's threads.
             let dirs = proxy.watched_dirs();
+            let tx = tx.clone();
             let joined = tokio::task::spawn_blocking(move || {
-                watch_new_dirs(&mut watcher, &mut watched, dirs);
-                (watcher, watched)
+                if watcher.is_none() {
+                    if let Ok(w) = new_watcher(&tx) {
+                        tracing::info!("watching the config file for changes again");
+                        watcher = Some(w);
+                    }
+                }
+                if let Some(w) = watcher.as_mut() {
+                    watch_new_dirs(w, &mut watched, dirs);
+                }
+                (watcher, watched, new_watcher)
             })
             .await;
             match joined {
-                Ok(back) => (watcher, watched) = back,
+                Ok(back) => (watcher, watched, new_watcher) = back,
                 Err(e) => {
                     tracing::warn!(error = %e, "the config file watch stopped; reload with SIGHUP or POST /reload");
                     return;
@@ -182,4 +206,57 @@ pub fn reload_on_sighup(proxy: Proxy, mut hup: tokio::signal::unix::Signal) {
             let _ = proxy.reload_from_file().await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Metrics;
+    use duplex_config::Config;
+    use std::time::Instant;
+
+    fn config(port: u16) -> String {
+        format!(
+            "admin:\n  bind: 127.0.0.1:0\nlisteners:\n  - name: l\n    bind: 127.0.0.1:0\n\
+             upstreams:\n  - name: u\n    backends:\n      - addr: 127.0.0.1:{port}\n"
+        )
+    }
+
+    /// With no watcher to be had (inotify instances used up), a change of the file is
+    /// still applied by the periodic check, and a watcher is asked for again at each look.
+    #[tokio::test]
+    async fn without_a_watcher_the_periodic_check_reloads() {
+        let dir = std::env::temp_dir().join(format!("duplex-nowatch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("duplex.yaml");
+        std::fs::write(&file, config(9)).expect("write");
+        let parsed = Config::load(&file).expect("valid");
+        let proxy = Proxy::start(parsed, Some(file.clone()), Arc::new(Metrics::new()))
+            .await
+            .expect("starts");
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&asked);
+        watch_with(
+            file.clone(),
+            proxy.clone(),
+            Duration::from_millis(100),
+            move |_: &mpsc::Sender<()>| -> notify::Result<notify::RecommendedWatcher> {
+                counted.fetch_add(1, Ordering::AcqRel);
+                Err(notify::Error::generic("no inotify instance left"))
+            },
+        );
+        let before = proxy.generation();
+        std::fs::write(&file, config(10)).expect("rewrite");
+        // The periodic check leaves a file alone for SETTLED after it was written.
+        let deadline = Instant::now() + SETTLED + Duration::from_secs(10);
+        while proxy.generation() == before {
+            assert!(Instant::now() < deadline, "the change was never applied");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            asked.load(Ordering::Acquire) >= 2,
+            "a watcher was not asked for again"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
