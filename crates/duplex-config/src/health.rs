@@ -24,12 +24,14 @@ pub(crate) fn check(i: usize, h: &RawHealthCheck) -> Result<HealthCheck, Violati
         );
     }
     if let Some(host) = &h.host {
-        let ok = !host.is_empty()
-            && host
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || b"-._:[]".contains(&c));
-        if !ok {
-            return fail(at("host"), format!("invalid health check host {host:?}"));
+        if !crate::names::authority_ok(host) {
+            return fail(
+                at("host"),
+                format!(
+                    "invalid health check host {host:?}: expected a name or address with an \
+                     optional port, such as chat.example.com, 10.0.0.1:8080 or [::1]:8080"
+                ),
+            );
         }
     }
     if h.kind == HealthKind::Tcp

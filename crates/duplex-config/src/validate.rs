@@ -2,7 +2,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
@@ -65,6 +65,52 @@ fn parse_addr(path: Vec<Seg<'static>>, s: &str) -> Result<SocketAddr, Violation>
             format!("invalid address {s:?}: expected IP:PORT such as 127.0.0.1:9001 or [::1]:9001"),
         ),
     }
+}
+
+/// Whether two binds would take the same socket. `[::]` takes IPv4 too (duplex binds it
+/// dual-stack whatever the host's default), and `0.0.0.0` every IPv4 address. Port 0
+/// asks the OS for a free port: never a clash.
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wide: IpAddr, other: IpAddr| match wide {
+        IpAddr::V4(w) => w.is_unspecified() && other.to_canonical().is_ipv4(),
+        IpAddr::V6(w) => w.is_unspecified(),
+    };
+    let (x, y) = (a.ip(), b.ip());
+    a.port() == b.port()
+        && a.port() != 0
+        && (x.to_canonical() == y.to_canonical() || covers(x, y) || covers(y, x))
+}
+
+/// The error for two binds that [`overlap`].
+fn clash(what: &str, bind: SocketAddr, other: SocketAddr) -> String {
+    if bind == other {
+        format!("{what} {bind}")
+    } else {
+        format!("{what} port {}: {bind} and {other} overlap ([::] takes IPv4 too, and 0.0.0.0 every IPv4 address)", bind.port())
+    }
+}
+
+/// A backend's address: one duplex can connect to, in one spelling. An IPv4 address
+/// written as v4-mapped IPv6 (`[::ffff:10.0.0.1]`) is taken as the IPv4 one, so that the
+/// two spellings are one backend (for the duplicate check, and for consistent hashing
+/// across replicas whose files differ in it).
+fn parse_backend_addr(path: Vec<Seg<'static>>, s: &str) -> Result<SocketAddr, Violation> {
+    let addr = parse_addr(path.clone(), s)?;
+    let ip = addr.ip().to_canonical();
+    let why = if addr.port() == 0 {
+        "port 0 is no port to connect to"
+    } else if ip.is_unspecified() {
+        "an unspecified address (0.0.0.0, [::]) is for binding, not for connecting"
+    } else if ip.is_multicast() || ip == std::net::Ipv4Addr::BROADCAST {
+        "a multicast or broadcast address cannot take a TCP connection"
+    } else if matches!(addr, SocketAddr::V6(a) if a.scope_id() != 0) {
+        // It would reach the backend's `Host` and health checks as `[::1%1]`, which is no
+        // valid URI host; link-local backends are not supported.
+        "an IPv6 zone index (%...) is not supported"
+    } else {
+        return Ok(SocketAddr::new(ip, addr.port()));
+    };
+    fail(path, format!("invalid backend address {s:?}: {why}"))
 }
 
 /// The longest duration any key accepts; longer ones are surely typos, and would overflow
@@ -139,22 +185,20 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
     }
     let mut listeners = Vec::new();
     let mut names = HashMap::new();
-    let mut binds = HashMap::new();
+    let mut binds: Vec<(SocketAddr, Vec<Seg<'static>>)> = Vec::new();
     for (i, l) in raw.listeners.iter().enumerate() {
         let at = |k| vec![Key("listeners"), Index(i), Key(k)];
         check_name(at("name"), "listener", &l.name)?;
         check_unique(&mut names, at("name"), "listener", &l.name)?;
         let bind = parse_addr(at("bind"), &l.bind)?;
-        // Port 0 asks the OS for a free port: never a clash.
-        if bind.port() != 0 {
-            if let Some(first) = binds.insert(bind, at("bind")) {
-                return Err(Violation {
-                    path: at("bind"),
-                    message: format!("two listeners bind {bind}"),
-                    first: Some(first),
-                });
-            }
+        if let Some((other, first)) = binds.iter().find(|(b, _)| overlap(bind, *b)) {
+            return Err(Violation {
+                path: at("bind"),
+                message: clash("two listeners bind", bind, *other),
+                first: Some(first.clone()),
+            });
         }
+        binds.push((bind, at("bind")));
         let tls = l
             .tls
             .as_ref()
@@ -214,12 +258,13 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
             None => defaults::ADMIN_BIND,
         },
     };
-    if admin.bind.port() != 0 && binds.contains_key(&admin.bind) {
+    if let Some((other, _)) = binds.iter().find(|(b, _)| overlap(admin.bind, *b)) {
         return fail(
             vec![Key("admin"), Key("bind")],
-            format!(
-                "the admin listener and a proxy listener both bind {}",
-                admin.bind
+            clash(
+                "the admin listener and a proxy listener both bind",
+                admin.bind,
+                *other,
             ),
         );
     }
@@ -468,7 +513,7 @@ fn upstream(i: usize, u: &RawUpstream, base: &Path) -> Result<Upstream, Violatio
                 "resolve_interval goes with resolve: dns".into(),
             );
         }
-        let addr = parse_addr(at("addr"), &b.addr)?;
+        let addr = parse_backend_addr(at("addr"), &b.addr)?;
         if !seen.insert(addr) {
             return fail(
                 at("addr"),

@@ -122,6 +122,26 @@ fn refuses_bad_files_and_points_at_the_value() {
             "f:5:11: two listeners bind 127.0.0.1:8080 (first defined at line 3)",
         ),
         (
+            "admin:",
+            "  - name: second\n    bind: \"[::]:8080\"\nadmin:",
+            "f:5:11: two listeners bind port 8080: [::]:8080 and 127.0.0.1:8080 overlap",
+        ),
+        (
+            "admin:",
+            "  - name: second\n    bind: 0.0.0.0:8080\nadmin:",
+            "f:5:11: two listeners bind port 8080: 0.0.0.0:8080 and 127.0.0.1:8080 overlap",
+        ),
+        (
+            "admin:",
+            "  - name: second\n    bind: \"[::ffff:127.0.0.1]:8080\"\nadmin:",
+            "f:5:11: two listeners bind port 8080: [::ffff:127.0.0.1]:8080 and 127.0.0.1:8080 overlap",
+        ),
+        (
+            "bind: 127.0.0.1:9090",
+            "bind: \"[::]:8080\"",
+            "f:5:9: the admin listener and a proxy listener both bind port 8080: [::]:8080 and 127.0.0.1:8080 overlap",
+        ),
+        (
             "addr: 127.0.0.1:9002",
             "addr: localhost",
             "f:26:15: invalid address \"localhost\"",
@@ -197,6 +217,11 @@ fn refuses_bad_files_and_points_at_the_value() {
             "f:25:13: invalid health check host",
         ),
         (
+            "    retries: 2",
+            "    retries: 2\n    health_check:\n      kind: http\n      host: '[::1'",
+            "f:25:13: invalid health check host \"[::1\": expected a name or address",
+        ),
+        (
             "headers: { X-Tenant: acme }",
             "headers: { X-Tenant: acme, X-Tenant: other }",
             "f:11:16: routes[0].match.headers: header \"X-Tenant\" is named twice",
@@ -265,6 +290,36 @@ fn refuses_bad_files_and_points_at_the_value() {
             "addr: 127.0.0.1:9002",
             "addr: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.test:9002\n        resolve: dns",
             "f:26:15: invalid address",
+        ),
+        (
+            "addr: 127.0.0.1:9002",
+            "addr: \"[::ffff:127.0.0.1]:9001\"",
+            "f:26:15: backend 127.0.0.1:9001 is listed twice in upstream \"chat\"",
+        ),
+        (
+            "addr: 127.0.0.1:9002",
+            "addr: 127.0.0.1:0",
+            "f:26:15: invalid backend address \"127.0.0.1:0\": port 0 is no port to connect to",
+        ),
+        (
+            "addr: 127.0.0.1:9002",
+            "addr: \"[::]:9002\"",
+            "f:26:15: invalid backend address \"[::]:9002\": an unspecified address",
+        ),
+        (
+            "addr: 127.0.0.1:9002",
+            "addr: 0.0.0.0:9002",
+            "f:26:15: invalid backend address \"0.0.0.0:9002\": an unspecified address",
+        ),
+        (
+            "addr: 127.0.0.1:9002",
+            "addr: \"[ff02::1]:9002\"",
+            "f:26:15: invalid backend address \"[ff02::1]:9002\": a multicast",
+        ),
+        (
+            "addr: 127.0.0.1:9002",
+            "addr: \"[::1%1]:9002\"",
+            "f:26:15: invalid backend address \"[::1%1]:9002\": an IPv6 zone index",
         ),
     ];
     let mut wrong = Vec::new();

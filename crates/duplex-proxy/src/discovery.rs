@@ -58,6 +58,11 @@ async fn resolve_once(shared: &Shared, upstream: &str, d: &DnsBackend) -> Option
     lock(&shared.looked_up).insert(key(upstream, d), tokio::time::Instant::now());
     match answer {
         Ok(Ok(mut addrs)) if !addrs.is_empty() => {
+            // A v4-mapped answer (`::ffff:10.0.0.1`) is the IPv4 backend another name
+            // or the file may give plainly: one spelling, so that it is one backend.
+            for a in &mut addrs {
+                a.set_ip(a.ip().to_canonical());
+            }
             addrs.sort();
             addrs.dedup();
             m.dns_resolutions.with_label_values(&[upstream, "ok"]).inc();

@@ -1,6 +1,6 @@
 //! Starts and stops the proxy: binds listeners, runs accept loops, drains at shutdown.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -118,6 +118,15 @@ pub(crate) fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, ProxyErr
     }
     .map_err(err)?;
     sock.set_reuseaddr(true).map_err(err)?;
+    // `[::]` takes IPv4 clients too, on every host, not only where the kernel's
+    // `net.ipv6.bindv6only` is 0: `duplex check` counts on it to find overlapping binds.
+    if let IpAddr::V6(ip) = addr.ip() {
+        if ip.is_unspecified() {
+            socket2::SockRef::from(&sock)
+                .set_only_v6(false)
+                .map_err(err)?;
+        }
+    }
     // Without these, accepted sockets lack TCP_NODELAY and keepalive: worse, not broken.
     if let Err(e) = crate::connector::tune_listener(&sock) {
         tracing::warn!(listener = name, error = %e, "cannot set TCP_NODELAY and keepalive on the listening socket");
@@ -446,7 +455,10 @@ async fn accept_loop(
             r = listener.accept() => r,
         };
         match res {
-            Ok((tcp, peer)) => {
+            Ok((tcp, mut peer)) => {
+                // On a dual-stack `[::]` listener an IPv4 client comes as `::ffff:a.b.c.d`;
+                // logs, headers and hashing all see it as the IPv4 address it is.
+                peer.set_ip(peer.ip().to_canonical());
                 backoff = ACCEPT_BACKOFF_START;
                 accepted.inc();
                 // At a cap the connection waits here, unanswered, and the next ones in
