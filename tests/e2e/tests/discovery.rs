@@ -406,3 +406,28 @@ async fn a_backend_back_in_the_answer_keeps_its_ejection() {
     assert_eq!(after, before, "no connect was tried on b");
     p.shutdown().await;
 }
+
+/// An answer giving one IPv4 address also as v4-mapped IPv6 (`::ffff:a.b.c.d`, as some
+/// resolvers and hosts files do) is one backend, listed by its IPv4 address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v4_mapped_answer_is_the_ipv4_backend() {
+    let (a, b, resolver, dns) = chat_test();
+    let mapped = |s: SocketAddr| match s.ip() {
+        IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), s.port()),
+        IpAddr::V6(_) => s,
+    };
+    resolver.answer(&[a.addr, mapped(a.addr), mapped(b.addr)]);
+    let p = start_resolving(&yaml_with("", &dns), Arc::new(resolver.clone())).await;
+    b_takes_connections(&p).await;
+    assert!(status_of(&p, a.addr).await.is_some(), "a is listed");
+    assert!(status_of(&p, b.addr).await.is_some(), "b is listed as IPv4");
+    assert!(status_of(&p, mapped(a.addr)).await.is_none());
+    assert!(status_of(&p, mapped(b.addr)).await.is_none());
+    // One backend each: round robin alternates between the two.
+    let landed = land(&p, 4).await;
+    assert_eq!(
+        (landed.get("a"), landed.get("b")),
+        (Some(&2), Some(&2)),
+        "{landed:?}"
+    );
+}
