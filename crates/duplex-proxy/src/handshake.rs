@@ -7,7 +7,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use sha1::{Digest, Sha1};
 
 use crate::headers::{
-    connection_named_in, is_hop_by_hop, list_has, proto, target_host, XFF, XFH, XFP,
+    connection_named_in, is_hop_by_hop, list_has, proto, target_host, XFF, XFH, XFP, XRI,
 };
 use crate::responses::{self, Body};
 
@@ -120,7 +120,7 @@ pub fn backend_request_head<B>(client: &Request<B>, peer: &HeaderValue, https: b
         line(b"host", &[host]);
     }
     // Written above or below, or (`Content-Length`) meaningless on an upgrade.
-    let replaced = [header::HOST, header::CONTENT_LENGTH, XFF, XFP, XFH];
+    let replaced = [header::HOST, header::CONTENT_LENGTH, XFF, XFP, XFH, XRI];
     for (name, value) in headers {
         if !replaced.contains(name) && !is_hop_by_hop(name.as_str().as_bytes(), &named) {
             line(name.as_str().as_bytes(), &[value.as_bytes()]);
@@ -139,6 +139,7 @@ pub fn backend_request_head<B>(client: &Request<B>, peer: &HeaderValue, https: b
     };
     xff.push(peer.as_bytes());
     line(XFF.as_str().as_bytes(), &xff);
+    line(XRI.as_str().as_bytes(), &[peer.as_bytes()]);
     line(XFP.as_str().as_bytes(), &[proto(https).as_bytes()]);
     if let Some(host) = host {
         line(XFH.as_str().as_bytes(), &[host]);
@@ -257,6 +258,7 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
         h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("ftp"));
+        h.insert("x-real-ip", HeaderValue::from_static("6.6.6.6"));
         h.insert("sec-websocket-key", HeaderValue::from_static("k"));
         let peer = HeaderValue::from_static("3.3.3.3");
         let head = String::from_utf8(backend_request_head(&r, &peer, true)).unwrap();
@@ -266,6 +268,7 @@ mod tests {
              host: Abs.Example:8080\r\n\
              sec-websocket-key: k\r\n\
              x-forwarded-for: 1.1.1.1, 2.2.2.2, 3.3.3.3\r\n\
+             x-real-ip: 3.3.3.3\r\n\
              x-forwarded-proto: https\r\n\
              x-forwarded-host: Abs.Example:8080\r\n\
              connection: Upgrade\r\n\
@@ -287,7 +290,8 @@ mod tests {
         let head = String::from_utf8(backend_request_head(&bare, &peer, false)).unwrap();
         assert_eq!(
             head,
-            "GET / HTTP/1.1\r\nx-forwarded-for: 3.3.3.3\r\nx-forwarded-proto: http\r\n\
+            "GET / HTTP/1.1\r\nx-forwarded-for: 3.3.3.3\r\nx-real-ip: 3.3.3.3\r\n\
+             x-forwarded-proto: http\r\n\
              connection: Upgrade\r\nupgrade: websocket\r\n\r\n"
         );
     }

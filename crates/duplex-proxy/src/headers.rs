@@ -17,6 +17,9 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 pub const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// The client's address alone, as nginx configurations set it: replaced, never passed on
+/// from the client, or a backend that trusts it would trust whatever a client wrote.
+pub const XRI: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Whether a comma-separated header holds `token`, compared case-insensitively.
 pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
@@ -133,8 +136,8 @@ pub fn forwarded_for(client: IpAddr) -> HeaderValue {
     HeaderValue::try_from(text).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
-/// Appends the client (as [`forwarded_for`] renders it) to `X-Forwarded-For` and sets
-/// `X-Forwarded-Proto` and `-Host`.
+/// Appends the client (as [`forwarded_for`] renders it) to `X-Forwarded-For`, sets
+/// `X-Real-IP` to it, and sets `X-Forwarded-Proto` and `-Host`.
 pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, https: bool) {
     if headers.contains_key(&XFF) {
         // Empty lines add no empty entry (`, 10.0.0.1`).
@@ -151,6 +154,7 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, https: bool)
     } else {
         headers.insert(XFF, client.clone());
     }
+    headers.insert(XRI, client.clone());
     headers.insert(XFP, HeaderValue::from_static(proto(https)));
     match headers.get(header::HOST).cloned() {
         Some(host) => {

@@ -134,6 +134,7 @@ async fn adds_x_forwarded_headers_and_drops_hop_by_hop_ones() {
         "/",
         &[
             ("x-forwarded-for", "198.51.100.9"),
+            ("x-real-ip", "198.51.100.9"),
             ("connection", "x-drop"),
             ("x-drop", "1"),
             ("x-kept", "yes"),
@@ -149,6 +150,8 @@ async fn adds_x_forwarded_headers_and_drops_hop_by_hop_ones() {
         seen[0].header("x-forwarded-for"),
         Some("198.51.100.9, 127.0.0.1")
     );
+    assert_eq!(seen[0].header("x-real-ip"), Some("127.0.0.1"), "replaced");
+    assert_eq!(seen[1].header("x-real-ip"), Some("127.0.0.1"));
     assert_eq!(seen[0].header("x-forwarded-proto"), Some("http"));
     assert_eq!(seen[0].header("x-forwarded-host"), Some(host.as_str()));
     assert_eq!(seen[0].header("host"), Some(host.as_str()), "Host is kept");
