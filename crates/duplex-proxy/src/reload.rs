@@ -528,7 +528,8 @@ pub(crate) fn source_hash(src: &str, file: &str) -> u64 {
 }
 
 /// For every backend in `old` but not in `new`: no new connections (the new table lacks
-/// it); its tunnels stay until they end or its upstream's `drain_timeout` passes, then are
+/// it); its tunnels stay until they end or its upstream's `drain_timeout` (as `new` has
+/// it, or as `old` had it for a removed upstream) passes, then are
 /// closed, and its metric series go. A reload that brings it back ends the drain.
 fn drain_removed(shared: &Arc<Shared>, old: &Table, new: &Table) {
     for (name, up) in &old.upstreams {
@@ -558,11 +559,14 @@ fn drain_removed(shared: &Arc<Shared>, old: &Table, new: &Table) {
                 since: Instant::now(),
             };
             lock(&shared.draining).insert((name.clone(), addr), entry);
+            // The reload's own value where its upstream stays: an operator who shortens
+            // drain_timeout in the edit that removes a backend means it for this drain.
+            let timeout = kept.map_or(up.cfg.drain_timeout, |k| k.cfg.drain_timeout);
             tokio::spawn(drain(
                 Arc::clone(shared),
                 id,
                 Arc::clone(&b.state),
-                up.cfg.drain_timeout,
+                timeout,
                 name.clone(),
             ));
         }

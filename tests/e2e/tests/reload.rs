@@ -171,6 +171,45 @@ async fn a_removed_backend_drains_then_its_tunnels_close() {
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }
 
+/// The edit that removes a backend and shortens `drain_timeout` drains it for the new
+/// value, not the default five minutes in force before.
+#[tokio::test]
+async fn the_reload_that_removes_a_backend_sets_its_drain_timeout() {
+    let b = Backend::start_all(&["keep", "gone"]).await;
+    let public = [("public", "127.0.0.1:0")];
+    let proxy = start(
+        &yaml(&public, "round_robin", "", &[b[0].addr, b[1].addr]),
+        None,
+    )
+    .await;
+    let addr = proxy.listener_addr("public").expect("bound");
+    let (first, r1) = client::ws(addr, "/").await;
+    let (second, _) = client::ws(addr, "/").await;
+    let (mut kept, mut gone) = if backend_of(&r1) == "keep" {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    let short = "    drain_timeout: 300ms\n";
+    proxy
+        .reload(config(&yaml(&public, "round_robin", short, &[b[0].addr])))
+        .await
+        .expect("reload");
+    within("the drained tunnel to close", async {
+        for _ in 0..16 {
+            match gone.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+        panic!("the drained tunnel kept sending instead of closing");
+    })
+    .await;
+    echo_ok(&mut kept, "kept").await;
+    client::close(kept).await;
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
 /// A handshake still waiting for its backend's 101 when a reload removes the backend and
 /// its drain ends gets 503, not a 101 for a tunnel that would be closed at once.
 #[tokio::test]
