@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod advice;
 pub mod bounds;
 mod diff;
 mod empty;
@@ -24,6 +25,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use advice::{advice, Advice};
 pub use diff::{Changes, Diff};
 
 /// The largest backend weight accepted; keeps the round-robin schedule small.

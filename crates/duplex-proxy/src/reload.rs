@@ -403,6 +403,7 @@ impl Proxy {
         m.config_last_reload_success.set(unix_now());
         *lock(&self.inner.status) = ReloadStatus::started();
         tracing::info!(generation, changes = %diff, "configuration reloaded");
+        crate::server::log_advice(&table.config);
         Ok(Some(generation))
     }
 

@@ -135,6 +135,13 @@ pub(crate) fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, ProxyErr
     sock.listen(LISTEN_BACKLOG).map_err(err)
 }
 
+/// Logs what [`duplex_config::advice`] says of a configuration put in force.
+pub(crate) fn log_advice(config: &Config) {
+    for a in duplex_config::advice(config) {
+        tracing::warn!(upstream = %a.upstream, advice = %a.message, "configuration advice");
+    }
+}
+
 /// A listener bound but not yet accepting.
 pub(crate) struct Bound {
     pub name: String,
@@ -216,6 +223,7 @@ impl Proxy {
                 max => tracing::info!(max, "connection cap: from the open-file limit"),
             },
         }
+        log_advice(&shared.table.load().config);
         let health = crate::health::spawn_checks(&shared, &shared.table.load());
         tokio::spawn(sweep_series(
             Arc::clone(&shared.metrics),

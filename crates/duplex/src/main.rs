@@ -120,6 +120,10 @@ fn check(path: &std::path::Path) -> ExitCode {
         Ok(c) => {
             // A closed pipe (`duplex check ... | head`) is not an error worth a panic.
             let _ = print_summary(path, &c, &mut std::io::stdout().lock());
+            // Advice, not errors: the file is valid, and the exit status says so.
+            for a in duplex_config::advice(&c) {
+                eprintln!("{}: warning: {a}", path.display());
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -111,7 +111,25 @@ fn check_accepts_the_shipped_configs() {
             "{stdout}"
         );
         assert!(stdout.contains("\n  admin on 127.0.0.1:9090\n"), "{stdout}");
+        assert!(out.stderr.is_empty(), "{f}: no advice expected");
     }
+}
+
+/// Advice on a valid file goes to stderr as a warning, and the file still passes.
+#[test]
+fn check_warns_of_a_hash_key_the_backend_sets_and_exits_0() {
+    let path = temp_file(
+        "advice.yaml",
+        "listeners:\n  - name: public\n    bind: 127.0.0.1:8080\nupstreams:\n  - name: io\n    balancer: consistent_hash\n    hash_key: cookie:io\n    backends:\n      - addr: 127.0.0.1:9001\n",
+    );
+    let out = output_within_30s(Command::new(BIN).args(["check", "-c"]).arg(&path));
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let want = format!(
+        "{}: warning: upstream \"io\": hash_key cookie:io is usually set by the backend",
+        path.display()
+    );
+    assert!(stderr.starts_with(&want), "{stderr}");
 }
 
 #[test]
@@ -851,5 +869,24 @@ fn the_default_connection_cap_follows_the_open_file_limit() {
         reclaimed(&metrics),
         closed,
         "closed unanswered, as counted: {metrics}"
+    );
+}
+
+/// The advice `duplex check` gives is logged when the configuration is put in force.
+#[test]
+fn run_logs_configuration_advice() {
+    let path = temp_file(
+        "advice-run.yaml",
+        "listeners:\n  - name: public\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\n\
+         upstreams:\n  - name: slow\n    connect_timeout: 20s\n    response_timeout: 10s\n    \
+         backends:\n      - addr: 127.0.0.1:9\n",
+    );
+    let (_child, err) = run_json(&path, &[]);
+    let line = err.wait_for("configuration advice");
+    assert!(line.contains("\"level\":\"WARN\""), "{line}");
+    assert!(line.contains("\"upstream\":\"slow\""), "{line}");
+    assert!(
+        line.contains("response_timeout (10s) is not longer than connect_timeout (20s)"),
+        "{line}"
     );
 }
