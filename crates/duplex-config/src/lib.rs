@@ -14,6 +14,7 @@ mod empty;
 mod health;
 mod locate;
 mod names;
+mod paths;
 mod raw;
 mod shadow;
 mod tls;
@@ -27,6 +28,8 @@ use serde::Deserialize;
 
 pub use advice::{advice, Advice};
 pub use diff::{Changes, Diff};
+pub use paths::routing_path;
+pub use validate::backend_addr;
 
 /// The largest backend weight accepted; keeps the round-robin schedule small.
 pub const MAX_WEIGHT: u32 = 1000;

@@ -90,27 +90,36 @@ fn clash(what: &str, bind: SocketAddr, other: SocketAddr) -> String {
     }
 }
 
-/// A backend's address: one duplex can connect to, in one spelling. An IPv4 address
-/// written as v4-mapped IPv6 (`[::ffff:10.0.0.1]`) is taken as the IPv4 one, so that the
-/// two spellings are one backend (for the duplicate check, and for consistent hashing
-/// across replicas whose files differ in it).
+/// A backend's address: one duplex can connect to, in one spelling (see
+/// [`backend_addr`]).
 fn parse_backend_addr(path: Vec<Seg<'static>>, s: &str) -> Result<SocketAddr, Violation> {
-    let addr = parse_addr(path.clone(), s)?;
+    match backend_addr(parse_addr(path.clone(), s)?) {
+        Ok(addr) => Ok(addr),
+        Err(why) => fail(path, format!("invalid backend address {s:?}: {why}")),
+    }
+}
+
+/// `addr` as a backend, or why it cannot be one; for the file's addresses and DNS
+/// answers alike. An IPv4 address written as v4-mapped IPv6 (`[::ffff:10.0.0.1]`) is
+/// taken as the IPv4 one, so that the two spellings are one backend (for the duplicate
+/// check, and for consistent hashing across replicas whose files or resolvers differ).
+pub fn backend_addr(addr: SocketAddr) -> Result<SocketAddr, &'static str> {
     let ip = addr.ip().to_canonical();
-    let why = if addr.port() == 0 {
-        "port 0 is no port to connect to"
+    if addr.port() == 0 {
+        Err("port 0 is no port to connect to")
     } else if ip.is_unspecified() {
-        "an unspecified address (0.0.0.0, [::]) is for binding, not for connecting"
+        // Linux connects 0.0.0.0 to the host itself: a resolver sinkholing a name
+        // (answering 0.0.0.0) would have duplex proxy to itself.
+        Err("an unspecified address (0.0.0.0, [::]) is for binding, not for connecting")
     } else if ip.is_multicast() || ip == std::net::Ipv4Addr::BROADCAST {
-        "a multicast or broadcast address cannot take a TCP connection"
+        Err("a multicast or broadcast address cannot take a TCP connection")
     } else if matches!(addr, SocketAddr::V6(a) if a.scope_id() != 0) {
         // It would reach the backend's `Host` and health checks as `[::1%1]`, which is no
         // valid URI host; link-local backends are not supported.
-        "an IPv6 zone index (%...) is not supported"
+        Err("an IPv6 zone index (%...) is not supported")
     } else {
-        return Ok(SocketAddr::new(ip, addr.port()));
-    };
-    fail(path, format!("invalid backend address {s:?}: {why}"))
+        Ok(SocketAddr::new(ip, addr.port()))
+    }
 }
 
 /// The longest duration any key accepts; longer ones are surely typos, and would overflow
@@ -429,9 +438,12 @@ fn matcher(i: usize, m: &RawMatch) -> Result<Matcher, Violation> {
                 "set either path or path_prefix, not both".into(),
             );
         }
-        (Some(p), None) => Some(PathMatch::Exact(check_path(at("path"), p)?.to_owned())),
+        // Kept in the form requests are matched in: see `routing_path`.
+        (Some(p), None) => Some(PathMatch::Exact(
+            crate::routing_path(check_path(at("path"), p)?).into_owned(),
+        )),
         (None, Some(p)) => {
-            let p = check_path(at("path_prefix"), p)?;
+            let p = crate::routing_path(check_path(at("path_prefix"), p)?);
             let trimmed = p.trim_end_matches('/');
             Some(PathMatch::Prefix(if trimmed.is_empty() {
                 "/".into()

@@ -50,41 +50,60 @@ fn key(upstream: &str, d: &DnsBackend) -> Key {
     (upstream.to_owned(), d.host.clone(), d.port)
 }
 
+/// The most backends one name's answer makes: a huge answer (a TCP reply of thousands of
+/// records) would otherwise become as many backends, each with its health checks and
+/// its points on a hash ring.
+const MAX_ADDRESSES: usize = 1024;
+
 /// Resolves one name, bounded, sorted; counts the outcome and notes when it was looked up.
 async fn resolve_once(shared: &Shared, upstream: &str, d: &DnsBackend) -> Option<Vec<SocketAddr>> {
     let m = &shared.metrics;
     let answer =
         tokio::time::timeout(RESOLVE_TIMEOUT, shared.resolver.resolve(&d.host, d.port)).await;
     lock(&shared.looked_up).insert(key(upstream, d), tokio::time::Instant::now());
-    match answer {
-        Ok(Ok(mut addrs)) if !addrs.is_empty() => {
-            // A v4-mapped answer (`::ffff:10.0.0.1`) is the IPv4 backend another name
-            // or the file may give plainly: one spelling, so that it is one backend.
-            for a in &mut addrs {
-                a.set_ip(a.ip().to_canonical());
+    let why = match answer {
+        Ok(Ok(answer)) => match usable(upstream, d, answer) {
+            Some(addrs) => {
+                m.dns_resolutions.with_label_values(&[upstream, "ok"]).inc();
+                return Some(addrs);
             }
-            addrs.sort();
-            addrs.dedup();
-            m.dns_resolutions.with_label_values(&[upstream, "ok"]).inc();
-            Some(addrs)
-        }
-        outcome => {
-            let why = match outcome {
-                Ok(Ok(_)) => "no addresses".to_owned(),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("timed out after {RESOLVE_TIMEOUT:?}"),
-            };
-            m.dns_resolutions
-                .with_label_values(&[upstream, "error"])
-                .inc();
-            if lock(&shared.resolved).contains_key(&key(upstream, d)) {
-                tracing::warn!(%upstream, host = %d.host, error = %why, "DNS resolution failed; keeping the last addresses");
-            } else {
-                tracing::warn!(%upstream, host = %d.host, error = %why, "DNS resolution failed; the name has no addresses yet");
+            None => "no address in the answer can be connected to".to_owned(),
+        },
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("timed out after {RESOLVE_TIMEOUT:?}"),
+    };
+    m.dns_resolutions
+        .with_label_values(&[upstream, "error"])
+        .inc();
+    if lock(&shared.resolved).contains_key(&key(upstream, d)) {
+        tracing::warn!(%upstream, host = %d.host, error = %why, "DNS resolution failed; keeping the last addresses");
+    } else {
+        tracing::warn!(%upstream, host = %d.host, error = %why, "DNS resolution failed; the name has no addresses yet");
+    }
+    None
+}
+
+/// The backends an answer gives, sorted, at most [`MAX_ADDRESSES`]; `None` if none. The
+/// file's addresses get the same checks: a sinkholing resolver's 0.0.0.0 would have
+/// duplex connect to its own host. A v4-mapped answer (`::ffff:10.0.0.1`) is the IPv4
+/// backend another name or the file may give plainly: one spelling, one backend.
+fn usable(upstream: &str, d: &DnsBackend, answer: Vec<SocketAddr>) -> Option<Vec<SocketAddr>> {
+    let mut addrs = Vec::with_capacity(answer.len().min(MAX_ADDRESSES));
+    for a in answer {
+        match duplex_config::backend_addr(a) {
+            Ok(a) => addrs.push(a),
+            Err(why) => {
+                tracing::warn!(%upstream, host = %d.host, addr = %a, why, "DNS answer left out: not an address to connect to");
             }
-            None
         }
     }
+    addrs.sort();
+    addrs.dedup();
+    if addrs.len() > MAX_ADDRESSES {
+        tracing::warn!(%upstream, host = %d.host, addresses = addrs.len(), kept = MAX_ADDRESSES, "DNS answer has too many addresses; the lowest are kept");
+        addrs.truncate(MAX_ADDRESSES);
+    }
+    (!addrs.is_empty()).then_some(addrs)
 }
 
 /// Resolves every DNS backend of `config` once, before its first table is built. Returns

@@ -1,10 +1,12 @@
 //! Matches a request to the first route, in file order, whose listener, host, path and
 //! headers fit.
 
-use duplex_config::Route;
+use duplex_config::{routing_path, Route};
 use http::HeaderMap;
 
-/// The first route that matches a request that came in on `listener`, if any.
+/// The first route that matches a request that came in on `listener`, if any. The path
+/// is matched in the form backends commonly read it ([`routing_path`]); the backend gets
+/// it as sent.
 pub fn find<'a>(
     routes: &'a [Route],
     listener: &str,
@@ -12,6 +14,7 @@ pub fn find<'a>(
     path: &str,
     headers: &HeaderMap,
 ) -> Option<(usize, &'a Route)> {
+    let path = &*routing_path(path);
     routes.iter().enumerate().find(|(_, r)| {
         r.on_listener(listener)
             && r.host
@@ -54,6 +57,11 @@ upstreams: [{name: u, backends: [{addr: '127.0.0.1:2'}]}]
         assert_eq!(name(Some("example.com"), "/ws", &none), Some("all"));
         assert_eq!(name(None, "/wsx", &none), Some("all"));
         assert_eq!(name(None, "/health", &none), Some("exact"));
+        // Other spellings of a path a backend would read as the same path.
+        assert_eq!(name(None, "/%68ealth", &none), Some("exact"));
+        assert_eq!(name(None, "//health", &none), Some("exact"));
+        assert_eq!(name(None, "/health;x", &none), Some("exact"));
+        assert_eq!(name(Some("a.example.com"), "/%77s/x", &none), Some("chat"));
         assert_eq!(
             find(&c.routes[..2], "l", None, "/other", &none).map(|(_, r)| &r.name),
             None

@@ -408,7 +408,9 @@ async fn a_backend_back_in_the_answer_keeps_its_ejection() {
 }
 
 /// An answer giving one IPv4 address also as v4-mapped IPv6 (`::ffff:a.b.c.d`, as some
-/// resolvers and hosts files do) is one backend, listed by its IPv4 address.
+/// resolvers and hosts files do) is one backend, listed by its IPv4 address; addresses
+/// no connection can go to (a sinkhole's 0.0.0.0, multicast) are left out, and an answer
+/// of nothing else is a failed lookup that keeps the last addresses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v4_mapped_answer_is_the_ipv4_backend() {
     let (a, b, resolver, dns) = chat_test();
@@ -416,13 +418,40 @@ async fn a_v4_mapped_answer_is_the_ipv4_backend() {
         IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), s.port()),
         IpAddr::V6(_) => s,
     };
-    resolver.answer(&[a.addr, mapped(a.addr), mapped(b.addr)]);
+    let port = a.addr.port();
+    let sinkhole = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+    let multicast = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(224, 0, 0, 1)), port);
+    resolver.answer(&[a.addr, mapped(a.addr), mapped(b.addr), sinkhole, multicast]);
     let p = start_resolving(&yaml_with("", &dns), Arc::new(resolver.clone())).await;
     b_takes_connections(&p).await;
     assert!(status_of(&p, a.addr).await.is_some(), "a is listed");
     assert!(status_of(&p, b.addr).await.is_some(), "b is listed as IPv4");
     assert!(status_of(&p, mapped(a.addr)).await.is_none());
     assert!(status_of(&p, mapped(b.addr)).await.is_none());
+    assert!(
+        status_of(&p, sinkhole).await.is_none(),
+        "0.0.0.0 is left out"
+    );
+    assert!(
+        status_of(&p, multicast).await.is_none(),
+        "multicast is left out"
+    );
+    // Nothing usable: counted as a failure, and a and b stay.
+    let failed = || p.metric("duplex_dns_resolutions_total", &[("result", "error")]);
+    let before = failed().await;
+    resolver.answer(&[sinkhole]);
+    let pr = &p;
+    eventually(
+        WAIT,
+        "the unusable answer to count as a failure",
+        || async move {
+            pr.metric("duplex_dns_resolutions_total", &[("result", "error")])
+                .await
+                > before
+        },
+    )
+    .await;
+    assert!(status_of(&p, a.addr).await.is_some(), "a is kept");
     // One backend each: round robin alternates between the two.
     let landed = land(&p, 4).await;
     assert_eq!(
