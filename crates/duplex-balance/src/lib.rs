@@ -60,6 +60,10 @@ pub struct BackendState {
     /// check task so that a reload does not start them over.
     check_passes: AtomicU32,
     check_fails: AtomicU32,
+    /// An active check's probe is under way. Kept here, not in the check task: a probe
+    /// outlives the task that started it when a reload or DNS change replaces the table,
+    /// and the next table's task must not start a second one beside it.
+    probing: AtomicBool,
 }
 
 /// Milliseconds since the first call: a monotonic clock that fits an atomic.
@@ -84,6 +88,7 @@ impl BackendState {
             ejected_until_ms: AtomicU64::new(0),
             check_passes: AtomicU32::new(0),
             check_fails: AtomicU32::new(0),
+            probing: AtomicBool::new(false),
         })
     }
 
@@ -124,6 +129,16 @@ impl BackendState {
         } else {
             (0, n)
         }
+    }
+
+    /// Marks a probe as under way; false if one already is.
+    pub fn start_probe(&self) -> bool {
+        !self.probing.swap(true, Ordering::AcqRel)
+    }
+
+    /// Marks the probe started by [`BackendState::start_probe`] as ended.
+    pub fn end_probe(&self) {
+        self.probing.store(false, Ordering::Release);
     }
 
     /// Forgets the passes and failures in a row (the checks changed); keeps the verdict.

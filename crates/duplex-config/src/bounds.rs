@@ -16,16 +16,39 @@ pub const MAX_FLOW_DEPTH: usize = 64;
 #[error("the file is larger than the {} MiB a configuration may be", MAX_FILE_BYTES >> 20)]
 pub struct TooLarge;
 
+/// The largest certificate, key or CA file duplex reads: a CA bundle is some 200 KB.
+pub const MAX_TLS_FILE_BYTES: u64 = 16 << 20;
+
+/// A certificate, key or CA file over [`MAX_TLS_FILE_BYTES`] (a path to a device, say).
+#[derive(Debug, thiserror::Error)]
+#[error("the file is larger than the {} MiB a certificate, key or CA file may be", MAX_TLS_FILE_BYTES >> 20)]
+pub struct TlsFileTooLarge;
+
 /// Reads a configuration file as UTF-8, refusing one larger than [`MAX_FILE_BYTES`]
 /// without reading it all.
 pub fn read_source(path: &Path) -> io::Result<String> {
+    let bytes = read_at_most(path, MAX_FILE_BYTES, TooLarge)?;
+    String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Reads a certificate, key or CA file, refusing one larger than [`MAX_TLS_FILE_BYTES`]
+/// without reading it all.
+pub fn read_tls_file(path: &Path) -> io::Result<Vec<u8>> {
+    read_at_most(path, MAX_TLS_FILE_BYTES, TlsFileTooLarge)
+}
+
+fn read_at_most(
+    path: &Path,
+    max: u64,
+    too_large: impl std::error::Error + Send + Sync + 'static,
+) -> io::Result<Vec<u8>> {
     let file = std::fs::File::open(path)?;
     let mut bytes = Vec::new();
-    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, TooLarge));
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, too_large));
     }
-    String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    Ok(bytes)
 }
 
 /// The 1-based line and column where flow collections first nest deeper than
@@ -120,5 +143,18 @@ mod tests {
         std::fs::write(&path, "listeners: []\n").expect("write");
         assert_eq!(read_source(&path).expect("small"), "listeners: []\n");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A certificate path naming a device that never ends is refused after the bound,
+    /// not read until memory runs out.
+    #[test]
+    fn an_endless_tls_file_is_refused_at_the_bound() {
+        let e = read_tls_file(Path::new("/dev/zero")).expect_err("endless");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            e.to_string()
+                .contains("larger than the 16 MiB a certificate, key or CA file may be"),
+            "{e}"
+        );
     }
 }

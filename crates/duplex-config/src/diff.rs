@@ -1,5 +1,6 @@
 //! What changed between two configurations: the one-line summary a reload logs.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use crate::Config;
@@ -22,20 +23,29 @@ pub struct Changes {
     pub changed: Vec<String>,
 }
 
+/// Each name's position in `set`.
+fn index<T>(set: &[(String, T)]) -> HashMap<&str, usize> {
+    set.iter()
+        .enumerate()
+        .map(|(i, (k, _))| (k.as_str(), i))
+        .collect()
+}
+
 impl Changes {
     fn of<T: PartialEq>(old: &[(String, T)], new: &[(String, T)]) -> Changes {
-        let find = |set: &[(String, T)], k: &str| set.iter().position(|(n, _)| n == k);
+        // Indexed: an upstream may list thousands of backends.
+        let (in_old, in_new) = (index(old), index(new));
         let mut c = Changes::default();
         for (k, v) in new {
-            match find(old, k) {
+            match in_old.get(k.as_str()) {
                 None => c.added.push(k.clone()),
-                Some(i) if old[i].1 != *v => c.changed.push(k.clone()),
+                Some(&i) if old[i].1 != *v => c.changed.push(k.clone()),
                 Some(_) => {}
             }
         }
         c.removed = old
             .iter()
-            .filter(|(k, _)| find(new, k).is_none())
+            .filter(|(k, _)| !in_new.contains_key(k.as_str()))
             .map(|(k, _)| k.clone())
             .collect();
         c

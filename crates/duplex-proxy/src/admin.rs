@@ -83,8 +83,21 @@ async fn handle(req: Request<Incoming>, proxy: &Proxy) -> Response<Body> {
         // HEAD answers as GET without the body (hyper leaves it out).
         (&Method::GET | &Method::HEAD, "/metrics") => {
             // Ejections end with time, not with an event: read backend state as of now.
-            shared.table.load().export_backends(&shared.metrics);
-            let mut r = text(StatusCode::OK, shared.metrics.render());
+            // Rendering reads every series: off the runtime's threads, which with
+            // `--threads 1` also serve every client.
+            let shared = Arc::clone(shared);
+            let rendered = tokio::task::spawn_blocking(move || {
+                shared.table.load().export_backends(&shared.metrics);
+                shared.metrics.render()
+            })
+            .await;
+            let Ok(body) = rendered else {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "duplex: the metrics could not be rendered\n".into(),
+                );
+            };
+            let mut r = text(StatusCode::OK, body);
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

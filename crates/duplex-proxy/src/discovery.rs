@@ -106,26 +106,10 @@ fn usable(upstream: &str, d: &DnsBackend, answer: Vec<SocketAddr>) -> Option<Vec
     (!addrs.is_empty()).then_some(addrs)
 }
 
-/// Resolves every DNS backend of `config` once, before its first table is built. Returns
-/// holds on the upstreams' series, to be kept until that table holds them.
-pub async fn resolve_all(shared: &Shared, config: &Config) -> Vec<Hold> {
-    let mut holds = Vec::new();
-    for u in &config.upstreams {
-        if !u.discovered.is_empty() {
-            holds.push(shared.metrics.hold(Scope::Upstream(u.name.clone())));
-        }
-        for d in &u.discovered {
-            if let Some(addrs) = resolve_once(shared, &u.name, d).await {
-                lock(&shared.resolved).insert(key(&u.name, d), addrs);
-            }
-        }
-    }
-    holds
-}
-
-/// Resolves, side by side, the DNS backends of `config` that have no answer yet (names a
-/// reload adds or renames), each bounded by [`RESOLVE_TIMEOUT`]: the answers a reload's
-/// table starts with, rather than none until each name's watch first answers.
+/// Resolves, side by side, the DNS backends of `config` that have no answer yet (all of
+/// them at start; then names a reload adds or renames), each bounded by
+/// [`RESOLVE_TIMEOUT`]: the answers a table starts with, rather than none until each
+/// name's watch first answers.
 pub async fn resolve_new(shared: &Arc<Shared>, config: &Config) -> NewAnswers {
     let mut lookups = tokio::task::JoinSet::new();
     let mut holds = Vec::new();

@@ -47,7 +47,10 @@ pub fn spawn_checks(shared: &Arc<Shared>, table: &Table) -> CancellationToken {
 /// (dropped SYNs, a hung process) delays nobody else's: every backend is checked once
 /// per interval however many are slow, and however many there are. A backend whose
 /// previous probe is still running (possible when `timeout` is close to `interval`)
-/// skips a turn.
+/// skips a turn. A probe is not cut short when a reload or DNS change replaces this
+/// task: its verdict still counts if its checks and its backend are unchanged (see
+/// [`check_once`]), or a table replaced more often than a probe's `timeout` would never
+/// see a slow backend's verdict.
 async fn run(shared: Arc<Shared>, up: Arc<UpstreamRt>, hc: HealthCheck, stop: CancellationToken) {
     let backends: Vec<Arc<BackendState>> = up
         .pool
@@ -64,9 +67,6 @@ async fn run(shared: Arc<Shared>, up: Arc<UpstreamRt>, hc: HealthCheck, stop: Ca
     // Replicas and upstreams start at different backends: a table replaced more often
     // than once per interval (reloads, DNS changes) still gets every backend checked.
     let first = fastrand::usize(..n);
-    // Dropped with this task (a reload, shutdown): its probes end with it.
-    let mut probes = tokio::task::JoinSet::new();
-    let mut running: Vec<Option<tokio::task::AbortHandle>> = vec![None; n];
     loop {
         for k in 0..n {
             let i = (first + k) % n;
@@ -84,19 +84,32 @@ async fn run(shared: Arc<Shared>, up: Arc<UpstreamRt>, hc: HealthCheck, stop: Ca
                     return;
                 }
             }
-            while probes.try_join_next().is_some() {}
-            if running[i].as_ref().is_some_and(|h| !h.is_finished()) {
+            let Some(probing) = Probing::start(&backends[i]) else {
                 continue;
-            }
-            let check = check_once(
+            };
+            tokio::spawn(check_once(
                 Arc::clone(&shared),
                 Arc::clone(&up),
                 Arc::clone(&hc),
-                Arc::clone(&backends[i]),
+                probing,
                 stop.clone(),
-            );
-            running[i] = Some(probes.spawn(check));
+            ));
         }
+    }
+}
+
+/// A backend's probe under way; ends it when dropped (done, or its task gone).
+struct Probing(Arc<BackendState>);
+
+impl Probing {
+    fn start(state: &Arc<BackendState>) -> Option<Probing> {
+        state.start_probe().then(|| Probing(Arc::clone(state)))
+    }
+}
+
+impl Drop for Probing {
+    fn drop(&mut self) {
+        self.0.end_probe();
     }
 }
 
@@ -138,28 +151,46 @@ impl Pacer {
     }
 }
 
-/// One probe of one backend, and its verdict.
+/// One probe of one backend, and its verdict. `stop` is cancelled when a reload or DNS
+/// change replaces the checks: the verdict then counts only if the table in force has
+/// the same checks for this upstream and still holds this backend.
 async fn check_once(
     shared: Arc<Shared>,
     up: Arc<UpstreamRt>,
     hc: Arc<HealthCheck>,
-    state: Arc<BackendState>,
+    probing: Probing,
     stop: CancellationToken,
 ) {
-    let outcome = tokio::time::timeout(hc.timeout, probe(&hc, &up, state.addr)).await;
+    let state = &probing.0;
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout(hc.timeout, probe(&hc, &up, state.addr)) => outcome,
+        _ = shared.closing.cancelled() => return,
+    };
     let result = outcome.unwrap_or(Err(ProbeError::TimedOut));
     if let Err(e) = &result {
         tracing::debug!(upstream = %up.cfg.name, backend = %state.addr, error = %e, "health check failed");
     }
-    if stop.is_cancelled() {
-        // A reload replaced this generation's checks while the probe ran.
+    if stop.is_cancelled() && !still_checked(&shared, &up.cfg.name, &hc, state) {
         return;
     }
     // A local failure (out of file descriptors) or a request duplex could not build is
     // not the backend's fault: no verdict.
     if !matches!(&result, Err(ProbeError::Local(_) | ProbeError::Request(_))) {
-        verdict(&shared, &up, &hc, &state, result.as_ref().err());
+        verdict(&shared, &up, &hc, state, result.as_ref().err());
     }
+}
+
+/// Whether the table in force checks `state` in upstream `name` as `hc` says.
+fn still_checked(shared: &Shared, name: &str, hc: &HealthCheck, state: &Arc<BackendState>) -> bool {
+    let table = shared.table.load();
+    table.upstreams.get(name).is_some_and(|up| {
+        up.cfg.health_check.as_ref() == Some(hc)
+            && up
+                .pool
+                .backends()
+                .iter()
+                .any(|b| Arc::ptr_eq(&b.state, state))
+    })
 }
 
 /// Counts a check (`failed` says why it failed, if it did) and flips the backend at the

@@ -443,17 +443,26 @@ impl Proxy {
     /// Rebuilds the table in force after DNS discovery found other addresses.
     pub(crate) async fn rediscover(&self) {
         let _one_at_a_time = self.inner.reload.lock().await;
-        let shared = &self.inner.shared;
-        let old = shared.table.load_full();
-        // A DNS change is not a reload: the TLS settings in force stay, rather than the
-        // certificate files being read again (they may be mid-rotation, or gone).
-        let table = Table::build(
-            Arc::clone(&old.config),
-            old.generation,
-            &shared.carry(Some(&old)),
-            TlsSettings::of(&old),
-        );
-        self.install(&old, Arc::new(table));
+        // Building a table takes time in proportion to the backends (and a hash ring's
+        // points): not on a runtime thread, which with `--threads 1` serves everything.
+        let p = self.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            let shared = &p.inner.shared;
+            let old = shared.table.load_full();
+            // A DNS change is not a reload: the TLS settings in force stay, rather than the
+            // certificate files being read again (they may be mid-rotation, or gone).
+            let table = Table::build(
+                Arc::clone(&old.config),
+                old.generation,
+                &shared.carry(Some(&old)),
+                TlsSettings::of(&old),
+            );
+            p.install(&old, Arc::new(table));
+        })
+        .await;
+        if let Err(e) = built {
+            tracing::error!(error = %e, "applying a DNS change failed; the backends in force stay");
+        }
     }
 
     /// The files read at `read_at` are those of the configuration in force: a refusal
@@ -522,7 +531,9 @@ pub(crate) fn source_hash(src: &str, file: &str) -> u64 {
     src.hash(&mut h);
     if let Ok(config) = Config::parse(src, file) {
         for path in config.tls_files() {
-            std::fs::read(path).ok().hash(&mut h);
+            duplex_config::bounds::read_tls_file(path)
+                .ok()
+                .hash(&mut h);
         }
     }
     h.finish()

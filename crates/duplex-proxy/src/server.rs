@@ -210,7 +210,10 @@ impl Proxy {
         metrics.config_last_reload_success.set(unix_now());
         let shared = Arc::new(Shared::new(&config, metrics, resolver));
         // Held until the first table holds them: see `duplex_metrics::Scope`.
-        let _dns_series = crate::discovery::resolve_all(&shared, &config).await;
+        // Every name side by side, each bounded: a dead resolver costs one timeout, not
+        // one per name, before the proxy serves.
+        let dns = crate::discovery::resolve_new(&shared, &config).await;
+        crate::discovery::adopt(&shared, &dns);
         let table = Table::build(Arc::new(config), 1, &shared.carry(None), tls);
         table.export_backends(&shared.metrics);
         shared.table.store(Arc::new(table));

@@ -405,18 +405,29 @@ impl Table {
         }
         let mut upstreams = HashMap::new();
         let resolved = crate::server::lock(carry.resolved).clone();
-        let mut draining = crate::server::lock(carry.draining);
         for u in &config.upstreams {
             let old = carry.previous.and_then(|t| t.upstreams.get(&u.name));
+            // Indexed by address: pools of thousands of backends are rebuilt at every DNS
+            // change, and a search per backend would grow with the square of their number.
+            let old_states: HashMap<SocketAddr, &Arc<BackendState>> = old
+                .map(|o| {
+                    o.pool
+                        .backends()
+                        .iter()
+                        .map(|b| (b.state.addr, &b.state))
+                        .collect()
+                })
+                .unwrap_or_default();
             let mut addrs: Vec<(SocketAddr, u32)> =
                 u.backends.iter().map(|b| (b.addr, b.weight)).collect();
+            let mut listed: HashSet<SocketAddr> = addrs.iter().map(|(a, _)| *a).collect();
             for d in &u.discovered {
                 for &a in resolved
                     .get(&(u.name.clone(), d.host.clone(), d.port))
                     .into_iter()
                     .flatten()
                 {
-                    if !addrs.iter().any(|(x, _)| *x == a) {
+                    if listed.insert(a) {
                         addrs.push((a, d.weight));
                     }
                 }
@@ -425,13 +436,15 @@ impl Table {
             let mut closers = HashMap::new();
             for (addr, weight) in addrs {
                 let kept = old.and_then(|o| {
-                    let b = o.pool.backends().iter().find(|x| x.state.addr == addr)?;
-                    Some((Arc::clone(&b.state), Arc::clone(o.closers.get(&addr)?)))
+                    let state = old_states.get(&addr)?;
+                    Some((Arc::clone(state), Arc::clone(o.closers.get(&addr)?)))
                 });
                 // Back while draining, or soon after (a DNS answer rotating through
-                // addresses): its health, ejection and load as they were.
+                // addresses): its health, ejection and load as they were. The lock is
+                // taken per backend, not for the whole build: drain tasks and /status
+                // take it too.
                 let back = || {
-                    draining
+                    crate::server::lock(carry.draining)
                         .remove(&(u.name.clone(), addr))
                         .map(|d| (d.state, d.closer))
                         .or_else(|| {

@@ -68,7 +68,7 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    duplex_config::bounds::read_tls_file(path).map_err(|source| TlsError::Read {
         path: path.to_owned(),
         source,
     })

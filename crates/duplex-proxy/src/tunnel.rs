@@ -293,9 +293,31 @@ struct Splice {
     /// Set by any byte moved; cleared by the idle timer.
     active: bool,
     /// A write failed (that side is gone): the tunnel ends with this once the other
-    /// direction has delivered what it holds. Only the kind, which fits beside `active`
-    /// (a whole error would grow every tunnel's task by an allocation step).
-    broken: Option<io::ErrorKind>,
+    /// direction has delivered what it holds. Only the kind and the side, which fit beside
+    /// `active` (a whole error would grow every tunnel's task by an allocation step).
+    broken: Option<(io::ErrorKind, Side)>,
+}
+
+/// Which of a tunnel's sockets failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Backend,
+}
+
+/// A tunnel's error, with the side whose socket gave it.
+#[derive(Debug, thiserror::Error)]
+#[error("{} side: {source}", match .side { Side::Client => "client", Side::Backend => "backend" })]
+struct SideError {
+    side: Side,
+    #[source]
+    source: io::Error,
+}
+
+impl SideError {
+    fn io(side: Side, source: io::Error) -> io::Error {
+        io::Error::new(source.kind(), SideError { side, source })
+    }
 }
 
 /// How a direction failed: reading its source, or writing to its destination.
@@ -359,22 +381,26 @@ impl Pump for Splice {
     fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let a = direction(
             cx,
-            &self.client,
-            &mut self.backend,
+            (&self.client, Side::Client),
+            (&mut self.backend, Side::Backend),
             &mut self.c2b,
             &mut self.active,
             &mut self.broken,
         )?;
         let b = direction(
             cx,
-            &self.backend,
-            &mut self.client,
+            (&self.backend, Side::Backend),
+            (&mut self.client, Side::Client),
             &mut self.b2c,
             &mut self.active,
             &mut self.broken,
         )?;
         if a.is_ready() && b.is_ready() && self.c2b.finished() && self.b2c.finished() {
-            Poll::Ready(self.broken.take().map_or(Ok(()), |kind| Err(kind.into())))
+            Poll::Ready(
+                self.broken
+                    .take()
+                    .map_or(Ok(()), |(kind, side)| Err(SideError::io(side, kind.into()))),
+            )
         } else {
             Poll::Pending
         }
@@ -385,16 +411,17 @@ impl Pump for Splice {
 /// start discarding (and be woken by its source).
 fn direction(
     cx: &mut Context<'_>,
-    from: &TcpStream,
-    to: &mut TcpStream,
+    (from, from_side): (&TcpStream, Side),
+    (to, to_side): (&mut TcpStream, Side),
     d: &mut Direction,
     active: &mut bool,
-    broken: &mut Option<io::ErrorKind>,
+    broken: &mut Option<(io::ErrorKind, Side)>,
 ) -> Poll<io::Result<()>> {
+    let sides = (from_side, to_side);
     let was_discarding = d.discard;
-    let polled = settle(pump(cx, from, to, d, active), d, broken);
+    let polled = settle(pump(cx, from, to, d, active), d, sides, broken);
     if d.discard && !was_discarding {
-        return settle(pump(cx, from, to, d, active), d, broken);
+        return settle(pump(cx, from, to, d, active), d, sides, broken);
     }
     polled
 }
@@ -404,19 +431,20 @@ fn direction(
 fn settle(
     polled: Poll<Result<(), Broke>>,
     d: &mut Direction,
-    broken: &mut Option<io::ErrorKind>,
+    (from_side, to_side): (Side, Side),
+    broken: &mut Option<(io::ErrorKind, Side)>,
 ) -> Poll<io::Result<()>> {
     match polled {
-        Poll::Ready(Err(Broke::Read(e))) => Poll::Ready(Err(e)),
+        Poll::Ready(Err(Broke::Read(e))) => Poll::Ready(Err(SideError::io(from_side, e))),
         // Only a peer that is gone (its socket reset or closed under us): any other write
         // error leaves a live socket that would never hear the end of this direction.
         Poll::Ready(Err(Broke::Write(e))) if gone(&e) => {
             tracing::debug!(error = %e, "tunnel: one side is gone; delivering what the other sent before");
             d.give_up();
-            broken.get_or_insert(e.kind());
+            broken.get_or_insert((e.kind(), to_side));
             Poll::Ready(Ok(()))
         }
-        Poll::Ready(Err(Broke::Write(e))) => Poll::Ready(Err(e)),
+        Poll::Ready(Err(Broke::Write(e))) => Poll::Ready(Err(SideError::io(to_side, e))),
         Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
         Poll::Pending => Poll::Pending,
     }
@@ -876,7 +904,10 @@ mod tests {
             .await
             .expect("the tunnel ends")
             .expect("the tunnel task");
-        assert!(matches!(end, End::Error(_)), "{end:?}");
+        match end {
+            End::Error(e) => assert!(e.to_string().starts_with("backend side: "), "{e}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// An idle tunnel's task is most of its memory; this keeps it from growing unnoticed.

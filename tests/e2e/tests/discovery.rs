@@ -460,3 +460,59 @@ async fn a_v4_mapped_answer_is_the_ipv4_backend() {
         "{landed:?}"
     );
 }
+
+/// At start, names are looked up side by side: three names whose resolver never answers
+/// hold the start for one lookup bound (5 s), not three in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_looks_names_up_side_by_side() {
+    let resolver = TestResolver::default();
+    let dns: String = (1..=3)
+        .map(|port| format!("      - addr: hang.test:{port}\n        resolve: dns\n"))
+        .collect();
+    let began = std::time::Instant::now();
+    let started = duplex_proxy::Proxy::start_with_resolver(
+        config(&yaml_with("", &dns)),
+        None,
+        Arc::new(duplex_proxy::Metrics::new()),
+        Arc::new(resolver),
+    );
+    let p = within_for(Duration::from_secs(30), "the proxy to start", started)
+        .await
+        .expect("the proxy starts");
+    let took = began.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "three unanswered names held the start for {took:?}"
+    );
+    p.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A probe outlives the table that started it: with DNS answers changing more often than
+/// a probe's timeout (a rotating answer), a backend whose probes time out is still found
+/// unhealthy, rather than each change cutting its probes short before a verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_finish_across_dns_changes() {
+    let (a, b, resolver, dns) = chat_test();
+    a.set(Mode::Silent).await;
+    let checks = "    health_check: {kind: http, path: /health, interval: 1s, timeout: 800ms, \
+                  healthy_threshold: 1, unhealthy_threshold: 2}\n";
+    let p = start_resolving(&yaml_with(checks, &dns), Arc::new(resolver.clone())).await;
+    // Answers alternate every 150 ms; the name is looked up every 200 ms.
+    let mut unhealthy = false;
+    for turn in 0..80 {
+        if turn % 2 == 0 {
+            resolver.answer(&[a.addr, b.addr]);
+        } else {
+            resolver.answer(&[a.addr]);
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if !flag(&p, &a, "healthy").await {
+            unhealthy = true;
+            break;
+        }
+    }
+    assert!(
+        unhealthy,
+        "a, whose probes all time out, was never found unhealthy"
+    );
+}
