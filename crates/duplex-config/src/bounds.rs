@@ -37,11 +37,24 @@ pub fn read_tls_file(path: &Path) -> io::Result<Vec<u8>> {
     read_at_most(path, MAX_TLS_FILE_BYTES, TlsFileTooLarge)
 }
 
+/// A path that names a device or a socket rather than a file (`/dev/zero` never ends).
+/// A FIFO is read: it is how a file can come from a process (`<(...)`), and a FIFO
+/// with no writer is a read that hangs, as on a hung network mount, which reloads are
+/// built to survive.
+#[derive(Debug, thiserror::Error)]
+#[error("not a regular file (a device or socket cannot be read as one)")]
+pub struct NotAFile;
+
 fn read_at_most(
     path: &Path,
     max: u64,
     too_large: impl std::error::Error + Send + Sync + 'static,
 ) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::metadata(path)?.file_type();
+    if kind.is_char_device() || kind.is_block_device() || kind.is_socket() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, NotAFile));
+    }
     let file = std::fs::File::open(path)?;
     let mut bytes = Vec::new();
     file.take(max + 1).read_to_end(&mut bytes)?;
@@ -145,16 +158,25 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A certificate path naming a device that never ends is refused after the bound,
-    /// not read until memory runs out.
+    /// A certificate path naming a file too large is refused at the bound, unread, and
+    /// one naming a device is refused before it is read.
     #[test]
-    fn an_endless_tls_file_is_refused_at_the_bound() {
-        let e = read_tls_file(Path::new("/dev/zero")).expect_err("endless");
-        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    fn tls_files_are_regular_files_within_the_bound() {
+        let dir = std::env::temp_dir().join(format!("duplex-tlsfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let big = dir.join("big.pem");
+        let f = std::fs::File::create(&big).expect("create");
+        f.set_len(MAX_TLS_FILE_BYTES + 1).expect("size");
+        let e = read_tls_file(&big).expect_err("too large");
         assert!(
             e.to_string()
                 .contains("larger than the 16 MiB a certificate, key or CA file may be"),
             "{e}"
         );
+        let e = read_tls_file(Path::new("/dev/zero")).expect_err("a device");
+        assert!(e.to_string().starts_with("not a regular file"), "{e}");
+        let e = read_source(Path::new("/dev/urandom")).expect_err("a device as the config");
+        assert!(e.to_string().starts_with("not a regular file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

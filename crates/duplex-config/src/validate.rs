@@ -122,11 +122,24 @@ pub fn backend_addr(addr: SocketAddr) -> Result<SocketAddr, &'static str> {
     }
 }
 
+/// The most routes a configuration may have: every request tries them in order, and
+/// the check for routes an earlier one shadows compares them two by two.
+pub const MAX_ROUTES: usize = 10_000;
+
+/// The most headers one route may match on.
+pub const MAX_MATCH_HEADERS: usize = 32;
+
 /// The longest duration any key accepts; longer ones are surely typos, and would overflow
 /// clock arithmetic.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 
 pub(crate) fn parse_duration(path: Vec<Seg<'static>>, s: &str) -> Result<Duration, Violation> {
+    if months(s) {
+        return fail(
+            path,
+            format!("duration {s:?}: M is months here; write m for minutes (1m), or days (30d)"),
+        );
+    }
     match humantime::parse_duration(s.trim()) {
         Ok(d) if d.is_zero() => fail(path, format!("duration {s:?} must be greater than zero")),
         Ok(d) if d > MAX_DURATION => fail(
@@ -139,6 +152,21 @@ pub(crate) fn parse_duration(path: Vec<Seg<'static>>, s: &str) -> Result<Duratio
             format!("invalid duration {s:?} ({e}); write e.g. 2s, 500ms, 1h"),
         ),
     }
+}
+
+/// Whether `s` uses the unit `M` (months in humantime's syntax), surely meant as `m`:
+/// no timeout or interval here is counted in months.
+fn months(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.iter().enumerate().any(|(i, &c)| {
+        c == b'M'
+            && !b.get(i + 1).is_some_and(u8::is_ascii_alphabetic)
+            && b[..i]
+                .iter()
+                .rev()
+                .find(|x| **x != b' ')
+                .is_some_and(u8::is_ascii_digit)
+    })
 }
 
 /// The shortest timeout a client or backend gets: below it a typo (`1ms` for `1m`) would
@@ -200,6 +228,14 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
         check_name(at("name"), "listener", &l.name)?;
         check_unique(&mut names, at("name"), "listener", &l.name)?;
         let bind = parse_addr(at("bind"), &l.bind)?;
+        if bind.ip().is_multicast() || bind.ip() == std::net::Ipv4Addr::BROADCAST {
+            return fail(
+                at("bind"),
+                format!(
+                    "invalid bind {bind}: a multicast or broadcast address takes no TCP connection"
+                ),
+            );
+        }
         if let Some((other, first)) = binds.iter().find(|(b, _)| overlap(bind, *b)) {
             return Err(Violation {
                 path: at("bind"),
@@ -291,13 +327,24 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
         upstreams.push(up);
     }
 
+    if raw.routes.len() > MAX_ROUTES {
+        return fail(
+            vec![Key("routes")],
+            format!(
+                "{} routes is more than the {MAX_ROUTES} a configuration may have: routes are \
+                 tried in order for every request",
+                raw.routes.len()
+            ),
+        );
+    }
     let mut routes = Vec::new();
     let mut names = HashMap::new();
+    let upstream_names: HashSet<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
     for (i, r) in raw.routes.iter().enumerate() {
         let at = |k| vec![Key("routes"), Index(i), Key(k)];
         check_name(at("name"), "route", &r.name)?;
         check_unique(&mut names, at("name"), "route", &r.name)?;
-        if !upstreams.iter().any(|u: &Upstream| u.name == r.upstream) {
+        if !upstream_names.contains(r.upstream.as_str()) {
             let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
             return fail(
                 at("upstream"),
@@ -453,10 +500,31 @@ fn matcher(i: usize, m: &RawMatch) -> Result<Matcher, Violation> {
         }
         (None, None) => None,
     };
-    let mut headers = Vec::new();
+    if m.headers.len() > MAX_MATCH_HEADERS {
+        return fail(
+            at("headers"),
+            format!(
+                "{} headers is more than the {MAX_MATCH_HEADERS} a route may match on",
+                m.headers.len()
+            ),
+        );
+    }
+    let mut headers: Vec<(String, String)> = Vec::new();
     for (name, value) in &m.headers {
         if name.is_empty() || !name.bytes().all(is_token_byte) {
             return fail(at("headers"), format!("invalid header name {name:?}"));
+        }
+        // A value no request can carry (a line break, a control character, spaces
+        // around it, which parsers strip) makes a route that never matches.
+        let value_ok = value
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
+            && value.trim_matches([' ', '\t']) == value;
+        if !value_ok {
+            return fail(
+                at("headers"),
+                format!("header {name:?}: the value {value:?} cannot be sent in a request (a control character, or spaces around it)"),
+            );
         }
         let name = name.to_ascii_lowercase();
         // Two keys for one header (`X-Tenant` and `x-tenant`) would ask it to hold two
@@ -473,14 +541,29 @@ fn matcher(i: usize, m: &RawMatch) -> Result<Matcher, Violation> {
 }
 
 fn check_path<'a>(path: Vec<Seg<'static>>, p: &'a str) -> Result<&'a str, Violation> {
-    if p.starts_with('/') && !p.bytes().any(|b| b.is_ascii_whitespace() || b == b'?') {
-        Ok(p)
-    } else {
-        fail(
+    if !p.starts_with('/') || p.bytes().any(|b| b.is_ascii_whitespace() || b == b'?') {
+        return fail(
             path,
             format!("invalid path {p:?}: must start with '/' and hold no query"),
-        )
+        );
     }
+    if p.bytes().any(|b| b.is_ascii_control()) {
+        return fail(
+            path,
+            format!("invalid path {p:?}: a control character can never be in a request's path"),
+        );
+    }
+    // Requests with such segments get 400 before routing: the route would never match.
+    if crate::routing_path(p)
+        .split('/')
+        .any(|seg| seg == "." || seg == "..")
+    {
+        return fail(
+            path,
+            format!("invalid path {p:?}: a path with . or .. segments never matches (such requests get 400)"),
+        );
+    }
+    Ok(p)
 }
 
 fn upstream(i: usize, u: &RawUpstream, base: &Path) -> Result<Upstream, Violation> {

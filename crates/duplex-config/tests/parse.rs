@@ -546,3 +546,105 @@ fn a_route_an_earlier_one_shadows_is_refused() {
         Config::parse(&file(routes), "f").unwrap_or_else(|e| panic!("{routes}: {e}"));
     }
 }
+
+/// Values that could never do what they say are refused: a route that could never
+/// match, a month where a minute was meant, a bind no TCP client can reach; and the
+/// bounds that keep a check of a file within a second or so.
+#[test]
+fn settings_that_cannot_work_are_refused() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "path_prefix: /ws/",
+            "path_prefix: /api/../admin",
+            "a path with . or .. segments never matches",
+        ),
+        (
+            "path_prefix: /ws/",
+            "path_prefix: /%2e%2e/x",
+            "a path with . or .. segments never matches",
+        ),
+        (
+            "path_prefix: /ws/",
+            "path: \"/a\\0b\"",
+            "a control character can never be in a request's path",
+        ),
+        (
+            "X-Tenant: acme",
+            "X-Tenant: \"acme\\r\\nX: y\"",
+            "cannot be sent in a request",
+        ),
+        (
+            "X-Tenant: acme",
+            "X-Tenant: \" acme\"",
+            "cannot be sent in a request",
+        ),
+        (
+            "idle_timeout: 1h",
+            "idle_timeout: 1M",
+            "M is months here; write m for minutes",
+        ),
+        (
+            "connect_timeout: 2s",
+            "connect_timeout: 2 M",
+            "M is months here",
+        ),
+        (
+            "bind: 127.0.0.1:8080",
+            "bind: 224.0.0.1:8080",
+            "a multicast or broadcast address takes no TCP connection",
+        ),
+        (
+            "bind: 127.0.0.1:8080",
+            "bind: 255.255.255.255:8080",
+            "a multicast or broadcast address",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (from, to, want) in cases {
+        assert!(FULL.contains(from), "case source {from:?}");
+        let src = FULL.replacen(from, to, 1);
+        match Config::parse(&src, "f") {
+            Ok(_) => wrong.push(format!("{to:?}: accepted")),
+            Err(e) if !e.to_string().contains(want) => {
+                wrong.push(format!("{to:?}: got {e}, want {want:?}"))
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // A month spelled out is still a valid (long) duration; `1m` and `10min` are minutes.
+    for fine in [
+        "idle_timeout: 1m",
+        "idle_timeout: 10min",
+        "idle_timeout: 30d",
+    ] {
+        let src = FULL.replacen("idle_timeout: 1h", fine, 1);
+        Config::parse(&src, "f").unwrap_or_else(|e| panic!("{fine}: {e}"));
+    }
+
+    let headers: String = (0..33).map(|i| format!(", X-H{i}: v")).collect();
+    let src = FULL.replacen(
+        "{ X-Tenant: acme }",
+        &format!("{{ X-Tenant: acme{headers} }}"),
+        1,
+    );
+    let e = Config::parse(&src, "f")
+        .expect_err("too many headers")
+        .to_string();
+    assert!(
+        e.contains("34 headers is more than the 32 a route may match on"),
+        "{e}"
+    );
+
+    let routes: String = (0..10_001)
+        .map(|i| format!("  - name: r{i}\n    match: {{ path: /r{i} }}\n    upstream: chat\n"))
+        .collect();
+    let src = FULL.replacen("routes:\n", &format!("routes:\n{routes}"), 1);
+    let e = Config::parse(&src, "f")
+        .expect_err("too many routes")
+        .to_string();
+    assert!(
+        e.contains("routes is more than the 10000 a configuration may have"),
+        "{e}"
+    );
+}

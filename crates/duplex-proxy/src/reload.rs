@@ -89,7 +89,7 @@ impl Proxy {
             }
             match p.apply(prepared)? {
                 Some(generation) => {
-                    *lock(&p.inner.applied) = Some(hash);
+                    p.now_in_force(hash);
                     Ok(generation)
                 }
                 None => Err(ProxyError::Superseded {
@@ -164,7 +164,7 @@ impl Proxy {
                 }
                 let applied = p.apply(prepared)?;
                 if applied.is_some() {
-                    *lock(&p.inner.applied) = Some(hash);
+                    p.now_in_force(hash);
                 }
                 Ok(applied)
             });
@@ -465,10 +465,20 @@ impl Proxy {
         }
     }
 
+    /// Records `hash` as the content in force; a content refused earlier is forgotten,
+    /// so that it is refused (and said) again if it comes back.
+    fn now_in_force(&self, hash: u64) {
+        *lock(&self.inner.applied) = Some(hash);
+        *lock(&self.inner.refused) = None;
+    }
+
     /// The files read at `read_at` are those of the configuration in force: a refusal
     /// shown in `/status` is over (an edit that was refused has been undone), unless it
     /// came after that read (a newer edit, refused meanwhile, is still on disk).
     fn back_in_force(&self, read_at: SystemTime) {
+        // A content refused before may come back after this one: it is refused again,
+        // not skipped as if still on disk.
+        *lock(&self.inner.refused) = None;
         let mut status = lock(&self.inner.status);
         if status.error.is_some() && status.at <= read_at {
             tracing::info!(
@@ -531,9 +541,7 @@ pub(crate) fn source_hash(src: &str, file: &str) -> u64 {
     src.hash(&mut h);
     if let Ok(config) = Config::parse(src, file) {
         for path in config.tls_files() {
-            duplex_config::bounds::read_tls_file(path)
-                .ok()
-                .hash(&mut h);
+            duplex_config::bounds::read_tls_file(path).ok().hash(&mut h);
         }
     }
     h.finish()

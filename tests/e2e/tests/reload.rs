@@ -586,6 +586,54 @@ async fn a_configmap_style_symlink_swap_reloads() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A bad file refused by the watch, then a good one, then the same bad file again: the
+/// second time it is refused again (logged, counted, shown), not skipped as refused
+/// before while the good one is in force.
+#[tokio::test]
+async fn a_bad_file_that_comes_back_is_refused_again() {
+    let b = Backend::start_all(&["only"]).await;
+    let dir = std::env::temp_dir().join(format!("duplex-e2e-refused-again-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("duplex.yaml");
+    let good = yaml(&[("public", "127.0.0.1:0")], "least_conn", "", &[b[0].addr]);
+    let bad = format!("{good}\nnot_a_key: 1\n");
+    std::fs::write(&path, &good).expect("write");
+    let proxy = start(&good, Some(path.clone())).await;
+    duplex_proxy::triggers::watch_file(path.clone(), proxy.clone());
+    let refusals = || {
+        let text = proxy.metrics().render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("duplex_config_reloads_total{result=\"error\"}"))
+            .map(str::to_owned);
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let wait_refusals = |n: f64, what: &'static str| {
+        eventually(Duration::from_secs(10), what, move || {
+            let seen = refusals();
+            async move { seen >= n }
+        })
+    };
+    std::fs::write(&path, &bad).expect("write bad");
+    wait_refusals(1.0, "the bad file to be refused").await;
+    std::fs::write(&path, &good).expect("write good again");
+    eventually(Duration::from_secs(10), "the refusal to clear", || {
+        let clear = proxy.last_reload().error.is_none();
+        async move { clear }
+    })
+    .await;
+    std::fs::write(&path, &bad).expect("write bad again");
+    wait_refusals(2.0, "the bad file to be refused again").await;
+    assert!(
+        proxy.last_reload().error.is_some(),
+        "/status shows the refusal"
+    );
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A TLS listener `tls` whose certificate file is a FIFO: reading it waits until the
 /// FIFO is fed, which stands for a disk or network mount that is slow to answer.
 struct SlowCert {
