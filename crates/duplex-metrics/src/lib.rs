@@ -87,6 +87,7 @@ pub struct Metrics {
     pub backend_up: IntGaugeVec,
     pub backend_health_checks: IntCounterVec,
     pub backend_ejections: IntCounterVec,
+    pub backend_response_errors: IntCounterVec,
     pub dns_resolutions: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
@@ -155,6 +156,7 @@ impl Metrics {
             backend_up: gauge(&r, "duplex_backend_up", "1 when a configured backend takes new connections, 0 while it is unhealthy or ejected.", &["upstream", "backend"]),
             backend_health_checks: counter(&r, "duplex_backend_health_checks_total", "Active health checks, by upstream, backend and result (ok, fail).", &["upstream", "backend", "result"]),
             backend_ejections: counter(&r, "duplex_backend_ejections_total", "Passive ejections after max_fails connect failures or handshake timeouts in a row, by upstream and backend.", &["upstream", "backend"]),
+            backend_response_errors: counter(&r, "duplex_backend_response_errors_total", "Plain HTTP responses whose body the backend broke off, or left silent past response_timeout, after the status was relayed: the client's response was cut short (duplex_http_requests_total counts it under that status), by upstream and backend.", &["upstream", "backend"]),
             dns_resolutions: counter(&r, "duplex_dns_resolutions_total", "DNS resolutions of backends with resolve: dns, by upstream and result (ok, error); an error keeps the last addresses.", &["upstream", "result"]),
             config_reloads: counter(&r, "duplex_config_reloads_total", "Configuration reloads, by result (ok, error).", &["result"]),
             config_generation: {
@@ -308,6 +310,7 @@ impl Metrics {
         scope::forget_if(&self.backend_up, of);
         scope::forget_if(&self.backend_health_checks, of);
         scope::forget_if(&self.backend_ejections, of);
+        scope::forget_if(&self.backend_response_errors, of);
     }
 
     /// The series of a tunnel of route `of` to `backend`.

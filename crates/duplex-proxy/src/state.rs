@@ -230,6 +230,17 @@ impl Closer {
         crate::server::lock(&self.current).clone()
     }
 
+    /// Counts a plain HTTP response whose body this backend broke off.
+    pub fn count_response_error(&self) {
+        let (upstream, _) = &self.owner.key;
+        self.owner
+            .owners
+            .metrics
+            .backend_response_errors
+            .with_label_values(&[upstream.as_str(), &self.owner.label])
+            .inc();
+    }
+
     /// Closes the tunnels open now and any opened later: the backend is gone.
     pub fn retire(&self) {
         crate::server::lock(&self.current).cancel();

@@ -71,6 +71,7 @@ fn exported() -> BTreeMap<String, Family> {
         backend_up,
         backend_health_checks,
         backend_ejections,
+        backend_response_errors,
         dns_resolutions,
         config_reloads,
         config_generation: _,
@@ -105,6 +106,7 @@ fn exported() -> BTreeMap<String, Family> {
         .with_label_values(&["u", "b", "ok"])
         .inc();
     backend_ejections.with_label_values(&["u", "b"]).inc();
+    backend_response_errors.with_label_values(&["u", "b"]).inc();
     dns_resolutions.with_label_values(&["u", "ok"]).inc();
     config_reloads.with_label_values(&["ok"]).inc();
 

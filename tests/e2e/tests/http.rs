@@ -352,9 +352,23 @@ async fn a_backend_that_stalls_mid_body_is_cut_off() {
     })
     .await;
     // The client gets the head, then the body fails instead of hanging.
-    let (_p, resp) = head_with_300ms_response_timeout(b.addr).await;
+    let (p, resp) = head_with_300ms_response_timeout(b.addr).await;
     let body = duplex_e2e::within("the body to fail", resp.into_body().collect()).await;
     assert!(body.is_err(), "a stalled body must not end as if complete");
+    // Counted against the backend, beside the 2xx the status was counted as.
+    let backend = b.addr.to_string();
+    let labels = [("backend", backend.as_str())];
+    let pr = &p;
+    duplex_e2e::eventually(
+        std::time::Duration::from_secs(5),
+        "the cut-short body to be counted",
+        || async move {
+            pr.metric("duplex_backend_response_errors_total", &labels)
+                .await
+                == 1.0
+        },
+    )
+    .await;
 }
 
 /// A request for a `len`-byte body from a [`duplex_e2e::raw::streaming_backend`], sent through a proxy whose
