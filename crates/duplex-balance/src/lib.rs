@@ -64,6 +64,10 @@ pub struct BackendState {
     /// outlives the task that started it when a reload or DNS change replaces the table,
     /// and the next table's task must not start a second one beside it.
     probing: AtomicBool,
+    /// Plain HTTP response bodies this backend broke off, not yet copied into the metric
+    /// (done at each scrape, so that the request path pays one atomic add, and only on
+    /// that failure).
+    response_errors: AtomicU64,
 }
 
 /// Milliseconds since the first call: a monotonic clock that fits an atomic.
@@ -89,6 +93,7 @@ impl BackendState {
             check_passes: AtomicU32::new(0),
             check_fails: AtomicU32::new(0),
             probing: AtomicBool::new(false),
+            response_errors: AtomicU64::new(0),
         })
     }
 
@@ -129,6 +134,16 @@ impl BackendState {
         } else {
             (0, n)
         }
+    }
+
+    /// Counts a response body this backend broke off.
+    pub fn count_response_error(&self) {
+        self.response_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The response bodies broken off since the last call.
+    pub fn take_response_errors(&self) -> u64 {
+        self.response_errors.swap(0, Ordering::Relaxed)
     }
 
     /// Marks a probe as under way; false if one already is.

@@ -43,6 +43,10 @@ pub fn routing_path(path: &str) -> Cow<'_, str> {
             out.push(b);
         }
     }
+    if out == bytes {
+        // Escapes, but none to decode (`/caf%C3%A9`): no copy to keep.
+        return Cow::Borrowed(path);
+    }
     // Decoding only ever yields ASCII, and other bytes are copied whole: still UTF-8.
     Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| path.to_owned()))
 }
@@ -82,9 +86,11 @@ mod tests {
         ] {
             assert_eq!(routing_path(sent), seen, "{sent}");
         }
-        assert!(matches!(
-            routing_path("/ws/room/42"),
-            std::borrow::Cow::Borrowed(_)
-        ));
+        for unchanged in ["/ws/room/42", "/caf%C3%A9", "/a%20b"] {
+            assert!(
+                matches!(routing_path(unchanged), std::borrow::Cow::Borrowed(_)),
+                "{unchanged}"
+            );
+        }
     }
 }

@@ -67,6 +67,20 @@ fn parse_addr(path: Vec<Seg<'static>>, s: &str) -> Result<SocketAddr, Violation>
     }
 }
 
+/// A listener's or the admin's address: one a TCP client can reach.
+fn parse_bind(path: Vec<Seg<'static>>, s: &str) -> Result<SocketAddr, Violation> {
+    let bind = parse_addr(path.clone(), s)?;
+    if bind.ip().is_multicast() || bind.ip() == std::net::Ipv4Addr::BROADCAST {
+        return fail(
+            path,
+            format!(
+                "invalid bind {bind}: a multicast or broadcast address takes no TCP connection"
+            ),
+        );
+    }
+    Ok(bind)
+}
+
 /// Whether two binds would take the same socket. `[::]` takes IPv4 too (duplex binds it
 /// dual-stack whatever the host's default), and `0.0.0.0` every IPv4 address. Port 0
 /// asks the OS for a free port: never a clash.
@@ -222,28 +236,22 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
     }
     let mut listeners = Vec::new();
     let mut names = HashMap::new();
-    let mut binds: Vec<(SocketAddr, Vec<Seg<'static>>)> = Vec::new();
+    let mut binds: HashMap<u16, Vec<(SocketAddr, Vec<Seg<'static>>)>> = HashMap::new();
     for (i, l) in raw.listeners.iter().enumerate() {
         let at = |k| vec![Key("listeners"), Index(i), Key(k)];
         check_name(at("name"), "listener", &l.name)?;
         check_unique(&mut names, at("name"), "listener", &l.name)?;
-        let bind = parse_addr(at("bind"), &l.bind)?;
-        if bind.ip().is_multicast() || bind.ip() == std::net::Ipv4Addr::BROADCAST {
-            return fail(
-                at("bind"),
-                format!(
-                    "invalid bind {bind}: a multicast or broadcast address takes no TCP connection"
-                ),
-            );
-        }
-        if let Some((other, first)) = binds.iter().find(|(b, _)| overlap(bind, *b)) {
+        let bind = parse_bind(at("bind"), &l.bind)?;
+        // Compared within a port only: a file may have many listeners.
+        let same_port = binds.entry(bind.port()).or_default();
+        if let Some((other, first)) = same_port.iter().find(|(b, _)| overlap(bind, *b)) {
             return Err(Violation {
                 path: at("bind"),
                 message: clash("two listeners bind", bind, *other),
                 first: Some(first.clone()),
             });
         }
-        binds.push((bind, at("bind")));
+        same_port.push((bind, at("bind")));
         let tls = l
             .tls
             .as_ref()
@@ -299,11 +307,12 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
     }
     let admin = Admin {
         bind: match &raw.admin {
-            Some(a) => parse_addr(vec![Key("admin"), Key("bind")], &a.bind)?,
+            Some(a) => parse_bind(vec![Key("admin"), Key("bind")], &a.bind)?,
             None => defaults::ADMIN_BIND,
         },
     };
-    if let Some((other, _)) = binds.iter().find(|(b, _)| overlap(admin.bind, *b)) {
+    let same_port = binds.get(&admin.bind.port()).into_iter().flatten();
+    if let Some((other, _)) = same_port.into_iter().find(|(b, _)| overlap(admin.bind, *b)) {
         return fail(
             vec![Key("admin"), Key("bind")],
             clash(

@@ -598,6 +598,11 @@ fn settings_that_cannot_work_are_refused() {
             "bind: 255.255.255.255:8080",
             "a multicast or broadcast address",
         ),
+        (
+            "bind: 127.0.0.1:9090",
+            "bind: 224.0.0.1:9090",
+            "a multicast or broadcast address",
+        ),
     ];
     let mut wrong = Vec::new();
     for (from, to, want) in cases {

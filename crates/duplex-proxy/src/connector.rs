@@ -54,6 +54,13 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 5;
 
+/// The longest bytes sent may stay unacknowledged (or a zero window go unanswered)
+/// before the connection is dropped. Keepalive probes only a silent connection: a peer
+/// that vanished while bytes were on their way to it (a chat message, a stream) would
+/// otherwise be retried for 15 minutes or more (`tcp_retries2`). The same bound as
+/// keepalive's, which it also governs once set.
+const USER_TIMEOUT: Duration = Duration::from_secs(110);
+
 /// The keepalive settings of every client and backend socket.
 fn keepalive() -> socket2::TcpKeepalive {
     socket2::TcpKeepalive::new()
@@ -62,18 +69,23 @@ fn keepalive() -> socket2::TcpKeepalive {
         .with_retries(KEEPALIVE_PROBES)
 }
 
-/// Sets TCP_NODELAY and keepalive on a backend socket (five system calls).
+/// Sets TCP_NODELAY, keepalive and the user timeout on a backend socket (six system
+/// calls).
 pub fn tune(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
-    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive());
+    let sock = socket2::SockRef::from(tcp);
+    let _ = sock.set_tcp_keepalive(&keepalive());
+    let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
 }
 
-/// Sets TCP_NODELAY and keepalive on a listening socket. Linux copies both into every
-/// socket `accept` returns, which saves five system calls per client connection.
+/// Sets TCP_NODELAY, keepalive and the user timeout on a listening socket. Linux copies
+/// them into every socket `accept` returns, which saves six system calls per client
+/// connection.
 pub fn tune_listener(sock: &tokio::net::TcpSocket) -> io::Result<()> {
     let sock = socket2::SockRef::from(sock);
     sock.set_tcp_nodelay(true)?;
-    sock.set_tcp_keepalive(&keepalive())
+    sock.set_tcp_keepalive(&keepalive())?;
+    sock.set_tcp_user_timeout(Some(USER_TIMEOUT))
 }
 
 /// Gives an accepted client socket what [`tune_listener`] could not pass on: nothing on
@@ -139,6 +151,29 @@ mod tests {
         assert_eq!(
             sock.tcp_keepalive_retries().expect("probes"),
             KEEPALIVE_PROBES
+        );
+        assert_eq!(
+            sock.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
+            Some(USER_TIMEOUT)
+        );
+    }
+
+    /// A backend socket gets the same settings by calls of its own.
+    #[tokio::test]
+    async fn backend_sockets_are_tuned() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let tcp = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        tune(&tcp);
+        let sock = socket2::SockRef::from(&tcp);
+        assert!(sock.tcp_nodelay().expect("TCP_NODELAY"));
+        assert_eq!(sock.tcp_keepalive_time().expect("idle"), KEEPALIVE_IDLE);
+        assert_eq!(
+            sock.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
+            Some(USER_TIMEOUT)
         );
     }
 }

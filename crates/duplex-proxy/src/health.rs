@@ -170,9 +170,16 @@ async fn check_once(
     if let Err(e) = &result {
         tracing::debug!(upstream = %up.cfg.name, backend = %state.addr, error = %e, "health check failed");
     }
-    if stop.is_cancelled() && !still_checked(&shared, &up.cfg.name, &hc, state) {
-        return;
-    }
+    // After a rebuild the verdict goes by the table in force (its
+    // close_tunnels_on_unhealthy, its closers), if that table still checks this backend so.
+    let up = if stop.is_cancelled() {
+        match still_checked(&shared, &up.cfg.name, &hc, state) {
+            Some(now) => now,
+            None => return,
+        }
+    } else {
+        up
+    };
     // A local failure (out of file descriptors) or a request duplex could not build is
     // not the backend's fault: no verdict.
     if !matches!(&result, Err(ProbeError::Local(_) | ProbeError::Request(_))) {
@@ -180,17 +187,19 @@ async fn check_once(
     }
 }
 
-/// Whether the table in force checks `state` in upstream `name` as `hc` says.
-fn still_checked(shared: &Shared, name: &str, hc: &HealthCheck, state: &Arc<BackendState>) -> bool {
+/// The upstream `name` of the table in force, if it checks `state`'s backend as `hc`
+/// says. (A backend listed again under a fresh state takes the verdict on the old one,
+/// which no table holds: harmless.)
+fn still_checked(
+    shared: &Shared,
+    name: &str,
+    hc: &HealthCheck,
+    state: &BackendState,
+) -> Option<Arc<UpstreamRt>> {
     let table = shared.table.load();
-    table.upstreams.get(name).is_some_and(|up| {
-        up.cfg.health_check.as_ref() == Some(hc)
-            && up
-                .pool
-                .backends()
-                .iter()
-                .any(|b| Arc::ptr_eq(&b.state, state))
-    })
+    let up = table.upstreams.get(name)?;
+    (up.cfg.health_check.as_ref() == Some(hc) && up.closers.contains_key(&state.addr))
+        .then(|| Arc::clone(up))
 }
 
 /// Counts a check (`failed` says why it failed, if it did) and flips the backend at the

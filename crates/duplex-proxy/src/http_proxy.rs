@@ -24,7 +24,7 @@ use crate::http_pool::{Lease, Uploaded};
 use crate::idle::IdleTimer;
 use crate::reclaim::Busy;
 use crate::responses::{self, Body, BodyError};
-use crate::state::{Closer, Shared, UpstreamRt};
+use crate::state::{Shared, UpstreamRt};
 
 /// A client's request body on its way to a backend.
 ///
@@ -133,9 +133,6 @@ struct Guarded {
     _lease: Option<Lease>,
     /// For the log line when the body fails.
     backend: SocketAddr,
-    /// The backend's closer, whose series count a body it broke off (none for an answer
-    /// read before a closer could be looked up).
-    closer: Option<Arc<Closer>>,
 }
 
 impl HttpBody for Guarded {
@@ -158,9 +155,7 @@ impl HttpBody for Guarded {
             // The client's response ends short (or, before any byte of it went out,
             // with no response at all): said where an operator looks.
             tracing::warn!(backend = %this.backend, error = %crate::error::Chain(e.as_ref()), "response body from the backend failed; the client's response is cut short");
-            if let Some(closer) = &this.closer {
-                closer.count_response_error();
-            }
+            this._load.backend().count_response_error();
         }
         frame
     }
@@ -190,7 +185,7 @@ pub enum Unrelayable {
 /// held until the body ends, the body failing if the backend goes quiet for `idle`.
 pub fn relay(
     resp: Response<Incoming>,
-    (backend, closer): (SocketAddr, Option<Arc<Closer>>),
+    backend: SocketAddr,
     load: LoadGuard,
     busy: Busy,
     idle: Duration,
@@ -242,7 +237,6 @@ pub fn relay(
             timer: IdleTimer::new(idle),
             _lease: lease,
             backend,
-            closer,
         }
         .boxed(),
     ))
@@ -389,15 +383,7 @@ pub async fn forward(
             match attempt(up, addr, out, fresh, tried).await {
                 Attempt::Answered(r, lease) => {
                     let busy = conn.idle.busy();
-                    let closer = up.closers.get(&addr).cloned();
-                    match relay(
-                        r,
-                        (addr, closer),
-                        load,
-                        busy,
-                        up.cfg.response_timeout,
-                        Some(lease),
-                    ) {
+                    match relay(r, addr, load, busy, up.cfg.response_timeout, Some(lease)) {
                         Ok(r) => {
                             backend.state.record_success();
                             resp = Some(r);

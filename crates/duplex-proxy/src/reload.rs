@@ -403,7 +403,10 @@ impl Proxy {
         m.config_last_reload_success.set(unix_now());
         *lock(&self.inner.status) = ReloadStatus::started();
         tracing::info!(generation, changes = %diff, "configuration reloaded");
-        crate::server::log_advice(&table.config);
+        // Said again when what it is about changed, not at every certificate renewal.
+        if table.config.upstreams != old.config.upstreams {
+            crate::server::log_advice(&table.config);
+        }
         Ok(Some(generation))
     }
 

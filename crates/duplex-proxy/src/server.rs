@@ -122,9 +122,9 @@ pub(crate) fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, ProxyErr
     // `net.ipv6.bindv6only` is 0: `duplex check` counts on it to find overlapping binds.
     if let IpAddr::V6(ip) = addr.ip() {
         if ip.is_unspecified() {
-            socket2::SockRef::from(&sock)
-                .set_only_v6(false)
-                .map_err(err)?;
+            if let Err(e) = socket2::SockRef::from(&sock).set_only_v6(false) {
+                tracing::warn!(listener = name, error = %e, "cannot make the [::] listener take IPv4 too; it takes what the system's default allows");
+            }
         }
     }
     // Without these, accepted sockets lack TCP_NODELAY and keepalive: worse, not broken.

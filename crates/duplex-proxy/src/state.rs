@@ -230,17 +230,6 @@ impl Closer {
         crate::server::lock(&self.current).clone()
     }
 
-    /// Counts a plain HTTP response whose body this backend broke off.
-    pub fn count_response_error(&self) {
-        let (upstream, _) = &self.owner.key;
-        self.owner
-            .owners
-            .metrics
-            .backend_response_errors
-            .with_label_values(&[upstream.as_str(), &self.owner.label])
-            .inc();
-    }
-
     /// Closes the tunnels open now and any opened later: the backend is gone.
     pub fn retire(&self) {
         crate::server::lock(&self.current).cancel();
@@ -562,10 +551,18 @@ impl Table {
     pub fn export_backends(&self, metrics: &Metrics) {
         for (name, up) in &self.upstreams {
             for b in up.pool.backends() {
+                let label = b.state.addr.to_string();
                 metrics
                     .backend_up
-                    .with_label_values(&[name, &b.state.addr.to_string()])
+                    .with_label_values(&[name, &label])
                     .set(i64::from(b.state.is_available()));
+                let broken = b.state.take_response_errors();
+                if broken > 0 {
+                    metrics
+                        .backend_response_errors
+                        .with_label_values(&[name, &label])
+                        .inc_by(broken);
+                }
             }
         }
     }

@@ -99,6 +99,7 @@ where
     let mut watcher = match new_watcher(&tx) {
         Ok(mut w) => {
             watch_new_dirs(&mut w, &mut watched, proxy.watched_dirs());
+            tracing::info!(file = %path.display(), "watching the config file for changes");
             Some(w)
         }
         Err(e) => {
@@ -106,7 +107,6 @@ where
             None
         }
     };
-    tracing::info!(file = %path.display(), "watching the config file for changes");
     tokio::spawn(async move {
         let mut resync = tokio::time::interval(resync);
         let reading = Arc::new(AtomicUsize::new(0));

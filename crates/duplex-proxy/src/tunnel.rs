@@ -60,6 +60,14 @@ pub struct Settings {
 /// (60 s) bounds every tunnel this way.
 pub const HALF_CLOSED_IDLE: Duration = Duration::from_secs(60);
 
+/// How long a tunnel with nothing left to deliver (one side is gone, and the other has
+/// been given everything and its end) goes on reading, and dropping, what its live side
+/// still sends: time for that side to take the end it was given, since its socket closed
+/// with bytes unread would be reset, and could lose them. A peer that streams on
+/// regardless would otherwise be read at full speed for [`HALF_CLOSED_IDLE`]. nginx's
+/// `lingering_timeout` plays the same part for HTTP clients.
+pub const LINGER: Duration = Duration::from_secs(2);
+
 /// How a tunnel ended.
 #[derive(Debug)]
 enum End {
@@ -69,6 +77,8 @@ enum End {
     Idle,
     /// Half-closed and quiet for [`HALF_CLOSED_IDLE`].
     HalfClosedIdle,
+    /// Nothing left to deliver, and [`LINGER`] passed.
+    Lingered,
     Closed,
 }
 
@@ -157,6 +167,9 @@ fn run<P: Pump, H>(
             End::HalfClosedIdle => tracing::debug!(
                 "tunnel closed: one side ended and the other stayed quiet for {HALF_CLOSED_IDLE:?}"
             ),
+            End::Lingered => tracing::debug!(
+                "tunnel closed: one side is gone, the other was given all it was owed, and what it sent since was dropped for {LINGER:?}"
+            ),
             End::Closed => tracing::debug!("tunnel closed by duplex"),
         }
         let Running {
@@ -198,6 +211,9 @@ trait Pump {
     fn take_active(&mut self) -> bool;
     /// Whether one side's end of sending has been passed on to the other.
     fn half_closed(&self) -> bool;
+    /// Whether nothing is left to deliver: one direction's destination is gone, and the
+    /// other direction is done.
+    fn lingering(&self) -> bool;
 }
 
 /// The bound on a quiet half-closed tunnel in force: [`HALF_CLOSED_IDLE`], which tests
@@ -211,14 +227,27 @@ fn half_closed_idle() -> Duration {
     HALF_CLOSED_IDLE
 }
 
+/// How far a tunnel is toward its end, for the quiet bound in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    Open,
+    /// One side's end has been passed on: [`HALF_CLOSED_IDLE`].
+    HalfClosed,
+    /// Nothing left to deliver: [`LINGER`].
+    Lingering,
+}
+
 /// The idle timer's state, owned by `drive`'s poll function.
 struct Quiet {
     /// One eighth of the bound in force, if any.
     tick: Option<Duration>,
     /// Ticks in a row without a byte moved.
     ticks: u32,
-    /// Whether one side's end has been passed on.
-    half: bool,
+    /// The furthest stage seen: the bound of each is taken when shorter than the one in
+    /// force.
+    stage: Stage,
+    /// The stage whose bound is in force.
+    bound_by: Stage,
     /// Only tunnels with an idle timeout, or half-closed, carry a timer (boxed, so the
     /// others pay nothing).
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -230,12 +259,12 @@ async fn drive(t: &mut impl Pump, settings: &Settings) -> End {
     let mut q = Quiet {
         tick,
         ticks: 0,
-        half: false,
+        stage: Stage::Open,
+        bound_by: Stage::Open,
         sleep: tick.map(|t| Box::pin(tokio::time::sleep(t))),
     };
     let close = settings.close.cancelled();
     tokio::pin!(close);
-    let idle_timeout = settings.idle_timeout;
     poll_fn(move |cx| {
         match t.poll_pump(cx) {
             Poll::Ready(Ok(())) => return Poll::Ready(End::Done),
@@ -245,14 +274,24 @@ async fn drive(t: &mut impl Pump, settings: &Settings) -> End {
         if close.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::Closed);
         }
-        // Whether the half-closed bound is the shorter one, once half-closed.
-        let half_bound = || half_closed_idle() < idle_timeout.unwrap_or(Duration::MAX);
-        if !q.half && t.half_closed() {
-            q.half = true;
-            if half_bound() {
-                let next = half_closed_idle() / IDLE_TICKS;
+        let stage = if t.lingering() {
+            Stage::Lingering
+        } else if t.half_closed() {
+            Stage::HalfClosed
+        } else {
+            Stage::Open
+        };
+        if stage > q.stage {
+            q.stage = stage;
+            let bound = match stage {
+                Stage::Lingering => LINGER,
+                _ => half_closed_idle(),
+            };
+            if bound < q.tick.map_or(Duration::MAX, |t| t * IDLE_TICKS) {
+                q.bound_by = stage;
+                let next = bound / IDLE_TICKS;
                 // The quiet time counted so far still counts, in the shorter ticks: the
-                // tunnel closes no later than idle_timeout would have closed it.
+                // tunnel closes no later than the longer bound would have closed it.
                 q.ticks = q.tick.map_or(0, |old| {
                     let quiet = old * q.ticks;
                     let ticks = quiet.as_nanos() / next.as_nanos().max(1);
@@ -270,10 +309,10 @@ async fn drive(t: &mut impl Pump, settings: &Settings) -> End {
             while sleep.as_mut().poll(cx).is_ready() {
                 q.ticks = if t.take_active() { 0 } else { q.ticks + 1 };
                 if q.ticks >= IDLE_TICKS {
-                    return Poll::Ready(if q.half && half_bound() {
-                        End::HalfClosedIdle
-                    } else {
-                        End::Idle
+                    return Poll::Ready(match q.bound_by {
+                        Stage::Open => End::Idle,
+                        Stage::HalfClosed => End::HalfClosedIdle,
+                        Stage::Lingering => End::Lingered,
                     });
                 }
                 sleep.as_mut().reset(tokio::time::Instant::now() + tick);
@@ -372,6 +411,10 @@ impl Pump for Splice {
     fn half_closed(&self) -> bool {
         let ended = |d: &Direction| d.finished() || d.discard;
         ended(&self.c2b) || ended(&self.b2c)
+    }
+
+    fn lingering(&self) -> bool {
+        (self.c2b.discard && self.b2c.finished()) || (self.b2c.discard && self.c2b.finished())
     }
 
     /// A failed read ends the tunnel: that side is gone, and whatever the other direction
@@ -644,6 +687,12 @@ impl Pump for Buffered {
     fn half_closed(&self) -> bool {
         self.flags.half_closed.load(Ordering::Relaxed)
     }
+
+    /// The buffered copy (TLS toward a backend) ends at the first write error: it never
+    /// discards, so it never lingers.
+    fn lingering(&self) -> bool {
+        false
+    }
 }
 
 /// A stream whose reads are counted: what is read from one side is what goes to the other.
@@ -908,6 +957,59 @@ mod tests {
             End::Error(e) => assert!(e.to_string().starts_with("backend side: "), "{e}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The client ends its side, then resets its connection, while the backend streams on:
+    /// with nothing left to deliver, the backend's bytes are dropped for [`LINGER`] only,
+    /// not read at full speed until the half-closed bound.
+    #[tokio::test]
+    async fn a_tunnel_with_nothing_left_to_deliver_lingers_briefly() {
+        use tokio::io::AsyncReadExt;
+        let (mut user, client) = pair().await;
+        let (backend, mut server) = pair().await;
+        let mut t = splice(client, backend);
+        // Far longer than LINGER and than the test's patience: only LINGER can end it.
+        HALF_CLOSED_IDLE.with(|c| c.set(Some(Duration::from_secs(120))));
+        let settings = Settings {
+            idle_timeout: None,
+            close: CancellationToken::new(),
+        };
+        let streaming = tokio::spawn(async move {
+            let chunk = vec![7u8; 16 * 1024];
+            // Bounded: about 16 GiB at most, far more than a few seconds can move.
+            for _ in 0..1_000_000 {
+                if server.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let started = std::time::Instant::now();
+        let drive = drive(&mut t, &settings);
+        tokio::pin!(drive);
+        let mut got = vec![0u8; 64 * 1024];
+        tokio::select! {
+            read = user.read(&mut got) => assert!(read.expect("read") > 0),
+            end = &mut drive => panic!("ended before the client left: {end:?}"),
+        }
+        // The client ends its side (passed on to the backend, which streams on), then
+        // goes with bytes unread: a reset.
+        tokio::io::AsyncWriteExt::shutdown(&mut user)
+            .await
+            .expect("shutdown");
+        socket2::SockRef::from(&user)
+            .set_linger(Some(Duration::ZERO))
+            .expect("SO_LINGER");
+        drop(user);
+        let end = tokio::time::timeout(Duration::from_secs(30), drive)
+            .await
+            .expect("the tunnel ends");
+        let took = started.elapsed();
+        assert!(
+            took < LINGER + Duration::from_secs(5),
+            "ended after {took:?}: {end:?}"
+        );
+        assert!(matches!(end, End::Lingered), "{end:?} after {took:?}");
+        streaming.abort();
     }
 
     /// An idle tunnel's task is most of its memory; this keeps it from growing unnoticed.
