@@ -458,7 +458,8 @@ async fn a_v4_mapped_answer_is_the_ipv4_backend() {
         (landed.get("a"), landed.get("b")),
         (Some(&2), Some(&2)),
         "{landed:?}"
-    );    p.shutdown().await;
+    );
+    p.shutdown().await;
 }
 
 /// At start, names are looked up side by side: three names whose resolver never answers
@@ -514,5 +515,6 @@ async fn probes_finish_across_dns_changes() {
     assert!(
         unhealthy,
         "a, whose probes all time out, was never found unhealthy"
-    );    p.shutdown().await;
+    );
+    p.shutdown().await;
 }
