@@ -39,4 +39,5 @@ mod x509;
 pub use duplex_metrics::Metrics;
 pub use error::ProxyError;
 pub use reload::ReloadStatus;
+pub use send_timeout::{set_queue_probe, QueueProbe};
 pub use server::Proxy;

@@ -8,9 +8,17 @@
 //! connection. Writes that go through at once (nearly all) never touch the timer. Reads
 //! pass straight through. An upgraded connection leaves the wrapper behind or disarms it
 //! (TLS): tunnels have the upstream's `idle_timeout` instead.
+//!
+//! The kernel takes more bytes only once about a third of the socket's send buffer has
+//! been acknowledged, so a client reading slowly but steadily can go a whole timeout
+//! without a write moving. Where the OS says how many bytes a socket still holds (a
+//! [`QueueProbe`], given by the binary, which alone may call the OS), a timer that fires
+//! while that count has gone down since the write began waiting starts again.
 
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,6 +27,29 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::ProxyError;
 use crate::idle::IdleTimer;
+
+/// How many bytes a socket holds that its peer has not acknowledged (Linux's
+/// `SIOCOUTQ`); `None` if the OS cannot say.
+pub type QueueProbe = fn(BorrowedFd<'_>) -> Option<u32>;
+
+static PROBE: OnceLock<QueueProbe> = OnceLock::new();
+
+/// Gives the write timeouts a way to see a socket's queue go down. Set once, at start.
+pub fn set_queue_probe(probe: QueueProbe) {
+    let _ = PROBE.set(probe);
+}
+
+/// A stream whose unacknowledged bytes may be counted.
+pub trait Queued {
+    /// The bytes the socket under it holds, if known.
+    fn queued(&self) -> Option<u32>;
+}
+
+impl Queued for tokio::net::TcpStream {
+    fn queued(&self) -> Option<u32> {
+        PROBE.get().and_then(|probe| probe(self.as_fd()))
+    }
+}
 
 /// A client stream whose writes fail after `timeout` without progress.
 ///
@@ -30,6 +61,9 @@ pub struct SendTimeout<S> {
     /// The timer and `duplex_client_send_timeouts_total` of the listener; `None` once
     /// disarmed.
     armed: Option<(IdleTimer, Counter)>,
+    /// While a write waits: the socket's queue when it began waiting (or at the last
+    /// time the queue was seen to go down), if the OS says.
+    waiting: Option<Option<u32>>,
 }
 
 impl<S> SendTimeout<S> {
@@ -37,13 +71,18 @@ impl<S> SendTimeout<S> {
         SendTimeout {
             inner,
             armed: Some((IdleTimer::new(timeout), expired)),
+            waiting: None,
         }
     }
 
     /// A wrapper that never times out (another one, under TLS, does the job; or not
     /// yet: a TLS handshake has a timeout of its own).
     pub fn unarmed(inner: S) -> Self {
-        SendTimeout { inner, armed: None }
+        SendTimeout {
+            inner,
+            armed: None,
+            waiting: None,
+        }
     }
 
     /// Starts timing writes, once a TLS handshake has ended.
@@ -64,16 +103,32 @@ impl<S> SendTimeout<S> {
 
     /// What a write that got `res` from the stream returns: the result as it is, or an
     /// error once the write has waited `timeout` since the last progress.
-    fn check<T>(&mut self, cx: &mut Context<'_>, res: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+    fn check<T>(&mut self, cx: &mut Context<'_>, res: Poll<io::Result<T>>) -> Poll<io::Result<T>>
+    where
+        S: Queued,
+    {
         let Some((timer, expired)) = self.armed.as_mut() else {
             return res;
         };
         if res.is_ready() {
             timer.moved();
+            self.waiting = None;
             return res;
         }
+        // Once per wait, not per poll: one system call when a write starts waiting.
+        let since = *self.waiting.get_or_insert_with(|| self.inner.queued());
         if !timer.expired(cx) {
             return Poll::Pending;
+        }
+        if let (Some(before), Some(now)) = (since, self.inner.queued()) {
+            if now < before {
+                // The client is taking bytes, only slowly: a new wait from here.
+                self.waiting = Some(Some(now));
+                timer.moved();
+                if !timer.expired(cx) {
+                    return Poll::Pending;
+                }
+            }
         }
         expired.inc();
         let timeout = timer.idle();
@@ -94,7 +149,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for SendTimeout<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
+impl<S: AsyncWrite + Queued + Unpin> AsyncWrite for SendTimeout<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -140,6 +195,81 @@ mod tests {
 
     fn counter() -> Counter {
         Counter::new("t", "t").expect("a counter")
+    }
+
+    impl Queued for tokio::io::DuplexStream {
+        fn queued(&self) -> Option<u32> {
+            None
+        }
+    }
+
+    impl<T> Queued for tokio_rustls::server::TlsStream<T> {
+        fn queued(&self) -> Option<u32> {
+            None
+        }
+    }
+
+    /// A stream whose queue the test sets, standing for a socket whose peer takes bytes
+    /// too slowly for a write to go through.
+    struct Draining {
+        inner: tokio::io::DuplexStream,
+        queue: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    }
+
+    impl Queued for Draining {
+        fn queued(&self) -> Option<u32> {
+            Some(self.queue.load(std::sync::atomic::Ordering::SeqCst))
+        }
+    }
+
+    impl AsyncWrite for Draining {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// No write goes through, but the socket's queue keeps going down (the client takes
+    /// bytes, slowly): the timer starts again each time it finds that; once the queue
+    /// stops moving, the write fails a timeout later.
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_going_down_is_progress() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let (a, _b) = tokio::io::duplex(16);
+        let queue = std::sync::Arc::new(AtomicU32::new(100_000));
+        let stream = Draining {
+            inner: a,
+            queue: std::sync::Arc::clone(&queue),
+        };
+        let expired = counter();
+        let mut w = SendTimeout::new(stream, Duration::from_secs(5), expired.clone());
+        let started = Instant::now();
+        let drain = tokio::spawn(async move {
+            for _ in 0..6 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                queue.fetch_sub(1000, Ordering::SeqCst);
+            }
+        });
+        let err = w.write_all(&[0; 64]).await.expect_err("never goes through");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // Drained until 18 s; the last timer found it moving at about 20 s at the latest,
+        // and the next one found it still: between 23 and 26 s.
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(23) && took <= Duration::from_secs(26),
+            "{took:?}"
+        );
+        assert_eq!(expired.get(), 1);
+        drain.await.expect("drain task");
     }
 
     /// A peer that never reads: the write fails after the timeout, and it is counted.

@@ -420,6 +420,17 @@ pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<SendTimeout<Tcp
 /// What a backend connection is.
 pub type BackendStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
 
+impl<T> crate::send_timeout::Queued for MaybeTls<T> {
+    /// A plain socket's queue; under TLS the timeout (and the count) is the socket's own,
+    /// below the TLS layer, so none here.
+    fn queued(&self) -> Option<u32> {
+        match self {
+            MaybeTls::Plain(tcp) => tcp.queued(),
+            MaybeTls::Tls(_) => None,
+        }
+    }
+}
+
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<T> {
     fn poll_read(
         self: Pin<&mut Self>,

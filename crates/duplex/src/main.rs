@@ -208,6 +208,8 @@ pub(crate) fn serve(
     banner: Option<Banner>,
     threads: Option<NonZeroUsize>,
 ) -> ExitCode {
+    // Lets a client that reads slowly but steadily be told from one that stopped.
+    duplex_proxy::set_queue_probe(os::unacknowledged);
     match os::raise_nofile_limit() {
         Ok((soft, hard)) => {
             tracing::info!(soft, hard, "open file limit");
