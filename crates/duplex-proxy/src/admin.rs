@@ -88,6 +88,7 @@ async fn handle(req: Request<Incoming>, proxy: &Proxy) -> Response<Body> {
             let shared = Arc::clone(shared);
             let rendered = tokio::task::spawn_blocking(move || {
                 shared.table.load().export_backends(&shared.metrics);
+                shared.export_draining();
                 shared.metrics.render()
             })
             .await;

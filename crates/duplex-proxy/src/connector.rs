@@ -54,11 +54,12 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 5;
 
-/// The longest bytes sent may stay unacknowledged (or a zero window go unanswered)
-/// before the connection is dropped. Keepalive probes only a silent connection: a peer
+/// The longest bytes sent may stay unacknowledged (or, on Linux 5.11 and later, a
+/// peer's window stay shut) before the connection is dropped (Linux only). Keepalive probes only a silent connection: a peer
 /// that vanished while bytes were on their way to it (a chat message, a stream) would
 /// otherwise be retried for 15 minutes or more (`tcp_retries2`). The same bound as
 /// keepalive's, which it also governs once set.
+#[cfg(any(target_os = "linux", target_os = "android"))]
 const USER_TIMEOUT: Duration = Duration::from_secs(110);
 
 /// The keepalive settings of every client and backend socket.
@@ -75,6 +76,7 @@ pub fn tune(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
     let sock = socket2::SockRef::from(tcp);
     let _ = sock.set_tcp_keepalive(&keepalive());
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
 }
 
@@ -85,7 +87,9 @@ pub fn tune_listener(sock: &tokio::net::TcpSocket) -> io::Result<()> {
     let sock = socket2::SockRef::from(sock);
     sock.set_tcp_nodelay(true)?;
     sock.set_tcp_keepalive(&keepalive())?;
-    sock.set_tcp_user_timeout(Some(USER_TIMEOUT))
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    sock.set_tcp_user_timeout(Some(USER_TIMEOUT))?;
+    Ok(())
 }
 
 /// Gives an accepted client socket what [`tune_listener`] could not pass on: nothing on
@@ -152,6 +156,7 @@ mod tests {
             sock.tcp_keepalive_retries().expect("probes"),
             KEEPALIVE_PROBES
         );
+        #[cfg(any(target_os = "linux", target_os = "android"))]
         assert_eq!(
             sock.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
             Some(USER_TIMEOUT)
@@ -171,6 +176,7 @@ mod tests {
         let sock = socket2::SockRef::from(&tcp);
         assert!(sock.tcp_nodelay().expect("TCP_NODELAY"));
         assert_eq!(sock.tcp_keepalive_time().expect("idle"), KEEPALIVE_IDLE);
+        #[cfg(any(target_os = "linux", target_os = "android"))]
         assert_eq!(
             sock.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
             Some(USER_TIMEOUT)

@@ -568,6 +568,22 @@ impl Table {
     }
 }
 
+impl Shared {
+    /// Copies into the metrics what draining backends (no longer in any table) counted
+    /// since the last scrape: bodies broken off on their last requests.
+    pub fn export_draining(&self) {
+        for ((upstream, addr), d) in crate::server::lock(&self.draining).iter() {
+            let broken = d.state.take_response_errors();
+            if broken > 0 {
+                self.metrics
+                    .backend_response_errors
+                    .with_label_values(&[upstream.as_str(), &addr.to_string()])
+                    .inc_by(broken);
+            }
+        }
+    }
+}
+
 /// What every listener, request and tunnel shares.
 pub struct Shared {
     pub table: ArcSwap<Table>,

@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::send_timeout::SendTimeout;
+use crate::send_timeout::{Queued, SendTimeout};
 use crate::tls::{BackendStream, ClientStream, MaybeTls};
 
 /// Scratch buffer per worker thread; large enough to move 16 KiB messages in one read.
@@ -168,7 +168,7 @@ fn run<P: Pump, H>(
                 "tunnel closed: one side ended and the other stayed quiet for {HALF_CLOSED_IDLE:?}"
             ),
             End::Lingered => tracing::debug!(
-                "tunnel closed: one side is gone, the other was given all it was owed, and what it sent since was dropped for {LINGER:?}"
+                "tunnel closed: one side is gone, and the other had taken all it was owed {LINGER:?} before"
             ),
             End::Closed => tracing::debug!("tunnel closed by duplex"),
         }
@@ -291,12 +291,16 @@ async fn drive(t: &mut impl Pump, settings: &Settings) -> End {
                 q.bound_by = stage;
                 let next = bound / IDLE_TICKS;
                 // The quiet time counted so far still counts, in the shorter ticks: the
-                // tunnel closes no later than the longer bound would have closed it.
-                q.ticks = q.tick.map_or(0, |old| {
-                    let quiet = old * q.ticks;
-                    let ticks = quiet.as_nanos() / next.as_nanos().max(1);
-                    u32::try_from(ticks).unwrap_or(u32::MAX).min(IDLE_TICKS - 1)
-                });
+                // tunnel closes no later than the longer bound would have closed it. The
+                // linger is a grace from now, not a bound on quiet: it starts at zero.
+                q.ticks = match (stage, q.tick) {
+                    (Stage::Lingering, _) | (_, None) => 0,
+                    (_, Some(old)) => {
+                        let quiet = old * q.ticks;
+                        let ticks = quiet.as_nanos() / next.as_nanos().max(1);
+                        u32::try_from(ticks).unwrap_or(u32::MAX).min(IDLE_TICKS - 1)
+                    }
+                };
                 q.tick = Some(next);
                 let at = tokio::time::Instant::now() + next;
                 match q.sleep.as_mut() {
@@ -413,8 +417,14 @@ impl Pump for Splice {
         ended(&self.c2b) || ended(&self.b2c)
     }
 
+    /// One direction's destination is gone, and the other direction has handed all it
+    /// had to the kernel, which has it acknowledged by the live peer: closing that socket
+    /// with bytes still queued could reset them away. Where the queue cannot be read, a
+    /// tunnel never lingers, and ends by the half-closed bound.
     fn lingering(&self) -> bool {
-        (self.c2b.discard && self.b2c.finished()) || (self.b2c.discard && self.c2b.finished())
+        let drained = |sock: &TcpStream| sock.queued() == Some(0);
+        (self.c2b.discard && self.b2c.finished() && drained(&self.client))
+            || (self.b2c.discard && self.c2b.finished() && drained(&self.backend))
     }
 
     /// A failed read ends the tunnel: that side is gone, and whatever the other direction
@@ -862,6 +872,23 @@ mod tests {
         queues(local, remote).map(|q| q.0)
     }
 
+    /// The tunnel's port toward `server` (its peer) and `server`'s own.
+    fn t_backend_port(server: &TcpStream) -> (u16, u16) {
+        (
+            server.peer_addr().expect("addr").port(),
+            server.local_addr().expect("addr").port(),
+        )
+    }
+
+    /// A socket's send queue from /proc/net/tcp: a [`crate::send_timeout::QueueProbe`]
+    /// for tests, which may not call the OS themselves.
+    fn proc_queue(fd: std::os::fd::BorrowedFd<'_>) -> Option<u32> {
+        let sock = socket2::SockRef::from(&fd);
+        let local = sock.local_addr().ok()?.as_socket()?.port();
+        let peer = sock.peer_addr().ok()?.as_socket()?.port();
+        send_queue(local, peer).and_then(|q| u32::try_from(q).ok())
+    }
+
     /// Waits, bounded, for `what` to hold.
     async fn until(what: &str, mut check: impl FnMut() -> bool) {
         for _ in 0..1000 {
@@ -965,6 +992,8 @@ mod tests {
     #[tokio::test]
     async fn a_tunnel_with_nothing_left_to_deliver_lingers_briefly() {
         use tokio::io::AsyncReadExt;
+        // The binary reads a socket's queue with an ioctl; tests read /proc/net/tcp.
+        crate::send_timeout::set_queue_probe(proc_queue);
         let (mut user, client) = pair().await;
         let (backend, mut server) = pair().await;
         let mut t = splice(client, backend);
@@ -1010,6 +1039,67 @@ mod tests {
         );
         assert!(matches!(end, End::Lingered), "{end:?} after {took:?}");
         streaming.abort();
+    }
+
+    /// The backend sends a large last burst and goes (its close resets, since the
+    /// client's heartbeats are unread), while the client reads slowly and keeps sending:
+    /// the tunnel does not linger out while the burst still waits in its socket for the
+    /// client, who gets all of it.
+    #[tokio::test]
+    async fn no_linger_while_the_live_side_still_has_bytes_to_take() {
+        use tokio::io::AsyncReadExt;
+        const BURST: usize = 1 << 20;
+        crate::send_timeout::set_queue_probe(proc_queue);
+        let (mut user, client) = pair().await;
+        let (backend, mut server) = pair().await;
+        let mut t = splice(client, backend);
+        HALF_CLOSED_IDLE.with(|c| c.set(Some(Duration::from_secs(120))));
+        let run = tokio::spawn(async move {
+            let settings = Settings {
+                idle_timeout: None,
+                close: CancellationToken::new(),
+            };
+            drive(&mut t, &settings).await
+        });
+        let (tunnel_side, server_port) = (
+            t_backend_port(&server).0,
+            server.local_addr().expect("addr").port(),
+        );
+        let burst: Vec<u8> = (0..BURST).map(|i| (i % 251) as u8).collect();
+        server.write_all(&burst).await.expect("the burst");
+        server.shutdown().await.expect("shutdown");
+        // All of it taken by the tunnel's sockets, so the reset loses none of it.
+        until("the burst to reach the tunnel", || {
+            send_queue(server_port, tunnel_side) == Some(0)
+        })
+        .await;
+        user.write_all(b"h").await.expect("a heartbeat");
+        until("the heartbeat to wait unread at the backend", || {
+            queues(server_port, tunnel_side).is_some_and(|(_, unread)| unread > 0)
+        })
+        .await;
+        // Gone with the heartbeat unread: a reset.
+        drop(server);
+        let mut got = Vec::with_capacity(BURST);
+        let mut buf = vec![0u8; 32 * 1024];
+        // About 320 KB/s: several seconds, longer than LINGER. Bounded by the count.
+        for _ in 0..2_000 {
+            let _ = user.write_all(b"h").await;
+            match tokio::time::timeout(Duration::from_secs(10), user.read(&mut buf)).await {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Ok(Err(e)) => panic!("the client's read failed after {} bytes: {e}", got.len()),
+                Err(_) => panic!("the client's read stalled after {} bytes", got.len()),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(got.len(), BURST, "bytes the client got");
+        assert!(got == burst, "the burst, in order");
+        drop(user);
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the tunnel ends")
+            .expect("the tunnel task");
     }
 
     /// An idle tunnel's task is most of its memory; this keeps it from growing unnoticed.
