@@ -7,6 +7,9 @@
 //! * [`results`]: medians, tables, budgets and the generated part of the doc.
 //! * [`chart`]: the SVG chart.
 
+// `os.rs` alone calls the OS without a safe wrapper, and allows `unsafe` for that.
+#![deny(unsafe_code)]
+
 pub mod chart;
 pub mod echo;
 pub mod os;

@@ -1,6 +1,8 @@
 //! The `duplex-bench` command: the echo backend, one scenario against one address, or the
 //! whole comparison (`run-all`, `run-all --smoke` for CI).
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

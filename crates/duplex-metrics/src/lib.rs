@@ -21,6 +21,14 @@ use prometheus::{
 pub use prometheus::{Histogram as HistogramHandle, IntCounter as Counter, IntGauge as Gauge};
 pub use scope::{Hold, Holds, Scope};
 
+/// A counter that no scrape shows, for code that must count into one but whose count is
+/// not exported (admin connections' send timeouts): made here, so that every metric name
+/// duplex creates lives in this crate.
+pub fn unexported_counter() -> Counter {
+    IntCounter::new("duplex_unexported", "counted, not exported")
+        .expect("a fixed, valid name and help")
+}
+
 /// Outcome of a WebSocket upgrade, the `result` label of `duplex_websocket_upgrades_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpgradeResult {

@@ -36,8 +36,7 @@ pub(crate) async fn serve(listener: TcpListener, proxy: Proxy) {
     let closing = proxy.inner.shared.closing.clone();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     // Not a listener's: admin stalls are not counted in its metrics.
-    let stalled =
-        duplex_metrics::Counter::new("admin_send_timeouts", "unexported").expect("a valid counter");
+    let stalled = duplex_metrics::unexported_counter();
     let mut pause = ACCEPT_PAUSE;
     loop {
         let (tcp, _) = tokio::select! {
@@ -127,6 +126,10 @@ async fn handle(req: Request<Incoming>, proxy: &Proxy) -> Response<Body> {
                         ProxyError::ReloadBusy(_) | ProxyError::ShuttingDown => {
                             StatusCode::SERVICE_UNAVAILABLE
                         }
+                        // Not the file's fault either: duplex is out of file descriptors
+                        // or buffers (try again later), or the reload itself broke.
+                        _ if crate::error::local_exhaustion(&e) => StatusCode::SERVICE_UNAVAILABLE,
+                        ProxyError::ReloadAborted(_) => StatusCode::INTERNAL_SERVER_ERROR,
                         _ => StatusCode::BAD_REQUEST,
                     };
                     json_response(status, json!({ "error": e.to_string() }))

@@ -131,11 +131,7 @@ pub fn backend_request_head<B>(client: &Request<B>, peer: &HeaderValue, https: b
     let mut xff: Vec<&[u8]> = if is_hop_by_hop(XFF.as_str().as_bytes(), &named) {
         Vec::new()
     } else {
-        headers
-            .get_all(XFF)
-            .iter()
-            .map(HeaderValue::as_bytes)
-            .collect()
+        crate::headers::forwarded_so_far(headers).collect()
     };
     xff.push(peer.as_bytes());
     line(XFF.as_str().as_bytes(), &xff);
@@ -256,7 +252,8 @@ mod tests {
         h.insert("x-hop", HeaderValue::from_static("1"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
-        h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
+        h.append("x-forwarded-for", HeaderValue::from_static(" "));
+        h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2 "));
         h.insert("x-forwarded-proto", HeaderValue::from_static("ftp"));
         h.insert("x-real-ip", HeaderValue::from_static("6.6.6.6"));
         h.insert("sec-websocket-key", HeaderValue::from_static("k"));

@@ -136,17 +136,21 @@ pub fn forwarded_for(client: IpAddr) -> HeaderValue {
     HeaderValue::try_from(text).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
+/// The client's `X-Forwarded-For` lines, trimmed, empty ones left out: an empty line adds
+/// no empty entry (`, 10.0.0.1`) to the chain the backend gets.
+pub fn forwarded_so_far(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(&XFF)
+        .iter()
+        .map(|v| v.as_bytes().trim_ascii())
+        .filter(|v| !v.is_empty())
+}
+
 /// Appends the client (as [`forwarded_for`] renders it) to `X-Forwarded-For`, sets
 /// `X-Real-IP` to it, and sets `X-Forwarded-Proto` and `-Host`.
 pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, https: bool) {
     if headers.contains_key(&XFF) {
-        // Empty lines add no empty entry (`, 10.0.0.1`).
-        let mut all: Vec<&[u8]> = headers
-            .get_all(&XFF)
-            .iter()
-            .map(|v| v.as_bytes().trim_ascii())
-            .filter(|v| !v.is_empty())
-            .collect();
+        let mut all: Vec<&[u8]> = forwarded_so_far(headers).collect();
         all.push(client.as_bytes());
         if let Ok(v) = HeaderValue::from_bytes(&all.join(&b", "[..])) {
             headers.insert(XFF, v);

@@ -547,22 +547,22 @@ impl Table {
     }
 
     /// Sets `duplex_backend_up` for every backend of this table from its health and
-    /// ejection state as of now.
+    /// ejection state as of now, and adds the bodies it broke off since the last time. Its
+    /// failure counters are made at 0 if they are not there yet: an alert's `increase()`
+    /// sees nothing of a series' first value.
     pub fn export_backends(&self, metrics: &Metrics) {
         for (name, up) in &self.upstreams {
             for b in up.pool.backends() {
-                let label = b.state.addr.to_string();
+                let labels = [name.as_str(), &b.state.addr.to_string()];
                 metrics
                     .backend_up
-                    .with_label_values(&[name, &label])
+                    .with_label_values(&labels)
                     .set(i64::from(b.state.is_available()));
-                let broken = b.state.take_response_errors();
-                if broken > 0 {
-                    metrics
-                        .backend_response_errors
-                        .with_label_values(&[name, &label])
-                        .inc_by(broken);
-                }
+                metrics
+                    .backend_response_errors
+                    .with_label_values(&labels)
+                    .inc_by(b.state.take_response_errors());
+                metrics.backend_ejections.with_label_values(&labels);
             }
         }
     }

@@ -56,7 +56,7 @@ pub enum TlsError {
         source: rustls::Error,
     },
     #[error("TLS settings: {0}")]
-    Settings(rustls::Error),
+    Settings(#[source] rustls::Error),
     #[error("invalid server_name {0:?}")]
     ServerName(String),
     #[error("no system root certificates could be loaded; set tls.ca on the upstream")]

@@ -130,10 +130,12 @@ pub async fn upgrade(
         }
     };
     let addr = backend.state.addr;
-    backend.state.record_success();
 
     // A valid 101 opens the tunnel; any other answer goes to the client as a normal
-    // response; a 101 that is not a WebSocket handshake gets a 502.
+    // response; a 101 that is not a WebSocket handshake gets a 502. An answer relayed is
+    // a success for passive health; one refused is the backend's failure, as on the HTTP
+    // path: no client request makes a backend answer in a framing duplex cannot relay, or
+    // with a 101 that does not complete the handshake it was sent.
     let (end_to_end, backend_side, early) = match answer {
         Answer::Switching {
             end_to_end,
@@ -142,18 +144,27 @@ pub async fn upgrade(
         } => (end_to_end, stream, early),
         Answer::Other(resp) => {
             outcome.count(UpgradeResult::RejectedByBackend);
-            return relay(resp, addr, load, conn.idle.busy(), up.cfg.response_timeout, None)
-                .unwrap_or_else(|e| {
+            let busy = conn.idle.busy();
+            return match relay(resp, addr, load, busy, up.cfg.response_timeout, None) {
+                Ok(resp) => {
+                    backend.state.record_success();
+                    resp
+                }
+                Err(e) => {
+                    crate::health::passive_failure(shared, up, &backend.state);
                     tracing::warn!(route = %route.name, backend = %addr, error = %e, "backend answer refused");
                     responses::bad_gateway(&route.name)
-                });
+                }
+            };
         }
         Answer::Invalid(what) => {
+            crate::health::passive_failure(shared, up, &backend.state);
             tracing::warn!(route = %route.name, error = %ProxyError::BadUpgrade { addr, what }, "refusing backend's 101");
             outcome.count(UpgradeResult::RejectedByBackend);
             return responses::bad_gateway(&route.name);
         }
     };
+    backend.state.record_success();
 
     // Spawn the tunnel; it starts once hyper has written our 101 to the client.
     let client_side = hyper::upgrade::on(&mut req);

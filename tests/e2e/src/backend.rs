@@ -218,6 +218,16 @@ fn upgrade(
             session(ws, mode, &rec.closes).await;
         }
     });
+    let mut r = switching(name, key);
+    if offers_chat {
+        r.headers_mut()
+            .insert("sec-websocket-protocol", "chat".parse().expect("static"));
+    }
+    r
+}
+
+/// A `101` from backend `name` answering the handshake whose `Sec-WebSocket-Key` was `key`.
+pub(crate) fn switching(name: &str, key: &[u8]) -> Response<Full<Bytes>> {
     let mut r = reply(StatusCode::SWITCHING_PROTOCOLS, name, Bytes::new());
     let h = r.headers_mut();
     h.remove(header::CONTENT_TYPE);
@@ -229,9 +239,6 @@ fn upgrade(
             .parse()
             .expect("base64 is header-safe"),
     );
-    if offers_chat {
-        h.insert("sec-websocket-protocol", "chat".parse().expect("static"));
-    }
     r
 }
 

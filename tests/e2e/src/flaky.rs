@@ -32,7 +32,6 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -43,6 +42,9 @@ pub enum Mode {
     Up,
     Http500,
     RefuseUpgrade,
+    /// Answers upgrades with a 101 whose `Sec-WebSocket-Accept` is wrong (a broken
+    /// WebSocket stack); plain requests as `Up`.
+    BadAccept,
     Silent,
     /// Accepts connections and closes them at once, unread (a server at its own
     /// connection limit).
@@ -277,6 +279,7 @@ async fn answer(
         (Mode::RefuseUpgrade, Some(_)) => {
             Ok(reply(StatusCode::FORBIDDEN, name, "upgrades refused"))
         }
+        (Mode::BadAccept, Some(_)) => Ok(crate::backend::switching(name, b"not the key")),
         (Mode::Up | Mode::Http500, Some(key)) => {
             let on_upgrade = hyper::upgrade::on(&mut req);
             let inner2 = Arc::clone(&inner);
@@ -288,24 +291,16 @@ async fn answer(
                 }
             });
             inner.upgrades.fetch_add(1, Ordering::SeqCst);
-            let mut r = reply(StatusCode::SWITCHING_PROTOCOLS, name, Bytes::new());
-            let h = r.headers_mut();
-            h.insert(header::CONNECTION, "Upgrade".parse().expect("static"));
-            h.insert(header::UPGRADE, "websocket".parse().expect("static"));
-            h.insert(
-                "sec-websocket-accept",
-                derive_accept_key(key.as_bytes())
-                    .parse()
-                    .expect("base64 is header-safe"),
-            );
-            Ok(r)
+            Ok(crate::backend::switching(name, key.as_bytes()))
         }
         (Mode::Http500, None) => Ok(reply(
             StatusCode::INTERNAL_SERVER_ERROR,
             name,
             "backend failing",
         )),
-        (Mode::Up | Mode::RefuseUpgrade, None) => Ok(reply(StatusCode::OK, name, name.to_owned())),
+        (Mode::Up | Mode::RefuseUpgrade | Mode::BadAccept, None) => {
+            Ok(reply(StatusCode::OK, name, name.to_owned()))
+        }
     }
 }
 

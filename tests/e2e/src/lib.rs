@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: the proxy in-process, real backends, real clients,
 //! raw wire bytes, and bounded waiting. Everything binds 127.0.0.1 port 0.
 
+#![forbid(unsafe_code)]
+
 pub mod backend;
 pub mod client;
 pub mod flaky;

@@ -8,6 +8,9 @@ use duplex_e2e::eventually;
 use duplex_e2e::flaky::{FlakyBackend, Mode};
 use duplex_e2e::health_kit::*;
 use duplex_e2e::proxy::TestProxy;
+use duplex_e2e::raw::RawBackend;
+use duplex_e2e::wire::read_head;
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::{self};
 
 /// No active checks: two handshake timeouts in a row eject a silent backend for
@@ -207,6 +210,50 @@ async fn a_backend_closing_upgrades_unanswered_is_skipped_not_ejected() {
         tried as f64
     );
     assert!(!flag(&p, &h, "ejected").await);
+    p.shutdown().await;
+}
+
+/// A backend whose answers to handshakes duplex must refuse (a 101 that does not complete
+/// the handshake, a refusal in a framing duplex cannot relay) fails its clients with 502s
+/// and is ejected after `max_fails` of them, as one that cannot be reached is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_answering_handshakes_unusably_are_ejected() {
+    let a = FlakyBackend::start("a").await;
+    let b = FlakyBackend::start("b").await;
+    b.set(Mode::BadAccept).await;
+    let gz = RawBackend::start(|mut tcp| async move {
+        read_head(&mut tcp).await?;
+        tcp.write_all(b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: gzip\r\n\r\nnot gzip")
+            .await
+    })
+    .await;
+    let list = format!(
+        "      - addr: {}\n      - addr: {}\n      - addr: {}\n",
+        a.addr, b.addr, gz.addr
+    );
+    let p = start(&yaml_with(
+        "    max_fails: 2\n    fail_timeout: 60s\n",
+        &list,
+    ))
+    .await;
+
+    // Round robin: a, b, gz, a, b, gz, then only a.
+    let mut refused = 0;
+    for _ in 0..12 {
+        match try_ws(p.addr, "/", &[], &[]).await {
+            Ok((_ws, r)) => assert_eq!(backend_of(&r), "a"),
+            Err(tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status(), 502, "an unusable answer is a bad gateway");
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected handshake failure: {e}"),
+        }
+    }
+    assert_eq!(refused, 4, "two 502s from each, then both were out");
+    for addr in [b.addr, gz.addr] {
+        let s = status_of(&p, addr).await.expect("in /status");
+        assert_eq!(s["ejected"], true, "{addr}: {s}");
+    }
     p.shutdown().await;
 }
 

@@ -208,6 +208,15 @@ upstreams:
         ),
         1.0
     );
+    // A backend's failure counters exist at 0 from the start, so that an alert's
+    // `increase()` sees their first failures.
+    for name in [
+        "duplex_backend_ejections_total",
+        "duplex_backend_response_errors_total",
+    ] {
+        let labels = [("upstream", "chat"), ("backend", backend.as_str())];
+        assert_eq!(value(&s, name, &labels), 0.0, "{name}");
+    }
     assert_eq!(value(&s, "duplex_config_generation", &[]), 1.0);
     assert!(value(&s, "process_resident_memory_bytes", &[]) > 0.0);
     assert!(value(&s, "process_open_fds", &[]) > 0.0);
