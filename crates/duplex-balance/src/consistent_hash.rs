@@ -1,9 +1,10 @@
-//! Consistent hashing on a ring of virtual nodes placed by backend address.
+//! Consistent hashing on a ring of virtual nodes placed by backend address and weight.
 //!
-//! Points depend only on each backend's address, so every duplex replica with the same
-//! backends builds the same ring and sends a key to the same backend, and removing one of
-//! N backends moves only the keys that were on it (about 1/N). Weights do not move points.
-//! A connection without a key falls back to least_conn.
+//! Points depend only on each backend's address and weight, so every duplex replica with
+//! the same backends builds the same ring and sends a key to the same backend. Removing one
+//! of N backends moves only the keys that were on it (about 1/N); changing one backend's
+//! weight moves keys only onto it or off it, since its points are a prefix of one fixed
+//! sequence. A connection without a key falls back to least_conn.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,8 +15,27 @@ use crate::hash::stable_hash;
 use crate::least_conn::order_by_load;
 use crate::{Backend, Balancer, Context};
 
-/// Points per backend: enough that each backend's share of the ring is within a few percent.
-const VNODES: usize = 160;
+/// Points per unit of weight: enough that each backend's share of the ring is within a
+/// few percent of its weight's share.
+const VNODES: u64 = 160;
+/// The most points a ring holds (16 bytes each, so 2 MiB), and so the longest walk past
+/// backends out of service. Weights summing past `MAX_POINTS / VNODES` (819) get fewer
+/// points per unit, in the same proportions.
+const MAX_POINTS: u64 = 1 << 17;
+
+/// How many points each backend gets: `VNODES` per unit of weight, scaled down in
+/// proportion (at least one each) when the ring would pass `MAX_POINTS`.
+fn points(backends: &[Backend]) -> impl Iterator<Item = u64> + '_ {
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+    backends.iter().map(move |b| {
+        let w = u64::from(b.weight);
+        if total.saturating_mul(VNODES) <= MAX_POINTS {
+            w * VNODES
+        } else {
+            (w.saturating_mul(MAX_POINTS) / total.max(1)).max(1)
+        }
+    })
+}
 
 pub struct ConsistentHash {
     key: HashKey,
@@ -27,9 +47,9 @@ pub struct ConsistentHash {
 
 impl ConsistentHash {
     pub fn new(key: HashKey, backends: &[Backend]) -> ConsistentHash {
-        let mut ring = Vec::with_capacity(backends.len() * VNODES);
-        for (i, b) in backends.iter().enumerate() {
-            for v in 0..VNODES {
+        let mut ring = Vec::with_capacity(points(backends).sum::<u64>() as usize);
+        for (i, (b, n)) in backends.iter().zip(points(backends)).enumerate() {
+            for v in 0..n {
                 ring.push((
                     stable_hash(format!("{}#{v}", b.state.addr).as_bytes()),
                     i as u32,
@@ -173,6 +193,57 @@ mod tests {
         for (addr, n) in per_backend {
             assert!((1500..2500).contains(&n), "{addr} got {n} of {total}");
         }
+    }
+
+    /// Keys per backend out of `total`, placed by `x-user-id`.
+    fn shares(ch: &ConsistentHash, b: &[Backend], total: u32) -> Vec<u32> {
+        let mut n = vec![0; b.len()];
+        for u in 0..total {
+            let at = place(ch, b, &format!("user-{u}"));
+            n[b.iter().position(|x| x.state.addr == at).unwrap()] += 1;
+        }
+        n
+    }
+
+    /// Keys go in proportion to weight, as with nginx's `hash ... consistent` and HAProxy's
+    /// `hash-type consistent`; raising one backend's weight moves keys onto it only.
+    #[test]
+    fn weights_set_each_backends_share_of_keys() {
+        let key = HashKey::Header("x-user-id".into());
+        let b = backends(&[1, 1, 3]);
+        let ch = ConsistentHash::new(key.clone(), &b);
+        let n = shares(&ch, &b, 10_000);
+        assert!((1600..2400).contains(&n[0]), "{n:?}");
+        assert!((1600..2400).contains(&n[1]), "{n:?}");
+        assert!((5400..6600).contains(&n[2]), "{n:?}");
+
+        let heavier = backends(&[1, 4, 3]);
+        let after = ConsistentHash::new(key, &heavier);
+        let mut moved = 0;
+        for u in 0..10_000 {
+            let user = format!("user-{u}");
+            let (was, now) = (place(&ch, &b, &user), place(&after, &heavier, &user));
+            if was != now {
+                assert_eq!(
+                    now, heavier[1].state.addr,
+                    "{user} moved, not onto the heavier one"
+                );
+                moved += 1;
+            }
+        }
+        assert!((1500..3500).contains(&moved), "{moved} keys moved");
+    }
+
+    /// Past `MAX_POINTS`, every backend has fewer points, still in proportion to weight.
+    #[test]
+    fn heavy_weights_are_scaled_down_in_proportion() {
+        let weights: Vec<u32> = (0..40).map(|i| if i < 20 { 1000 } else { 250 }).collect();
+        let b = backends(&weights);
+        let ch = ConsistentHash::new(HashKey::Header("x-user-id".into()), &b);
+        assert!(ch.ring.len() as u64 <= MAX_POINTS, "{}", ch.ring.len());
+        let n = shares(&ch, &b, 20_000);
+        let (heavy, light): (u32, u32) = (n[..20].iter().sum(), n[20..].iter().sum());
+        assert!((15_000..17_000).contains(&heavy), "{heavy} against {light}");
     }
 
     /// An IPv4 client seen through a dual-stack socket (`::ffff:a.b.c.d`) is placed as the

@@ -139,6 +139,32 @@ async fn consistent_hash_keeps_each_user_on_one_backend() {
     );
 }
 
+/// Weights set each backend's share of keys under `consistent_hash` too, as nginx's
+/// `hash ... consistent` and HAProxy's `hash-type consistent` do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_shares_keys_by_weight() {
+    let b = Backend::start_all(&["a", "b"]).await;
+    let up = by_user().weighted(b[0].addr, 1).weighted(b[1].addr, 3);
+    let p = TestProxy::single(&up).await;
+    let mut conn = HttpConn::open(p.addr).await;
+    let mut on_b = 0;
+    for u in 0..400 {
+        let user = format!("user-{u}");
+        if conn
+            .get("/", &[("x-user-id", user.as_str())])
+            .await
+            .backend()
+            == "b"
+        {
+            on_b += 1;
+        }
+    }
+    assert!(
+        (250..350).contains(&on_b),
+        "{on_b} of 400 users on the backend of weight 3 (of 4)"
+    );
+}
+
 /// 200 users over four backends, then a proxy configured without the fourth: only the
 /// users that were on it move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
