@@ -110,6 +110,15 @@ impl BackendState {
         self.is_ejected_at(clock_ms())
     }
 
+    /// How much of the current passive ejection is left; `None` when not ejected.
+    pub fn ejection_left(&self) -> Option<Duration> {
+        let left = self
+            .ejected_until_ms
+            .load(Ordering::Relaxed)
+            .checked_sub(clock_ms())?;
+        (left > 0).then(|| Duration::from_millis(left))
+    }
+
     /// As [`is_available`](Self::is_available), at `now` on [`clock_ms`] (read once for a
     /// whole pick rather than once per backend).
     fn is_available_at(&self, now: u64) -> bool {

@@ -232,6 +232,7 @@ fn status(proxy: &Proxy) -> serde_json::Value {
                         "weight": b.weight,
                         "healthy": b.state.is_healthy(),
                         "ejected": b.state.is_ejected(),
+                        "ejected_seconds_left": b.state.ejection_left().map(|d| d.as_secs_f64()),
                         "available": b.state.is_available(),
                         "tunnels": tunnels,
                         "in_flight": b.state.load().saturating_sub(tunnels),
