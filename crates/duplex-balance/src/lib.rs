@@ -16,7 +16,7 @@ mod round_robin;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use duplex_config::{BalancerKind, HashKey, PanicMode, PassiveHealth};
@@ -68,6 +68,19 @@ pub struct BackendState {
     /// (done at each scrape, so that the request path pays one atomic add, and only on
     /// that failure).
     response_errors: AtomicU64,
+    /// What the last active check found, for status pages: HAProxy's stats show why a
+    /// server is down, not only that it is. Written once per check, read by `/status`.
+    last_check: Mutex<LastCheck>,
+}
+
+/// What the last active check of a backend found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LastCheck {
+    /// No check has ended since the checks began (or changed).
+    None,
+    Passed,
+    /// Failed, and why.
+    Failed(String),
 }
 
 /// Milliseconds since the first call: a monotonic clock that fits an atomic.
@@ -94,6 +107,7 @@ impl BackendState {
             check_fails: AtomicU32::new(0),
             probing: AtomicBool::new(false),
             response_errors: AtomicU64::new(0),
+            last_check: Mutex::new(LastCheck::None),
         })
     }
 
@@ -127,6 +141,21 @@ impl BackendState {
 
     fn is_ejected_at(&self, now: u64) -> bool {
         now < self.ejected_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Keeps what the last active check found.
+    pub fn note_check(&self, found: LastCheck) {
+        *self
+            .last_check
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = found;
+    }
+
+    pub fn last_check(&self) -> LastCheck {
+        self.last_check
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Counts one active check; returns the passes and failures in a row so far.
@@ -169,6 +198,7 @@ impl BackendState {
     pub fn reset_checks(&self) {
         self.check_passes.store(0, Ordering::Relaxed);
         self.check_fails.store(0, Ordering::Relaxed);
+        self.note_check(LastCheck::None);
     }
 
     /// Sets the active-check verdict; returns whether it changed.

@@ -5,11 +5,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
+use duplex_balance::LastCheck;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::error::ProxyError;
@@ -233,6 +234,11 @@ fn status(proxy: &Proxy) -> serde_json::Value {
                         "healthy": b.state.is_healthy(),
                         "ejected": b.state.is_ejected(),
                         "ejected_seconds_left": b.state.ejection_left().map(|d| d.as_secs_f64()),
+                        "last_check": match b.state.last_check() {
+                            LastCheck::None => Value::Null,
+                            LastCheck::Passed => json!("ok"),
+                            LastCheck::Failed(why) => json!(why),
+                        },
                         "available": b.state.is_available(),
                         "tunnels": tunnels,
                         "in_flight": b.state.load().saturating_sub(tunnels),

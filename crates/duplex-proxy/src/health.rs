@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use duplex_balance::BackendState;
+use duplex_balance::{BackendState, LastCheck};
 use duplex_config::HealthCheck;
 use tokio_util::sync::CancellationToken;
 
@@ -219,6 +219,10 @@ fn verdict(
         .with_label_values(&[&up.cfg.name, &backend, result])
         .inc();
     let (passes, fails) = state.record_check(ok);
+    state.note_check(match failed {
+        None => LastCheck::Passed,
+        Some(why) => LastCheck::Failed(why.to_string()),
+    });
     if ok {
         if !state.is_healthy() && passes >= hc.healthy_threshold && state.set_healthy(true) {
             tracing::info!(upstream = %up.cfg.name, %backend, "backend healthy again: taking new connections");

@@ -75,6 +75,9 @@ async fn http_check_takes_a_500_backend_out_and_brings_it_back() {
     b[1].set(Mode::Http500).await;
     until_healthy(&p, &b[1], false).await;
     assert_available(&p, &b[1], false).await;
+    // /status says why, as HAProxy's stats do.
+    let why = status_of(&p, b[1].addr).await.expect("b in /status")["last_check"].clone();
+    assert_eq!(why, "status 500 Internal Server Error (expected 200)");
     assert_eq!(land(&p, 6).await.get("b"), None);
     let mut conn = HttpConn::open(p.addr).await;
     for _ in 0..4 {
@@ -85,6 +88,8 @@ async fn http_check_takes_a_500_backend_out_and_brings_it_back() {
     b[1].set(Mode::Up).await;
     until_healthy(&p, &b[1], true).await;
     assert_available(&p, &b[1], true).await;
+    let last = status_of(&p, b[1].addr).await.expect("b in /status")["last_check"].clone();
+    assert_eq!(last, "ok");
     assert_eq!(land(&p, 4).await.get("b"), Some(&2));
     p.shutdown().await;
 }
