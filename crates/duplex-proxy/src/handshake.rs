@@ -7,7 +7,8 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use sha1::{Digest, Sha1};
 
 use crate::headers::{
-    connection_named_in, is_hop_by_hop, list_has, proto, target_host, XFF, XFH, XFP, XRI,
+    connection_named_in, is_hop_by_hop, list_has, proto, spoofs_ours, target_host, XFF, XFH, XFP,
+    XRI,
 };
 use crate::responses::{self, Body};
 
@@ -59,9 +60,13 @@ pub fn check_client<B>(req: &Request<B>) -> Result<HeaderValue, BadHandshake> {
     let h = req.headers();
     // An upgrade request has no body; one that claims a body would leave the backend
     // waiting for bytes that never come.
-    let empty = h
-        .get(header::CONTENT_LENGTH)
-        .is_none_or(|v| v.as_bytes() == b"0");
+    // Any spelling of zero the HTTP library let through (`00`, `0, 0`) is no body.
+    let empty = h.get_all(header::CONTENT_LENGTH).iter().all(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .all(|n| n.trim().parse::<u64>().is_ok_and(|n| n == 0))
+        })
+    });
     if !empty || h.contains_key(header::TRANSFER_ENCODING) {
         return Err(BadHandshake::Body);
     }
@@ -122,7 +127,8 @@ pub fn backend_request_head<B>(client: &Request<B>, peer: &HeaderValue, https: b
     // Written above or below, or (`Content-Length`) meaningless on an upgrade.
     let replaced = [header::HOST, header::CONTENT_LENGTH, XFF, XFP, XFH, XRI];
     for (name, value) in headers {
-        if !replaced.contains(name) && !is_hop_by_hop(name.as_str().as_bytes(), &named) {
+        let bytes = name.as_str().as_bytes();
+        if !replaced.contains(name) && !is_hop_by_hop(bytes, &named) && !spoofs_ours(bytes) {
             line(name.as_str().as_bytes(), &[value.as_bytes()]);
         }
     }
@@ -235,6 +241,16 @@ mod tests {
             .headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         assert!(check_client(&with_body).is_ok());
+        for zero in ["00", "0, 0"] {
+            with_body
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static(zero));
+            assert!(check_client(&with_body).is_ok(), "{zero}");
+        }
+        with_body
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0, 1"));
+        assert_eq!(check_client(&with_body).unwrap_err(), BadHandshake::Body);
     }
 
     #[test]

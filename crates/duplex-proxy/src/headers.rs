@@ -146,9 +146,50 @@ pub fn forwarded_so_far(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
         .filter(|v| !v.is_empty())
 }
 
+/// Whether `name` (lower case, as `http` keeps names) is a header duplex sets itself
+/// spelled with underscores (`x_real_ip`). CGI and WSGI servers read `_` and `-` alike,
+/// so a client could hand a backend an address of its own under that name. nginx drops
+/// every name with `_` (`underscores_in_headers off`); duplex drops only these.
+pub fn spoofs_ours(name: &[u8]) -> bool {
+    name.contains(&b'_')
+        && [XFF, XFP, XFH, XRI].iter().any(|ours| {
+            let ours = ours.as_str().as_bytes();
+            ours.len() == name.len()
+                && ours
+                    .iter()
+                    .zip(name)
+                    .all(|(&o, &n)| o == n || (o == b'-' && n == b'_'))
+        })
+}
+
+/// Removes the request headers [`spoofs_ours`] finds.
+fn drop_spoofs(headers: &mut HeaderMap) {
+    let spoofs: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| spoofs_ours(n.as_str().as_bytes()))
+        .cloned()
+        .collect();
+    for name in spoofs {
+        headers.remove(name);
+    }
+}
+
+/// Removes from a request's trailers what must not come that way (RFC 9110 section
+/// 6.5.1): the headers duplex sets (a backend that merges trailers into the headers would
+/// read the client's), framing, routing and hop-by-hop fields. nginx drops request
+/// trailers altogether.
+pub fn clean_trailers(trailers: &mut HeaderMap) {
+    drop_spoofs(trailers);
+    let never = [XFF, XFP, XFH, XRI, header::HOST, header::CONTENT_LENGTH];
+    for name in never.iter().chain(HOP_BY_HOP.iter()) {
+        trailers.remove(name);
+    }
+}
+
 /// Appends the client (as [`forwarded_for`] renders it) to `X-Forwarded-For`, sets
 /// `X-Real-IP` to it, and sets `X-Forwarded-Proto` and `-Host`.
 pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, https: bool) {
+    drop_spoofs(headers);
     if headers.contains_key(&XFF) {
         let mut all: Vec<&[u8]> = forwarded_so_far(headers).collect();
         all.push(client.as_bytes());
@@ -224,6 +265,49 @@ pub fn request_host(headers: &HeaderMap, uri: &http::Uri) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn underscored_spellings_of_our_headers_are_found() {
+        for ours in [
+            "x_real_ip",
+            "x_forwarded_for",
+            "x-forwarded_proto",
+            "x_forwarded_host",
+        ] {
+            assert!(spoofs_ours(ours.as_bytes()), "{ours}");
+        }
+        for other in [
+            "x-real-ip",
+            "x_real_ips",
+            "x_kept",
+            "x_forwarded",
+            "real_ip",
+        ] {
+            assert!(!spoofs_ours(other.as_bytes()), "{other}");
+        }
+    }
+
+    #[test]
+    fn trailers_lose_what_must_not_come_that_way() {
+        let mut t = HeaderMap::new();
+        for name in [
+            "x-real-ip",
+            "x_real_ip",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "host",
+            "content-length",
+            "connection",
+            "transfer-encoding",
+            "x-checksum",
+        ] {
+            t.insert(HeaderName::from_static(name), HeaderValue::from_static("1"));
+        }
+        clean_trailers(&mut t);
+        let left: Vec<&str> = t.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-checksum"]);
+    }
 
     #[test]
     fn only_a_lone_chunked_is_a_known_transfer_coding() {

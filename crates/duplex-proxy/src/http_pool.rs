@@ -82,6 +82,11 @@ pub struct Lease {
     /// Taken from the pool rather than opened for this request: the backend may have
     /// closed it meanwhile.
     reused: bool,
+    /// Whether the connection may serve another request once this one is over: not after
+    /// an answer in HTTP/1.0, keep-alive or not. hyper's client would send the next
+    /// request in the backend's version, and an HTTP/1.0 request has no chunked framing:
+    /// a streamed body would be dropped. nginx does not reuse those connections either.
+    keep: bool,
     /// The request body's progress, while one is being sent.
     uploaded: Option<Arc<Uploaded>>,
     /// How long the connection may go without getting ready for the next request, and
@@ -168,6 +173,7 @@ impl HttpPool {
                     addr,
                     conn: Some(c.conn),
                     reused: true,
+                    keep: true,
                     uploaded: None,
                     wait: DEFAULT_WAIT,
                 });
@@ -194,6 +200,7 @@ impl HttpPool {
             addr,
             conn: Some(Conn { sender, task }),
             reused: false,
+            keep: true,
             uploaded: None,
             wait: DEFAULT_WAIT,
         })
@@ -272,11 +279,15 @@ impl Lease {
         &mut self,
         req: Request<ClientBody>,
     ) -> Result<Response<Incoming>, TrySendError<Request<ClientBody>>> {
-        match self.conn.as_mut() {
+        let sent = match self.conn.as_mut() {
             Some(c) => c.sender.try_send_request(req).await,
             // Never: the connection leaves only when the lease is dropped.
             None => unreachable!("a lease holds its connection until dropped"),
+        };
+        if let Ok(resp) = &sent {
+            self.keep = resp.version() == http::Version::HTTP_11;
         }
+        sent
     }
 
     pub fn reused(&self) -> bool {
@@ -296,6 +307,10 @@ impl Drop for Lease {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
+        if !self.keep {
+            // Dropping the sender ends the connection once its exchange is over.
+            return;
+        }
         if conn.sender.is_ready() {
             self.pool.keep(self.addr, conn);
         } else if !conn.sender.is_closed() {

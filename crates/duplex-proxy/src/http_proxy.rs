@@ -78,6 +78,12 @@ impl HttpBody for ClientBody {
             |e| ProxyError::Client(e).into(),
             |idle| ProxyError::ClientBodyStalled { idle },
         );
+        let frame = frame.map_ok(|mut f| {
+            if let Some(t) = f.trailers_mut() {
+                crate::headers::clean_trailers(t);
+            }
+            f
+        });
         if let Some(u) = &this.uploaded {
             match &frame {
                 Poll::Ready(Some(Ok(_))) => u.mark(),

@@ -451,7 +451,7 @@ async fn forwards_x_forwarded_and_drops_hop_by_hop_headers() {
         "GET /chat?room=1 HTTP/1.1\r\nHost: chat.example.test:8443\r\n\
          Connection: Upgrade, X-Drop\r\nUpgrade: websocket\r\nX-Drop: 1\r\n\
          Keep-Alive: timeout=5\r\nX-Kept: yes\r\nX-Forwarded-For: 203.0.113.7\r\n\
-         X-Real-IP: 203.0.113.7\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\r\n"
+         X-Real-IP: 203.0.113.7\r\nX_Real_IP: 203.0.113.7\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\r\n"
     );
     let mut s = tcp(p.addr).await;
     within("write the upgrade", s.write_all(req.as_bytes()))
@@ -468,6 +468,7 @@ async fn forwards_x_forwarded_and_drops_hop_by_hop_headers() {
     assert_eq!(one("host"), vec!["chat.example.test:8443"], "{seen:?}");
     assert_eq!(one("x-forwarded-for"), vec!["203.0.113.7, 127.0.0.1"]);
     assert_eq!(one("x-real-ip"), vec!["127.0.0.1"], "replaced");
+    assert!(one("x_real_ip").is_empty(), "a spelling of ours: {seen:?}");
     assert_eq!(one("x-forwarded-proto"), vec!["http"]);
     assert_eq!(one("x-forwarded-host"), vec!["chat.example.test:8443"]);
     assert_eq!(one("x-kept"), vec!["yes"]);

@@ -135,6 +135,10 @@ async fn adds_x_forwarded_headers_and_drops_hop_by_hop_ones() {
         &[
             ("x-forwarded-for", "198.51.100.9"),
             ("x-real-ip", "198.51.100.9"),
+            // CGI and WSGI read these as X-Real-IP and X-Forwarded-Proto.
+            ("x_real_ip", "198.51.100.9"),
+            ("x_forwarded_proto", "https"),
+            ("x_kept", "yes"),
             ("connection", "x-drop"),
             ("x-drop", "1"),
             ("x-kept", "yes"),
@@ -156,6 +160,13 @@ async fn adds_x_forwarded_headers_and_drops_hop_by_hop_ones() {
     assert_eq!(seen[0].header("x-forwarded-host"), Some(host.as_str()));
     assert_eq!(seen[0].header("host"), Some(host.as_str()), "Host is kept");
     assert_eq!(seen[0].header("x-kept"), Some("yes"));
+    assert_eq!(seen[0].header("x_real_ip"), None, "a spelling of ours");
+    assert_eq!(
+        seen[0].header("x_forwarded_proto"),
+        None,
+        "a spelling of ours"
+    );
+    assert_eq!(seen[0].header("x_kept"), Some("yes"), "not ours: kept");
     assert_eq!(seen[0].header("x-drop"), None, "named in Connection");
     assert_eq!(seen[1].header("x-forwarded-for"), Some("127.0.0.1"));
 }
@@ -601,6 +612,104 @@ async fn an_absolute_form_target_decides_the_host() {
         assert_eq!(s.header("host"), Some("abs.test"), "{} {}", s.method, s.uri);
     }
     assert!(other.requests().is_empty());
+}
+
+/// Request trailers reach the backend, but not as headers duplex sets itself: a backend
+/// that merges trailers into the headers would read the client's X-Real-IP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_trailers_cannot_carry_the_headers_duplex_sets() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let b = RawBackend::start(move |mut tcp| {
+        let tx = tx.clone();
+        async move {
+            let (_, mut rest) = read_head(&mut tcp).await?;
+            let mut buf = [0u8; 4096];
+            // The chunked body, its trailer section included.
+            while !(rest.ends_with(b"\r\n\r\n") && rest.windows(3).any(|w| w == b"0\r\n")) {
+                match tcp.read(&mut buf).await? {
+                    0 => break,
+                    n => rest.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = tx.send(String::from_utf8_lossy(&rest).to_lowercase());
+            tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+        }
+    })
+    .await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let r = raw_exchange(
+        p.addr,
+        b"POST /t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+          Trailer: X-Checksum, X-Real-IP, X-Forwarded-For\r\n\r\n\
+          5\r\nhello\r\n0\r\nX-Checksum: abc\r\nX-Real-IP: 6.6.6.6\r\n\
+          X-Forwarded-For: 6.6.6.6\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.head.status(), 200, "{:?}", r.head);
+    let body = within("the body at the backend", rx.recv())
+        .await
+        .expect("seen");
+    assert!(
+        body.contains("hello") && body.contains("x-checksum: abc"),
+        "{body:?}"
+    );
+    assert!(!body.contains("6.6.6.6"), "{body:?}");
+}
+
+/// A backend that answers in HTTP/1.0, even with `Connection: keep-alive`, has its
+/// connection used once: hyper's client would send the next request in HTTP/1.0, where a
+/// streamed (chunked) body cannot go, and the body was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_answered_in_http_1_0_is_not_reused() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let b = RawBackend::start(move |mut tcp| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = [0u8; 4096];
+            // Every request on the connection: its first line and the body bytes after
+            // its head (up to the last chunk, when chunked).
+            while let Ok((head, mut rest)) = read_head(&mut tcp).await {
+                let chunked = head
+                    .get("transfer-encoding")
+                    .is_some_and(|v| v.contains("chunked"));
+                while chunked && !rest.windows(5).any(|w| w == b"0\r\n\r\n") {
+                    match tcp.read(&mut buf).await? {
+                        0 => break,
+                        n => rest.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tx.send((head.first_line, String::from_utf8_lossy(&rest).into_owned()));
+                tcp.write_all(
+                    b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
+                )
+                .await?;
+            }
+            Ok(())
+        }
+    })
+    .await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let mut c = HttpConn::open(p.addr).await;
+    assert_eq!(c.get("/one", &[]).await.text(), "ok");
+    let (first, _) = within("the first request", rx.recv()).await.expect("seen");
+    assert_eq!(first, "GET /one HTTP/1.1");
+
+    let body = StreamBody::new(stream::iter(
+        ["hello ", "world"].map(|s| Ok::<_, Infallible>(Frame::data(Bytes::from(s)))),
+    ))
+    .boxed();
+    let r = c
+        .send(request(Method::POST, p.addr, "/upload", &[], body))
+        .await;
+    assert_eq!(r.text(), "ok");
+    let (line, body) = within("the upload", rx.recv()).await.expect("seen");
+    assert_eq!(line, "POST /upload HTTP/1.1");
+    assert!(
+        body.contains("hello ") && body.contains("world"),
+        "{body:?}"
+    );
+    assert_eq!(b.accepted(), 2, "a new connection for the upload");
 }
 
 /// A backend that answers the first request on each connection and closes the
