@@ -226,10 +226,7 @@ async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: Arc<Shared>) ->
     }
     if other_transfer_coding(req.headers()) {
         table.no_route.http(501).inc();
-        return responses::text(
-            StatusCode::NOT_IMPLEMENTED,
-            "duplex: of the transfer codings, only chunked is supported\n".into(),
-        );
+        return responses::unknown_transfer_coding();
     }
     let host = request_host(req.headers(), req.uri());
     let Some((i, route)) = router::find(

@@ -231,7 +231,17 @@ pub fn relay(
             parts.headers.insert(http::header::CONTENT_LENGTH, n.into());
         }
     }
+    // RFC 9110 section 15.5.22: a 426 says in `Upgrade` which protocols would do, for the
+    // client to act on; that header is not this hop's alone.
+    let upgrade_to = (parts.status == http::StatusCode::UPGRADE_REQUIRED)
+        .then(|| parts.headers.get(http::header::UPGRADE).cloned())
+        .flatten();
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(protocols) = upgrade_to {
+        parts.headers.insert(http::header::UPGRADE, protocols);
+        let option = http::HeaderValue::from_static("upgrade");
+        parts.headers.insert(http::header::CONNECTION, option);
+    }
     // RFC 9110 section 6.2: a proxy sends its own version, whatever the backend's was.
     parts.version = Version::HTTP_11;
     Ok(Response::from_parts(

@@ -83,6 +83,15 @@ pub fn body_broken() -> Response<Body> {
     ))
 }
 
+/// A request in a transfer coding duplex cannot frame: its body is never read, so the
+/// connection ends after the answer.
+pub fn unknown_transfer_coding() -> Response<Body> {
+    closing(text(
+        StatusCode::NOT_IMPLEMENTED,
+        "duplex: of the transfer codings, only chunked is supported\n".into(),
+    ))
+}
+
 /// `r` with `Connection: close`: the connection ends after it (the rest of the request's
 /// body will never be read), which a client must hear before it sends another request.
 fn closing(mut r: Response<Body>) -> Response<Body> {

@@ -22,6 +22,10 @@ pub enum BadTarget {
     /// (`*`, OPTIONS' alone) on another method (RFC 9112 sections 3.2.3 and 3.2.4): the
     /// authority would stand in for `Host`, unchecked by whatever checked `Host`.
     TargetForm,
+    /// An absolute URL that is not `http` or `https`, or that carries a user name (RFC 9110
+    /// section 4.2.4: `http://user@host` is to be refused): what a backend or a log makes
+    /// of either is anyone's guess.
+    AbsoluteUrl,
 }
 
 impl BadTarget {
@@ -33,6 +37,9 @@ impl BadTarget {
                 "the Host header must be a host name or address and an optional port"
             }
             BadTarget::DotSegment => "the path must not have . or .. segments",
+            BadTarget::AbsoluteUrl => {
+                "an absolute URL in the request target must be http or https, with no user name"
+            }
             BadTarget::TargetForm => {
                 "the request target must be a path or an absolute URL (host:port is for \
                  CONNECT, * for OPTIONS)"
@@ -49,6 +56,12 @@ pub fn check<B>(req: &Request<B>) -> Result<(), BadTarget> {
         || (uri.path() == "*" && method != Method::OPTIONS)
     {
         return Err(BadTarget::TargetForm);
+    }
+    if let Some(scheme) = uri.scheme_str() {
+        let web = scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https");
+        if !web || uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(BadTarget::AbsoluteUrl);
+        }
     }
     let h = req.headers();
     if has_several_hosts(h) {
@@ -72,7 +85,8 @@ pub fn check<B>(req: &Request<B>) -> Result<(), BadTarget> {
 /// `uri-host [":" port]` (RFC 3986 section 3.2.2): a name of unreserved characters and
 /// sub-delimiters, or an IP literal in brackets (with an optional `%25` zone, RFC 6874),
 /// then an optional port. Percent-escapes in a name are refused: no client sends them,
-/// and a backend might decode them into another name.
+/// and a backend might decode them into another name. So is an empty name (RFC 9110
+/// section 4.2.1: an http URI with an empty host is invalid).
 fn valid_host(v: &[u8]) -> bool {
     let (host, port) = if let Some(rest) = v.strip_prefix(b"[") {
         let Some(end) = rest.iter().position(|&b| b == b']') else {
@@ -98,10 +112,14 @@ fn valid_host(v: &[u8]) -> bool {
             _ => return false,
         }
     } else {
-        match v.iter().position(|&b| b == b':') {
+        let (name, port) = match v.iter().position(|&b| b == b':') {
             Some(i) => (&v[..i], &v[i + 1..]),
             None => (v, &[][..]),
+        };
+        if name.is_empty() {
+            return false;
         }
+        (name, port)
     };
     let name_ok = host
         .iter()
@@ -176,6 +194,26 @@ mod tests {
     }
 
     #[test]
+    fn absolute_urls_are_http_or_https_without_a_user() {
+        let mut req = Request::get("/").body(()).expect("a request");
+        for (url, ok) in [
+            ("http://a.test/x", true),
+            ("HTTPS://a.test/x", true),
+            ("ftp://a.test/x", false),
+            ("http://user:pw@a.test/x", false),
+            ("http://@a.test/x", false),
+        ] {
+            *req.uri_mut() = url.parse().expect("a URI");
+            let want = if ok {
+                Ok(())
+            } else {
+                Err(BadTarget::AbsoluteUrl)
+            };
+            assert_eq!(check(&req), want, "{url}");
+        }
+    }
+
+    #[test]
     fn hosts() {
         for ok in [
             &b"a.test"[..],
@@ -188,7 +226,6 @@ mod tests {
             b"[fe80::1%25eth0]:80",
             b"a.test:65535",
             b"a.test:",
-            b"",
         ] {
             assert!(valid_host(ok), "{:?}", String::from_utf8_lossy(ok));
         }
@@ -210,6 +247,8 @@ mod tests {
             b"[fe80::1%eth0]",
             b"[fe80::1%25eth 0]",
             b"a\\b",
+            b"",
+            b":80",
         ] {
             assert!(!valid_host(bad), "{:?}", String::from_utf8_lossy(bad));
         }

@@ -60,6 +60,8 @@ async fn a_request_with_another_transfer_coding_gets_501() {
     )
     .await;
     assert!(r.head.first_line.contains(" 501 "), "{}", r.head.first_line);
+    // Its body is never read: the client hears that the connection ends.
+    assert_eq!(r.head.get("connection"), Some("close"), "{:?}", r.head);
     assert!(
         b.requests().is_empty(),
         "the backend saw {:?}",

@@ -614,6 +614,25 @@ async fn an_absolute_form_target_decides_the_host() {
     assert!(other.requests().is_empty());
 }
 
+/// A backend's 426 keeps its `Upgrade` header (RFC 9110 section 15.5.22: it names the
+/// protocols the client should switch to), though `Upgrade` is otherwise hop-by-hop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_426_keeps_the_protocols_it_asks_for() {
+    let b = RawBackend::start(|mut tcp| async move {
+        read_head(&mut tcp).await?;
+        tcp.write_all(
+            b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: TLS/1.3\r\nConnection: Upgrade\r\n\
+              Content-Length: 0\r\n\r\n",
+        )
+        .await
+    })
+    .await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let r = raw_exchange(p.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(r.head.status(), 426, "{:?}", r.head);
+    assert_eq!(r.head.get("upgrade"), Some("TLS/1.3"), "{:?}", r.head);
+}
+
 /// Request trailers reach the backend, but not as headers duplex sets itself: a backend
 /// that merges trailers into the headers would read the client's X-Real-IP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
