@@ -12,7 +12,8 @@ pub struct Diff {
     pub routes: Changes,
     pub upstreams: Changes,
     pub backends: Changes,
-    /// Top-level settings that changed: `admin`, `shutdown_timeout`, `max_connections`.
+    /// Top-level settings that changed: `admin`, `shutdown_timeout`, `max_connections`,
+    /// `reuse_port`.
     pub settings: Vec<String>,
 }
 
@@ -112,6 +113,7 @@ impl Diff {
                     "max_connections",
                     old.max_connections != new.max_connections,
                 ),
+                ("reuse_port", old.reuse_port != new.reuse_port),
             ]
             .iter()
             .filter(|(_, changed)| *changed)
@@ -191,6 +193,7 @@ upstreams:
         let cases: &[(&str, &str, &str)] = &[
             ("", "", "no changes"),
             ("routes:", "shutdown_timeout: 5s\nroutes:", "settings ~shutdown_timeout"),
+            ("routes:", "reuse_port: true\nroutes:", "settings ~reuse_port"),
             ("- {addr: '127.0.0.1:9002'}", "- {addr: '127.0.0.1:9002'}\n      - {addr: '127.0.0.1:9003'}", "backends +chat/127.0.0.1:9003"),
             ("      - {addr: '127.0.0.1:9002'}\n", "", "backends -chat/127.0.0.1:9002"),
             ("- {addr: '127.0.0.1:9002'}", "- {addr: '127.0.0.1:9002', weight: 5}", "backends ~chat/127.0.0.1:9002"),

@@ -76,6 +76,10 @@ pub struct Config {
     /// tunnels they became). At the cap duplex stops accepting, and new connections wait
     /// in the kernel's backlog. `None`: derived from the open-file limit at run time.
     pub max_connections: Option<usize>,
+    /// Bind every listening socket (the admin one too) with `SO_REUSEPORT`, so that a
+    /// second duplex (a new binary) can bind the same ports while this one still runs,
+    /// and take over without a moment when nothing accepts.
+    pub reuse_port: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

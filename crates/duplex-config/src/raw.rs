@@ -24,6 +24,8 @@ pub(crate) struct RawConfig {
     pub shutdown_timeout: Option<String>,
     #[serde(default, deserialize_with = "present")]
     pub max_connections: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    pub reuse_port: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

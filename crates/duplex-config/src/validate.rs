@@ -439,6 +439,7 @@ pub(crate) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Violation>
             .max_connections
             .map(|n| connection_cap(vec![Key("max_connections")], n))
             .transpose()?,
+        reuse_port: raw.reuse_port.unwrap_or(false),
     })
 }
 

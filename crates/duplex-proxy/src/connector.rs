@@ -138,7 +138,7 @@ mod tests {
     /// carries TCP_NODELAY and the keepalive settings without a call of its own.
     #[tokio::test]
     async fn accepted_sockets_carry_the_listeners_options() {
-        let listener = crate::server::bind("test", "127.0.0.1:0".parse().expect("addr"))
+        let listener = crate::server::bind("test", "127.0.0.1:0".parse().expect("addr"), false)
             .expect("bind a listener");
         let addr = listener.local_addr().expect("local addr");
         let _client = TcpStream::connect(addr).await.expect("connect");

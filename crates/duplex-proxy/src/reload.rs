@@ -361,7 +361,7 @@ impl Proxy {
                 .collect();
             // A listener that keeps its name on a new address keeps its count: its
             // connections on the old socket still hold places under its cap.
-            let carried = bind_all(fresh).map(|mut bound| {
+            let carried = bind_all(fresh, config.reuse_port).map(|mut bound| {
                 for b in &mut bound {
                     if let Some(h) = handles.iter().find(|h| h.name == b.name) {
                         b.open = Arc::clone(&h.open);

@@ -103,9 +103,14 @@ pub(crate) struct ListenerHandle {
     pub stop: CancellationToken,
 }
 
-/// Binds a listening socket with address reuse, a deep backlog, and the options its
-/// accepted sockets inherit (see [`crate::connector::tune_listener`]).
-pub(crate) fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+/// Binds a listening socket with address reuse (and port reuse, when `reuse_port`), a deep
+/// backlog, and the options its accepted sockets inherit (see
+/// [`crate::connector::tune_listener`]).
+pub(crate) fn bind(
+    name: &str,
+    addr: SocketAddr,
+    reuse_port: bool,
+) -> Result<TcpListener, ProxyError> {
     let err = |source| ProxyError::Bind {
         listener: name.to_owned(),
         addr,
@@ -118,6 +123,9 @@ pub(crate) fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, ProxyErr
     }
     .map_err(err)?;
     sock.set_reuseaddr(true).map_err(err)?;
+    if reuse_port {
+        set_reuse_port(&sock).map_err(err)?;
+    }
     // `[::]` takes IPv4 clients too, on every host, not only where the kernel's
     // `net.ipv6.bindv6only` is 0: `duplex check` counts on it to find overlapping binds.
     if let IpAddr::V6(ip) = addr.ip() {
@@ -133,6 +141,26 @@ pub(crate) fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, ProxyErr
     }
     sock.bind(addr).map_err(err)?;
     sock.listen(LISTEN_BACKLOG).map_err(err)
+}
+
+/// `SO_REUSEPORT`, where the platform has it; elsewhere an error that names the setting.
+#[cfg(all(
+    unix,
+    not(any(target_os = "solaris", target_os = "illumos", target_os = "cygwin"))
+))]
+fn set_reuse_port(sock: &TcpSocket) -> std::io::Result<()> {
+    sock.set_reuseport(true)
+}
+
+#[cfg(not(all(
+    unix,
+    not(any(target_os = "solaris", target_os = "illumos", target_os = "cygwin"))
+)))]
+fn set_reuse_port(_: &TcpSocket) -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "reuse_port: SO_REUSEPORT is not available on this platform",
+    ))
 }
 
 /// Logs what [`duplex_config::advice`] says of a configuration put in force.
@@ -152,6 +180,7 @@ pub(crate) struct Bound {
 
 pub(crate) fn bind_all<'a>(
     listeners: impl IntoIterator<Item = &'a Listener>,
+    reuse_port: bool,
 ) -> Result<Vec<Bound>, ProxyError> {
     listeners
         .into_iter()
@@ -159,7 +188,7 @@ pub(crate) fn bind_all<'a>(
             Ok(Bound {
                 name: l.name.clone(),
                 bind: l.bind,
-                listener: Arc::new(bind(&l.name, l.bind)?),
+                listener: Arc::new(bind(&l.name, l.bind, reuse_port)?),
                 open: Arc::default(),
             })
         })
@@ -191,15 +220,16 @@ impl Proxy {
         // Certificates first: an operator fixing a refused start sees every config
         // error before a port clash.
         let tls = crate::state::TlsSettings::read(&config)?;
-        let bound = bind_all(&config.listeners)?;
+        let bound = bind_all(&config.listeners, config.reuse_port)?;
         let admin_bind = |source| ProxyError::AdminBind {
             addr: config.admin.bind,
             source,
         };
-        let admin_listener = bind("admin", config.admin.bind).map_err(|e| match e {
-            ProxyError::Bind { source, .. } => admin_bind(source),
-            other => other,
-        })?;
+        let admin_listener =
+            bind("admin", config.admin.bind, config.reuse_port).map_err(|e| match e {
+                ProxyError::Bind { source, .. } => admin_bind(source),
+                other => other,
+            })?;
         let admin = admin_listener.local_addr().map_err(admin_bind)?;
         let admin_bind = config.admin.bind;
         metrics.config_generation.set(1);

@@ -460,6 +460,28 @@ fn block<F: std::future::Future>(rt: &tokio::runtime::Runtime, what: &str, fut: 
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
+/// A runtime for the backends and clients of a test that runs the binary.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime for the backend and the clients")
+}
+
+/// A WebSocket through duplex at `addr`.
+fn upgrade(rt: &tokio::runtime::Runtime, addr: std::net::SocketAddr) -> Ws {
+    block(rt, "a WebSocket through duplex", async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect to duplex");
+        tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp)
+            .await
+            .expect("the upgrade through duplex")
+            .0
+    })
+}
+
 /// Sends `text` on `ws` and asserts it comes back.
 fn echo(rt: &tokio::runtime::Runtime, ws: &mut Ws, text: &str) {
     use futures_util::{SinkExt, StreamExt};
@@ -480,11 +502,7 @@ fn echo(rt: &tokio::runtime::Runtime, ws: &mut Ws, text: &str) {
 #[test]
 fn run_drains_and_exits_0_on_sigterm() {
     const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("a runtime for the backend and the client");
+    let rt = runtime();
     let backend = echo_backend(&rt);
     let path = temp_file(
         "run.yaml",
@@ -507,14 +525,7 @@ fn run_drains_and_exits_0_on_sigterm() {
         .expect("the listener's address");
 
     // A tunnel through duplex to the backend, in use.
-    let (mut ws, _) = block(&rt, "a WebSocket through duplex", async {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .expect("connect to duplex");
-        tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp)
-            .await
-            .expect("the upgrade through duplex")
-    });
+    let mut ws = upgrade(&rt, addr);
     echo(&rt, &mut ws, "before");
 
     child.signal("-TERM");
@@ -567,6 +578,54 @@ fn run_drains_and_exits_0_on_sigterm() {
         "duplex exited {:?} after the tunnel closed",
         closed.elapsed()
     );
+}
+
+/// With `reuse_port`, a second duplex (a new binary, say) binds the ports of one still
+/// running; once the first gets SIGTERM the second takes every new connection, with no
+/// moment when nothing accepts, while the first drains its open tunnel.
+#[test]
+fn with_reuse_port_a_second_duplex_takes_over_without_a_gap() {
+    let rt = runtime();
+    let backend = echo_backend(&rt);
+    let config = |listener: &str, admin: &str| {
+        format!(
+            "listeners:\n  - name: public\n    bind: {listener}\nadmin:\n  bind: {admin}\n\
+             reuse_port: true\nshutdown_timeout: 30s\nroutes:\n  - name: r\n    upstream: u\n\
+             upstreams:\n  - name: u\n    backends:\n      - addr: {backend}\n"
+        )
+    };
+    let first = temp_file("first.yaml", &config("127.0.0.1:0", "127.0.0.1:0"));
+    let (mut old, old_log) = run_json(&first, &[]);
+    let addr: std::net::SocketAddr =
+        between(&old_log.wait_for("\"listening\""), "\"addr\":\"", '"')
+            .parse()
+            .expect("the listener's address");
+    let admin = between(&old_log.wait_for("admin listening"), "\"addr\":\"", '"');
+    let mut tunnel = upgrade(&rt, addr);
+    echo(&rt, &mut tunnel, "through the first");
+
+    // The second binds the same ports, the admin one included, while the first runs.
+    let second = temp_file("second.yaml", &config(&addr.to_string(), &admin));
+    let (mut new, new_log) = run_json(&second, &[]);
+    new_log.wait_for("\"listening\"");
+
+    old.signal("-TERM");
+    old_log.wait_for("stopped accepting");
+    // Every new connection now goes to the second, and none is refused.
+    for i in 0..20 {
+        let mut ws = upgrade(&rt, addr);
+        echo(&rt, &mut ws, &format!("new connection {i}"));
+    }
+    // The first still drains its tunnel.
+    echo(&rt, &mut tunnel, "through the first, draining");
+    assert!(
+        old.0.try_wait().expect("wait").is_none(),
+        "the first duplex exited with a tunnel open"
+    );
+    drop(tunnel);
+    old.exits_0_within_10s("the first duplex, once its tunnel closed");
+    new.signal("-TERM");
+    new.exits_0_within_10s("the second duplex");
 }
 
 /// SIGTERM ends the process even while a reload is stuck reading a file (a FIFO nobody
