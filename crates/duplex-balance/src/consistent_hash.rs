@@ -4,7 +4,11 @@
 //! the same backends builds the same ring and sends a key to the same backend. Removing one
 //! of N backends moves only the keys that were on it (about 1/N); changing one backend's
 //! weight moves keys only onto it or off it, since its points are a prefix of one fixed
-//! sequence. A connection without a key falls back to least_conn.
+//! sequence. Both hold while the ring is under [`MAX_POINTS`]; past it, every backend's
+//! points are scaled by the total, and any change moves some keys between the others too.
+//! A connection without a key falls back to least_conn.
+
+use std::io::Write;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,10 +22,11 @@ use crate::{Backend, Balancer, Context};
 /// Points per unit of weight: enough that each backend's share of the ring is within a
 /// few percent of its weight's share.
 const VNODES: u64 = 160;
-/// The most points a ring holds (16 bytes each, so 2 MiB), and so the longest walk past
-/// backends out of service. Weights summing past `MAX_POINTS / VNODES` (819) get fewer
-/// points per unit, in the same proportions.
-const MAX_POINTS: u64 = 1 << 17;
+/// The most points a ring holds (12 bytes each, so 12 MiB), which bounds its memory and
+/// the time to build it. Weights summing past `MAX_POINTS / VNODES` (6,553) get fewer
+/// points per unit, in the same proportions. nginx's ring has 160 points per unit of
+/// weight too, with no bound.
+const MAX_POINTS: u64 = 1 << 20;
 
 /// How many points each backend gets: `VNODES` per unit of weight, scaled down in
 /// proportion (at least one each) when the ring would pass `MAX_POINTS`.
@@ -39,27 +44,32 @@ fn points(backends: &[Backend]) -> impl Iterator<Item = u64> + '_ {
 
 pub struct ConsistentHash {
     key: HashKey,
-    /// Sorted by hash: (point, backend index).
-    ring: Vec<(u64, u32)>,
+    /// The ring's points, sorted.
+    ring: Vec<u64>,
+    /// The backend index of each point of `ring` (kept apart: a pair would take 16 bytes).
+    owners: Vec<u32>,
     /// Rotation for the least_conn fallback.
     offset: AtomicUsize,
 }
 
 impl ConsistentHash {
     pub fn new(key: HashKey, backends: &[Backend]) -> ConsistentHash {
-        let mut ring = Vec::with_capacity(points(backends).sum::<u64>() as usize);
+        let mut pairs = Vec::with_capacity(points(backends).sum::<u64>() as usize);
+        let mut name = Vec::new();
         for (i, (b, n)) in backends.iter().zip(points(backends)).enumerate() {
             for v in 0..n {
-                ring.push((
-                    stable_hash(format!("{}#{v}", b.state.addr).as_bytes()),
-                    i as u32,
-                ));
+                // Point `v` of a backend is the hash of `ADDRESS#v`.
+                name.clear();
+                let _ = write!(name, "{}#{v}", b.state.addr);
+                pairs.push((stable_hash(&name), i as u32));
             }
         }
-        ring.sort_unstable();
+        pairs.sort_unstable();
+        let (ring, owners) = pairs.into_iter().unzip();
         ConsistentHash {
             key,
             ring,
+            owners,
             offset: AtomicUsize::new(0),
         }
     }
@@ -126,17 +136,28 @@ impl Balancer for ConsistentHash {
             KeyBytes::Slice(s) => stable_hash(s),
         };
         let n = self.ring.len();
-        let start = self.ring.partition_point(|&(p, _)| p < h);
+        let start = self.ring.partition_point(|&p| p < h);
         // Clockwise from the key, past backends out of service (their keys move to the
         // next one on the ring, and only theirs); retries take the next distinct ones.
         let base = out.len();
+        let mut want = max.min(backends.len());
+        // Once one backend is found out of service, how many are in service is counted
+        // (once), so that the walk ends when it has them all rather than going round the
+        // whole ring: with every backend out it would visit every point, per request.
+        let mut counted = false;
         for k in 0..n {
-            if out.len() - base >= max.min(backends.len()) {
+            if out.len() - base >= want {
                 break;
             }
-            let i = self.ring[(start + k) % n].1 as usize;
-            if usable(i) && !out[base..].contains(&i) {
+            let i = self.owners[(start + k) % n] as usize;
+            if out[base..].contains(&i) {
+                continue;
+            }
+            if usable(i) {
                 out.push(i);
+            } else if !counted {
+                counted = true;
+                want = want.min((0..backends.len()).filter(|&j| usable(j)).count());
             }
         }
     }
@@ -241,9 +262,48 @@ mod tests {
         let b = backends(&weights);
         let ch = ConsistentHash::new(HashKey::Header("x-user-id".into()), &b);
         assert!(ch.ring.len() as u64 <= MAX_POINTS, "{}", ch.ring.len());
+        assert_eq!(ch.ring.len(), ch.owners.len());
         let n = shares(&ch, &b, 20_000);
         let (heavy, light): (u32, u32) = (n[..20].iter().sum(), n[20..].iter().sum());
         assert!((15_000..17_000).contains(&heavy), "{heavy} against {light}");
+    }
+
+    /// With backends out of service the walk stops once it has every one in service,
+    /// instead of visiting every point of the ring for each request.
+    #[test]
+    fn the_walk_ends_once_every_backend_in_service_is_found() {
+        let b = backends(&[1000; 6]);
+        let ch = ConsistentHash::new(HashKey::Header("x-user-id".into()), &b);
+        let mut h = HeaderMap::new();
+        h.insert("x-user-id", HeaderValue::from_static("someone"));
+        let ctx = Context {
+            client_ip: IpAddr::from([10, 0, 0, 1]),
+            headers: &h,
+            query: None,
+        };
+        let looked = std::cell::Cell::new(0usize);
+        let pick = |up: &dyn Fn(usize) -> bool| {
+            looked.set(0);
+            let usable = |i: usize| {
+                looked.set(looked.get() + 1);
+                up(i)
+            };
+            let mut out = Vec::new();
+            ch.pick(&b, &ctx, &usable, 3, &mut out);
+            out
+        };
+        assert!(pick(&|_| false).is_empty());
+        assert!(
+            looked.get() < 100,
+            "{} looks with every backend out",
+            looked.get()
+        );
+        assert_eq!(pick(&|i| i == 4), vec![4]);
+        assert!(
+            looked.get() < 10_000,
+            "{} looks for one in service",
+            looked.get()
+        );
     }
 
     /// An IPv4 client seen through a dual-stack socket (`::ffff:a.b.c.d`) is placed as the

@@ -307,15 +307,16 @@ impl Drop for Lease {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
-        if !self.keep {
-            // Dropping the sender ends the connection once its exchange is over.
-            return;
-        }
+        let keep = self.keep;
         if conn.sender.is_ready() {
-            self.pool.keep(self.addr, conn);
+            if keep {
+                self.pool.keep(self.addr, conn);
+            }
+            // Else dropping the sender ends the connection, its exchange being over.
         } else if !conn.sender.is_closed() {
             // Still finishing this exchange (the other thread's task has not caught up, or
-            // a request body is still going out): wait for it, boundedly.
+            // a request body is still going out): wait for it, boundedly, whether or not
+            // the connection is kept after it.
             let Ok(rt) = tokio::runtime::Handle::try_current() else {
                 return;
             };
@@ -325,7 +326,12 @@ impl Drop for Lease {
                 let mut quiet_since = tokio::time::Instant::now();
                 loop {
                     match tokio::time::timeout_at(quiet_since + wait, conn.sender.ready()).await {
-                        Ok(Ok(())) => return pool.keep(addr, conn),
+                        Ok(Ok(())) => {
+                            if keep {
+                                pool.keep(addr, conn);
+                            }
+                            return;
+                        }
                         Ok(Err(_)) => return,
                         Err(_) => match uploaded.as_deref().map(Uploaded::last) {
                             // The body still moves (a client stalling it fails on its own

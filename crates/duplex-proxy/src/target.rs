@@ -62,6 +62,13 @@ pub fn check<B>(req: &Request<B>) -> Result<(), BadTarget> {
         if !web || uri.authority().is_some_and(|a| a.as_str().contains('@')) {
             return Err(BadTarget::AbsoluteUrl);
         }
+        // Its authority becomes the `Host` the backend gets: held to the same rules.
+        if uri
+            .authority()
+            .is_some_and(|a| !valid_host(a.as_str().as_bytes()))
+        {
+            return Err(BadTarget::InvalidHost);
+        }
     }
     let h = req.headers();
     if has_several_hosts(h) {
@@ -211,6 +218,13 @@ mod tests {
             };
             assert_eq!(check(&req), want, "{url}");
         }
+        // The authority goes on as `Host`: it must be one.
+        for url in ["http://:80/", "http://a.test:99999/"] {
+            *req.uri_mut() = url.parse().expect("a URI the HTTP library reads");
+            assert_eq!(check(&req), Err(BadTarget::InvalidHost), "{url}");
+        }
+        *req.uri_mut() = "http://[::1]:8080/x".parse().expect("a URI");
+        assert_eq!(check(&req), Ok(()));
     }
 
     #[test]

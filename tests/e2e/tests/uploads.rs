@@ -152,45 +152,91 @@ async fn a_body_stall_outlasting_response_timeout_is_still_the_clients_408() {
     got_408_as_the_clients_error(&p, &reply).await;
 }
 
-/// A backend that stops reading an upload the client is still sending is the one at
-/// fault: 504 after `response_timeout`, not the client's 408.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backend_that_stops_reading_an_upload_gets_504() {
+/// Through a backend that reads the head and then nothing more (it answers first with
+/// `answer`, when given), with the upstream's `response_timeout` at `timeout`: starts
+/// uploading `len` bytes as fast as duplex takes them, and returns the client's reading
+/// half, the answer's head, and the upload's task.
+async fn upload_to_a_backend_that_stops_reading(
+    answer: Option<&'static [u8]>,
+    timeout: &str,
+    len: usize,
+) -> (
+    TestProxy,
+    tokio::net::tcp::OwnedReadHalf,
+    duplex_e2e::wire::Head,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const LEN: usize = 32 << 20;
-    // Reads the head and a little of the body, then nothing (the connection stays open).
-    let b = RawBackend::start(|mut tcp| async move {
+    let b = RawBackend::start(move |mut tcp| async move {
         let mut buf = [0u8; 4096];
         let _ = tcp.read(&mut buf).await?;
-        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        if let Some(answer) = answer {
+            tcp.write_all(answer).await?;
+        }
+        // Reads nothing more, and holds the connection open.
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
         Ok(())
     })
     .await;
     let upstream = Upstream::new("round_robin")
-        .option("response_timeout", "500ms")
+        .option("response_timeout", timeout)
         .backend(b.addr);
     let p = TestProxy::single(&upstream).await;
-    let client = duplex_e2e::client::tcp(p.addr).await;
-    let (mut rd, mut wr) = client.into_split();
-    // The whole body as fast as duplex takes it, while the answer is awaited.
+    let (mut rd, mut wr) = duplex_e2e::client::tcp(p.addr).await.into_split();
     let send = tokio::spawn(async move {
-        let head = format!("POST /up HTTP/1.1\r\nHost: up.test\r\nContent-Length: {LEN}\r\n\r\n");
+        let head = format!("POST /up HTTP/1.1\r\nHost: up.test\r\nContent-Length: {len}\r\n\r\n");
         wr.write_all(head.as_bytes()).await?;
         let chunk = vec![b'u'; 1 << 20];
-        for _ in 0..LEN / chunk.len() {
+        for _ in 0..len / chunk.len() {
             wr.write_all(&chunk).await?;
         }
-        std::io::Result::Ok(wr)
+        Ok(())
     });
     let (reply, _) = within("an answer", duplex_e2e::wire::read_head(&mut rd))
         .await
         .expect("a response head");
+    (p, rd, reply, send)
+}
+
+/// A backend that stops reading an upload the client is still sending is the one at
+/// fault: 504 after `response_timeout`, not the client's 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_stops_reading_an_upload_gets_504() {
+    let (_p, _rd, reply, send) =
+        upload_to_a_backend_that_stops_reading(None, "500ms", 32 << 20).await;
     assert!(
         reply.first_line.starts_with("HTTP/1.1 504"),
         "{}",
         reply.first_line
     );
     send.abort();
+}
+
+/// A backend that answers early in HTTP/1.0 (so its connection is not kept) and then
+/// stops reading the upload is still timed: after `response_timeout` without progress its
+/// connection is closed, and so is the client's, rather than both waiting on TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_backend_that_stops_reading_is_still_cut_off() {
+    use tokio::io::AsyncReadExt;
+    let answer = b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok";
+    let (_p, mut rd, reply, send) =
+        upload_to_a_backend_that_stops_reading(Some(answer), "300ms", 256 << 20).await;
+    assert!(
+        reply.first_line.starts_with("HTTP/1.1 200"),
+        "{}",
+        reply.first_line
+    );
+    // The upload cannot go on: duplex closes the client's connection once it gives up on
+    // the backend's.
+    let sent = within("the upload to be cut off", send)
+        .await
+        .expect("the sending task");
+    assert!(
+        sent.is_err(),
+        "the whole upload went through a backend that reads nothing"
+    );
+    let mut rest = Vec::new();
+    let _ = within("the client's connection to end", rd.read_to_end(&mut rest)).await;
 }
 
 /// A client that sends part of a body and goes away (closed or reset) fails its own
