@@ -60,9 +60,8 @@ impl Proxy {
     /// changed (SIGHUP, `POST /reload`); returns the generation in force after.
     pub async fn reload_from_file(&self) -> Result<u64, ProxyError> {
         if self.is_stopping() {
-            // Said at once, even for an unchanged file: nothing will be applied now. Not
-            // counted as a refused file: the file is not at fault.
-            return Err(ProxyError::ShuttingDown);
+            // Said at once, even for an unchanged file: nothing will be applied now.
+            return Err(not_while_stopping());
         }
         if self.inner.source.is_none() {
             return Err(ProxyError::NoConfigFile);
@@ -311,7 +310,7 @@ impl Proxy {
         if shared.stopping.is_cancelled() {
             // Listeners bound now would never accept: clients would wait on them unanswered
             // instead of being refused and trying elsewhere.
-            return Err(self.refused(ProxyError::ShuttingDown));
+            return Err(not_while_stopping());
         }
         if ticket < self.inner.reload_in_force.load(Ordering::SeqCst) {
             // A reload asked for later applied first (this one was slow to read its
@@ -492,7 +491,8 @@ impl Proxy {
         }
     }
 
-    /// Records a refused reload and hands the error back.
+    /// Records a refused reload (counted, logged, shown in `/status`) and hands the error
+    /// back.
     fn refused(&self, e: ProxyError) -> ProxyError {
         if crate::error::local_exhaustion(&e) {
             // duplex is out of file descriptors (reading a certificate, binding a new
@@ -655,4 +655,11 @@ async fn drain(
     // may bring some back; the backend's `Closer` forgets them again when the last table
     // holding it goes.
     shared.owners.forget_if_sole(entry.closer);
+}
+
+/// A reload asked for once shutdown has begun, by any trigger alike: not applied, and
+/// logged, but not counted or shown as a refused file (the files are not at fault).
+fn not_while_stopping() -> ProxyError {
+    tracing::warn!("reload not applied: duplex is shutting down");
+    ProxyError::ShuttingDown
 }

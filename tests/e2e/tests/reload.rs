@@ -336,6 +336,14 @@ async fn a_reload_during_shutdown_is_refused() {
         .await
         .expect_err("a reload during shutdown");
     assert!(err.to_string().contains("shutting down"), "{err}");
+    // Not the file's fault: not counted or shown as a refused reload, as for SIGHUP and
+    // POST /reload.
+    let metrics = proxy.metrics().render();
+    assert!(
+        metrics.contains("duplex_config_reloads_total{result=\"error\"} 0"),
+        "{metrics}"
+    );
+    assert!(proxy.last_reload().error.is_none());
     echo_ok(&mut ws, "still served while draining").await;
     drop(ws);
     within("shutdown", stopping).await.expect("shutdown task");
