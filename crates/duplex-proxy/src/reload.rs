@@ -80,23 +80,42 @@ impl Proxy {
                 p.back_in_force(read_at);
                 return Ok(generation);
             }
-            let prepared = p.prepare(p.parse(&src)?, ticket)?;
-            let _one_at_a_time = p.one_at_a_time();
-            if Some(hash) == *lock(&p.inner.applied) {
-                // Another reload applied the same content meanwhile.
-                return Ok(p.generation());
-            }
-            match p.apply(prepared)? {
-                Some(generation) => {
-                    p.now_in_force(hash);
-                    Ok(generation)
+            let result = p.parse(&src).and_then(|config| {
+                let prepared = p.prepare(config, ticket)?;
+                let _one_at_a_time = p.one_at_a_time();
+                if Some(hash) == *lock(&p.inner.applied) {
+                    // Another reload applied the same content meanwhile.
+                    return Ok(p.generation());
                 }
-                None => Err(ProxyError::Superseded {
-                    generation: p.generation(),
-                }),
+                match p.apply(prepared)? {
+                    Some(generation) => {
+                        p.now_in_force(hash);
+                        Ok(generation)
+                    }
+                    None => Err(ProxyError::Superseded {
+                        generation: p.generation(),
+                    }),
+                }
+            });
+            if let Err(e) = &result {
+                p.remember_refused(e, hash);
             }
+            result
         })
         .await
+    }
+
+    /// Remembers content refused for what its files say, so that the file watch, looking
+    /// at the same content after a SIGHUP or `POST /reload` refused it, does not refuse it
+    /// (and count it) a second time.
+    fn remember_refused(&self, e: &ProxyError, hash: u64) {
+        let not_the_files = matches!(
+            e,
+            ProxyError::Superseded { .. } | ProxyError::ShuttingDown | ProxyError::ReloadBusy(_)
+        ) || crate::error::local_exhaustion(e);
+        if !not_the_files {
+            *lock(&self.inner.refused) = Some(hash);
+        }
     }
 
     /// Applies the config file if its content differs from the last one applied (the file
@@ -167,12 +186,9 @@ impl Proxy {
                 }
                 Ok(applied)
             });
-            // Refused for what the files say, not for duplex's own lack of descriptors: a
-            // content refused is not tried again until it changes.
+            // Refused for what the files say: not tried again until the content changes.
             if let Err(e) = &result {
-                if !crate::error::local_exhaustion(e) {
-                    *lock(&p.inner.refused) = Some(hash);
-                }
+                p.remember_refused(e, hash);
             }
             result
         });

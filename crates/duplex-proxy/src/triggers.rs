@@ -222,11 +222,9 @@ mod tests {
         )
     }
 
-    /// With no watcher to be had (inotify instances used up), a change of the file is
-    /// still applied by the periodic check, and a watcher is asked for again at each look.
-    #[tokio::test]
-    async fn without_a_watcher_the_periodic_check_reloads() {
-        let dir = std::env::temp_dir().join(format!("duplex-nowatch-{}", std::process::id()));
+    /// A proxy started from a file in a new temporary directory `name-PID`.
+    async fn from_file(name: &str) -> (std::path::PathBuf, std::path::PathBuf, Proxy) {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let file = dir.join("duplex.yaml");
         std::fs::write(&file, config(9)).expect("write");
@@ -234,6 +232,34 @@ mod tests {
         let proxy = Proxy::start(parsed, Some(file.clone()), Arc::new(Metrics::new()))
             .await
             .expect("starts");
+        (dir, file, proxy)
+    }
+
+    /// Content that SIGHUP or `POST /reload` refused is not refused (and counted) a second
+    /// time when the file watch then looks at the same file.
+    #[tokio::test]
+    async fn content_a_reload_refused_is_not_refused_again_by_the_watch() {
+        let (dir, file, proxy) = from_file("duplex-refused").await;
+        std::fs::write(&file, "listeners: [unclosed\n").expect("rewrite");
+        proxy.reload_from_file().await.expect_err("a bad file");
+        let looked = proxy
+            .reload_if_changed(None)
+            .await
+            .expect("no second refusal");
+        assert_eq!(looked, None);
+        let metrics = proxy.metrics().render();
+        assert!(
+            metrics.contains("duplex_config_reloads_total{result=\"error\"} 1"),
+            "{metrics}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// With no watcher to be had (inotify instances used up), a change of the file is
+    /// still applied by the periodic check, and a watcher is asked for again at each look.
+    #[tokio::test]
+    async fn without_a_watcher_the_periodic_check_reloads() {
+        let (dir, file, proxy) = from_file("duplex-nowatch").await;
         let asked = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&asked);
         watch_with(
