@@ -361,6 +361,11 @@ impl Proxy {
         self.inner.shared.metrics.connections_accepted_total()
     }
 
+    /// Client connections open now, over every listener.
+    pub fn connections_open(&self) -> usize {
+        self.inner.shared.limits.open()
+    }
+
     /// The generation of the config in force: 1 at start, one more per applied reload.
     pub fn generation(&self) -> u64 {
         self.inner.shared.table.load().generation
