@@ -4,19 +4,62 @@
 //! seconds, so a proxy using a tenth of a core reads as 0 with a jump every ten seconds;
 //! this one reports the same families with the CPU time as the kernel keeps it (1/100 s
 //! on Linux), as the other languages' client libraries do.
+//!
+//! Reading them takes a file descriptor (`/proc/self`). Out of descriptors, the families
+//! would vanish just when `process_open_fds` matters most (an alert on it would resolve
+//! at the limit): the last ones read are given instead, with `process_open_fds` at
+//! `process_max_fds`.
+
+use std::sync::{Mutex, PoisonError};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::process_collector::ProcessCollector;
 use prometheus::proto::{Counter, MetricFamily};
 
 const CPU: &str = "process_cpu_seconds_total";
+const OPEN_FDS: &str = "process_open_fds";
+const MAX_FDS: &str = "process_max_fds";
 
-pub struct Process(ProcessCollector);
+pub struct Process {
+    inner: ProcessCollector,
+    /// The families of the last read that worked.
+    last: Mutex<Vec<MetricFamily>>,
+}
 
 impl Process {
     pub fn for_self() -> Process {
-        Process(ProcessCollector::for_self())
+        let p = Process {
+            inner: ProcessCollector::for_self(),
+            last: Mutex::new(Vec::new()),
+        };
+        // Read once now, so that there is something to give should the first scrape come
+        // when the process is out of descriptors.
+        p.collect();
+        p
     }
+}
+
+/// The one gauge value of family `name` in `families`.
+fn gauge(families: &[MetricFamily], name: &str) -> Option<f64> {
+    families
+        .iter()
+        .find(|f| f.name() == name)
+        .and_then(|f| f.get_metric().first())
+        .map(|m| m.get_gauge().get_value())
+}
+
+/// `families` as read when the process had every descriptor it may open in use.
+fn at_the_limit(mut families: Vec<MetricFamily>) -> Vec<MetricFamily> {
+    if let Some(max) = gauge(&families, MAX_FDS) {
+        for family in families.iter_mut().filter(|f| f.name() == OPEN_FDS) {
+            for metric in family.mut_metric() {
+                let mut g = prometheus::proto::Gauge::default();
+                g.set_value(max);
+                metric.set_gauge(g);
+            }
+        }
+    }
+    families
 }
 
 /// User and system CPU time of this process so far, in seconds.
@@ -28,12 +71,18 @@ fn cpu_seconds() -> Option<f64> {
 
 impl Collector for Process {
     fn desc(&self) -> Vec<&Desc> {
-        self.0.desc()
+        self.inner.desc()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let mut families = self.0.collect();
+        let mut families = self.inner.collect();
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if families.is_empty() {
+            // `/proc/self` could not be opened: out of descriptors.
+            return at_the_limit(last.clone());
+        }
         let Some(seconds) = cpu_seconds() else {
+            last.clone_from(&families);
             return families;
         };
         for family in families.iter_mut().filter(|f| f.name() == CPU) {
@@ -43,6 +92,7 @@ impl Collector for Process {
                 metric.set_counter(counter);
             }
         }
+        last.clone_from(&families);
         families
     }
 }
@@ -50,6 +100,18 @@ impl Collector for Process {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a read out of descriptors gives: the last families, the open count at the max.
+    #[test]
+    fn out_of_descriptors_the_last_values_stay_with_open_fds_at_the_max() {
+        let p = Process::for_self();
+        let first = p.collect();
+        let max = gauge(&first, MAX_FDS).expect("process_max_fds");
+        assert!(gauge(&first, OPEN_FDS).expect("process_open_fds") < max);
+        let stale = at_the_limit(p.last.lock().expect("lock").clone());
+        assert_eq!(gauge(&stale, OPEN_FDS), Some(max));
+        assert_eq!(stale.len(), first.len(), "every family is still there");
+    }
 
     /// After some work, the CPU time reads with a fraction, not in whole seconds.
     #[test]

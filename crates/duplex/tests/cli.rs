@@ -284,7 +284,7 @@ fn between(line: &str, start: &str, end: char) -> String {
 }
 
 /// Reads one answer on a keep-alive connection, its body as long as its Content-Length
-/// says; returns the head.
+/// says; returns the whole answer, head and body.
 fn keep_alive_answer(s: &mut std::net::TcpStream) -> String {
     let mut got = Vec::new();
     let mut chunk = [0u8; 1024];
@@ -301,7 +301,7 @@ fn keep_alive_answer(s: &mut std::net::TcpStream) -> String {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
             if got.len() >= end + 4 + len {
-                return head;
+                return String::from_utf8_lossy(&got[..end + 4 + len]).into_owned();
             }
         }
         let n = s.read(&mut chunk).expect("read an answer");
@@ -760,11 +760,25 @@ fn admin_accepts_back_off_when_out_of_file_descriptors() {
     let addr = between(&err.wait_for("\"listening\""), "\"addr\":\"", '"');
     let admin = between(&err.wait_for("admin listening"), "\"addr\":\"", '"');
     err.wait_for("watching the config file for changes");
+    // A scraper's kept-alive connection, made while descriptors are left.
+    let mut scraper = std::net::TcpStream::connect(&admin).expect("connect to the admin port");
+    scraper
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     // More connections than descriptors: the public listener's accepts start failing.
     let open: Vec<_> = (0..80)
         .map(|_| std::net::TcpStream::connect(&addr).expect("the backlog takes it"))
         .collect();
     err.wait_for("accept failed; pausing");
+    // The process metrics are still there, open descriptors at the limit: an alert on
+    // them must not resolve just as the limit is reached.
+    {
+        use std::io::Write;
+        write!(scraper, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+        let metrics = keep_alive_answer(&mut scraper);
+        assert!(metrics.contains("\nprocess_max_fds 64\n"), "{metrics}");
+        assert!(metrics.contains("\nprocess_open_fds 64\n"), "{metrics}");
+    }
     // One admin client waits in the backlog, and every accept of it fails.
     let waiting = std::net::TcpStream::connect(&admin).expect("the backlog takes it");
     err.wait_for("admin accept failed");
