@@ -33,8 +33,16 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// and the one after it, forever); then it answers 503 and frees its connection's place.
 const RELOAD_WAIT: Duration = Duration::from_secs(30);
 
-pub(crate) async fn serve(listener: TcpListener, proxy: Proxy) {
-    let closing = proxy.inner.shared.closing.clone();
+/// Serves the admin endpoint on `listener` until shutdown ends, or until it begins when
+/// the socket is `shared` (`reuse_port`): a new duplex on the same port then answers
+/// every admin request, rather than the two in turn (a flapping `/readyz`, scrapes of
+/// either process's counters).
+pub(crate) async fn serve(listener: TcpListener, proxy: Proxy, shared: bool) {
+    let closing = if shared {
+        proxy.inner.shared.stopping.clone()
+    } else {
+        proxy.inner.shared.closing.clone()
+    };
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     // Not a listener's: admin stalls are not counted in its metrics.
     let stalled = duplex_metrics::unexported_counter();

@@ -342,6 +342,12 @@ impl Proxy {
         if config.admin != old.config.admin && self.inner.admin_moves_to(config.admin.bind) {
             tracing::warn!("admin.bind changed: the admin listener moves only on restart");
         }
+        if config.reuse_port != old.config.reuse_port {
+            tracing::warn!(
+                reuse_port = config.reuse_port,
+                "reuse_port changed: it applies to listeners bound from now on; the open ones and the admin listener keep their sockets until a restart"
+            );
+        }
 
         // A listener is known by name and configured address: an unchanged one is never
         // rebound; a renamed one keeps its socket; only new addresses are bound, and a bind

@@ -124,6 +124,9 @@ pub(crate) fn bind(
     .map_err(err)?;
     sock.set_reuseaddr(true).map_err(err)?;
     if reuse_port {
+        if taken(addr) {
+            tracing::warn!(listener = name, %addr, "another process already listens here (reuse_port): the two take connections in turn until one stops; expected while a new duplex takes over, a mistake otherwise");
+        }
         set_reuse_port(&sock).map_err(err)?;
     }
     // `[::]` takes IPv4 clients too, on every host, not only where the kernel's
@@ -141,6 +144,23 @@ pub(crate) fn bind(
     }
     sock.bind(addr).map_err(err)?;
     sock.listen(LISTEN_BACKLOG).map_err(err)
+}
+
+/// Whether a socket already listens on `addr`, as a bind without port reuse finds.
+fn taken(addr: SocketAddr) -> bool {
+    if addr.port() == 0 {
+        return false;
+    }
+    let probe = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    };
+    probe.is_ok_and(|p| {
+        let _ = p.set_reuseaddr(true);
+        p.bind(addr)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+    })
 }
 
 /// `SO_REUSEPORT`, where the platform has it; elsewhere an error that names the setting.
@@ -221,6 +241,8 @@ impl Proxy {
         // error before a port clash.
         let tls = crate::state::TlsSettings::read(&config)?;
         let bound = bind_all(&config.listeners, config.reuse_port)?;
+        // Whether the admin socket is shared with another process on the same port.
+        let shared_port = config.reuse_port;
         let admin_bind = |source| ProxyError::AdminBind {
             addr: config.admin.bind,
             source,
@@ -287,7 +309,7 @@ impl Proxy {
             crate::discovery::spawn(&proxy, &proxy.inner.shared.table.load());
         proxy.start_accepting(bound);
         tracing::info!(addr = %admin, "admin listening");
-        tokio::spawn(admin::serve(admin_listener, proxy.clone()));
+        tokio::spawn(admin::serve(admin_listener, proxy.clone(), shared_port));
         Ok(proxy)
     }
 

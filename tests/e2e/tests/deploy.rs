@@ -515,7 +515,7 @@ fn dashboard_is_well_formed() {
     let q = variable_queries(&d);
     assert!(
         q.iter().any(|q| q.place.contains("upstream")
-            && q.expr == "label_values(duplex_backend_up, upstream)"),
+            && q.expr == "label_values(duplex_http_requests_total{route!=\"\"}, upstream)"),
         "the upstream variable's query"
     );
     assert_eq!(upstream["datasource"]["uid"], "${datasource}");
