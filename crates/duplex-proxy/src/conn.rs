@@ -148,14 +148,19 @@ pub async fn serve(
     });
     let svc_shared = Arc::clone(&shared);
     let svc = service_fn(move |req| {
-        let info = Arc::clone(&info);
-        let shared = Arc::clone(&svc_shared);
+        let mut unhandled = Unhandled {
+            req: Some(req),
+            info: Arc::clone(&info),
+            shared: Arc::clone(&svc_shared),
+        };
         async move {
+            let req = unhandled.req.take().expect("taken on the first poll only");
+            let (info, shared) = (&unhandled.info, Arc::clone(&unhandled.shared));
             // Not idle while the request is handled; a relayed body holds its own mark
             // until it ends. (If the connection goes first, so does its place in the
             // registry.)
             info.idle.request_started();
-            let response = handle(req, &info, shared).await;
+            let response = handle(req, info, shared).await;
             info.idle.request_ended();
             Ok::<_, Infallible>(response)
         }
@@ -193,6 +198,27 @@ pub async fn serve(
     drop(registration);
     if let Err(e) = res {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}
+
+/// A request handed to the service, until its handling begins. hyper may drop it before
+/// that: when the client's end (a close, a half-close) is read in the same pass as the
+/// request, the connection fails and the request's future goes unpolled. An upgrade is
+/// then still counted, as `client_closed`, as it is when the client goes a moment later.
+struct Unhandled {
+    req: Option<Request<Incoming>>,
+    info: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Unhandled {
+    fn drop(&mut self) {
+        if let Some(req) = &self.req {
+            // (A redirecting listener answers upgrades with its own 426, uncounted.)
+            if is_websocket_upgrade(req) && self.info.redirect_https.is_none() {
+                upgrade::gone_unhandled(req, &self.info, &self.shared);
+            }
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use crate::handshake_io::{self, Answer};
 use crate::headers::request_host;
 use crate::http_proxy::relay;
 use crate::responses::{self, Body};
-use crate::state::{Shared, UpstreamRt};
+use crate::state::{Shared, Table, UpstreamRt};
 use crate::tls::BackendStream;
 use crate::{router, tunnel};
 
@@ -30,18 +30,7 @@ pub async fn upgrade(
 ) -> Response<Body> {
     let start = Instant::now();
     let table = shared.table.load_full();
-    let host = request_host(req.headers(), req.uri());
-    let found = router::find(
-        table.routes(),
-        &conn.listener,
-        host.as_deref(),
-        req.uri().path(),
-        req.headers(),
-    );
-    let counters = found
-        .and_then(|(i, _)| table.route_series.get(i))
-        .unwrap_or(&table.no_route);
-    let route = found.map(|(_, r)| r);
+    let (counters, route) = routed(&table, &req, conn);
     let mut outcome = Outcome {
         counters,
         closing: &shared.closing,
@@ -206,6 +195,40 @@ pub async fn upgrade(
 /// one, when hyper drops the request because its client went away before the answer (a
 /// close, or a half-close: hyper reads the end of the client's stream as its leaving,
 /// as nginx does), it counts `client_closed`; not when shutdown cut the connection.
+/// The route an upgrade request takes, and the series it is counted in (the no-route
+/// series without one).
+fn routed<'t>(
+    table: &'t Table,
+    req: &Request<Incoming>,
+    conn: &ConnInfo,
+) -> (&'t RouteSeries, Option<&'t duplex_config::Route>) {
+    let host = request_host(req.headers(), req.uri());
+    let found = router::find(
+        table.routes(),
+        &conn.listener,
+        host.as_deref(),
+        req.uri().path(),
+        req.headers(),
+    );
+    let counters = found
+        .and_then(|(i, _)| table.route_series.get(i))
+        .unwrap_or(&table.no_route);
+    (counters, found.map(|(_, r)| r))
+}
+
+/// Counts an upgrade request whose client went before duplex even began on it: hyper read
+/// the client's end in the same pass as the request, and dropped the request unhandled.
+pub fn gone_unhandled(req: &Request<Incoming>, conn: &ConnInfo, shared: &Shared) {
+    if shared.closing.is_cancelled() || crate::target::check(req).is_err() {
+        return;
+    }
+    let table = shared.table.load();
+    routed(&table, req, conn)
+        .0
+        .upgrade(UpgradeResult::ClientClosed)
+        .inc();
+}
+
 struct Outcome<'a> {
     counters: &'a RouteSeries,
     closing: &'a CancellationToken,

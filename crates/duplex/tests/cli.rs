@@ -785,6 +785,13 @@ fn admin_accepts_back_off_when_out_of_file_descriptors() {
     scraper
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
+    {
+        // Answered, so accepted: not left in the backlog when descriptors run out.
+        use std::io::Write;
+        write!(scraper, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+        let ok = keep_alive_answer(&mut scraper);
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    }
     // More connections than descriptors: the public listener's accepts start failing.
     let open: Vec<_> = (0..80)
         .map(|_| std::net::TcpStream::connect(&addr).expect("the backlog takes it"))

@@ -257,10 +257,13 @@ async fn a_client_gone_before_the_answer_is_counted_client_closed() {
     .expect("read");
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
 
+    // Whether the first reached the backend depends on whether duplex saw the client's
+    // end before or after connecting: either way it is counted the same.
+    let before = b.accepted();
     let mut gone = tcp(p.addr).await;
     gone.write_all(req.as_bytes()).await.expect("write");
     eventually(STEP, "the backend to get the second handshake", || async {
-        b.accepted() == 2
+        b.accepted() == before + 1
     })
     .await;
     drop(gone);
