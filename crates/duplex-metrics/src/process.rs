@@ -5,10 +5,11 @@
 //! this one reports the same families with the CPU time as the kernel keeps it (1/100 s
 //! on Linux), as the other languages' client libraries do.
 //!
-//! Reading them takes a file descriptor (`/proc/self`). Out of descriptors, the families
-//! would vanish just when `process_open_fds` matters most (an alert on it would resolve
-//! at the limit): the last ones read are given instead, with `process_open_fds` at
-//! `process_max_fds`.
+//! Reading them takes file descriptors (`/proc/self` and its files). Out of descriptors,
+//! the families would vanish, or some of them, just when `process_open_fds` matters most
+//! (an alert on it would resolve at the limit): the last whole set read is given instead,
+//! with `process_open_fds` at `process_max_fds`. (Any other failure to read `/proc` is
+//! taken for the same.)
 
 use std::sync::{Mutex, PoisonError};
 
@@ -77,13 +78,13 @@ impl Collector for Process {
     fn collect(&self) -> Vec<MetricFamily> {
         let mut families = self.inner.collect();
         let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        if families.is_empty() {
-            // `/proc/self` could not be opened: out of descriptors.
+        let seconds = cpu_seconds();
+        let whole =
+            gauge(&families, OPEN_FDS).is_some() && families.iter().any(|f| f.name() == CPU);
+        let (Some(seconds), true) = (seconds, whole) else {
+            // `/proc/self` could not be read, or only in part (with one descriptor left,
+            // opening it works and reading its files does not): out of descriptors.
             return at_the_limit(last.clone());
-        }
-        let Some(seconds) = cpu_seconds() else {
-            last.clone_from(&families);
-            return families;
         };
         for family in families.iter_mut().filter(|f| f.name() == CPU) {
             for metric in family.mut_metric() {

@@ -155,7 +155,7 @@ pub async fn serve(
         };
         async move {
             let req = unhandled.req.take().expect("taken on the first poll only");
-            let (info, shared) = (&unhandled.info, Arc::clone(&unhandled.shared));
+            let (info, shared) = (&unhandled.info, &unhandled.shared);
             // Not idle while the request is handled; a relayed body holds its own mark
             // until it ends. (If the connection goes first, so does its place in the
             // registry.)
@@ -204,7 +204,7 @@ pub async fn serve(
 /// A request handed to the service, until its handling begins. hyper may drop it before
 /// that: when the client's end (a close, a half-close) is read in the same pass as the
 /// request, the connection fails and the request's future goes unpolled. An upgrade is
-/// then still counted, as `client_closed`, as it is when the client goes a moment later.
+/// then still counted, with the result its handling would have begun with.
 struct Unhandled {
     req: Option<Request<Incoming>>,
     info: Arc<ConnInfo>,
@@ -223,7 +223,7 @@ impl Drop for Unhandled {
 }
 
 /// Routes one request: a WebSocket upgrade or plain HTTP.
-async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: Arc<Shared>) -> Response<Body> {
+async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: &Arc<Shared>) -> Response<Body> {
     // Before anything reads the host or path: routing, a redirect's Location.
     if let Err(bad) = crate::target::check(&req) {
         let table = shared.table.load();
@@ -238,7 +238,7 @@ async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: Arc<Shared>) ->
         return to_https(&req, port);
     }
     if is_websocket_upgrade(&req) {
-        return upgrade::upgrade(req, info, &shared).await;
+        return upgrade::upgrade(req, info, shared).await;
     }
     let table = shared.table.load();
     // duplex does not tunnel arbitrary TCP: a CONNECT would reach a backend as a
@@ -271,7 +271,7 @@ async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: Arc<Shared>) ->
     ) else {
         return responses::bad_gateway(&route.name);
     };
-    http_proxy::forward(req, info, route, up, series, &shared).await
+    http_proxy::forward(req, info, route, up, series, shared).await
 }
 
 /// The answer of a `redirect_https` listener: 308 to the same host and path over https.

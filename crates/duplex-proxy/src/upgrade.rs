@@ -191,10 +191,6 @@ pub async fn upgrade(
     client_101(end_to_end)
 }
 
-/// An upgrade's count in `duplex_websocket_upgrades_total`, taken once. Dropped without
-/// one, when hyper drops the request because its client went away before the answer (a
-/// close, or a half-close: hyper reads the end of the client's stream as its leaving,
-/// as nginx does), it counts `client_closed`; not when shutdown cut the connection.
 /// The route an upgrade request takes, and the series it is counted in (the no-route
 /// series without one).
 fn routed<'t>(
@@ -216,19 +212,34 @@ fn routed<'t>(
     (counters, found.map(|(_, r)| r))
 }
 
-/// Counts an upgrade request whose client went before duplex even began on it: hyper read
-/// the client's end in the same pass as the request, and dropped the request unhandled.
+/// Counts an upgrade request whose client went before duplex even began on it (hyper
+/// read the client's end in the same pass as the request, and dropped it unhandled) as
+/// its handling would have counted it when it began: a refused request as refused, one
+/// that would have gone on as `client_closed`.
 pub fn gone_unhandled(req: &Request<Incoming>, conn: &ConnInfo, shared: &Shared) {
-    if shared.closing.is_cancelled() || crate::target::check(req).is_err() {
+    if shared.closing.is_cancelled() {
         return;
     }
     let table = shared.table.load();
-    routed(&table, req, conn)
-        .0
-        .upgrade(UpgradeResult::ClientClosed)
-        .inc();
+    if crate::target::check(req).is_err() {
+        table.no_route.upgrade(UpgradeResult::BadHandshake).inc();
+        return;
+    }
+    let (counters, route) = routed(&table, req, conn);
+    let result = if check_client(req).is_err() {
+        UpgradeResult::BadHandshake
+    } else if route.is_none_or(|r| !table.upstreams.contains_key(&r.upstream)) {
+        UpgradeResult::NoRoute
+    } else {
+        UpgradeResult::ClientClosed
+    };
+    counters.upgrade(result).inc();
 }
 
+/// An upgrade's count in `duplex_websocket_upgrades_total`, taken once. Dropped without
+/// one, when hyper drops the request because its client went away before the answer (a
+/// close, or a half-close: hyper reads the end of the client's stream as its leaving,
+/// as nginx does), it counts `client_closed`; not when shutdown cut the connection.
 struct Outcome<'a> {
     counters: &'a RouteSeries,
     closing: &'a CancellationToken,

@@ -504,3 +504,27 @@ async fn a_listener_moved_to_a_new_address_keeps_its_count() {
     close(first).await;
     let _second = served(held).await;
 }
+
+/// A client that sends its upgrade and closes while held in the backlog at a cap is read,
+/// request and end together, once duplex takes it in: hyper then drops the request
+/// before handling it. It is counted `client_closed` all the same, as the one that held
+/// the place and left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_whose_client_left_in_the_backlog_is_counted_client_closed() {
+    let b = RawBackend::silent().await;
+    let p = start(&yaml(None, Some(1), b.addr)).await;
+    // Its handshake waits on a silent backend, holding the one place.
+    let holder = upgrade_sent(p.addr).await;
+    eventually(STEP, "the first handshake to reach the backend", || async {
+        b.accepted() == 1
+    })
+    .await;
+    let left = upgrade_sent(p.addr).await;
+    drop(left);
+    drop(holder);
+    let closed = [("route", "main"), ("result", "client_closed")];
+    eventually(STEP, "both to be counted client_closed", || async {
+        p.metric("duplex_websocket_upgrades_total", &closed).await == 2.0
+    })
+    .await;
+}
