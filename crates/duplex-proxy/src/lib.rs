@@ -28,6 +28,7 @@ mod retired;
 mod router;
 mod send_timeout;
 mod server;
+mod sni;
 mod state;
 mod target;
 pub mod tls;

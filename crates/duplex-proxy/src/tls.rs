@@ -16,7 +16,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -162,42 +162,6 @@ fn certified_key(
     Ok(Arc::new(ck))
 }
 
-/// Picks a certificate by SNI: the first whose names cover the requested host, else the
-/// first certificate; among those, the first whose key signs in a way the client takes.
-#[derive(Debug)]
-struct BySni {
-    certs: Vec<Arc<CertifiedKey>>,
-}
-
-impl ResolvesServerCert for BySni {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let name = hello
-            .server_name()
-            .and_then(|sni| ServerName::try_from(sni).ok());
-        let covers = |ck: &&Arc<CertifiedKey>| {
-            name.as_ref().is_some_and(|name| {
-                ck.end_entity_cert()
-                    .ok()
-                    .and_then(|der| webpki::EndEntityCert::try_from(der).ok())
-                    .is_some_and(|ee| ee.verify_is_valid_for_subject_name(name).is_ok())
-            })
-        };
-        // With an ECDSA and an RSA certificate for one name (as nginx serves a pair), a
-        // client that takes only RSA signatures gets the RSA one. (For a TLS 1.2 hello,
-        // rustls has already kept only the schemes its offered cipher suites allow.)
-        let schemes = hello.signature_schemes();
-        let signs = |ck: &&Arc<CertifiedKey>| ck.key.choose_scheme(schemes).is_some();
-        let certs = &self.certs;
-        certs
-            .iter()
-            .find(|ck| covers(ck) && signs(ck))
-            .or_else(|| certs.iter().find(covers))
-            .or_else(|| certs.iter().find(signs))
-            .or(certs.first())
-            .cloned()
-    }
-}
-
 /// The `reason` label of a client TLS handshake that failed (`timeout` is counted apart):
 /// `closed` (the client went away: load-balancer probes, scanners), `client_cert` (no
 /// certificate, or one not trusted, where `client_auth` asks for one), `cert_refused` (the
@@ -285,7 +249,7 @@ pub fn acceptor(t: &ListenerTls) -> Result<Acceptor, TlsError> {
             builder.with_client_cert_verifier(v.build()?)
         }
     };
-    let mut config = builder.with_cert_resolver(Arc::new(BySni { certs }));
+    let mut config = builder.with_cert_resolver(Arc::new(crate::sni::BySni::new(certs)));
     config.alpn_protocols = t.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     Ok(Acceptor {
         config: Arc::new(config),
