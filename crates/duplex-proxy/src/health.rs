@@ -221,7 +221,7 @@ fn verdict(
     let (passes, fails) = state.record_check(ok);
     state.note_check(match failed {
         None => LastCheck::Passed,
-        Some(why) => LastCheck::Failed(why.to_string()),
+        Some(why) => LastCheck::Failed(why.reason()),
     });
     if ok {
         if !state.is_healthy() && passes >= hc.healthy_threshold && state.set_healthy(true) {

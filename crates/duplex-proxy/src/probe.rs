@@ -58,6 +58,23 @@ pub enum ProbeError {
 }
 
 impl ProbeError {
+    /// What failed, with each cause in its source chain that the text does not already
+    /// give (hyper's `connection error` says nothing of the TLS alert behind it), for
+    /// `/status`.
+    pub fn reason(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(e) = cause {
+            let more = e.to_string();
+            if !text.contains(&more) {
+                text.push_str(": ");
+                text.push_str(&more);
+            }
+            cause = e.source();
+        }
+        text
+    }
+
     fn connect(e: io::Error) -> ProbeError {
         if is_local_exhaustion(&e) {
             ProbeError::Local(e)
@@ -75,7 +92,8 @@ pub async fn probe(hc: &HealthCheck, up: &UpstreamRt, addr: SocketAddr) -> Resul
             .map(drop)
             .map_err(ProbeError::connect);
     }
-    let stream = connect(addr, hc.timeout, up.tls.as_deref())
+    let tls = up.tls.as_deref().map(crate::tls::Connector::for_probes);
+    let stream = connect(addr, hc.timeout, tls.as_ref())
         .await
         .map_err(ProbeError::connect)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -260,5 +278,35 @@ mod tests {
         assert!(matches!(ports, ProbeError::Local(_)), "{ports:?}");
         let refused = ProbeError::connect(io::ErrorKind::ConnectionRefused.into());
         assert!(matches!(refused, ProbeError::Connect(_)), "{refused:?}");
+    }
+
+    /// The reason `/status` shows gives each cause once: what the text says already is
+    /// not repeated, and what it leaves out (behind an I/O error) is added.
+    #[test]
+    fn a_reason_names_each_cause_once() {
+        let refused = ProbeError::connect(io::Error::from_raw_os_error(111));
+        assert_eq!(
+            refused.reason(),
+            "connect: Connection refused (os error 111)"
+        );
+        let hidden = io::Error::other("fatal alert");
+        let io = ProbeError::Io(io::Error::other(Wrapped(hidden)));
+        assert_eq!(io.reason(), "I/O: wrapped: fatal alert");
+    }
+
+    /// An error whose text leaves out its source, as hyper's `connection error` does.
+    #[derive(Debug)]
+    struct Wrapped(io::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "wrapped")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
     }
 }

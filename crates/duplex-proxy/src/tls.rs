@@ -260,6 +260,11 @@ pub fn acceptor(t: &ListenerTls) -> Result<Acceptor, TlsError> {
 /// The TLS settings toward an upstream's backends.
 pub struct Connector {
     pub config: Arc<ClientConfig>,
+    /// `config` without session resumption, for health probes. A resumed TLS session
+    /// skips the certificate: a backend whose certificate expired, or changed to one not
+    /// trusted, would go on passing its checks (as long as traffic or probes keep its
+    /// session alive). Traffic resumes, as nginx's `proxy_ssl_session_reuse` does.
+    pub unresumed: Arc<ClientConfig>,
     /// SNI and verified name; `None` means the backend's IP address.
     pub server_name: Option<ServerName<'static>>,
 }
@@ -270,6 +275,15 @@ impl Connector {
         self.server_name
             .clone()
             .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
+    }
+
+    /// These settings, with a full handshake every time: for health probes.
+    pub fn for_probes(&self) -> Connector {
+        Connector {
+            config: Arc::clone(&self.unresumed),
+            unresumed: Arc::clone(&self.unresumed),
+            server_name: self.server_name.clone(),
+        }
     }
 
     /// Runs the TLS handshake over `tcp`.
@@ -326,8 +340,11 @@ pub fn connector(t: &UpstreamTls) -> Result<Connector, TlsError> {
         }
         None => None,
     };
+    let mut unresumed = config.clone();
+    unresumed.resumption = rustls::client::Resumption::disabled();
     Ok(Connector {
         config: Arc::new(config),
+        unresumed: Arc::new(unresumed),
         server_name,
     })
 }

@@ -191,3 +191,51 @@ pub fn server_config(leaf: &Leaf, client_ca: Option<&str>) -> Arc<rustls::Server
             .expect("server cert"),
     )
 }
+
+/// A server that serves `first` until the returned flag is set, then `then`: a backend
+/// whose certificate changes under its clients. It keeps sessions for resumption, as
+/// rustls servers do by default.
+pub fn switching_server_config(
+    first: &Leaf,
+    then: &Leaf,
+) -> (
+    Arc<rustls::ServerConfig>,
+    Arc<std::sync::atomic::AtomicBool>,
+) {
+    let certified = |leaf: &Leaf| {
+        let signer = provider()
+            .key_provider
+            .load_private_key(key(&leaf.key))
+            .expect("a signing key");
+        Arc::new(rustls::sign::CertifiedKey::new(chain(&leaf.cert), signer))
+    };
+    let switched = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let resolver = Switching {
+        first: certified(first),
+        then: certified(then),
+        switched: Arc::clone(&switched),
+    };
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    (Arc::new(config), switched)
+}
+
+#[derive(Debug)]
+struct Switching {
+    first: Arc<rustls::sign::CertifiedKey>,
+    then: Arc<rustls::sign::CertifiedKey>,
+    switched: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl rustls::server::ResolvesServerCert for Switching {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let switched = self.switched.load(std::sync::atomic::Ordering::SeqCst);
+        Some(Arc::clone(if switched { &self.then } else { &self.first }))
+    }
+}

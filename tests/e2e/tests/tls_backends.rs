@@ -7,7 +7,7 @@ use std::time::Duration;
 use duplex_config::Config;
 use duplex_e2e::backend::Backend;
 use duplex_e2e::client;
-use duplex_e2e::pki::{server_config, temp_dir, write, Ca};
+use duplex_e2e::pki::{server_config, switching_server_config, temp_dir, write, Ca};
 use duplex_e2e::tls_kit::start;
 use duplex_e2e::within;
 use futures_util::SinkExt;
@@ -236,5 +236,51 @@ async fn a_tls_backend_closing_without_close_notify_sends_a_get_on() {
         )
     };
     assert_eq!((errors("other"), errors("tls")), (2.0, 0.0), "{metrics}");
+    within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
+}
+
+/// Health probes of a TLS upstream make a full handshake every time: a backend whose
+/// certificate changes to one duplex does not trust (or expires) fails its next check.
+/// A probe that resumed an earlier session would skip the certificate and pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_probes_do_not_resume_tls_sessions() {
+    let (ca, rogue) = (Ca::new("backend CA"), Ca::new("rogue"));
+    let (config, switched) = switching_server_config(
+        &ca.leaf(&["backend.internal"]),
+        &rogue.leaf(&["backend.internal"]),
+    );
+    let b = Backend::start_tls("b", config).await;
+    let dir = temp_dir("tls-probes");
+    let ca_file = write(&dir, "ca.pem", &ca.pem);
+    let yaml = format!(
+        "listeners:\n  - name: public\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\n\
+         routes:\n  - name: all\n    upstream: app\nupstreams:\n  - name: app\n    tls:\n      \
+         server_name: backend.internal\n      ca: {}\n    health_check: {{kind: http, \
+         interval: 150ms, timeout: 100ms, healthy_threshold: 1, unhealthy_threshold: 1}}\n    \
+         backends:\n      - addr: {}\n",
+        ca_file.display(),
+        b.addr
+    );
+    let (proxy, _addr) = start(&yaml, None).await;
+    let admin = proxy.admin_addr();
+    let checks = |result: &'static str| {
+        let labels = [("result", result)];
+        async move {
+            let text = client::get(admin, "/metrics", &[]).await.text();
+            duplex_e2e::proxy::sum_series(&text, "duplex_backend_health_checks_total", &labels)
+        }
+    };
+    // A few passing checks: sessions a resuming client would take up again.
+    duplex_e2e::eventually(Duration::from_secs(5), "two passing checks", || async {
+        checks("ok").await >= 2.0
+    })
+    .await;
+    switched.store(true, std::sync::atomic::Ordering::SeqCst);
+    duplex_e2e::eventually(Duration::from_secs(5), "a failed check", || async {
+        checks("fail").await >= 1.0
+    })
+    .await;
+    let status = client::get(admin, "/status", &[]).await.text();
+    assert!(status.contains("\"healthy\": false"), "{status}");
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }
