@@ -158,6 +158,10 @@ fn taken(addr: SocketAddr) -> bool {
     };
     probe.is_ok_and(|p| {
         let _ = p.set_reuseaddr(true);
+        if addr.ip().is_unspecified() && addr.is_ipv6() {
+            // As the listener will be: taking IPv4 too, so an old `0.0.0.0` is seen.
+            let _ = socket2::SockRef::from(&p).set_only_v6(false);
+        }
         p.bind(addr)
             .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
     })
