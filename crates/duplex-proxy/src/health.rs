@@ -168,7 +168,7 @@ async fn check_once(
     };
     let result = outcome.unwrap_or(Err(ProbeError::TimedOut));
     if let Err(e) = &result {
-        tracing::debug!(upstream = %up.cfg.name, backend = %state.addr, error = %e, "health check failed");
+        tracing::debug!(upstream = %up.cfg.name, backend = %state.addr, error = %e.reason(), "health check failed");
     }
     // After a rebuild the verdict goes by the table in force (its
     // close_tunnels_on_unhealthy, its closers), if that table still checks this backend so.
@@ -230,7 +230,7 @@ fn verdict(
     } else if let Some(why) = failed {
         if state.is_healthy() && fails >= hc.unhealthy_threshold && state.set_healthy(false) {
             // The last failure says why; each one is at debug level.
-            tracing::warn!(upstream = %up.cfg.name, %backend, error = %why, "backend unhealthy: no new connections");
+            tracing::warn!(upstream = %up.cfg.name, %backend, error = %why.reason(), "backend unhealthy: no new connections");
             if up.cfg.close_tunnels_on_unhealthy {
                 if let Some(closer) = up.closers.get(&state.addr) {
                     closer.close_open_tunnels();

@@ -256,7 +256,7 @@ async fn health_probes_do_not_resume_tls_sessions() {
         "listeners:\n  - name: public\n    bind: 127.0.0.1:0\nadmin:\n  bind: 127.0.0.1:0\n\
          routes:\n  - name: all\n    upstream: app\nupstreams:\n  - name: app\n    tls:\n      \
          server_name: backend.internal\n      ca: {}\n    health_check: {{kind: http, \
-         interval: 150ms, timeout: 100ms, healthy_threshold: 1, unhealthy_threshold: 1}}\n    \
+         interval: 1s, timeout: 1s, healthy_threshold: 1, unhealthy_threshold: 1}}\n    \
          backends:\n      - addr: {}\n",
         ca_file.display(),
         b.addr
@@ -271,16 +271,21 @@ async fn health_probes_do_not_resume_tls_sessions() {
         }
     };
     // A few passing checks: sessions a resuming client would take up again.
-    duplex_e2e::eventually(Duration::from_secs(5), "two passing checks", || async {
+    duplex_e2e::eventually(Duration::from_secs(10), "two passing checks", || async {
         checks("ok").await >= 2.0
     })
     .await;
+    let failed_before = checks("fail").await;
     switched.store(true, std::sync::atomic::Ordering::SeqCst);
-    duplex_e2e::eventually(Duration::from_secs(5), "a failed check", || async {
-        checks("fail").await >= 1.0
-    })
+    duplex_e2e::eventually(
+        Duration::from_secs(5),
+        "a check failed on the certificate",
+        || async {
+            let status = client::get(admin, "/status", &[]).await.text();
+            status.contains("\"healthy\": false") && status.contains("invalid peer certificate")
+        },
+    )
     .await;
-    let status = client::get(admin, "/status", &[]).await.text();
-    assert!(status.contains("\"healthy\": false"), "{status}");
+    assert!(checks("fail").await > failed_before);
     within("shutdown", proxy.shutdown(Duration::from_secs(1))).await;
 }
