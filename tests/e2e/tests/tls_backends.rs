@@ -278,7 +278,7 @@ async fn health_probes_do_not_resume_tls_sessions() {
     let failed_before = checks("fail").await;
     switched.store(true, std::sync::atomic::Ordering::SeqCst);
     duplex_e2e::eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         "a check failed on the certificate",
         || async {
             let status = client::get(admin, "/status", &[]).await.text();
