@@ -83,10 +83,16 @@ pub fn is_hop_by_hop(name: &[u8], named: &[&[u8]]) -> bool {
 /// say). hyper takes off only the chunked framing, and `Transfer-Encoding` is hop-by-hop:
 /// the other codings would reach the next hop unnamed, so such a message is refused.
 pub fn other_transfer_coding(headers: &HeaderMap) -> bool {
-    let mut all = headers.get_all(http::header::TRANSFER_ENCODING).iter();
-    match (all.next(), all.next()) {
+    // Empty list elements do not count (RFC 9110 section 5.6.1: `, chunked` is `chunked`).
+    let mut codings = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    match (codings.next(), codings.next()) {
         (None, _) => false,
-        (Some(v), None) => !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"),
+        (Some(c), None) => !c.eq_ignore_ascii_case(b"chunked"),
         _ => true,
     }
 }
@@ -324,6 +330,9 @@ mod tests {
         assert!(with(&["gzip, chunked"]));
         assert!(with(&["gzip"]));
         assert!(with(&["gzip", "chunked"]));
+        assert!(!with(&[", chunked"]));
+        assert!(!with(&["chunked,"]));
+        assert!(with(&["chunked, chunked"]));
     }
 
     #[test]

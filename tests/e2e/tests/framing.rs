@@ -49,6 +49,21 @@ async fn a_response_with_another_transfer_coding_gets_502() {
     assert_eq!(r.status, 502, "{}", r.text());
 }
 
+/// An empty element in `Transfer-Encoding` does not count (RFC 9110 section 5.6.1):
+/// `, chunked` is chunked, and the body goes on whole.
+#[tokio::test]
+async fn an_empty_transfer_coding_element_is_ignored() {
+    let b = Backend::start("b").await;
+    let p = TestProxy::single(&Upstream::new("round_robin").backend(b.addr)).await;
+    let r = raw_exchange(
+        p.addr,
+        b"POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: , chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(r.head.first_line.contains(" 200 "), "{:?}", r.head);
+    assert!(r.body.starts_with("bytes=3 "), "{}", r.body);
+}
+
 /// A request body in a coding other than chunked gets 501 and never reaches a backend.
 #[tokio::test]
 async fn a_request_with_another_transfer_coding_gets_501() {
