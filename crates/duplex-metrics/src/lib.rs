@@ -81,6 +81,7 @@ pub struct Metrics {
     pub accept_errors: IntCounterVec,
     pub connections_limit: IntGauge,
     pub connection_limit_waits: IntCounterVec,
+    pub listener_connections_limit: IntGaugeVec,
     pub tls_handshake_errors: IntCounterVec,
     pub client_send_timeouts: IntCounterVec,
     pub connections_reclaimed: IntCounterVec,
@@ -149,6 +150,7 @@ impl Metrics {
                 r.register(Box::new(g.clone())).expect("unique metric");
                 g
             },
+            listener_connections_limit: gauge(&r, "duplex_listener_connections_limit", "A listener's own max_connections, by listener; 0 when it has none (the top-level cap alone applies).", &["listener"]),
             connection_limit_waits: counter(&r, "duplex_connection_limit_waits_total", "Times a listener stopped accepting because client connections reached a max_connections cap, by listener and cap (global, listener); new connections wait in the listen backlog meanwhile.", &["listener", "limit"]),
             tls_handshake_errors: counter(&r, "duplex_tls_handshake_errors_total", "Client TLS handshakes that did not finish, by listener and reason (timeout, closed, cert_refused, client_cert, protocol, failed).", &["listener", "reason"]),
             client_send_timeouts: counter(&r, "duplex_client_send_timeouts_total", "Client connections closed because the client took no response bytes for the listener's send_timeout, by listener.", &["listener"]),

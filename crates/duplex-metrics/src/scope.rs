@@ -116,6 +116,7 @@ impl Metrics {
             forget_if(&self.connections_active, of);
             forget_if(&self.accept_errors, of);
             forget_if(&self.connection_limit_waits, of);
+            forget_if(&self.listener_connections_limit, of);
             forget_if(&self.tls_handshake_errors, of);
             forget_if(&self.client_send_timeouts, of);
             forget_if(&self.connections_reclaimed, of);

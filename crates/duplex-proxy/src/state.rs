@@ -648,12 +648,20 @@ impl Shared {
         (global, own)
     }
 
-    /// After a table is stored: shows its global cap, and lets accept loops waiting at a
-    /// cap try again under the new ones.
+    /// After a table is stored: shows its caps, and lets accept loops waiting at a cap try
+    /// again under the new ones.
     pub fn apply_caps(&self) {
-        let global = self
-            .table
-            .load()
+        let table = self.table.load();
+        for (name, l) in &table.listeners {
+            let cap = l
+                .max_connections
+                .map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX));
+            self.metrics
+                .listener_connections_limit
+                .with_label_values(&[name])
+                .set(cap);
+        }
+        let global = table
             .config
             .max_connections
             .unwrap_or_else(crate::limits::default_max);

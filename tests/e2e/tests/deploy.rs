@@ -57,6 +57,7 @@ fn exported() -> BTreeMap<String, Family> {
         accept_errors,
         connections_limit: _,
         connection_limit_waits,
+        listener_connections_limit,
         tls_handshake_errors,
         client_send_timeouts,
         connections_reclaimed,
@@ -84,6 +85,7 @@ fn exported() -> BTreeMap<String, Family> {
     connection_limit_waits
         .with_label_values(&["l", "global"])
         .inc();
+    listener_connections_limit.with_label_values(&["l"]).set(1);
     tls_handshake_errors
         .with_label_values(&["l", "failed"])
         .inc();

@@ -528,3 +528,26 @@ async fn an_upgrade_whose_client_left_in_the_backlog_is_counted_client_closed() 
     })
     .await;
 }
+
+/// Each listener's own cap is exported, 0 for one without, and follows a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_listeners_cap_is_exported() {
+    let b = RawBackend::silent().await;
+    let p = start(&yaml(None, Some(3), b.addr)).await;
+    let cap = |listener: &'static str| {
+        let p = &p;
+        async move {
+            p.metric(
+                "duplex_listener_connections_limit",
+                &[("listener", listener)],
+            )
+            .await
+        }
+    };
+    assert_eq!((cap("public").await, cap("other").await), (3.0, 0.0));
+    p.proxy
+        .reload(config(&yaml(None, Some(7), b.addr)))
+        .await
+        .expect("reload");
+    assert_eq!(cap("public").await, 7.0);
+}
