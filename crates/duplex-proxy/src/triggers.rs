@@ -78,11 +78,24 @@ pub fn watch_file(path: PathBuf, proxy: Proxy) {
     watch_with(path, proxy, RESYNC, |tx| {
         let tx = tx.clone();
         notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            if res.is_ok_and(|e| may_change(&e.kind)) {
                 let _ = tx.try_send(());
             }
         })
     });
+}
+
+/// Whether an event in a watched directory may mean a changed file. Opening a file, and
+/// closing it unwritten, do not: they are what reading it does, and taking them for
+/// changes had each of the watch's own reads wake it again 300 ms later, for good.
+fn may_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    !matches!(
+        kind,
+        EventKind::Access(
+            AccessKind::Open(_) | AccessKind::Read | AccessKind::Close(AccessMode::Read)
+        )
+    )
 }
 
 /// The watch, with its period and its way of making a watcher. Without a watcher (the
@@ -220,6 +233,25 @@ mod tests {
             "admin:\n  bind: 127.0.0.1:0\nlisteners:\n  - name: l\n    bind: 127.0.0.1:0\n\
              upstreams:\n  - name: u\n    backends:\n      - addr: 127.0.0.1:{port}\n"
         )
+    }
+
+    /// Reading a file is no change; writing one is.
+    #[test]
+    fn reads_are_not_changes() {
+        use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
+        let read = [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+        ];
+        assert!(read.iter().all(|k| !may_change(k)));
+        let written = [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Modify(ModifyKind::Any),
+            EventKind::Create(CreateKind::File),
+            EventKind::Any,
+        ];
+        assert!(written.iter().all(may_change));
     }
 
     /// A proxy started from a file in a new temporary directory `name-PID`.
