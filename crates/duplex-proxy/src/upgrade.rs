@@ -30,25 +30,19 @@ pub async fn upgrade(
 ) -> Response<Body> {
     let start = Instant::now();
     let table = shared.table.load_full();
-    let (counters, route) = routed(&table, &req, conn);
+    let (counters, admitted) = admit(&table, &req, conn);
     let mut outcome = Outcome {
         counters,
         closing: &shared.closing,
         counted: false,
     };
-
-    // Refuse a broken handshake before touching a backend.
-    let key = match check_client(&req) {
-        Ok(key) => key,
-        Err(bad) => {
-            outcome.count(UpgradeResult::BadHandshake);
-            return bad.response();
+    // Refuse a broken handshake, or one with nowhere to go, before touching a backend.
+    let (key, route, up) = match admitted {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            outcome.count(refused.result());
+            return refused.response();
         }
-    };
-    let (Some(route), Some(up)) = (route, route.and_then(|r| table.upstreams.get(&r.upstream)))
-    else {
-        outcome.count(UpgradeResult::NoRoute);
-        return responses::no_route();
     };
 
     // Pick and connect, taking the next candidate on connect failure.
@@ -191,13 +185,43 @@ pub async fn upgrade(
     client_101(end_to_end)
 }
 
-/// The route an upgrade request takes, and the series it is counted in (the no-route
-/// series without one).
-fn routed<'t>(
+/// An upgrade request that may go on: its `Sec-WebSocket-Key`, route and upstream.
+type Admitted<'t> = (
+    http::HeaderValue,
+    &'t duplex_config::Route,
+    &'t Arc<UpstreamRt>,
+);
+
+/// Why an upgrade request is refused before any backend is tried.
+enum Refused {
+    Handshake(crate::handshake::BadHandshake),
+    NoRoute,
+}
+
+impl Refused {
+    fn result(&self) -> UpgradeResult {
+        match self {
+            Refused::Handshake(_) => UpgradeResult::BadHandshake,
+            Refused::NoRoute => UpgradeResult::NoRoute,
+        }
+    }
+
+    fn response(self) -> Response<Body> {
+        match self {
+            Refused::Handshake(bad) => bad.response(),
+            Refused::NoRoute => responses::no_route(),
+        }
+    }
+}
+
+/// What an upgrade request's handling begins with: the series it is counted in (its
+/// route's, or the no-route series), and its key, route and upstream, or why it is
+/// refused.
+fn admit<'t>(
     table: &'t Table,
     req: &Request<Incoming>,
     conn: &ConnInfo,
-) -> (&'t RouteSeries, Option<&'t duplex_config::Route>) {
+) -> (&'t RouteSeries, Result<Admitted<'t>, Refused>) {
     let host = request_host(req.headers(), req.uri());
     let found = router::find(
         table.routes(),
@@ -209,7 +233,16 @@ fn routed<'t>(
     let counters = found
         .and_then(|(i, _)| table.route_series.get(i))
         .unwrap_or(&table.no_route);
-    (counters, found.map(|(_, r)| r))
+    let route = found.map(|(_, r)| r);
+    let admitted = check_client(req)
+        .map_err(Refused::Handshake)
+        .and_then(
+            |key| match (route, route.and_then(|r| table.upstreams.get(&r.upstream))) {
+                (Some(route), Some(up)) => Ok((key, route, up)),
+                _ => Err(Refused::NoRoute),
+            },
+        );
+    (counters, admitted)
 }
 
 /// Counts an upgrade request whose client went before duplex even began on it (hyper
@@ -225,14 +258,8 @@ pub fn gone_unhandled(req: &Request<Incoming>, conn: &ConnInfo, shared: &Shared)
         table.no_route.upgrade(UpgradeResult::BadHandshake).inc();
         return;
     }
-    let (counters, route) = routed(&table, req, conn);
-    let result = if check_client(req).is_err() {
-        UpgradeResult::BadHandshake
-    } else if route.is_none_or(|r| !table.upstreams.contains_key(&r.upstream)) {
-        UpgradeResult::NoRoute
-    } else {
-        UpgradeResult::ClientClosed
-    };
+    let (counters, admitted) = admit(&table, req, conn);
+    let result = admitted.map_or_else(|refused| refused.result(), |_| UpgradeResult::ClientClosed);
     counters.upgrade(result).inc();
 }
 
